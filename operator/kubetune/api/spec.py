@@ -1,0 +1,332 @@
+"""The FineTuneJob spec: the one typed source of truth for what users write.
+
+The CRD's openAPIV3Schema, the validator and the trainer's configuration all come from
+these classes; descriptions here are what `kubectl explain ftj.spec...` prints.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from kubetune.api.base import ApiModel, Quantity, section
+
+MethodType = Literal["lora", "full", "dreambooth", "dreambooth-lora"]
+LORA_METHODS: tuple[str, ...] = ("lora", "dreambooth-lora")
+DREAMBOOTH_METHODS: tuple[str, ...] = ("dreambooth", "dreambooth-lora")
+FULL_METHODS: tuple[str, ...] = ("full", "dreambooth")
+
+
+class ModelSpec(ApiModel):
+    """The base model to fine-tune."""
+
+    uri: str = Field(
+        min_length=1,
+        description=(
+            "Diffusers model folder containing model_index.json. Schemes: s3://bucket/prefix/, "
+            "hf://org/name[@revision], pvc://claim/path; in local mode also file:// or a plain "
+            "path. The family (SD 1.x/2.x, SDXL) is detected from model_index.json."
+        ),
+    )
+    variant: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Diffusers weight variant to load, e.g. fp16 (files named *.fp16.safetensors).",
+    )
+
+
+class LoraSpec(ApiModel):
+    """Low-rank adapter settings for the lora and dreambooth-lora methods."""
+
+    rank: int = Field(default=16, ge=1, le=1024, description="Rank r of the adapter matrices.")
+    alpha: float = Field(
+        default=16.0, gt=0, le=4096, description="Scaling numerator: the update is scaled by alpha/rank."
+    )
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
+        min_length=1,
+        max_length=64,
+        description="UNet module names (suffixes) that receive adapters.",
+    )
+    train_text_encoder: bool = Field(
+        default=False, description="Also train adapters on the text encoder(s) (q/k/v/out projections)."
+    )
+
+
+class DreamBoothSpec(ApiModel):
+    """Subject-driven fine-tuning with optional prior preservation."""
+
+    instance_prompt: str = Field(
+        min_length=1, description='Prompt naming the subject with a rare token, e.g. "a photo of sks dog".'
+    )
+    class_prompt: str | None = Field(
+        default=None,
+        min_length=1,
+        description='Prompt for the generic class, e.g. "a photo of a dog"; needed for prior preservation.',
+    )
+    prior_preservation: bool = Field(
+        default=True, description="Add the class-image loss that keeps the model's prior for the class."
+    )
+    class_data_uri: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Class images (same schemes as data.uri); generated with the base model when missing.",
+    )
+    num_class_images: int = Field(
+        default=200, ge=1, le=100000, description="Class images to use (generated up to this count)."
+    )
+    prior_loss_weight: float = Field(
+        default=1.0, ge=0.0, le=100.0, description="Weight of the prior-preservation loss term."
+    )
+
+
+class MethodSpec(ApiModel):
+    """How the model is fine-tuned. Immutable after creation."""
+
+    type: MethodType = Field(
+        description=(
+            "lora: adapters on the UNet; full: all UNet weights; dreambooth: full fine-tune on a "
+            "subject; dreambooth-lora: DreamBooth with adapters."
+        )
+    )
+    lora: LoraSpec | None = Field(
+        default=None, description="Adapter settings for lora and dreambooth-lora (defaults apply when omitted)."
+    )
+    dreambooth: DreamBoothSpec | None = Field(
+        default=None, description="Required for dreambooth and dreambooth-lora."
+    )
+
+
+class DataSpec(ApiModel):
+    """The training images and captions. Immutable after creation."""
+
+    uri: str = Field(
+        min_length=1,
+        description="Dataset folder: s3://bucket/prefix/, pvc://claim/path; in local mode also file:// or a path.",
+    )
+    format: Literal["auto", "imagefolder", "captions"] = Field(
+        default="auto",
+        description=(
+            "imagefolder: images plus metadata.jsonl with file_name and a caption column; "
+            "captions: each image with a same-name .txt caption; auto: detect."
+        ),
+    )
+    caption_column: str = Field(
+        default="text", min_length=1, description="Caption column of metadata.jsonl (imagefolder)."
+    )
+    resolution: int = Field(
+        default=512, ge=64, le=4096, description="Training resolution in pixels; a multiple of 8."
+    )
+    aspect_buckets: bool = Field(
+        default=True, description="Group images into aspect-ratio buckets of the same pixel budget."
+    )
+    random_flip: bool = Field(default=True, description="Flip images horizontally at random.")
+    center_crop: bool = Field(default=False, description="Crop to the centre instead of at random.")
+    validation_fraction: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=0.5,
+        description="Fraction of images held out for validation loss and early stopping (0 = none).",
+    )
+
+
+class SecretRef(ApiModel):
+    """A Secret in the job's namespace."""
+
+    name: str = Field(min_length=1, max_length=253, description="Secret name.")
+
+
+class StorageSpec(ApiModel):
+    """S3-compatible connection used for every s3:// URI of the job."""
+
+    endpoint: str | None = Field(
+        default=None,
+        min_length=1,
+        description="S3 endpoint URL, e.g. http://minio.storage:9000; omitted = AWS.",
+    )
+    region: str = Field(default="us-east-1", min_length=1, description="Region name.")
+    addressing_style: Literal["path", "virtual", "auto"] = Field(
+        default="auto", description="Bucket addressing: path (MinIO and most on-prem), virtual, auto."
+    )
+    secret_ref: SecretRef | None = Field(
+        default=None,
+        description=(
+            "Secret with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and optionally AWS_SESSION_TOKEN; "
+            "omitted = the pod's ambient identity (e.g. IRSA)."
+        ),
+    )
+    max_concurrency: int = Field(
+        default=16, ge=1, le=256, description="Parallel transfers when staging and uploading."
+    )
+
+
+class OutputSpec(ApiModel):
+    """Where checkpoints, samples and the trained weights go."""
+
+    uri: str = Field(
+        min_length=1,
+        description="Output prefix: s3://bucket/prefix/ or pvc://claim/path; in local mode also a path.",
+    )
+    checkpoint_every: int = Field(
+        default=500, ge=1, le=10_000_000, description="Save a resumable checkpoint every N steps."
+    )
+    keep_checkpoints: int = Field(
+        default=3, ge=1, le=1000, description="Keep the newest N complete checkpoints."
+    )
+    formats: list[Literal["diffusers", "kohya"]] = Field(
+        default_factory=list,
+        max_length=2,
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+        description=(
+            "Output formats. Empty = the method's defaults: LoRA methods write the diffusers "
+            "file and the kohya single file (A1111/ComfyUI); full methods a diffusers pipeline."
+        ),
+    )
+
+
+class LrSchedulerSpec(ApiModel):
+    """Learning-rate schedule (diffusers' get_scheduler)."""
+
+    type: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    ] = Field(default="constant", description="Schedule shape.")
+    warmup_steps: int = Field(default=0, ge=0, description="Linear warm-up steps.")
+
+
+class EmaSpec(ApiModel):
+    """Exponential moving average of the trained weights (full fine-tunes)."""
+
+    decay: float = Field(default=0.9999, gt=0.0, lt=1.0, description="EMA decay per optimizer step.")
+
+
+class EarlyStoppingSpec(ApiModel):
+    """Stop when validation loss stops improving."""
+
+    patience: int = Field(default=3, ge=1, le=1000, description="Evaluations without improvement before stopping.")
+    min_delta: float = Field(default=0.0, ge=0.0, description="Smallest decrease that counts as improvement.")
+
+
+class TrainingSpec(ApiModel):
+    """Optimisation settings. Set exactly one of maxSteps and epochs."""
+
+    max_steps: int | None = Field(default=None, ge=1, le=10_000_000, description="Optimizer steps to train.")
+    epochs: int | None = Field(default=None, ge=1, le=100_000, description="Passes over the data to train.")
+    batch_size: int = Field(default=1, ge=1, le=4096, description="Images per GPU (or per process) per step.")
+    gradient_accumulation_steps: int = Field(
+        default=1, ge=1, le=1024, description="Micro-batches accumulated per optimizer step."
+    )
+    learning_rate: float = Field(default=1.0e-4, gt=0.0, le=10.0, description="Peak learning rate.")
+    lr_scheduler: LrSchedulerSpec = section(LrSchedulerSpec, "Learning-rate schedule.")
+    optimizer: Literal["adamw", "adamw8bit", "prodigy"] = Field(
+        default="adamw", description="adamw (torch fused where available), adamw8bit (bitsandbytes), prodigy."
+    )
+    weight_decay: float = Field(default=1.0e-2, ge=0.0, le=1.0, description="Decoupled weight decay.")
+    max_grad_norm: float = Field(default=1.0, ge=0.0, description="Gradient clipping norm; 0 = off.")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field(
+        default="bf16", description="Autocast precision; fp16 needs a GPU."
+    )
+    gradient_checkpointing: bool = Field(default=False, description="Trade compute for activation memory.")
+    snr_gamma: float | None = Field(
+        default=None, gt=0.0, le=100.0, description="Min-SNR loss weighting gamma (5.0 is typical); omitted = off."
+    )
+    noise_offset: float = Field(default=0.0, ge=0.0, le=1.0, description="Noise offset for darker/brighter images.")
+    ema: EmaSpec | None = Field(default=None, description="EMA of weights (full methods); omitted = off.")
+    seed: int = Field(default=42, ge=0, le=2**32 - 1, description="Seed for weights init, noise and data order.")
+    cache_latents: bool = Field(
+        default=True, description="Encode images with the VAE once and reuse the latents."
+    )
+    early_stopping: EarlyStoppingSpec | None = Field(
+        default=None, description="Stop on validation loss (needs data.validationFraction > 0); omitted = off."
+    )
+
+
+class SamplingSpec(ApiModel):
+    """Sample images generated during training to watch progress."""
+
+    prompts: list[str] = Field(default_factory=list, max_length=64, description="Prompts to sample; empty = none.")
+    every: int = Field(default=500, ge=1, description="Sample every N steps (and at the end).")
+    images_per_prompt: int = Field(default=1, ge=1, le=16, description="Images per prompt.")
+    inference_steps: int = Field(default=25, ge=1, le=500, description="Denoising steps per image.")
+    guidance_scale: float = Field(default=7.5, ge=0.0, le=50.0, description="Classifier-free guidance scale.")
+
+
+class ScratchSpec(ApiModel):
+    """The per-pod staging volume for model, data and caches."""
+
+    size: Quantity = Field(default="100Gi", description="Volume size.")
+    storage_class_name: str | None = Field(
+        default=None, description="StorageClass of a generic ephemeral volume; omitted = emptyDir."
+    )
+
+
+class ResourcesSpec(ApiModel):
+    """Pods and what each pod gets."""
+
+    nodes: int = Field(default=1, ge=1, le=1024, description="Trainer pods; more than one uses PyTorch distributed.")
+    gpus_per_node: int = Field(default=1, ge=0, le=64, description="GPUs per pod; 0 = CPU training.")
+    gpu_resource: str = Field(default="nvidia.com/gpu", min_length=1, description="Extended resource name of a GPU.")
+    cpu: Quantity = Field(default="4", description="CPU request and limit per pod.")
+    memory: Quantity = Field(default="32Gi", description="Memory request and limit per pod.")
+    shared_memory: Quantity = Field(default="8Gi", description="Size of /dev/shm for data-loader workers.")
+    scratch: ScratchSpec = section(ScratchSpec, "Staging volume.")
+
+
+class Toleration(ApiModel):
+    """A core/v1 Toleration."""
+
+    key: str | None = Field(default=None, description="Taint key; empty with Exists matches all.")
+    operator: Literal["Exists", "Equal"] = Field(default="Equal", description="Exists or Equal.")
+    value: str | None = Field(default=None, description="Taint value for Equal.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        default=None, description="Taint effect to match; omitted = all."
+    )
+    toleration_seconds: int | None = Field(default=None, description="How long a NoExecute taint is tolerated.")
+
+
+class SchedulingSpec(ApiModel):
+    """Where and when the trainer pods run."""
+
+    queue_name: str | None = Field(
+        default=None, min_length=1, description="Kueue LocalQueue; the Job is created suspended until admitted."
+    )
+    priority_class_name: str | None = Field(default=None, min_length=1, description="PriorityClass of the pods.")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the pods require.")
+    tolerations: list[Toleration] = Field(default_factory=list, description="Tolerations of the pods.")
+    affinity: dict[str, Any] = Field(
+        default_factory=dict,
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+        description="A core/v1 Affinity, passed to the pods as written.",
+    )
+
+
+class RunPolicySpec(ApiModel):
+    """Lifecycle: suspension, retries, deadlines, clean-up."""
+
+    suspend: bool = Field(default=False, description="Suspend (true) or resume (false); resuming continues from the newest checkpoint.")
+    backoff_limit: int = Field(
+        default=3, ge=0, le=1000, description="Restarts, each resuming from the newest checkpoint, before Failed."
+    )
+    active_deadline_seconds: int | None = Field(
+        default=None, ge=1, description="Fail the job after this many seconds running; omitted = no limit."
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        default=None, ge=0, description="Delete the finished FineTuneJob after this many seconds; omitted = keep."
+    )
+
+
+class FineTuneJobSpec(ApiModel):
+    """What to fine-tune, on what data, how, and where the results go."""
+
+    model: ModelSpec = Field(description="Base model. Immutable after creation.")
+    method: MethodSpec = Field(description="Fine-tuning method. Immutable after creation.")
+    data: DataSpec = Field(description="Training data. Immutable after creation.")
+    storage: StorageSpec = section(StorageSpec, "S3-compatible connection for s3:// URIs.")
+    output: OutputSpec = Field(description="Where checkpoints, samples and outputs go.")
+    training: TrainingSpec = Field(description="Optimisation settings.")
+    validation: SamplingSpec = section(SamplingSpec, "Sample images during training.")
+    resources: ResourcesSpec = section(ResourcesSpec, "Pods and their resources.")
+    image: str = Field(default="", description="Trainer image; empty = the operator's default.")
+    scheduling: SchedulingSpec = section(SchedulingSpec, "Placement and queueing.")
+    run_policy: RunPolicySpec = section(RunPolicySpec, "Suspension, retries, deadline, TTL.")

@@ -1,0 +1,7 @@
+"""Subcommands of the `kubetune` CLI, in the order `--help` lists them."""
+
+from __future__ import annotations
+
+from kubetune.commands import crd, validate
+
+COMMANDS = (validate, crd)
