@@ -42,7 +42,7 @@ def _structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     if "$ref" in node:
         name = node["$ref"].rsplit("/", 1)[-1]
         target = _structural(defs[name], defs)
-        target.update({k: v for k, v in node.items() if k in ("description", "default")})
+        target.update({k: v for k, v in node.items() if k in ("description", "default") and v is not None})
         rules = _RULES_BY_CLASS.get(name)
         if rules:
             target["x-kubernetes-validations"] = [r.as_validation() for r in rules]

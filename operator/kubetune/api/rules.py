@@ -117,7 +117,8 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         FineTuneJobSpec,
-        f"!('kohya' in self.output.formats) || self.method.type in {_cel_list(LORA_METHODS)}",
+        f"!has(self.output.formats) || !('kohya' in self.output.formats) || "
+        f"self.method.type in {_cel_list(LORA_METHODS)}",
         "output.formats kohya is a LoRA format: use it with method.type lora or dreambooth-lora",
         ".output.formats",
         _formats_fit,
