@@ -1,0 +1,127 @@
+"""The child objects of a FineTuneJob: ConfigMap, headless Service and Indexed Job.
+
+Pure functions from a validated job (and operator settings) to plain Kubernetes objects;
+the handlers only create, adopt or patch what these return.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from kubetune.api.resource import FineTuneJob
+from kubetune.exitcodes import CONFIG_ERROR_EXIT_CODE
+from kubetune.operator import naming
+from kubetune.operator.render_pod import pod_template
+from kubetune.operator.settings import OperatorSettings
+
+
+def resolved_spec_yaml(job: FineTuneJob) -> str:
+    """The job as the trainer reads it: defaults filled in, no status, no cluster metadata.
+
+    The spec only ever names the credentials Secret, so nothing secret can end up here.
+    """
+    doc = {
+        "apiVersion": job.api_version,
+        "kind": job.kind,
+        "metadata": {"name": job.metadata.name, "namespace": job.metadata.namespace},
+        "spec": job.spec.model_dump(mode="json", by_alias=True, exclude_none=True),
+    }
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def render_configmap(job: FineTuneJob) -> dict[str, Any]:
+    name = naming.configmap_name(job.metadata.name)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": naming.child_metadata(job, name, "config"),
+        "data": {naming.CONFIG_KEY: resolved_spec_yaml(job)},
+    }
+
+
+def render_service(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
+    """Headless, publishing not-ready pods: rank 0 must resolve before it is Ready."""
+    name = naming.service_name(job.metadata.name)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": naming.child_metadata(job, name, "rendezvous"),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {naming.JOB_NAME_LABEL: job.metadata.name},
+            "ports": [
+                {"name": "rendezvous", "port": settings.master_port, "targetPort": settings.master_port},
+                {"name": "metrics", "port": settings.metrics_port, "targetPort": settings.metrics_port},
+            ],
+        },
+    }
+
+
+POD_FAILURE_POLICY: dict[str, Any] = {
+    "rules": [
+        {
+            "action": "FailJob",
+            "onExitCodes": {
+                "containerName": naming.CONTAINER_NAME,
+                "operator": "In",
+                "values": [CONFIG_ERROR_EXIT_CODE],
+            },
+        },
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+    ]
+}
+"""A configuration error fails at once; a drained or lost node replaces the pod uncounted."""
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """What differs between the Jobs of successive attempts."""
+
+    restarts: int = 0
+    """Counted restarts before this attempt (recorded on the Job)."""
+    active_deadline_seconds: int | None = None
+    """What is left of `runPolicy.activeDeadlineSeconds` when this attempt starts."""
+
+
+def job_suspended_at_creation(job: FineTuneJob) -> bool:
+    """Kueue admits by un-suspending, so a queued Job is always created suspended."""
+    return job.spec.run_policy.suspend or job.spec.scheduling.queue_name is not None
+
+
+def render_job(
+    job: FineTuneJob, settings: OperatorSettings, attempt: Attempt | None = None
+) -> dict[str, Any]:
+    """The Indexed batch/v1 Job: one pod per node, each with a stable hostname.
+
+    `backoffLimit: 0` hands retries to the operator, which restarts the whole group from
+    the newest checkpoint (a lone replacement rank could not rejoin the others' collective).
+    """
+    attempt = attempt or Attempt()
+    nodes = job.spec.resources.nodes
+    metadata = naming.child_metadata(job, naming.batch_job_name(job.metadata.name), "trainer")
+    metadata["annotations"] = {naming.RESTARTS_ANNOTATION: str(attempt.restarts)}
+    if job.spec.scheduling.queue_name is not None:
+        metadata["labels"][naming.QUEUE_NAME_LABEL] = job.spec.scheduling.queue_name
+    spec: dict[str, Any] = {
+        "completionMode": "Indexed",
+        "completions": nodes,
+        "parallelism": nodes,
+        "backoffLimit": 0,
+        "podFailurePolicy": POD_FAILURE_POLICY,
+        "suspend": job_suspended_at_creation(job),
+        "template": pod_template(job, settings, attempt.restarts),
+    }
+    if attempt.active_deadline_seconds is not None:
+        spec["activeDeadlineSeconds"] = max(1, attempt.active_deadline_seconds)
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": spec}
+
+
+def render_children(
+    job: FineTuneJob, settings: OperatorSettings, attempt: Attempt | None = None
+) -> list[dict[str, Any]]:
+    """Every child in creation order: config and DNS before the pods that need them."""
+    return [render_configmap(job), render_service(job, settings), render_job(job, settings, attempt)]

@@ -1,0 +1,40 @@
+"""Operator-wide settings: what is not in a FineTuneJob but shapes every child it gets.
+
+One frozen object, built once from the command line and environment, passed to the pure
+render and status functions so that they never read globals.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from kubetune import __version__
+
+DEFAULT_IMAGE = f"ghcr.io/kubetune/kubetune:{__version__}"
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    """Defaults and ports the operator applies to every FineTuneJob."""
+
+    default_image: str = DEFAULT_IMAGE
+    image_pull_policy: str = "IfNotPresent"
+    metrics_port: int = 9090
+    """The trainer's `/metrics` and `/progress` port (container port named `metrics`)."""
+    master_port: int = 29500
+    """PyTorch rendezvous port on rank 0."""
+    resync_seconds: float = 10.0
+    """How often each job is reconciled and rank 0's progress is read."""
+    progress_timeout_seconds: float = 3.0
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> OperatorSettings:
+        """Settings from `KUBETUNE_*` environment variables, then explicit overrides."""
+        values: dict[str, object] = {}
+        if image := os.environ.get("KUBETUNE_TRAINER_IMAGE"):
+            values["default_image"] = image
+        if resync := os.environ.get("KUBETUNE_RESYNC_SECONDS"):
+            values["resync_seconds"] = float(resync)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)  # type: ignore[arg-type]

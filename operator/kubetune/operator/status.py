@@ -1,0 +1,232 @@
+"""The FineTuneJob status, recomputed from the observed children on every pass.
+
+Nothing here remembers anything between passes except through `previous` (the status
+already on the resource), so a restarted operator reaches the same answer. The phase
+comes from the batch Job and its pods; progress, checkpoints and samples from rank 0's
+reports; outputs from its termination message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from kubetune.api.resource import FineTuneJob
+from kubetune.api.status import CheckpointRef, FineTuneJobStatus, Workers
+from kubetune.operator import conditions as cond
+from kubetune.operator import naming
+from kubetune.operator import observed as obs
+from kubetune.operator.observed import Observed
+from kubetune.operator.reports import ProgressReport, ResultReport
+from kubetune.operator.restart import Verdict, failure_verdict
+from kubetune.operator.timefmt import format_time
+
+TERMINAL = ("Succeeded", "Failed")
+S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+
+
+@dataclass(frozen=True)
+class PhaseView:
+    """The phase with the reason and message that explain it."""
+
+    phase: str
+    reason: str
+    message: str
+
+
+def _view(phase: str, reason: cond.Reason, **fields: object) -> PhaseView:
+    return PhaseView(phase, *reason.say(**fields))
+
+
+def is_final(status: FineTuneJobStatus) -> bool:
+    """Succeeded or Failed for good: a fixed spec may re-run an invalid job, nothing else."""
+    if status.phase not in TERMINAL:
+        return False
+    failed = cond.find(status.conditions, "Failed")
+    return not (failed and failed.status == "True" and failed.reason == cond.INVALID_SPEC.reason)
+
+
+def secret_view(job: FineTuneJob, observed: Observed) -> PhaseView | None:
+    """Pending while the credentials Secret is missing or lacks a key the trainer needs."""
+    ref = job.spec.storage.secret_ref
+    if ref is None:
+        return None
+    if observed.secret_keys is None:
+        return _view("Pending", cond.SECRET_NOT_FOUND, secret=ref.name, namespace=job.metadata.namespace)
+    missing = [k for k in S3_KEYS if k not in observed.secret_keys]
+    if missing:
+        return _view("Pending", cond.SECRET_INCOMPLETE, secret=ref.name, keys=", ".join(missing))
+    return None
+
+
+def _failure_view(job: FineTuneJob, verdict: Verdict, result: ResultReport | None) -> PhaseView:
+    limit = job.spec.run_policy.backoff_limit
+    if verdict.kind == "restart":
+        return _view("Restarting", cond.RESTARTING, cause=verdict.cause, restarts=verdict.restarts, limit=limit)
+    if verdict.kind == "disrupted":
+        return _view("Restarting", cond.NODE_DISRUPTED, cause=verdict.cause)
+    if verdict.kind == "config-error":
+        return _view("Failed", cond.CONFIG_ERROR, detail=(result and result.error) or verdict.cause)
+    if verdict.kind == "deadline":
+        return _view("Failed", cond.DEADLINE_EXCEEDED, seconds=job.spec.run_policy.active_deadline_seconds)
+    return _view("Failed", cond.BACKOFF_LIMIT_EXCEEDED, restarts=verdict.restarts, limit=limit, cause=verdict.cause)
+
+
+def _pods_view(job: FineTuneJob, observed: Observed, waiting: str, report: ProgressReport | None,
+               previous: FineTuneJobStatus) -> PhaseView:
+    """Pending (or still Restarting) until every rank runs; then Staging, then Running."""
+    nodes = job.spec.resources.nodes
+    pods = observed.current_pods()
+    for pod in pods:
+        problem = obs.pod_problem(pod)
+        if problem is not None:
+            reason = cond.UNSCHEDULABLE if problem[0] == "unschedulable" else cond.CONTAINER_WAITING
+            return _view(waiting, reason, pod=obs.pod_name(pod), detail=problem[1])
+    started = sum(1 for p in pods if obs.pod_phase(p) in ("Running", "Succeeded"))
+    if started < nodes:
+        return _view(waiting, cond.PODS_PENDING, waiting=nodes - started, nodes=nodes)
+    if _training(report, previous):
+        return _view("Running", cond.TRAINING, nodes=nodes)
+    return _view("Staging", cond.STAGING)
+
+
+def _training(report: ProgressReport | None, previous: FineTuneJobStatus) -> bool:
+    if report is None:
+        return previous.phase == "Running"
+    if report.stage is not None:
+        return report.stage != "staging"
+    return report.progress is not None and report.progress.step is not None
+
+
+def decide_phase(job: FineTuneJob, observed: Observed, previous: FineTuneJobStatus,
+                 report: ProgressReport | None = None, result: ResultReport | None = None) -> PhaseView:
+    """The phase of a valid, not yet final job."""
+    if (view := secret_view(job, observed)) is not None:
+        return view
+    waiting = "Restarting" if previous.phase == "Restarting" else "Pending"
+    if observed.job is None or observed.job_deleting:
+        if waiting == "Restarting":
+            return PhaseView("Restarting", _reason_of(previous, "Restarting"), previous.message)
+        return _view("Pending", cond.CREATING)
+    if observed.job_condition("Complete") is not None:
+        uri = (result and result.outputs and result.outputs.uri) or job.spec.output.uri
+        return _view("Succeeded", cond.SUCCEEDED, uri=uri)
+    if (verdict := failure_verdict(job, observed)) is not None:
+        return _failure_view(job, verdict, result)
+    if observed.job_suspended:
+        if job.spec.scheduling.queue_name is not None and not job.spec.run_policy.suspend:
+            return _view("Suspended", cond.QUEUED, queue=job.spec.scheduling.queue_name)
+        return _view("Suspended", cond.SUSPENDED)
+    return _pods_view(job, observed, waiting, report, previous)
+
+
+def _reason_of(previous: FineTuneJobStatus, type_: str) -> str:
+    found = cond.find(previous.conditions, type_)
+    return found.reason if found is not None else cond.RESTARTING.reason
+
+
+def _created(
+    job: FineTuneJob, observed: Observed, previous: FineTuneJobStatus, view: PhaseView
+) -> tuple[bool, str, str]:
+    if observed.job is not None:
+        name = observed.job.get("metadata", {}).get("name", naming.batch_job_name(job.metadata.name))
+        return (True, *cond.CREATED.say(job=name, nodes=job.spec.resources.nodes))
+    old = cond.find(previous.conditions, "Created")
+    if old is not None and old.status == "True":
+        return True, old.reason, old.message
+    return False, view.reason, view.message
+
+
+def _workers(observed: Observed) -> Workers | None:
+    if observed.job is None:
+        return None
+    status = observed.job.get("status") or {}
+    return Workers(active=status.get("active", 0), ready=status.get("ready", 0) or 0,
+                   succeeded=status.get("succeeded", 0), failed=status.get("failed", 0))
+
+
+def merge_checkpoints(old: list[CheckpointRef], new: tuple[CheckpointRef, ...], keep: int) -> list[CheckpointRef]:
+    """Newest last, one per step (a newer report wins), pruned to `keep`."""
+    by_step = {c.step: c for c in old}
+    by_step.update({c.step: c for c in new})
+    return [by_step[s] for s in sorted(by_step)][-keep:]
+
+
+def _times(observed: Observed, previous: FineTuneJobStatus, phase: str, now: str) -> tuple[str | None, str | None]:
+    job_status = (observed.job or {}).get("status") or {}
+    start = previous.start_time or job_status.get("startTime")
+    if start is None and observed.job is not None and not observed.job_suspended:
+        start = now
+    end = None
+    if phase in TERMINAL:
+        end = previous.completion_time or job_status.get("completionTime") or now
+    return start, end
+
+
+def _reports(progress: ProgressReport | None, result: ResultReport | None) -> ProgressReport | None:
+    """The freshest report: the live `/progress`, else the one in the termination message."""
+    return progress or (result.progress if result else None)
+
+
+def _restarts(job: FineTuneJob, observed: Observed, previous: FineTuneJobStatus) -> int:
+    counted = observed.job_restarts if observed.job is not None else 0
+    verdict = failure_verdict(job, observed) if observed.job is not None else None
+    if verdict is not None:
+        counted = verdict.restarts
+    return max(previous.restarts, counted)
+
+
+def compute_status(
+    job: FineTuneJob,
+    observed: Observed,
+    now: datetime,
+    previous: FineTuneJobStatus | None = None,
+    progress: ProgressReport | None = None,
+    result: ResultReport | None = None,
+) -> FineTuneJobStatus:
+    """The whole status for this pass; `previous` supplies what only history knows."""
+    previous = previous or FineTuneJobStatus()
+    generation = (job.metadata.model_extra or {}).get("generation")
+    stamp = format_time(now)
+    if is_final(previous):
+        return previous.model_copy(update={"observed_generation": generation})
+    view = decide_phase(job, observed, previous, progress, result)
+    report = _reports(progress, result)
+    created = _created(job, observed, previous, view)
+    start, end = _times(observed, previous, view.phase, stamp)
+    new_progress = previous.progress
+    if report is not None and report.progress is not None:
+        new_progress = report.progress.model_copy(update={"updated_at": stamp})
+    outputs = previous.outputs
+    if view.phase == "Succeeded" and result is not None and result.outputs is not None:
+        outputs = result.outputs
+    return FineTuneJobStatus(
+        phase=view.phase,
+        message=view.message,
+        observed_generation=generation,
+        conditions=cond.phase_conditions(previous.conditions, view.phase, view.reason, view.message,
+                                         created, stamp, generation),
+        start_time=start,
+        completion_time=end,
+        restarts=_restarts(job, observed, previous),
+        workers=_workers(observed) or previous.workers,
+        progress=new_progress,
+        checkpoints=merge_checkpoints(previous.checkpoints, report.checkpoints if report else (),
+                                      job.spec.output.keep_checkpoints),
+        outputs=outputs,
+        samples=list(report.samples) if report and report.samples else previous.samples,
+    )
+
+
+def invalid_status(problems: list[str], generation: int | None, now: datetime,
+                   previous: FineTuneJobStatus | None = None) -> FineTuneJobStatus:
+    """Failed with every problem named by field path; no children are created."""
+    previous = previous or FineTuneJobStatus()
+    stamp = format_time(now)
+    reason, message = cond.INVALID_SPEC.say(problems="; ".join(problems))
+    conditions = cond.phase_conditions(previous.conditions, "Failed", reason, message,
+                                       (False, reason, message), stamp, generation)
+    return previous.model_copy(update={
+        "phase": "Failed", "message": message, "observed_generation": generation,
+        "conditions": conditions, "completion_time": previous.completion_time or stamp,
+    })
