@@ -7,19 +7,28 @@ from typing import Any
 
 import pytest
 import yaml
-
-from kubetune.api.crd import build_crd, render_crd_yaml
-from kubetune.api.validation import load_documents, validate_document
 from tests.unit.crd_check import admit
 from tests.unit.jobs import job
 from tests.unit.test_validation import INVALID
 
+from kubetune.api.crd import build_crd, render_crd_yaml
+from kubetune.api.validation import load_documents, validate_document
+
 CRD_PATH = Path("manifests/crd/kubetune.io_finetunejobs.yaml")
 # Problems only the Python validator can see: URI schemes and spelling, the name pattern,
 # output inside data. Everything else must be caught by the CRD as well.
-PYTHON_ONLY = {"bad-uri-scheme", "local-path-on-cluster", "hf-dataset", "bad-bucket", "bad-hf-repo",
-               "output-inside-data", "uppercase-name", "bad-endpoint",
-               "wrong-api-version", "wrong-kind"}
+PYTHON_ONLY = {
+    "bad-uri-scheme",
+    "local-path-on-cluster",
+    "hf-dataset",
+    "bad-bucket",
+    "bad-hf-repo",
+    "output-inside-data",
+    "uppercase-name",
+    "bad-endpoint",
+    "wrong-api-version",
+    "wrong-kind",
+}
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +91,9 @@ def test_there_are_lora_dreambooth_and_full_examples(repo_root: Path) -> None:
     assert {"lora", "dreambooth-lora", "full"} <= methods
 
 
-@pytest.mark.parametrize("doc", [c[1] for c in INVALID if c[0] not in PYTHON_ONLY],
-                         ids=[c[0] for c in INVALID if c[0] not in PYTHON_ONLY])
+@pytest.mark.parametrize(
+    "doc", [c[1] for c in INVALID if c[0] not in PYTHON_ONLY], ids=[c[0] for c in INVALID if c[0] not in PYTHON_ONLY]
+)
 def test_crd_rejects_what_the_validator_rejects(doc: dict[str, Any], schema: dict[str, Any]) -> None:
     assert admit(doc, schema), "the CRD admits a job the validator refuses"
 

@@ -18,9 +18,24 @@ from kubetune.api.spec import FineTuneJobSpec
 from kubetune.api.status import FineTuneJobStatus
 
 _KEEP = {
-    "type", "description", "default", "enum", "minimum", "maximum", "minLength", "maxLength",
-    "pattern", "minItems", "maxItems", "items", "properties", "required", "additionalProperties",
-    "exclusiveMinimum", "exclusiveMaximum", "format",
+    "type",
+    "description",
+    "default",
+    "enum",
+    "minimum",
+    "maximum",
+    "minLength",
+    "maxLength",
+    "pattern",
+    "minItems",
+    "maxItems",
+    "items",
+    "properties",
+    "required",
+    "additionalProperties",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
+    "format",
 }
 _RULES_BY_CLASS = {rule.on.__name__: [r for r in RULES if r.on is rule.on] for rule in RULES}
 
@@ -109,7 +124,12 @@ def openapi_schema() -> dict[str, Any]:
 
 PRINTER_COLUMNS: tuple[dict[str, str], ...] = (
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
-    {"name": "Progress", "type": "integer", "jsonPath": ".status.progress.percent", "description": "Percent of steps done"},
+    {
+        "name": "Progress",
+        "type": "integer",
+        "jsonPath": ".status.progress.percent",
+        "description": "Percent of steps done",
+    },
     {"name": "Step", "type": "integer", "jsonPath": ".status.progress.step"},
     {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},

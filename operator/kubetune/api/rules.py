@@ -60,8 +60,7 @@ RULES: tuple[Rule, ...] = (
     Rule(
         MethodSpec,
         f"!has(self.dreambooth) || self.type in {_cel_list(DREAMBOOTH_METHODS)}",
-        "method.dreambooth applies only to method.type dreambooth or dreambooth-lora: remove it "
-        "or change method.type",
+        "method.dreambooth applies only to method.type dreambooth or dreambooth-lora: remove it or change method.type",
         ".dreambooth",
         lambda m: m.dreambooth is None or m.type in DREAMBOOTH_METHODS,
     ),
@@ -76,7 +75,7 @@ RULES: tuple[Rule, ...] = (
         DreamBoothSpec,
         "!self.priorPreservation || has(self.classPrompt)",
         "method.dreambooth.classPrompt is required when priorPreservation is true: set it "
-        "(e.g. \"a photo of a dog\") or set priorPreservation: false",
+        '(e.g. "a photo of a dog") or set priorPreservation: false',
         ".classPrompt",
         lambda d: not d.prior_preservation or d.class_prompt is not None,
     ),
@@ -130,9 +129,23 @@ RULES: tuple[Rule, ...] = (
         ".training.mixedPrecision",
         lambda s: s.resources.gpus_per_node > 0 or s.training.mixed_precision != "fp16",
     ),
-    Rule(FineTuneJobSpec, "self.model == oldSelf.model", "spec.model is immutable; create a new FineTuneJob", ".model", None),
-    Rule(FineTuneJobSpec, "self.method == oldSelf.method", "spec.method is immutable; create a new FineTuneJob", ".method", None),
-    Rule(FineTuneJobSpec, "self.data == oldSelf.data", "spec.data is immutable; create a new FineTuneJob", ".data", None),
+    Rule(
+        FineTuneJobSpec,
+        "self.model == oldSelf.model",
+        "spec.model is immutable; create a new FineTuneJob",
+        ".model",
+        None,
+    ),
+    Rule(
+        FineTuneJobSpec,
+        "self.method == oldSelf.method",
+        "spec.method is immutable; create a new FineTuneJob",
+        ".method",
+        None,
+    ),
+    Rule(
+        FineTuneJobSpec, "self.data == oldSelf.data", "spec.data is immutable; create a new FineTuneJob", ".data", None
+    ),
 )
 
 

@@ -45,7 +45,7 @@ class LoraSpec(ApiModel):
     )
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
     target_modules: list[str] = Field(
-        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
+        default=["to_q", "to_k", "to_v", "to_out.0"],
         min_length=1,
         max_length=64,
         description="UNet module names (suffixes) that receive adapters.",
@@ -94,9 +94,7 @@ class MethodSpec(ApiModel):
     lora: LoraSpec | None = Field(
         default=None, description="Adapter settings for lora and dreambooth-lora (defaults apply when omitted)."
     )
-    dreambooth: DreamBoothSpec | None = Field(
-        default=None, description="Required for dreambooth and dreambooth-lora."
-    )
+    dreambooth: DreamBoothSpec | None = Field(default=None, description="Required for dreambooth and dreambooth-lora.")
 
 
 class DataSpec(ApiModel):
@@ -116,9 +114,7 @@ class DataSpec(ApiModel):
     caption_column: str = Field(
         default="text", min_length=1, description="Caption column of metadata.jsonl (imagefolder)."
     )
-    resolution: int = Field(
-        default=512, ge=64, le=4096, description="Training resolution in pixels; a multiple of 8."
-    )
+    resolution: int = Field(default=512, ge=64, le=4096, description="Training resolution in pixels; a multiple of 8.")
     aspect_buckets: bool = Field(
         default=True, description="Group images into aspect-ratio buckets of the same pixel budget."
     )
@@ -157,9 +153,7 @@ class StorageSpec(ApiModel):
             "omitted = the pod's ambient identity (e.g. IRSA)."
         ),
     )
-    max_concurrency: int = Field(
-        default=16, ge=1, le=256, description="Parallel transfers when staging and uploading."
-    )
+    max_concurrency: int = Field(default=16, ge=1, le=256, description="Parallel transfers when staging and uploading.")
 
 
 class OutputSpec(ApiModel):
@@ -172,9 +166,7 @@ class OutputSpec(ApiModel):
     checkpoint_every: int = Field(
         default=500, ge=1, le=10_000_000, description="Save a resumable checkpoint every N steps."
     )
-    keep_checkpoints: int = Field(
-        default=3, ge=1, le=1000, description="Keep the newest N complete checkpoints."
-    )
+    keep_checkpoints: int = Field(default=3, ge=1, le=1000, description="Keep the newest N complete checkpoints.")
     formats: list[Literal["diffusers", "kohya"]] = Field(
         default_factory=list,
         max_length=2,
@@ -189,9 +181,9 @@ class OutputSpec(ApiModel):
 class LrSchedulerSpec(ApiModel):
     """Learning-rate schedule (diffusers' get_scheduler)."""
 
-    type: Literal[
-        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
-    ] = Field(default="constant", description="Schedule shape.")
+    type: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"] = Field(
+        default="constant", description="Schedule shape."
+    )
     warmup_steps: int = Field(default=0, ge=0, description="Linear warm-up steps.")
 
 
@@ -234,9 +226,7 @@ class TrainingSpec(ApiModel):
     noise_offset: float = Field(default=0.0, ge=0.0, le=1.0, description="Noise offset for darker/brighter images.")
     ema: EmaSpec | None = Field(default=None, description="EMA of weights (full methods); omitted = off.")
     seed: int = Field(default=42, ge=0, le=2**32 - 1, description="Seed for weights init, noise and data order.")
-    cache_latents: bool = Field(
-        default=True, description="Encode images with the VAE once and reuse the latents."
-    )
+    cache_latents: bool = Field(default=True, description="Encode images with the VAE once and reuse the latents.")
     early_stopping: EarlyStoppingSpec | None = Field(
         default=None, description="Stop on validation loss (needs data.validationFraction > 0); omitted = off."
     )
@@ -304,7 +294,9 @@ class SchedulingSpec(ApiModel):
 class RunPolicySpec(ApiModel):
     """Lifecycle: suspension, retries, deadlines, clean-up."""
 
-    suspend: bool = Field(default=False, description="Suspend (true) or resume (false); resuming continues from the newest checkpoint.")
+    suspend: bool = Field(
+        default=False, description="Suspend (true) or resume (false); resuming continues from the newest checkpoint."
+    )
     backoff_limit: int = Field(
         default=3, ge=0, le=1000, description="Restarts, each resuming from the newest checkpoint, before Failed."
     )

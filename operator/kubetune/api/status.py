@@ -70,7 +70,9 @@ class SampleRef(StatusModel):
 class LoraOutputs(StatusModel):
     """LoRA files written at the end."""
 
-    diffusers: str | None = Field(default=None, description="pytorch_lora_weights.safetensors (pipe.load_lora_weights).")
+    diffusers: str | None = Field(
+        default=None, description="pytorch_lora_weights.safetensors (pipe.load_lora_weights)."
+    )
     kohya: str | None = Field(default=None, description="Single-file kohya LoRA for A1111/ComfyUI.")
 
 
@@ -86,7 +88,9 @@ class Outputs(StatusModel):
 class FineTuneJobStatus(StatusModel):
     """Observed state, recomputed from the children on every pass."""
 
-    phase: Phase | None = Field(default=None, description="Pending, Staging, Running, Restarting, Suspended, Succeeded or Failed.")
+    phase: Phase | None = Field(
+        default=None, description="Pending, Staging, Running, Restarting, Suspended, Succeeded or Failed."
+    )
     message: str = Field(default="", description="Why the job is in this phase.")
     observed_generation: int | None = Field(default=None, description="Spec generation this status reflects.")
     conditions: list[Condition] = Field(default_factory=list, description="Standard conditions.")

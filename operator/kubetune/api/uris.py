@@ -48,7 +48,7 @@ def parse_uri(uri: str) -> ParsedUri:
 def _spelling_problem(parsed: ParsedUri, uri: str) -> str | None:
     if parsed.scheme == "s3" and not _BUCKET.match(parsed.location):
         return f"{uri!r} needs a valid bucket: s3://bucket/prefix/ (3-63 lowercase letters, digits, '.', '-')"
-    if parsed.scheme == "hf" and not _HF_REPO.match(uri[len("hf://"):]):
+    if parsed.scheme == "hf" and not _HF_REPO.match(uri[len("hf://") :]):
         return f"{uri!r} must be hf://org/name or hf://org/name@revision"
     if parsed.scheme == "pvc" and not (_DNS_LABEL.match(parsed.location) and len(parsed.location) <= 253):
         return f"{uri!r} must be pvc://claim-name/path with a valid PersistentVolumeClaim name"

@@ -141,8 +141,11 @@ def rule_problems(spec: FineTuneJobSpec) -> list[Problem]:
 
 
 def _uri_problems(spec: FineTuneJobSpec, mode: uris.Mode) -> list[Problem]:
-    checks = [("spec.model.uri", spec.model.uri, "model"), ("spec.data.uri", spec.data.uri, "data"),
-              ("spec.output.uri", spec.output.uri, "output")]
+    checks = [
+        ("spec.model.uri", spec.model.uri, "model"),
+        ("spec.data.uri", spec.data.uri, "data"),
+        ("spec.output.uri", spec.output.uri, "output"),
+    ]
     dreambooth = spec.method.dreambooth
     if dreambooth is not None and dreambooth.class_data_uri is not None:
         checks.append(("spec.method.dreambooth.classDataUri", dreambooth.class_data_uri, "data"))
@@ -150,8 +153,12 @@ def _uri_problems(spec: FineTuneJobSpec, mode: uris.Mode) -> list[Problem]:
     if spec.storage.endpoint is not None and (why := uris.endpoint_problem(spec.storage.endpoint)):
         problems.append(Problem("spec.storage.endpoint", why))
     if uris.is_within(spec.output.uri, spec.data.uri):
-        problems.append(Problem("spec.output.uri", "must not lie inside spec.data.uri: outputs would be "
-                                "read back as training data; choose another prefix"))
+        problems.append(
+            Problem(
+                "spec.output.uri",
+                "must not lie inside spec.data.uri: outputs would be read back as training data; choose another prefix",
+            )
+        )
     return problems
 
 
