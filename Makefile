@@ -19,13 +19,10 @@ PYTEST := $(RUN) pytest
 help:
 	@grep -E '^#   make' Makefile | sed 's/^#   //'
 
-# uv itself, from PyPI, when this Python does not have it yet.
-$(VENV)/.uv:
-	@$(UV) --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet --disable-pip-version-check "uv>=0.5"
-	@mkdir -p $(VENV) && touch $@
-
 # The environment, exactly as uv.lock says; re-synced when the lock or pyproject changes.
-$(SYNCED): pyproject.toml uv.lock | $(VENV)/.uv
+# uv itself comes from PyPI when this Python does not have it yet.
+$(SYNCED): pyproject.toml uv.lock
+	@$(UV) --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet --disable-pip-version-check "uv>=0.5"
 	$(UV) sync --frozen --all-extras
 	@touch $@
 
