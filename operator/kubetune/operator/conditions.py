@@ -72,6 +72,7 @@ NOT_STARTED = Reason("NotStarted", "")
 NOT_FINISHED = Reason("NotFinished", "")
 
 PHASE_CONDITION = {
+    "Pending": "Running",
     "Staging": "Running",
     "Running": "Running",
     "Restarting": "Restarting",
@@ -79,7 +80,7 @@ PHASE_CONDITION = {
     "Succeeded": "Succeeded",
     "Failed": "Failed",
 }
-"""The condition that is True in each phase (Pending has none besides Created)."""
+"""The condition that explains each phase: True in it, except Pending (Running False, saying why)."""
 
 
 def find(conditions: list[Condition], type_: str) -> Condition | None:
@@ -122,7 +123,7 @@ def phase_conditions(
         if type_ == "Created":
             status, why, text = "True" if created[0] else "False", created[1], created[2]
         elif type_ == true_type:
-            status, why, text = "True", reason, message
+            status, why, text = "False" if phase == "Pending" else "True", reason, message
         else:
             status, (why, text) = "False", _when_false(old, type_, reason, message)
         out.append(updated(old, type_, status, why, text, now, generation))

@@ -100,7 +100,7 @@ def render_job(
     `backoffLimit: 0` hands retries to the operator, which restarts the whole group from
     the newest checkpoint (a lone replacement rank could not rejoin the others' collective).
     """
-    attempt = attempt or Attempt()
+    attempt = attempt or Attempt(0, job.spec.run_policy.active_deadline_seconds)
     nodes = job.spec.resources.nodes
     metadata = naming.child_metadata(job, naming.batch_job_name(job.metadata.name), "trainer")
     metadata["annotations"] = {naming.RESTARTS_ANNOTATION: str(attempt.restarts)}
