@@ -14,7 +14,7 @@ SYNCED := $(VENV)/.synced
 RUN := $(UV) run --frozen --no-sync
 PYTEST := $(RUN) pytest
 
-.PHONY: help venv demo test unit integration lint crd tools cluster-build cluster-up cluster-down clean
+.PHONY: help venv demo test unit integration lint crd chart tools cluster-build cluster-up cluster-down clean
 
 help:
 	@grep -E '^#   make' Makefile | sed 's/^#   //'
@@ -55,6 +55,11 @@ test: lint unit integration
 crd: $(SYNCED)
 	$(RUN) kubetune crd > manifests/crd/kubetune.io_finetunejobs.yaml
 	$(RUN) kubetune crd --format markdown > docs/api.md
+
+# Regenerate the chart's values.yaml, values.schema.json and crds/, and the plain install
+# manifests/operator.yaml rendered from the chart (tests fail when these drift).
+chart: crd
+	$(RUN) python charts/generate.py
 
 cluster-build: $(SYNCED)
 	$(RUN) python tests/cluster/kubecluster.py build

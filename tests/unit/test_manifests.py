@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-MANIFESTS = ["namespace.yaml", "rbac.yaml", "deployment.yaml", "crd/kubetune.io_finetunejobs.yaml"]
+MANIFESTS = ["namespace.yaml", "operator.yaml", "crd/kubetune.io_finetunejobs.yaml"]
 
 
 def _docs(repo_root: Path, name: str) -> list[dict]:
@@ -30,7 +30,7 @@ def test_kustomization_lists_every_manifest(repo_root: Path) -> None:
 
 @pytest.fixture
 def operator_pod(repo_root: Path) -> dict:
-    (deployment,) = [d for d in _docs(repo_root, "deployment.yaml") if d["kind"] == "Deployment"]
+    (deployment,) = [d for d in _docs(repo_root, "operator.yaml") if d["kind"] == "Deployment"]
     return deployment["spec"]["template"]["spec"]
 
 
@@ -47,7 +47,7 @@ def test_operator_pod_is_locked_down(operator_pod: dict) -> None:
 
 
 def test_operator_cannot_read_secrets(repo_root: Path) -> None:
-    role = next(d for d in _docs(repo_root, "rbac.yaml") if d["kind"] == "ClusterRole")
+    role = next(d for d in _docs(repo_root, "operator.yaml") if d["kind"] == "ClusterRole")
     for rule in role["rules"]:
         assert "secrets" not in rule["resources"] and "*" not in rule["resources"]
         assert "*" not in rule["verbs"]
