@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tests.unit.jobs import job
 
 from kubetune.api.crd import render_crd_yaml
 from kubetune.cli import main
+from tests.unit.jobs import job
 
 
 def _write(tmp_path: Path, name: str, *docs: dict) -> Path:

@@ -7,12 +7,12 @@ from typing import Any
 
 import pytest
 import yaml
-from tests.unit.crd_check import admit
-from tests.unit.jobs import job
-from tests.unit.test_validation import INVALID
 
 from kubetune.api.crd import build_crd, render_crd_yaml
 from kubetune.api.validation import load_documents, validate_document
+from tests.unit.crd_check import admit
+from tests.unit.jobs import job
+from tests.unit.test_validation import INVALID
 
 CRD_PATH = Path("manifests/crd/kubetune.io_finetunejobs.yaml")
 # Problems only the Python validator can see: URI schemes and spelling, the name pattern,

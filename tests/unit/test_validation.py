@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from tests.unit.jobs import job
 
 from kubetune.api.validation import load_documents, validate_document
+from tests.unit.jobs import job
 
 DREAMBOOTH = {"instancePrompt": "a photo of sks dog", "classPrompt": "a photo of a dog"}
 
