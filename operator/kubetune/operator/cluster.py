@@ -1,0 +1,201 @@
+"""The operator's one seam to the cluster: read a job's children, carry out actions,
+write status, post events, and read rank 0's `/progress`.
+
+`Cluster` is the interface the reconcile pass uses; `KubeCluster` implements it on the
+API server, and tests implement it in memory. Children are only ever recognised by the
+FineTuneJob's controller reference, so objects that merely share a name are never taken.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+
+from kubetune.api.resource import API_VERSION, GROUP, KIND, PLURAL, VERSION, FineTuneJob
+from kubetune.operator import naming
+from kubetune.operator.actions import (
+    Action,
+    CreateChild,
+    DeleteFineTuneJob,
+    DeleteJob,
+    ReplaceConfigMapData,
+    SetJobSuspend,
+)
+from kubetune.operator.events import Event
+from kubetune.operator.kube import ApiError, KubeApi
+from kubetune.operator.observed import Observed
+from kubetune.operator.timefmt import format_time
+
+EVENT_MESSAGE_LIMIT = 1024
+COMPONENT = "kubetune-operator"
+
+
+@dataclass(frozen=True)
+class JobRef:
+    """Which FineTuneJob a status write or an event is about (valid or not)."""
+
+    namespace: str
+    name: str
+    uid: str
+
+    @classmethod
+    def of(cls, body: Mapping[str, Any]) -> JobRef:
+        meta = body.get("metadata") or {}
+        return cls(meta.get("namespace") or "default", meta.get("name", ""), meta.get("uid", ""))
+
+
+class ChildConflict(Exception):
+    """A child's name is taken by an object another controller owns."""
+
+
+class Cluster(Protocol):
+    """What one reconcile pass needs from the cluster."""
+
+    def observe(self, job: FineTuneJob) -> Observed: ...
+
+    def apply(self, job: FineTuneJob, action: Action) -> None: ...
+
+    def write_status(self, ref: JobRef, patch: dict[str, Any]) -> None: ...
+
+    def post_event(self, ref: JobRef, event: Event, now: datetime) -> None: ...
+
+    def read_progress(self, pod: dict[str, Any]) -> Any: ...
+
+
+def uid_of(job: FineTuneJob) -> str:
+    return (job.metadata.model_extra or {}).get("uid", "")
+
+
+def owned_by(obj: dict[str, Any] | None, uid: str) -> bool:
+    refs = (obj or {}).get("metadata", {}).get("ownerReferences") or []
+    return any(r.get("controller") and r.get("uid") == uid for r in refs)
+
+
+def progress_url(pod: dict[str, Any], port: int) -> str | None:
+    """Where rank 0 serves its progress; None until the pod has an IP."""
+    ip = (pod.get("status") or {}).get("podIP")
+    if not ip:
+        return None
+    host = f"[{ip}]" if ":" in ip else ip
+    return f"http://{host}:{port}/progress"
+
+
+def _collection(kind: str, namespace: str) -> str:
+    if kind == "Job":
+        return f"/apis/batch/v1/namespaces/{namespace}/jobs"
+    return f"/api/v1/namespaces/{namespace}/{kind.lower()}s"
+
+
+def _resource_path(namespace: str, name: str) -> str:
+    return f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}"
+
+
+class KubeCluster:
+    """`Cluster` on a real API server."""
+
+    def __init__(self, api: KubeApi, progress_port: int = 9090, progress_timeout: float = 3.0) -> None:
+        self.api = api
+        self.progress_port = progress_port
+        self.progress_timeout = progress_timeout
+
+    def observe(self, job: FineTuneJob) -> Observed:
+        ns, name, uid = job.metadata.namespace or "default", job.metadata.name, uid_of(job)
+
+        def mine(kind: str, child: str) -> dict[str, Any] | None:
+            obj = self.api.get_or_none(f"{_collection(kind, ns)}/{child}")
+            return obj if owned_by(obj, uid) else None
+
+        batch_job = mine("Job", naming.batch_job_name(name))
+        pods = self.api.items(_collection("Pod", ns), f"{naming.JOB_NAME_LABEL}={name}")
+        return Observed(
+            job=batch_job,
+            pods=tuple(pods),
+            configmap=mine("ConfigMap", naming.configmap_name(name)),
+            service=mine("Service", naming.service_name(name)),
+            secret_keys=self._secret_keys(job),
+        )
+
+    def _secret_keys(self, job: FineTuneJob) -> frozenset[str] | None:
+        """Only the key names of the credentials Secret; its values are never read into memory here."""
+        ref = job.spec.storage.secret_ref
+        if ref is None:
+            return None
+        secret = self.api.get_or_none(f"{_collection('Secret', job.metadata.namespace or 'default')}/{ref.name}")
+        return None if secret is None else frozenset(secret.get("data") or {})
+
+    def apply(self, job: FineTuneJob, action: Action) -> None:
+        ns = job.metadata.namespace or "default"
+        if isinstance(action, CreateChild):
+            self._create_or_adopt(job, action.obj)
+        elif isinstance(action, ReplaceConfigMapData):
+            self.api.merge_patch(f"{_collection('ConfigMap', ns)}/{action.name}", {"data": action.data})
+        elif isinstance(action, SetJobSuspend):
+            self.api.merge_patch(f"{_collection('Job', ns)}/{action.name}", {"spec": {"suspend": action.suspend}})
+        elif isinstance(action, DeleteJob):
+            options = {"propagationPolicy": "Foreground", "preconditions": {"uid": action.uid}}
+            self._delete(f"{_collection('Job', ns)}/{action.name}", options)
+        elif isinstance(action, DeleteFineTuneJob):
+            self._delete(_resource_path(ns, job.metadata.name), {"propagationPolicy": "Background"})
+
+    def _delete(self, path: str, options: dict[str, Any]) -> None:
+        try:
+            self.api.delete(path, {"apiVersion": "v1", "kind": "DeleteOptions", **options})
+        except ApiError as exc:
+            if not (exc.not_found or exc.conflict):
+                raise
+
+    def _create_or_adopt(self, job: FineTuneJob, obj: dict[str, Any]) -> None:
+        """Create a child; when its name exists without a controller, take ownership of it."""
+        path = _collection(obj["kind"], obj["metadata"]["namespace"])
+        try:
+            self.api.create(path, obj)
+            return
+        except ApiError as exc:
+            if not exc.conflict:
+                raise
+        existing = self.api.get(f"{path}/{obj['metadata']['name']}")
+        refs = existing.get("metadata", {}).get("ownerReferences") or []
+        if owned_by(existing, uid_of(job)):
+            return
+        if any(r.get("controller") for r in refs):
+            raise ChildConflict(f"{obj['kind']} {obj['metadata']['name']} is owned by another controller")
+        adopt = {"metadata": {"ownerReferences": [*refs, naming.owner_reference(job)],
+                              "labels": obj["metadata"]["labels"]}}
+        self.api.merge_patch(f"{path}/{obj['metadata']['name']}", adopt)
+
+    def write_status(self, ref: JobRef, patch: dict[str, Any]) -> None:
+        self.api.merge_patch(_resource_path(ref.namespace, ref.name) + "/status", {"status": patch})
+
+    def post_event(self, ref: JobRef, event: Event, now: datetime) -> None:
+        ns, stamp = ref.namespace, format_time(now)
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{ref.name}.", "namespace": ns},
+            "involvedObject": {"apiVersion": API_VERSION, "kind": KIND, "name": ref.name,
+                               "namespace": ns, "uid": ref.uid},
+            "type": event.type,
+            "reason": event.reason,
+            "message": event.message[:EVENT_MESSAGE_LIMIT],
+            "firstTimestamp": stamp,
+            "lastTimestamp": stamp,
+            "count": 1,
+            "source": {"component": COMPONENT},
+            "reportingComponent": f"{GROUP}/operator",
+        }
+        self.api.create(f"/api/v1/namespaces/{ns}/events", body)
+
+    def read_progress(self, pod: dict[str, Any]) -> Any:
+        """Rank 0's `/progress` JSON, or None when it cannot be read right now."""
+        url = progress_url(pod, self.progress_port)
+        if url is None:
+            return None
+        try:
+            with urllib.request.urlopen(url, timeout=self.progress_timeout) as response:
+                return json.loads(response.read(1_000_000))
+        except (OSError, ValueError):
+            return None

@@ -1,0 +1,117 @@
+"""A thin JSON client for the Kubernetes API, on top of the official client's connection setup.
+
+The operator reads and writes plain API-server JSON (the same camelCase dicts the pure
+functions are tested with) instead of generated model classes, so nothing is renamed or
+dropped between what `render_*` builds and what the API server receives.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import urllib3
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+JSON = "application/json"
+MERGE_PATCH = "application/merge-patch+json"
+DEFAULT_TIMEOUT = 30.0
+
+
+class ApiError(Exception):
+    """A non-2xx answer from the API server."""
+
+    def __init__(self, status: int, reason: str, message: str = "") -> None:
+        super().__init__(f"{status} {reason}: {message}" if message else f"{status} {reason}")
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+    @property
+    def not_found(self) -> bool:
+        return self.status == 404
+
+    @property
+    def conflict(self) -> bool:
+        """Already exists (on create) or stale resourceVersion (on update)."""
+        return self.status == 409
+
+
+def load_configuration(kubeconfig: str | None = None) -> client.Configuration:
+    """In-cluster credentials when running in a pod, else the kubeconfig (or `kubeconfig`)."""
+    configuration = client.Configuration()
+    if kubeconfig is None:
+        try:
+            config.load_incluster_config(client_configuration=configuration)
+            return configuration
+        except config.ConfigException:
+            pass
+    config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+    return configuration
+
+
+class KubeApi:
+    """GET/POST/PATCH/PUT/DELETE on API paths, with JSON in and out."""
+
+    def __init__(self, configuration: client.Configuration, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self._client = client.ApiClient(configuration)
+        self._auth = list(configuration.auth_settings())
+        self._timeout = timeout
+
+    def request(self, method: str, path: str, body: Any = None, query: dict[str, str] | None = None,
+                content_type: str = JSON) -> Any:
+        """The decoded response body; raises `ApiError` on any non-2xx status."""
+        headers = {"Accept": JSON}
+        if body is not None:
+            headers["Content-Type"] = content_type
+        method, url, headers, payload, post = self._client.param_serialize(
+            method=method, resource_path=path, query_params=list((query or {}).items()),
+            header_params=headers, body=body, auth_settings=self._auth,
+        )
+        try:
+            response = self._client.call_api(method, url, headers, payload, post, _request_timeout=self._timeout)
+            data = response.read()
+        except (ApiException, urllib3.exceptions.HTTPError) as exc:
+            raise ApiError(0, "Unreachable", str(exc)) from exc
+        if response.status >= 400:
+            raise _error(response.status, response.reason, data)
+        return json.loads(data) if data else None
+
+    def get(self, path: str, **query: str) -> Any:
+        return self.request("GET", path, query=query or None)
+
+    def get_or_none(self, path: str) -> Any:
+        try:
+            return self.get(path)
+        except ApiError as exc:
+            if exc.not_found:
+                return None
+            raise
+
+    def items(self, path: str, label_selector: str) -> list[dict[str, Any]]:
+        return self.get(path, labelSelector=label_selector).get("items") or []
+
+    def create(self, path: str, body: dict[str, Any]) -> Any:
+        return self.request("POST", path, body)
+
+    def merge_patch(self, path: str, body: dict[str, Any]) -> Any:
+        return self.request("PATCH", path, body, content_type=MERGE_PATCH)
+
+    def replace(self, path: str, body: dict[str, Any]) -> Any:
+        return self.request("PUT", path, body)
+
+    def delete(self, path: str, body: dict[str, Any] | None = None) -> Any:
+        return self.request("DELETE", path, body)
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def _error(status: int, reason: str, data: bytes | None) -> ApiError:
+    message = ""
+    try:
+        message = json.loads(data or b"{}").get("message", "")
+    except (ValueError, AttributeError):
+        message = (data or b"")[:200].decode("utf-8", "replace")
+    return ApiError(status, reason or "", message)
