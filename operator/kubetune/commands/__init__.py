@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from kubetune.commands import crd, validate
+from kubetune.commands import crd, operator, validate
 
-COMMANDS = (validate, crd)
+COMMANDS = (validate, crd, operator)

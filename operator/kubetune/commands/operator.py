@@ -1,0 +1,43 @@
+"""`kubetune operator`: run the FineTuneJob operator (in its Deployment, or against a kubeconfig)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "operator",
+        help="run the FineTuneJob operator",
+        description=(
+            "Watch FineTuneJobs and turn each into a ConfigMap, a headless Service and an Indexed Job "
+            "of trainer pods; keep their status true. Serves /metrics, /healthz and /readyz."
+        ),
+    )
+    parser.add_argument(
+        "-n", "--namespace", action="append", dest="namespaces", metavar="NS",
+        help="watch this namespace (repeatable); default: every namespace",
+    )
+    parser.add_argument("--kubeconfig", help="kubeconfig file; default: in-cluster credentials, then ~/.kube/config")
+    parser.add_argument("--http-port", type=int, default=8080, help="port of /metrics, /healthz, /readyz")
+    parser.add_argument("--trainer-image", help="default trainer image (env KUBETUNE_TRAINER_IMAGE)")
+    parser.add_argument("--resync-seconds", type=float, help="how often each job is re-checked (default 10)")
+    parser.add_argument(
+        "--no-leader-election", action="store_true",
+        help="act without holding the Lease (only when exactly one replica runs)",
+    )
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from kubetune.operator.main import run as run_operator
+    from kubetune.operator.settings import OperatorSettings
+
+    settings = OperatorSettings.from_env(default_image=args.trainer_image, resync_seconds=args.resync_seconds)
+    return run_operator(
+        args.namespaces,
+        settings=settings,
+        kubeconfig=args.kubeconfig,
+        http_port=args.http_port,
+        leader_election=not args.no_leader_election,
+    )

@@ -1,0 +1,76 @@
+"""Kopf wiring: every handler runs the same reconcile pass; state arrives as keyword arguments.
+
+Create, spec update, operator resume and the resync timer (which also re-reads rank 0's
+`/progress`) all call `reconcile`. API errors become `kopf.TemporaryError` so Kopf
+retries; the pass itself writes the status once and emits events after it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+
+from kubetune.api.resource import GROUP, PLURAL, VERSION
+from kubetune.operator.kube import ApiError
+from kubetune.operator.reconcile import reconcile
+from kubetune.operator.settings import OperatorSettings
+
+RETRY_DELAY_SECONDS = 10.0
+ANNOTATION_PREFIX = "kubetune.io"
+
+
+def run_pass(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger | Any) -> None:
+    """One reconcile pass, serialised per FineTuneJob (handlers and timer may overlap)."""
+    uid = body.get("metadata", {}).get("uid", "")
+    with memo.locks.setdefault(uid, threading.Lock()), memo.metrics.reconcile_duration.time():
+        try:
+            outcome = reconcile(body, memo.cluster, memo.settings, memo.metrics, datetime.now(UTC))
+        except ApiError as exc:
+            memo.metrics.api_errors.labels("reconcile").inc()
+            raise kopf.TemporaryError(f"Kubernetes API error: {exc}", delay=RETRY_DELAY_SECONDS) from exc
+    if outcome.errors:
+        memo.metrics.api_errors.labels("apply").inc(len(outcome.errors))
+        raise kopf.TemporaryError("; ".join(outcome.errors), delay=RETRY_DELAY_SECONDS)
+    if outcome.events:
+        logger.info("%s: %s", outcome.status.phase, "; ".join(e.reason for e in outcome.events))
+
+
+def on_change(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    run_pass(body, memo, logger)
+
+
+def on_resync(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    run_pass(body, memo, logger)
+
+
+def on_delete(uid: str, memo: kopf.Memo, **_: Any) -> None:
+    """Children go with the FineTuneJob (owner references); only our own bookkeeping is left."""
+    memo.metrics.forget(uid)
+    memo.locks.pop(uid, None)
+
+
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    """Kopf keeps its bookkeeping in annotations: the status belongs to the FineTuneJob schema."""
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=ANNOTATION_PREFIX)
+    settings.posting.level = logging.WARNING
+    settings.posting.reporting_component = "kubetune-operator"
+    settings.watching.server_timeout = 300
+
+
+def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
+    """A registry holding every handler of the operator."""
+    registry = kopf.OperatorRegistry()
+    resource = (GROUP, VERSION, PLURAL)
+    kopf.on.startup(registry=registry)(configure)
+    kopf.on.create(*resource, registry=registry)(on_change)
+    kopf.on.resume(*resource, registry=registry)(on_change)
+    kopf.on.update(*resource, field="spec", registry=registry)(on_change)
+    kopf.timer(*resource, interval=settings.resync_seconds, initial_delay=settings.resync_seconds,
+               registry=registry)(on_resync)
+    kopf.on.delete(*resource, optional=True, registry=registry)(on_delete)
+    return registry

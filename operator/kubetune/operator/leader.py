@@ -1,0 +1,116 @@
+"""Leader election on a coordination.k8s.io Lease, so that of two replicas only one acts.
+
+The standby replica waits; the leader renews the Lease and, should it fail to renew for
+a whole lease duration, stops itself (and is restarted as a standby) rather than risk two
+operators writing the same status. The decision is a pure function of the Lease.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+from kubetune.operator.kube import ApiError, KubeApi
+from kubetune.operator.timefmt import parse_time
+
+LOG = logging.getLogger(__name__)
+Decision = Literal["create", "renew", "take-over", "standby"]
+
+
+def micro_time(moment: datetime) -> str:
+    """metav1.MicroTime, as Lease times are written."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def lease_decision(spec: Mapping[str, Any] | None, me: str, now: datetime) -> Decision:
+    """What `me` may do with the Lease as it stands."""
+    if spec is None:
+        return "create"
+    holder = spec.get("holderIdentity")
+    if holder == me:
+        return "renew"
+    renewed = parse_time(spec.get("renewTime"))
+    duration = timedelta(seconds=int(spec.get("leaseDurationSeconds") or 0))
+    if not holder or renewed is None or now > renewed + duration:
+        return "take-over"
+    return "standby"
+
+
+def next_lease_spec(spec: Mapping[str, Any] | None, me: str, now: datetime, duration: int,
+                    decision: Decision) -> dict[str, Any]:
+    spec = dict(spec or {})
+    stamp = micro_time(now)
+    if decision != "renew":
+        spec["acquireTime"] = stamp
+        spec["leaseTransitions"] = int(spec.get("leaseTransitions") or 0) + (decision == "take-over")
+    spec.update({"holderIdentity": me, "leaseDurationSeconds": duration, "renewTime": stamp})
+    return spec
+
+
+@dataclass
+class LeaderElector:
+    """Acquires and keeps one Lease for `identity`."""
+
+    api: KubeApi
+    namespace: str
+    name: str
+    identity: str
+    duration: int = 15
+    retry_seconds: float = 2.0
+    clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+
+    @property
+    def _path(self) -> str:
+        return f"/apis/coordination.k8s.io/v1/namespaces/{self.namespace}/leases/{self.name}"
+
+    def try_hold(self) -> bool:
+        """One attempt to acquire or renew; True while this replica is the leader."""
+        now = self.clock()
+        lease = self.api.get_or_none(self._path)
+        decision = lease_decision(lease.get("spec") if lease else None, self.identity, now)
+        if decision == "standby":
+            return False
+        spec = next_lease_spec(lease.get("spec") if lease else None, self.identity, now, self.duration, decision)
+        try:
+            if lease is None:
+                body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                        "metadata": {"name": self.name, "namespace": self.namespace}, "spec": spec}
+                self.api.create(self._path.rsplit("/", 1)[0], body)
+            else:
+                self.api.replace(self._path, {**lease, "spec": spec})
+        except ApiError as exc:
+            if exc.conflict:
+                return False
+            raise
+        return True
+
+    def wait_until_leader(self, stop: threading.Event) -> bool:
+        while not stop.is_set():
+            if self._attempt():
+                LOG.info("acquired Lease %s/%s as %s", self.namespace, self.name, self.identity)
+                return True
+            stop.wait(self.retry_seconds)
+        return False
+
+    def keep_renewing(self, stop: threading.Event, lost: threading.Event | None = None) -> None:
+        """Renew until `stop`; set `lost` and `stop` when the Lease could not be kept for its duration."""
+        last = self.clock()
+        while not stop.wait(self.retry_seconds):
+            if self._attempt():
+                last = self.clock()
+            elif (self.clock() - last).total_seconds() > self.duration:
+                LOG.error("lost Lease %s/%s; stopping so that only one operator acts", self.namespace, self.name)
+                if lost is not None:
+                    lost.set()
+                stop.set()
+
+    def _attempt(self) -> bool:
+        try:
+            return self.try_hold()
+        except ApiError as exc:
+            LOG.warning("Lease %s/%s: %s", self.namespace, self.name, exc)
+            return False
