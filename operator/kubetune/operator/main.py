@@ -73,5 +73,6 @@ def run(
     finally:
         leading.clear()
         server.shutdown()
+        server.server_close()
         api.close()
     return EXIT_LOST_LEASE if lost.is_set() else 0

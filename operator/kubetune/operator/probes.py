@@ -42,7 +42,7 @@ def _handler(registry: CollectorRegistry, ready: Callable[[], bool]) -> type[Bas
 
 def serve_probes(registry: CollectorRegistry, port: int, ready: Callable[[], bool],
                  host: str = "0.0.0.0") -> ThreadingHTTPServer:
-    """Start serving in a daemon thread; `server.shutdown()` stops it."""
+    """Start serving in a daemon thread; `shutdown()` then `server_close()` stop it."""
     server = ThreadingHTTPServer((host, port), _handler(registry, ready))
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="kubetune-probes", daemon=True).start()

@@ -1,0 +1,143 @@
+"""The operator's edges on loopback: the probes/metrics endpoint, reading rank 0's progress,
+the Lease decisions, operator metrics and the `kubetune operator` command line."""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from datetime import timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+from ftj_builders import NOW, make_pod
+
+from kubetune.api.status import FineTuneJobStatus
+from kubetune.cli import build_parser
+from kubetune.operator.cluster import KubeCluster, progress_url
+from kubetune.operator.leader import lease_decision, micro_time, next_lease_spec
+from kubetune.operator.metrics import OperatorMetrics
+from kubetune.operator.probes import serve_probes
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_probes_serve_metrics_health_and_readiness() -> None:
+    metrics, ready = OperatorMetrics(), threading.Event()
+    metrics.observe_transition("u1", "team-a", FineTuneJobStatus(), FineTuneJobStatus(phase="Pending"))
+    server = serve_probes(metrics.registry, 0, ready.is_set, host="127.0.0.1")
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        assert _get(f"{base}/healthz")[0] == 200
+        assert _get(f"{base}/readyz")[0] == 503, "a standby replica is alive but not ready"
+        ready.set()
+        assert _get(f"{base}/readyz")[0] == 200
+        code, text = _get(f"{base}/metrics")
+        assert code == 200
+        assert 'kubetune_operator_jobs{namespace="team-a",phase="Pending"} 1.0' in text
+        assert 'kubetune_operator_jobs_created_total{namespace="team-a"} 1.0' in text
+        assert _get(f"{base}/nope")[0] == 404
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class _Rank0(BaseHTTPRequestHandler):
+    body = b"{}"
+
+    def do_GET(self) -> None:
+        self.send_response(200 if self.path == "/progress" else 404)
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        return
+
+
+@pytest.fixture
+def rank0() -> Iterator[ThreadingHTTPServer]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Rank0)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    (json.dumps({"stage": "training", "step": 3}).encode(), {"stage": "training", "step": 3}),
+    (b"not json", None),
+])
+def test_read_progress_from_rank0_on_loopback(rank0: ThreadingHTTPServer, body: bytes, expected: Any) -> None:
+    _Rank0.body = body
+    cluster = KubeCluster(api=None, progress_port=rank0.server_address[1], progress_timeout=2)  # type: ignore[arg-type]
+    assert cluster.read_progress(make_pod().running().pod_ip("127.0.0.1").obj()) == expected
+
+
+def test_unreachable_rank0_reads_as_nothing() -> None:
+    cluster = KubeCluster(api=None, progress_port=9, progress_timeout=0.5)  # type: ignore[arg-type]
+    assert cluster.read_progress(make_pod().running().pod_ip("127.0.0.1").obj()) is None
+
+
+@pytest.mark.parametrize(("ip", "url"), [
+    (None, None),
+    ("10.1.2.3", "http://10.1.2.3:9090/progress"),
+    ("fd00::5", "http://[fd00::5]:9090/progress"),
+])
+def test_progress_url(ip: str | None, url: str | None) -> None:
+    pod = make_pod().running()
+    if ip:
+        pod.pod_ip(ip)
+    assert progress_url(pod.obj(), 9090) == url
+
+
+FRESH = micro_time(NOW - timedelta(seconds=5))
+STALE = micro_time(NOW - timedelta(seconds=60))
+
+
+@pytest.mark.parametrize(("spec", "decision"), [
+    (None, "create"),
+    ({"holderIdentity": "me", "renewTime": STALE, "leaseDurationSeconds": 15}, "renew"),
+    ({"holderIdentity": "other", "renewTime": FRESH, "leaseDurationSeconds": 15}, "standby"),
+    ({"holderIdentity": "other", "renewTime": STALE, "leaseDurationSeconds": 15}, "take-over"),
+    ({"holderIdentity": "", "renewTime": FRESH, "leaseDurationSeconds": 15}, "take-over"),
+    ({"holderIdentity": "other"}, "take-over"),
+])
+def test_lease_decision(spec: dict[str, Any] | None, decision: str) -> None:
+    assert lease_decision(spec, "me", NOW) == decision
+
+
+def test_next_lease_spec_counts_transitions_only_on_take_over() -> None:
+    old = {"holderIdentity": "other", "renewTime": STALE, "leaseDurationSeconds": 15, "leaseTransitions": 2}
+    taken = next_lease_spec(old, "me", NOW, 15, "take-over")
+    assert (taken["holderIdentity"], taken["leaseTransitions"], taken["renewTime"]) == ("me", 3, micro_time(NOW))
+    renewed = next_lease_spec(taken, "me", NOW + timedelta(seconds=2), 15, "renew")
+    assert renewed["leaseTransitions"] == 3 and renewed["acquireTime"] == taken["acquireTime"]
+
+
+def test_metrics_count_transitions_and_forget_deleted_jobs() -> None:
+    metrics = OperatorMetrics()
+    sample = metrics.registry.get_sample_value
+    running, failed = FineTuneJobStatus(phase="Running"), FineTuneJobStatus(phase="Failed")
+    metrics.observe_transition("a", "ns", FineTuneJobStatus(), running)
+    metrics.observe_transition("b", "ns", FineTuneJobStatus(), running)
+    metrics.observe_transition("a", "ns", running, failed)
+    metrics.observe_transition("a", "ns", failed, failed)
+    assert sample("kubetune_operator_jobs_failed_total", {"namespace": "ns"}) == 1
+    assert sample("kubetune_operator_jobs", {"namespace": "ns", "phase": "Running"}) == 1
+    metrics.forget("b")
+    assert sample("kubetune_operator_jobs", {"namespace": "ns", "phase": "Running"}) == 0
+
+
+def test_operator_command_line() -> None:
+    args = build_parser().parse_args(["operator", "-n", "a", "-n", "b", "--no-leader-election",
+                                      "--trainer-image", "reg/img:1"])
+    assert (args.namespaces, args.no_leader_election, args.trainer_image) == (["a", "b"], True, "reg/img:1")
