@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from kubetune.commands import crd, operator, validate
+from kubetune.commands import crd, demo, operator, run, train, validate
 
-COMMANDS = (validate, crd, operator)
+COMMANDS = (validate, crd, run, train, demo, operator)

@@ -1,0 +1,107 @@
+"""Build a ready-to-run `Trainer` from a validated FineTuneJob: stage, load, wire components.
+
+The order is the job's life: stage model and data, load the model family, let the method
+pick what trains, then build accelerator, data stream, optimizer, schedule, checkpointer
+and sampler, each from its own section of the spec.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from kubetune.api.resource import FineTuneJob
+from kubetune_trainer.checkpoint import Checkpointer
+from kubetune_trainer.config import RuntimeConfig
+from kubetune_trainer.data import BatchStream, load_dataset
+from kubetune_trainer.exitcodes import ConfigError
+from kubetune_trainer.methods import build_method
+from kubetune_trainer.models import Components, load_components
+from kubetune_trainer.objective import DiffusionObjective
+from kubetune_trainer.optim import build_lr_scheduler, build_optimizer
+from kubetune_trainer.reporting import Reporter
+from kubetune_trainer.sampling import build_sampler
+from kubetune_trainer.staging import stage
+from kubetune_trainer.storage import open_store
+from kubetune_trainer.trainer import StepHook, Trainer, TrainerParts
+
+DTYPES = {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def build_accelerator(job: FineTuneJob) -> Any:
+    import torch
+    from accelerate import Accelerator
+
+    precision = job.spec.training.mixed_precision
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("training.mixedPrecision fp16 needs a GPU; use bf16 or no on CPU")
+    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(),
+                       gradient_accumulation_steps=job.spec.training.gradient_accumulation_steps)
+
+
+def total_steps(job: FineTuneJob, per_epoch: int) -> int:
+    training = job.spec.training
+    if training.max_steps is not None:
+        return training.max_steps
+    images_per_step = training.batch_size * training.gradient_accumulation_steps
+    return max(1, math.ceil((training.epochs or 1) * per_epoch / images_per_step))
+
+
+def _place(components: Components, accelerator: Any, precision: str) -> Any:
+    """Frozen modules go to the device in the compute dtype; trained weights stay float32."""
+    import torch
+
+    weight_dtype = getattr(torch, DTYPES[precision])
+    for module in components.modules().values():
+        module.to(accelerator.device)
+        for param in module.parameters():
+            if not param.requires_grad:
+                param.data = param.data.to(weight_dtype)
+    components.vae.to(dtype=torch.float32)
+    return weight_dtype
+
+
+def _stage_inputs(job: FineTuneJob, runtime: RuntimeConfig, reporter: Reporter) -> tuple[Path, Path]:
+    reporter.phase("Staging")
+    spec = job.spec
+    model = stage(spec.model.uri, runtime.scratch / "model", spec.storage, runtime.pvc_root)
+    reporter.staged("model", model)
+    data = stage(spec.data.uri, runtime.scratch / "data", spec.storage, runtime.pvc_root)
+    reporter.staged("data", data)
+    return model.path, data.path
+
+
+def build_trainer(job: FineTuneJob, runtime: RuntimeConfig, reporter: Reporter,
+                  hooks: list[StepHook] | None = None) -> Trainer:
+    spec = job.spec
+    accelerator = build_accelerator(job)
+    model_dir, data_dir = _stage_inputs(job, runtime, reporter)
+    reporter.phase("Loading")
+    dataset = load_dataset(data_dir, spec.data)
+    components = load_components(model_dir, spec.model.variant)
+    method = build_method(job)
+    method.prepare(components)
+    trained = {n: m for n, m in components.modules().items() if any(p.requires_grad for p in m.parameters())}
+    if spec.training.gradient_checkpointing:
+        components.unet.enable_gradient_checkpointing()
+    weight_dtype = _place(components, accelerator, spec.training.mixed_precision)
+    data = BatchStream(dataset, spec.data, spec.training.batch_size, spec.training.seed,
+                       accelerator.process_index, accelerator.num_processes)
+    steps = total_steps(job, data.per_epoch())
+    params = [p for m in trained.values() for p in m.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, spec.training)
+    lr_scheduler = build_lr_scheduler(optimizer, spec.training, steps)
+    unet, optimizer = accelerator.prepare(components.unet, optimizer)
+    store = open_store(spec.output.uri, spec.storage, runtime.pvc_root)
+    parts = TrainerParts(
+        job=job, components=components, method=method, trained=trained, accelerator=accelerator, unet=unet,
+        objective=DiffusionObjective(components, unet, spec.training, accelerator.device, weight_dtype),
+        data=data, optimizer=optimizer, lr_scheduler=lr_scheduler,
+        checkpointer=Checkpointer(store, spec.output, runtime.scratch / "tmp"),
+        sampler=build_sampler(spec.validation, components=components, store=store, output_uri=spec.output.uri,
+                              resolution=spec.data.resolution, seed=spec.training.seed,
+                              scratch=runtime.scratch / "samples"),
+        output_store=store, reporter=reporter, total_steps=steps, scratch=runtime.scratch, hooks=hooks or [],
+    )
+    return Trainer(parts)

@@ -1,0 +1,37 @@
+"""Exit codes of the trainer and the errors that carry them: the contract with the operator.
+
+The operator decides from the exit code whether a failed pod is worth a restart: a
+configuration error (bad spec, missing data, rejected credentials) fails the same way
+every time, so it is not retried; anything else may be transient and is.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+"""Unexpected error; retryable (the restarted pod resumes from the newest checkpoint)."""
+EXIT_STORAGE_UNAVAILABLE = 75
+"""Storage could not be reached (EX_TEMPFAIL); retryable."""
+EXIT_CONFIG = 78
+"""The job cannot succeed as written (EX_CONFIG); the operator must not retry it."""
+
+
+class TrainerError(Exception):
+    """An error with a one-line message for users and the exit code it ends the run with."""
+
+    exit_code = EXIT_FAILED
+    reason = "TrainingFailed"
+
+
+class ConfigError(TrainerError):
+    """The spec, the data or the credentials are wrong: retrying cannot help."""
+
+    exit_code = EXIT_CONFIG
+    reason = "InvalidConfiguration"
+
+
+class StorageUnavailable(TrainerError):
+    """The storage endpoint could not be reached; a later attempt may succeed."""
+
+    exit_code = EXIT_STORAGE_UNAVAILABLE
+    reason = "StorageUnavailable"

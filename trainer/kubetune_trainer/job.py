@@ -1,0 +1,142 @@
+"""Run one FineTuneJob to the end and say how it ended: the shared core of `train` and `run`.
+
+Every failure becomes a result with a phase, a one-line message and an exit code (see
+`exitcodes`); the result is printed, written to the status file and, in a pod, to the
+termination message the operator reads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kubetune.api.resource import FineTuneJob
+from kubetune_trainer.config import TERMINATION_LIMIT_BYTES, RuntimeConfig
+from kubetune_trainer.exitcodes import EXIT_FAILED, EXIT_OK, ConfigError, TrainerError
+from kubetune_trainer.reporting import LogLines, ProgressBar, ProgressState, Reporter, Reporters
+from kubetune_trainer.trainer import StepHook
+
+
+@dataclass
+class RunResult:
+    """How a run ended: what the termination message and `--status-file` hold."""
+
+    phase: str
+    exit_code: int
+    reason: str = ""
+    message: str = ""
+    progress: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        progress = self.progress
+        return {"phase": self.phase, "exitCode": self.exit_code, "reason": self.reason,
+                "message": self.message, "step": progress.get("step"), "totalSteps": progress.get("totalSteps"),
+                "loss": progress.get("loss"), "checkpoints": progress.get("checkpoints", []),
+                "samples": progress.get("samples", []), "outputs": progress.get("outputs")}
+
+
+def termination_message(result: RunResult, limit: int = TERMINATION_LIMIT_BYTES) -> str:
+    """The result as JSON within `limit` bytes: older checkpoints and samples go first."""
+    body = result.as_dict()
+    text = json.dumps(body)
+    for key in ("samples", "checkpoints"):
+        while len(text.encode()) > limit and body[key]:
+            body[key] = body[key][1:]
+            text = json.dumps(body)
+    if len(text.encode()) > limit:
+        body["message"] = body["message"][: max(0, len(body["message"]) - (len(text.encode()) - limit) - 3)]
+        text = json.dumps(body)
+    return text
+
+
+def quiet_libraries() -> None:
+    """Library progress bars and advice would drown the trainer's own lines."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    logging.getLogger("accelerate").setLevel(logging.ERROR)
+
+
+def _reporters(job: FineTuneJob, runtime: RuntimeConfig, progress: ProgressState) -> tuple[Reporter, Any]:
+    from kubetune_trainer.metrics import PrometheusMetrics
+    from kubetune_trainer.status_server import StatusServer
+
+    reporters: list[Reporter] = [progress]
+    server = None
+    if runtime.port is not None:
+        metrics = PrometheusMetrics(job.metadata.namespace or "default", job.metadata.name)
+        server = StatusServer(progress, metrics, runtime.port, runtime.host)
+        print(f"[kubetune] serving /metrics and /progress on port {server.port}", flush=True)
+        reporters.append(metrics)
+    reporters.append(ProgressBar() if runtime.progress_bar else LogLines(runtime.log_every or 10**9))
+    return Reporters(reporters), server
+
+
+def run_job(job: FineTuneJob, runtime: RuntimeConfig, hooks: list[StepHook] | None = None) -> RunResult:
+    """Train `job` on this process; never raises for a failed run, returns how it ended."""
+    from kubetune_trainer.assembly import build_trainer
+
+    progress = ProgressState()
+    reporter, server = _reporters(job, runtime, progress)
+    try:
+        quiet_libraries()
+        build_trainer(job, runtime, reporter, hooks).train()
+        progress.phase("Succeeded")
+        result = RunResult("Succeeded", EXIT_OK, "Completed", "training finished", progress.snapshot())
+    except TrainerError as exc:
+        progress.phase("Failed")
+        result = RunResult("Failed", exc.exit_code, exc.reason, str(exc), progress.snapshot())
+    except Exception as exc:  # the last line of defence: report, keep the traceback in the log
+        traceback.print_exc(file=sys.stderr)
+        progress.phase("Failed")
+        message = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        result = RunResult("Failed", EXIT_FAILED, "TrainingFailed", message, progress.snapshot())
+    finally:
+        reporter.close()
+        if server is not None:
+            server.close()
+    write_result(result, runtime)
+    return result
+
+
+def write_result(result: RunResult, runtime: RuntimeConfig) -> None:
+    """The short form to the termination message, the full one to the status file."""
+    texts = {runtime.termination_path: termination_message(result),
+             runtime.status_file: json.dumps(result.as_dict(), indent=2) + "\n"}
+    for path, text in texts.items():
+        if path is None:
+            continue
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(text, encoding="utf-8")
+        except OSError as exc:
+            print(f"[kubetune] cannot write result to {path}: {exc}", file=sys.stderr)
+
+
+def load_job_file(path: Path, mode: str) -> FineTuneJob:
+    """The one FineTuneJob in a YAML or JSON file, validated for `mode`; ConfigError otherwise."""
+    from kubetune.api.validation import load_documents, validate_document
+
+    try:
+        docs = load_documents(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from exc
+    except Exception as exc:  # yaml.YAMLError carries the position
+        raise ConfigError(f"{path}: not valid YAML: {exc}".splitlines()[0]) from exc
+    if len(docs) != 1:
+        raise ConfigError(f"{path}: expected one FineTuneJob document, found {len(docs)}")
+    validated = validate_document(docs[0], mode=mode)
+    if validated.job is None:
+        raise ConfigError(f"{path}: " + "; ".join(str(p) for p in validated.problems))
+    return validated.job

@@ -1,0 +1,83 @@
+"""Training methods, picked by `spec.method.type` from `METHODS`: what trains and what is exported.
+
+A method attaches or unfreezes the trainable weights on already-loaded components and
+writes the final files. The training loop is the same for every method.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+from kubetune.api.resource import FineTuneJob
+from kubetune.api.spec import LoraSpec
+from kubetune_trainer.exitcodes import ConfigError
+from kubetune_trainer.models import Components, build_pipeline
+
+TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+class TrainingMethod(Protocol):
+    def prepare(self, components: Components) -> list[Any]:
+        """Make the method's weights trainable; return the modules that hold them."""
+
+    def export(self, components: Components, folder: Path, job: FineTuneJob, step: int) -> dict[str, Path]:
+        """Write the final files into `folder`; return {output kind: file or folder}."""
+
+
+class LoraMethod:
+    """Low-rank adapters (peft) on the UNet attention projections, optionally the text encoders."""
+
+    def __init__(self, spec: LoraSpec) -> None:
+        self.spec = spec
+
+    def _config(self, targets: list[str]):
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.spec.rank, lora_alpha=self.spec.alpha, lora_dropout=self.spec.dropout,
+                          init_lora_weights="gaussian", target_modules=targets)
+
+    def prepare(self, components: Components) -> list[Any]:
+        components.unet.add_adapter(self._config(list(self.spec.target_modules)))
+        trained = [components.unet]
+        if self.spec.train_text_encoder:
+            for encoder in components.text_encoders:
+                encoder.add_adapter(self._config(TEXT_ENCODER_TARGETS))
+                trained.append(encoder)
+        for module in trained:
+            for param in module.parameters():
+                if param.requires_grad:
+                    param.data = param.data.float()
+        return trained
+
+    def export(self, components: Components, folder: Path, job: FineTuneJob, step: int) -> dict[str, Path]:
+        from kubetune_trainer import lora_files
+
+        formats = job.spec.output.formats or ["diffusers", "kohya"]
+        layers = lora_files.adapter_layers(components, self.spec.train_text_encoder)
+        writers = {"diffusers": lora_files.write_diffusers, "kohya": lora_files.write_kohya}
+        return {fmt: writers[fmt](components, layers, self.spec, folder, job, step) for fmt in formats}
+
+
+class FullMethod:
+    """Every UNet weight trains; the output is a complete diffusers pipeline folder."""
+
+    def prepare(self, components: Components) -> list[Any]:
+        components.unet.requires_grad_(True)
+        components.unet.float()
+        return [components.unet]
+
+    def export(self, components: Components, folder: Path, job: FineTuneJob, step: int) -> dict[str, Path]:
+        target = folder / "pipeline"
+        build_pipeline(components).save_pretrained(str(target))
+        return {"pipeline": target}
+
+
+def build_method(job: FineTuneJob) -> TrainingMethod:
+    """The method `spec.method.type` names, or a ConfigError for one this trainer lacks."""
+    method = job.spec.method
+    builders = {"lora": lambda: LoraMethod(method.lora or LoraSpec()), "full": FullMethod}
+    if method.type not in builders:
+        raise ConfigError(f"method.type {method.type!r} is not implemented by this trainer yet; "
+                          f"available: {', '.join(builders)}")
+    return builders[method.type]()

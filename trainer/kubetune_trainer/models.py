@@ -1,0 +1,172 @@
+"""Model families: detect SD 1.x/2.x or SDXL from model_index.json and assemble its components.
+
+Each family knows how to load its parts from a diffusers folder, turn captions into the
+UNet's conditioning, and rebuild a pipeline for sampling and export. The trainer receives
+`Components` already built and never asks which family it has.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from kubetune_trainer.exitcodes import ConfigError
+
+
+@dataclass
+class Conditioning:
+    """What the UNet needs besides the noisy latents and timesteps."""
+
+    encoder_hidden_states: Any
+    added_cond_kwargs: dict[str, Any] | None = None
+
+
+@dataclass
+class Components:
+    """A loaded model: every module the training method and the family need."""
+
+    family: ModelFamily
+    path: Path
+    unet: Any
+    vae: Any
+    noise_scheduler: Any
+    tokenizers: list[Any]
+    text_encoders: list[Any]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def modules(self) -> dict[str, Any]:
+        """Named modules, the names used for trainable-state keys and LoRA file prefixes."""
+        names = ["text_encoder", "text_encoder_2"][: len(self.text_encoders)]
+        return {"unet": self.unet, "vae": self.vae, **dict(zip(names, self.text_encoders, strict=True))}
+
+
+class ModelFamily(Protocol):
+    name: str
+    pipeline_class: str
+    kohya_base: str
+
+    def load(self, path: Path, variant: str | None) -> Components: ...
+
+    def encode(self, components: Components, captions: list[str], sizes: list[tuple[int, ...]],
+               device: Any) -> Conditioning: ...
+
+
+def _load(kind: Any, path: Path, subfolder: str, variant: str | None) -> Any:
+    try:
+        return kind.from_pretrained(str(path), subfolder=subfolder, variant=variant, local_files_only=True)
+    except Exception as exc:  # diffusers/transformers raise OSError, ValueError, EnvironmentError...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"cannot load {subfolder} from model folder {path}: {first}") from exc
+
+
+def _tokenize(tokenizer: Any, captions: list[str], device: Any) -> Any:
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids
+    return ids.to(device)
+
+
+def _common(path: Path, variant: str | None, encoders: list[tuple[str, Any, str, Any]]) -> dict:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    return dict(
+        path=path,
+        unet=_load(UNet2DConditionModel, path, "unet", variant),
+        vae=_load(AutoencoderKL, path, "vae", variant),
+        noise_scheduler=_load(DDPMScheduler, path, "scheduler", None),
+        tokenizers=[_load(tok_cls, path, tok_dir, None) for tok_dir, tok_cls, _, _ in encoders],
+        text_encoders=[_load(enc_cls, path, enc_dir, variant) for _, _, enc_dir, enc_cls in encoders],
+    )
+
+
+class StableDiffusion:
+    """SD 1.x and 2.x: one CLIP text encoder, conditioning on its last hidden state."""
+
+    name = "sd"
+    pipeline_class = "StableDiffusionPipeline"
+    kohya_base = "sd_v1"
+
+    def load(self, path: Path, variant: str | None) -> Components:
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        parts = _common(path, variant, [("tokenizer", CLIPTokenizer, "text_encoder", CLIPTextModel)])
+        return Components(family=self, **parts)
+
+    def encode(self, components: Components, captions: list[str], sizes: list[tuple[int, ...]],
+               device: Any) -> Conditioning:
+        ids = _tokenize(components.tokenizers[0], captions, device)
+        return Conditioning(components.text_encoders[0](ids, return_dict=False)[0])
+
+
+class StableDiffusionXL:
+    """SDXL: two text encoders (penultimate hidden states), pooled embeds and add_time_ids."""
+
+    name = "sdxl"
+    pipeline_class = "StableDiffusionXLPipeline"
+    kohya_base = "sdxl_base_v1-0"
+
+    def load(self, path: Path, variant: str | None) -> Components:
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+        parts = _common(path, variant, [
+            ("tokenizer", CLIPTokenizer, "text_encoder", CLIPTextModel),
+            ("tokenizer_2", CLIPTokenizer, "text_encoder_2", CLIPTextModelWithProjection),
+        ])
+        return Components(family=self, **parts)
+
+    def encode(self, components: Components, captions: list[str], sizes: list[tuple[int, ...]],
+               device: Any) -> Conditioning:
+        import torch
+
+        hidden, pooled = [], None
+        for tokenizer, encoder in zip(components.tokenizers, components.text_encoders, strict=True):
+            out = encoder(_tokenize(tokenizer, captions, device), output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+            pooled = out[0]
+        time_ids = torch.tensor([list(s) for s in sizes], dtype=hidden[0].dtype, device=device)
+        return Conditioning(torch.cat(hidden, dim=-1), {"text_embeds": pooled, "time_ids": time_ids})
+
+
+FAMILIES: dict[str, ModelFamily] = {
+    "StableDiffusionPipeline": StableDiffusion(),
+    "StableDiffusionXLPipeline": StableDiffusionXL(),
+}
+
+
+def detect_family(path: Path) -> ModelFamily:
+    """The family named by `_class_name` in `path/model_index.json`."""
+    index = Path(path) / "model_index.json"
+    try:
+        class_name = json.loads(index.read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ConfigError(f"model folder {path} has no readable model_index.json: "
+                          f"{type(exc).__name__}") from exc
+    family = FAMILIES.get(str(class_name))
+    if family is None:
+        raise ConfigError(f"model {path} is a {class_name}; supported: {', '.join(FAMILIES)}")
+    return family
+
+
+def load_components(path: Path, variant: str | None) -> Components:
+    """Detect the family and load every component, frozen; the method decides what trains."""
+    components = detect_family(path).load(Path(path), variant)
+    for module in components.modules().values():
+        module.requires_grad_(False)
+    return components
+
+
+def build_pipeline(components: Components) -> Any:
+    """A diffusers pipeline around the (possibly adapted) components, for sampling and export."""
+    import diffusers
+
+    pipeline_class = getattr(diffusers, components.family.pipeline_class)
+    scheduler = diffusers.EulerDiscreteScheduler.from_config(components.noise_scheduler.config)
+    kwargs = dict(components.modules(), scheduler=scheduler, tokenizer=components.tokenizers[0])
+    if len(components.tokenizers) > 1:
+        kwargs["tokenizer_2"] = components.tokenizers[1]
+    else:
+        kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = pipeline_class(**kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,0 +1,48 @@
+"""Optimizers by `training.optimizer` name and diffusers' learning-rate schedules."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from kubetune.api.spec import TrainingSpec
+from kubetune_trainer.exitcodes import ConfigError
+
+
+def _adamw(params: list[Any], spec: TrainingSpec) -> Any:
+    import torch
+
+    fused = torch.cuda.is_available() and all(p.is_cuda for p in params)
+    return torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay, fused=fused)
+
+
+def _adamw8bit(params: list[Any], spec: TrainingSpec) -> Any:
+    try:
+        import bitsandbytes as bnb
+    except ImportError as exc:
+        raise ConfigError("optimizer adamw8bit needs bitsandbytes, which this image lacks") from exc
+    return bnb.optim.AdamW8bit(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
+
+
+def _prodigy(params: list[Any], spec: TrainingSpec) -> Any:
+    try:
+        from prodigyopt import Prodigy
+    except ImportError as exc:
+        raise ConfigError("optimizer prodigy needs prodigyopt, which this image lacks") from exc
+    return Prodigy(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
+
+
+OPTIMIZERS: dict[str, Callable[[list[Any], TrainingSpec], Any]] = {
+    "adamw": _adamw, "adamw8bit": _adamw8bit, "prodigy": _prodigy,
+}
+
+
+def build_optimizer(params: list[Any], spec: TrainingSpec) -> Any:
+    return OPTIMIZERS[spec.optimizer](params, spec)
+
+
+def build_lr_scheduler(optimizer: Any, spec: TrainingSpec, total_steps: int) -> Any:
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(spec.lr_scheduler.type, optimizer=optimizer,
+                         num_warmup_steps=spec.lr_scheduler.warmup_steps, num_training_steps=total_steps)

@@ -1,0 +1,142 @@
+"""The S3 backend of `ObjectStore`: boto3 with botocore's retries and ranged transfers.
+
+Connection settings come from `spec.storage`; credentials only from the standard AWS
+environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, or a web
+identity for IRSA). Library errors become one-line `ConfigError`/`StorageUnavailable`
+messages naming the bucket or endpoint, never the credentials.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from kubetune.api.spec import StorageSpec
+from kubetune.api.uris import parse_uri
+from kubetune_trainer.exitcodes import ConfigError, StorageUnavailable
+from kubetune_trainer.storage import ObjectInfo
+
+MiB = 1024 * 1024
+_CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken",
+                     "ExpiredToken", "403", "Forbidden"}
+
+
+@dataclass(frozen=True)
+class TransferSettings:
+    """When a file is fetched in ranges and how big each range is."""
+
+    multipart_threshold: int = 64 * MiB
+    chunk_size: int = 16 * MiB
+    per_file_concurrency: int = 4
+
+
+def _client_config(spec: StorageSpec):
+    from botocore.config import Config
+
+    retries = {"mode": os.environ.get("AWS_RETRY_MODE", "standard"),
+               "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", "5"))}
+    return Config(
+        region_name=spec.region,
+        retries=retries,
+        s3={"addressing_style": spec.addressing_style},
+        max_pool_connections=max(10, spec.max_concurrency * 2),
+        connect_timeout=10,
+        read_timeout=60,
+    )
+
+
+class S3Store:
+    """s3://bucket/key objects on AWS or any S3-compatible endpoint."""
+
+    def __init__(self, spec: StorageSpec, transfer: TransferSettings | None = None) -> None:
+        import boto3
+        from boto3.s3.transfer import TransferConfig
+
+        self.endpoint = spec.endpoint or "AWS S3"
+        self.transfer = transfer or TransferSettings()
+        session = boto3.session.Session(
+            aws_access_key_id=os.environ.get("AWS_ACCESS_KEY_ID"),
+            aws_secret_access_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
+            aws_session_token=os.environ.get("AWS_SESSION_TOKEN"),
+            region_name=spec.region,
+        )
+        self.client = session.client("s3", endpoint_url=spec.endpoint, config=_client_config(spec))
+        self.transfer_config = TransferConfig(
+            multipart_threshold=self.transfer.multipart_threshold,
+            multipart_chunksize=self.transfer.chunk_size,
+            max_concurrency=self.transfer.per_file_concurrency,
+            use_threads=True,
+        )
+
+    def list(self, prefix_uri: str) -> list[ObjectInfo]:
+        bucket, prefix = _split(prefix_uri)
+        found = []
+        with self._errors(prefix_uri):
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+            for page in pages:
+                for item in page.get("Contents", []):
+                    key = item["Key"]
+                    found.append(ObjectInfo(f"s3://{bucket}/{key}", key[len(prefix):], int(item["Size"]),
+                                            item.get("ETag", "").strip('"')))
+        return found
+
+    def download(self, uri: str, path: Path) -> None:
+        bucket, key = _split(uri)
+        with self._errors(uri):
+            self.client.download_file(bucket, key, str(path), Config=self.transfer_config)
+
+    def upload(self, path: Path, uri: str) -> None:
+        bucket, key = _split(uri)
+        with self._errors(uri):
+            self.client.upload_file(str(path), bucket, key, Config=self.transfer_config)
+
+    def delete(self, uri: str) -> None:
+        bucket, key = _split(uri)
+        with self._errors(uri):
+            self.client.delete_object(Bucket=bucket, Key=key)
+
+    @contextmanager
+    def _errors(self, uri: str) -> Iterator[None]:
+        """Turn botocore's exceptions into one line naming what failed."""
+        from botocore.exceptions import (
+            ClientError,
+            ConnectionError,
+            HTTPClientError,
+            NoCredentialsError,
+            PartialCredentialsError,
+        )
+
+        try:
+            yield
+        except (NoCredentialsError, PartialCredentialsError) as exc:
+            raise ConfigError(f"no usable S3 credentials for {uri}: set AWS_ACCESS_KEY_ID and "
+                              "AWS_SECRET_ACCESS_KEY (storage.secretRef on a cluster)") from exc
+        except (ConnectionError, HTTPClientError) as exc:
+            raise StorageUnavailable(f"cannot reach S3 endpoint {self.endpoint} for {uri}: "
+                                     f"{type(exc).__name__}") from exc
+        except ClientError as exc:
+            raise _client_error(exc, uri) from exc
+
+
+def _client_error(exc, uri: str) -> Exception:
+    error = exc.response.get("Error", {})
+    code = str(error.get("Code", ""))
+    bucket = parse_uri(uri).location
+    if code in _CREDENTIAL_CODES:
+        return ConfigError(f"S3 refused access to s3://{bucket} ({code}): check the credentials "
+                           "in AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (storage.secretRef)")
+    if code == "NoSuchBucket":
+        return ConfigError(f"S3 bucket {bucket!r} does not exist (from {uri})")
+    if code in ("404", "NoSuchKey"):
+        return FileNotFoundError(f"{uri} does not exist")
+    return StorageUnavailable(f"S3 error on {uri}: {code} {error.get('Message', '')}".strip())
+
+
+def _split(uri: str) -> tuple[str, str]:
+    parsed = parse_uri(uri)
+    if parsed.scheme != "s3":
+        raise ConfigError(f"{uri} is not an s3:// URI")
+    return parsed.location, parsed.path

@@ -1,0 +1,154 @@
+"""The storage interface every transfer goes through: a few methods on plain string URIs.
+
+Staging, checkpoints and outputs never touch boto3 or paths directly; they ask
+`open_store(uri)` for the backend of that URI's scheme. Tests swap in the local backend
+or talk to a real S3-compatible server; nothing patches a library.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from kubetune.api.spec import StorageSpec
+from kubetune.api.uris import parse_uri
+from kubetune_trainer.exitcodes import ConfigError
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One stored object: its full URI, key relative to the listed prefix, size and ETag."""
+
+    uri: str
+    relative: str
+    size: int
+    etag: str = ""
+
+
+class ObjectStore(Protocol):
+    """Where objects live. URIs are full (`s3://bucket/key`, `/abs/path`)."""
+
+    def list(self, prefix_uri: str) -> list[ObjectInfo]:
+        """Every object under `prefix_uri` (recursively)."""
+
+    def download(self, uri: str, path: Path) -> None:
+        """Copy one object to a local file."""
+
+    def upload(self, path: Path, uri: str) -> None:
+        """Copy a local file to `uri`, replacing what is there."""
+
+    def delete(self, uri: str) -> None:
+        """Remove one object; absent objects are not an error."""
+
+
+def join_uri(base: str, *parts: str) -> str:
+    """`base` with `parts` appended, one slash between each."""
+    out = base.rstrip("/")
+    for part in parts:
+        out += "/" + part.strip("/")
+    return out
+
+
+def as_prefix(uri: str) -> str:
+    """`uri` with exactly one trailing slash."""
+    return uri.rstrip("/") + "/"
+
+
+def write_text(store: ObjectStore, uri: str, text: str, scratch: Path) -> None:
+    """Upload a small text object through a temporary local file."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    tmp = scratch / f".upload-{uuid.uuid4().hex}"
+    tmp.write_text(text, encoding="utf-8")
+    try:
+        store.upload(tmp, uri)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_text(store: ObjectStore, uri: str, scratch: Path) -> str:
+    """Download a small text object through a temporary local file."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    tmp = scratch / f".download-{uuid.uuid4().hex}"
+    try:
+        store.download(uri, tmp)
+        return tmp.read_text(encoding="utf-8")
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class LocalStore:
+    """A directory tree: plain paths, file:// and mounted PVCs (`pvc://claim/path`)."""
+
+    def __init__(self, pvc_root: Path = Path("/mnt/pvc")) -> None:
+        self.pvc_root = Path(pvc_root)
+
+    def path_of(self, uri: str) -> Path:
+        parsed = parse_uri(uri)
+        if parsed.scheme == "pvc":
+            return self.pvc_root / parsed.location / parsed.path
+        return Path(parsed.path)
+
+    def list(self, prefix_uri: str) -> list[ObjectInfo]:
+        root = self.path_of(prefix_uri)
+        if not root.is_dir():
+            return []
+        found = []
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            rel = path.relative_to(root).as_posix()
+            found.append(ObjectInfo(join_uri(prefix_uri, rel), rel, path.stat().st_size))
+        return found
+
+    def download(self, uri: str, path: Path) -> None:
+        source = self.path_of(uri)
+        if not source.is_file():
+            raise FileNotFoundError(f"{uri} does not exist")
+        shutil.copyfile(source, path)
+
+    def upload(self, path: Path, uri: str) -> None:
+        target = self.path_of(uri)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.partial")
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, target)
+
+    def delete(self, uri: str) -> None:
+        target = self.path_of(uri)
+        target.unlink(missing_ok=True)
+        _prune_empty_parents(target.parent)
+
+
+def _prune_empty_parents(folder: Path) -> None:
+    """Remove folders left empty by deletes, so a deleted checkpoint leaves no husk."""
+    while folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+        folder = folder.parent
+
+
+StoreFactory = Callable[[StorageSpec, Path], ObjectStore]
+
+
+def _s3(spec: StorageSpec, pvc_root: Path) -> ObjectStore:
+    from kubetune_trainer.s3 import S3Store
+
+    return S3Store(spec)
+
+
+def _local(spec: StorageSpec, pvc_root: Path) -> ObjectStore:
+    return LocalStore(pvc_root)
+
+
+BACKENDS: dict[str, StoreFactory] = {"s3": _s3, "pvc": _local, "file": _local, "path": _local}
+
+
+def open_store(uri: str, spec: StorageSpec, pvc_root: Path = Path("/mnt/pvc")) -> ObjectStore:
+    """The backend for `uri`'s scheme, configured from `spec.storage`."""
+    scheme = parse_uri(uri).scheme
+    factory = BACKENDS.get(scheme)
+    if factory is None:
+        raise ConfigError(f"{uri}: scheme {scheme}:// cannot be read or written here")
+    return factory(spec, pvc_root)

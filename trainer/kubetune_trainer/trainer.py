@@ -1,0 +1,205 @@
+"""The training loop: a `Trainer` whose `train()` is a short sequence of named steps.
+
+Everything it uses arrives built (see `assembly.build_trainer`): components, method,
+objective, data stream, optimizer, checkpointer, sampler, reporter. It resumes from the
+newest complete checkpoint by itself, so a restarted pod simply runs `train()` again.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kubetune.api.resource import FineTuneJob
+from kubetune_trainer.checkpoint import Checkpointer, CheckpointRef
+from kubetune_trainer.data import BatchStream
+from kubetune_trainer.methods import TrainingMethod
+from kubetune_trainer.models import Components
+from kubetune_trainer.objective import DiffusionObjective
+from kubetune_trainer.reporting import Reporter
+from kubetune_trainer.sampling import NullSampler, Sampler
+from kubetune_trainer.storage import ObjectStore, as_prefix, join_uri
+
+TRAINABLE_FILE = "trainable.safetensors"
+STATE_FILE = "training_state.pt"
+StepHook = Callable[["Trainer"], None]
+
+
+@dataclass
+class TrainerParts:
+    """The built pieces a Trainer coordinates."""
+
+    job: FineTuneJob
+    components: Components
+    method: TrainingMethod
+    trained: dict[str, Any]
+    accelerator: Any
+    unet: Any
+    objective: DiffusionObjective
+    data: BatchStream
+    optimizer: Any
+    lr_scheduler: Any
+    checkpointer: Checkpointer
+    sampler: Sampler | NullSampler
+    output_store: ObjectStore
+    reporter: Reporter
+    total_steps: int
+    scratch: Path
+    hooks: list[StepHook] = field(default_factory=list)
+
+
+class Trainer:
+    """Runs one job from its newest checkpoint (or step 0) to `total_steps`, then exports."""
+
+    def __init__(self, parts: TrainerParts) -> None:
+        self.p = parts
+        self.step = 0
+        self.checkpoints: list[CheckpointRef] = []
+        self.outputs: dict[str, Any] | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return bool(self.p.accelerator.is_main_process)
+
+    def train(self) -> dict[str, Any]:
+        self.resume()
+        self.p.reporter.phase("Training")
+        self.p.reporter.started(self.step, self.p.total_steps)
+        while self.step < self.p.total_steps:
+            loss, seconds = self.train_step()
+            self.step += 1
+            self.p.reporter.step(self.step, loss, self.images_per_step(), seconds)
+            if self.p.checkpointer.due(self.step) and self.step < self.p.total_steps:
+                self.save_checkpoint()
+            if self.p.sampler.due(self.step, last=self.step == self.p.total_steps):
+                self.sample()
+            for hook in self.p.hooks:
+                hook(self)
+        return self.export()
+
+    def images_per_step(self) -> int:
+        training = self.p.job.spec.training
+        return training.batch_size * training.gradient_accumulation_steps * self.p.accelerator.num_processes
+
+    def generator(self, micro: int) -> Any:
+        import torch
+
+        accumulation = self.p.job.spec.training.gradient_accumulation_steps
+        offset = (self.step * accumulation + micro) * 1009 + self.p.accelerator.process_index
+        return torch.Generator().manual_seed(self.p.job.spec.training.seed * 1_000_003 + offset)
+
+    def train_step(self) -> tuple[float, float]:
+        started, losses = time.perf_counter(), []
+        accelerator, training = self.p.accelerator, self.p.job.spec.training
+        for micro in range(training.gradient_accumulation_steps):
+            batch = self.p.data.next_batch()
+            with accelerator.accumulate(self.p.unet):
+                loss = self.p.objective.loss(batch, self.generator(micro))
+                accelerator.backward(loss)
+                losses.append(float(loss.detach().item()))
+        if training.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(self.trainable_parameters(), training.max_grad_norm)
+        self.p.optimizer.step()
+        self.p.lr_scheduler.step()
+        self.p.optimizer.zero_grad(set_to_none=True)
+        return sum(losses) / len(losses), time.perf_counter() - started
+
+    def trainable_parameters(self) -> list[Any]:
+        return [p for module in self.p.trained.values() for p in module.parameters() if p.requires_grad]
+
+    def trainable_state(self) -> dict[str, Any]:
+        return {f"{name}.{key}": param.detach().cpu().contiguous()
+                for name, module in self.p.trained.items()
+                for key, param in module.named_parameters() if param.requires_grad}
+
+    def training_state(self) -> dict[str, Any]:
+        import numpy as np
+        import torch
+
+        np_state = np.random.get_state()
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+               "numpy": (np_state[0], torch.from_numpy(np_state[1].astype("int64")), *np_state[2:])}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {"step": self.step, "optimizer": self.p.optimizer.state_dict(),
+                "lr_scheduler": self.p.lr_scheduler.state_dict(), "data": self.p.data.state_dict(), "rng": rng}
+
+    def save_checkpoint(self) -> None:
+        import torch
+        from safetensors.torch import save_file
+
+        self.p.accelerator.wait_for_everyone()
+        if not self.is_main:
+            return
+        folder = self.p.scratch / "checkpoint-out" / f"step-{self.step}"
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(self.trainable_state(), str(folder / TRAINABLE_FILE))
+        torch.save(self.training_state(), folder / STATE_FILE)
+        _, seconds = self.p.checkpointer.save(self.step, {TRAINABLE_FILE: folder / TRAINABLE_FILE,
+                                                           STATE_FILE: folder / STATE_FILE})
+        shutil.rmtree(folder, ignore_errors=True)
+        self.checkpoints = self.p.checkpointer.complete()
+        self.p.reporter.checkpoints(self.checkpoints, seconds)
+
+    def resume(self) -> None:
+        if self.is_main:
+            self.p.checkpointer.clean_incomplete()
+        self.p.accelerator.wait_for_everyone()
+        self.checkpoints = self.p.checkpointer.complete()
+        self.p.reporter.checkpoints(self.checkpoints, None)
+        if self.checkpoints:
+            self.p.reporter.phase("Resuming")
+            self.restore(self.checkpoints[-1])
+
+    def restore(self, ref: CheckpointRef) -> None:
+        import numpy as np
+        import torch
+        from safetensors.torch import load_file
+
+        files = self.p.checkpointer.load(ref, self.p.scratch / "resume" / f"step-{ref.step}")
+        weights = load_file(str(files[TRAINABLE_FILE]))
+        with torch.no_grad():
+            for name, module in self.p.trained.items():
+                for key, param in module.named_parameters():
+                    if param.requires_grad:
+                        param.copy_(weights[f"{name}.{key}"])
+        state = torch.load(files[STATE_FILE], weights_only=True)
+        self.p.optimizer.load_state_dict(state["optimizer"])
+        self.p.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.p.data.load_state_dict(state["data"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        np.random.set_state((rng["numpy"][0], rng["numpy"][1].numpy().astype("uint32"), *rng["numpy"][2:]))
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.step = int(state["step"])
+
+    def sample(self) -> None:
+        if self.is_main:
+            unet = self.p.accelerator.unwrap_model(self.p.unet)
+            for ref in self.p.sampler.sample(self.step, unet):
+                self.p.reporter.sample(ref)
+
+    def export(self) -> dict[str, Any]:
+        self.p.accelerator.wait_for_everyone()
+        if not self.is_main:
+            return {}
+        self.p.reporter.phase("Exporting")
+        folder = self.p.scratch / "final"
+        shutil.rmtree(folder, ignore_errors=True)
+        written = self.p.method.export(self.p.components, folder, self.p.job, self.step)
+        final = as_prefix(join_uri(self.p.job.spec.output.uri, "final"))
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            self.p.output_store.upload(path, join_uri(final, path.relative_to(folder).as_posix()))
+        uris = {kind: join_uri(final, path.relative_to(folder).as_posix()) for kind, path in written.items()}
+        lora = {k: v for k, v in uris.items() if k in ("diffusers", "kohya")}
+        self.outputs = {"uri": final, **({"lora": lora} if lora else {}),
+                        **({"pipeline": as_prefix(uris["pipeline"])} if "pipeline" in uris else {})}
+        self.p.reporter.outputs(self.outputs)
+        return self.outputs
