@@ -141,3 +141,5 @@ def test_operator_command_line() -> None:
     args = build_parser().parse_args(["operator", "-n", "a", "-n", "b", "--no-leader-election",
                                       "--trainer-image", "reg/img:1"])
     assert (args.namespaces, args.no_leader_election, args.trainer_image) == (["a", "b"], True, "reg/img:1")
+    chart = build_parser().parse_args(["operator", "--all-namespaces", "--log-level=info"])
+    assert (chart.namespaces, chart.log_level) == (None, "info")

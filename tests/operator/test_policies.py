@@ -192,3 +192,41 @@ def test_parse_result(message: str | None, error: str | None, has_outputs: bool)
 def test_parse_progress_rejects_non_objects() -> None:
     assert parse_progress([1]) is None
     assert parse_progress(None) is None
+
+
+TRAINER_PROGRESS = [
+    ({"phase": "Starting", "step": 0, "totalSteps": None, "checkpoints": [], "samples": [], "outputs": None},
+     "staging"),
+    ({"phase": "Staging", "step": 0}, "staging"),
+    ({"phase": "Resuming", "step": 500, "totalSteps": 2000}, "staging"),
+    ({"phase": "Training", "step": 600, "totalSteps": 2000, "loss": 0.1}, "training"),
+    ({"phase": "Exporting", "step": 2000, "totalSteps": 2000}, "saving"),
+]
+
+
+@pytest.mark.parametrize(("doc", "stage"), TRAINER_PROGRESS, ids=[d["phase"] for d, _ in TRAINER_PROGRESS])
+def test_trainer_progress_phases_map_to_stages(doc: dict[str, Any], stage: str) -> None:
+    report = parse_progress(doc)
+    assert report is not None and report.stage == stage
+
+
+def test_trainer_termination_message_shape() -> None:
+    failed = parse_result('{"phase": "Failed", "exitCode": 78, "reason": "ConfigError", "message": '
+                          '"model.uri: no model_index.json", "step": 0, "totalSteps": null, "loss": null, '
+                          '"checkpoints": [], "samples": [], "outputs": null}')
+    assert failed is not None and failed.error == "ConfigError: model.uri: no model_index.json"
+    done = parse_result('{"phase": "Succeeded", "exitCode": 0, "reason": "Completed", "message": "training finished",'
+                        ' "step": 100, "totalSteps": 100, "loss": 0.05, "checkpoints": [{"step": 100, "uri": '
+                        '"s3://o/checkpoints/step-100/", "createdAt": "2026-11-21T11:00:00Z"}], "samples": [],'
+                        ' "outputs": {"uri": "s3://o/final/", "lora": {"kohya": "s3://o/final/x.safetensors"}}}')
+    assert done is not None and done.error is None and done.progress is not None
+    assert done.progress.progress is not None and done.progress.progress.percent == 100
+    assert [c.created_at for c in done.progress.checkpoints] == ["2026-11-21T11:00:00Z"]
+    assert done.outputs is not None and done.outputs.lora is not None and done.outputs.lora.kohya
+
+
+def test_trainer_and_operator_agree_on_the_config_error_exit_code() -> None:
+    from kubetune.exitcodes import CONFIG_ERROR_EXIT_CODE
+    from kubetune_trainer import exitcodes as trainer_exitcodes
+
+    assert trainer_exitcodes.EXIT_CONFIG == CONFIG_ERROR_EXIT_CODE

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
@@ -14,10 +16,13 @@ def register(sub: argparse._SubParsersAction) -> None:
             "of trainer pods; keep their status true. Serves /metrics, /healthz and /readyz."
         ),
     )
-    parser.add_argument(
+    scope = parser.add_mutually_exclusive_group()
+    scope.add_argument(
         "-n", "--namespace", action="append", dest="namespaces", metavar="NS",
         help="watch this namespace (repeatable); default: every namespace",
     )
+    scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace (the default)")
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="log verbosity (default info)")
     parser.add_argument("--kubeconfig", help="kubeconfig file; default: in-cluster credentials, then ~/.kube/config")
     parser.add_argument("--http-port", type=int, default=8080, help="port of /metrics, /healthz, /readyz")
     parser.add_argument("--trainer-image", help="default trainer image (env KUBETUNE_TRAINER_IMAGE)")
@@ -30,9 +35,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import kopf
+
     from kubetune.operator.main import run as run_operator
     from kubetune.operator.settings import OperatorSettings
 
+    kopf.configure(debug=args.log_level == "debug", quiet=args.log_level in ("warning", "error"))
     settings = OperatorSettings.from_env(default_image=args.trainer_image, resync_seconds=args.resync_seconds)
     return run_operator(
         args.namespaces,

@@ -67,7 +67,6 @@ def run(
         leading.set()
         cluster = KubeCluster(api, settings.metrics_port, settings.progress_timeout_seconds)
         memo = kopf.Memo(cluster=cluster, settings=settings, metrics=metrics, locks={})
-        kopf.configure(verbose=False)
         kopf.run(registry=build_registry(settings), memo=memo, standalone=True, clusterwide=not namespaces,
                  namespaces=namespaces or (), stop_flag=stop, ready_flag=ready)
     finally:

@@ -1,18 +1,19 @@
 """What rank 0 tells the operator: its `/progress` JSON and its termination message.
 
 Both use the status field names (camelCase; snake_case accepted), so the trainer writes
-a piece of status and the operator merges it:
+a piece of status and the operator merges it. The trainer's own shape
+(`kubetune_trainer.reporting.ProgressState`, `kubetune_trainer.job.RunResult`):
 
-    /progress            {"stage": "staging" | "training", "step": 1200, "totalSteps": 2000,
-                          "epoch": 3, "loss": 0.083, "validationLoss": 0.091,
+    /progress            {"phase": "Staging" | "Loading" | "Resuming" | "Training" | ...,
+                          "step": 1200, "totalSteps": 2000, "loss": 0.083,
                           "imagesPerSecond": 41.5, "etaSeconds": 310,
                           "checkpoints": [{"step": 1000, "uri": "s3://...", "createdAt": "..."}],
                           "samples": [{"step": 1000, "prompt": "...", "uri": "s3://..."}]}
-    termination message  {"outputs": {"uri": ..., "lora": {"diffusers": ..., "kohya": ...}},
-                          "progress": {...}, "checkpoints": [...], "samples": [...],
-                          "error": "why it failed"}
+    termination message  the same fields at the top level, plus "phase" ("Succeeded" | "Failed"),
+                          "exitCode", "reason", "message" and "outputs": {"uri": ..., "lora": {...}}
 
-A report that does not parse is ignored: a garbled read must never break the status.
+A nested {"progress": {...}} and an explicit "error" are accepted too. A report that does
+not parse is ignored: a garbled read must never break the status.
 """
 
 from __future__ import annotations
@@ -25,7 +26,13 @@ from pydantic import BaseModel, ValidationError
 
 from kubetune.api.status import CheckpointRef, Outputs, Progress, SampleRef
 
-STAGES = ("staging", "training", "saving", "done")
+STAGE_OF = {
+    "starting": "staging", "staging": "staging", "loading": "staging", "resuming": "staging",
+    "training": "training", "exporting": "saving", "saving": "saving",
+    "succeeded": "done", "failed": "done", "done": "done",
+}
+"""The trainer's phase (or an explicit stage) -> the operator's stage: staging, training, saving, done."""
+PROGRESS_KEYS = ("step", "totalSteps", "percent", "epoch", "loss", "validationLoss", "imagesPerSecond", "etaSeconds")
 
 
 @dataclass(frozen=True)
@@ -73,9 +80,9 @@ def parse_progress(doc: Any) -> ProgressReport | None:
     """A `/progress` document (already decoded), or None when it is not one."""
     if not isinstance(doc, dict):
         return None
-    fields = {k: v for k, v in doc.items() if k not in ("stage", "checkpoints", "samples")}
+    fields = {k: v for k, v in doc.items() if k not in ("stage", "phase", "checkpoints", "samples", "outputs")}
     progress = _model(Progress, fields)
-    stage = doc.get("stage") if doc.get("stage") in STAGES else None
+    stage = STAGE_OF.get(str(doc.get("stage") or doc.get("phase") or "").lower())
     if progress is not None:
         progress = _with_percent(progress)
     return ProgressReport(stage, progress, _models(CheckpointRef, doc.get("checkpoints")),
@@ -92,7 +99,18 @@ def parse_result(message: str | None) -> ResultReport | None:
         return ResultReport(error=message.strip())
     if not isinstance(doc, dict):
         return ResultReport(error=message.strip())
-    nested = dict(doc.get("progress") or {}) if isinstance(doc.get("progress"), dict) else {}
-    nested.update({k: doc[k] for k in ("checkpoints", "samples") if k in doc})
-    error = doc.get("error") if isinstance(doc.get("error"), str) else None
-    return ResultReport(_model(Outputs, doc.get("outputs")), parse_progress(nested) if nested else None, error)
+    if isinstance(doc.get("progress"), dict):
+        nested = dict(doc["progress"])
+    else:
+        nested = {k: doc[k] for k in PROGRESS_KEYS if doc.get(k) is not None}
+    nested.update({k: doc[k] for k in ("checkpoints", "samples", "phase") if k in doc})
+    return ResultReport(_model(Outputs, doc.get("outputs")), parse_progress(nested) if nested else None,
+                        _error(doc))
+
+
+def _error(doc: dict[str, Any]) -> str | None:
+    if isinstance(doc.get("error"), str):
+        return doc["error"]
+    if doc.get("phase") == "Failed" and isinstance(doc.get("message"), str):
+        return f"{doc.get('reason') or 'Failed'}: {doc['message']}"
+    return None
