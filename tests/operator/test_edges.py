@@ -143,3 +143,18 @@ def test_operator_command_line() -> None:
     assert (args.namespaces, args.no_leader_election, args.trainer_image) == (["a", "b"], True, "reg/img:1")
     chart = build_parser().parse_args(["operator", "--all-namespaces", "--log-level=info"])
     assert (chart.namespaces, chart.log_level) == (None, "info")
+
+
+def test_kopf_logs_in_with_the_operators_own_credentials() -> None:
+    from kubernetes import client
+
+    from kubetune.operator.handlers import connection_info
+
+    configuration = client.Configuration()
+    configuration.host = "https://127.0.0.1:6443"
+    configuration.ssl_ca_cert, configuration.cert_file, configuration.key_file = "/ca.crt", "/c.crt", "/c.key"
+    info = connection_info(configuration)
+    assert (info.server, info.ca_path, info.certificate_path, info.private_key_path, info.token) == (
+        "https://127.0.0.1:6443", "/ca.crt", "/c.crt", "/c.key", None)
+    configuration.api_key, configuration.api_key_prefix = {"BearerToken": "t0k"}, {"BearerToken": "Bearer"}
+    assert connection_info(configuration).token == "t0k"

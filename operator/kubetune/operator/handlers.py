@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import kopf
+from kubernetes import client
 
 from kubetune.api.resource import GROUP, PLURAL, VERSION
 from kubetune.operator.kube import ApiError
@@ -62,10 +63,25 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.server_timeout = 300
 
 
-def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
-    """A registry holding every handler of the operator."""
+def connection_info(configuration: client.Configuration) -> kopf.ConnectionInfo:
+    """Kopf's credentials, from the same configuration the operator's own client uses."""
+    bearer = configuration.auth_settings().get("BearerToken")
+    token = str(bearer["value"]).removeprefix("Bearer ").strip() if bearer else None
+    return kopf.ConnectionInfo(
+        server=configuration.host, ca_path=configuration.ssl_ca_cert, insecure=not configuration.verify_ssl,
+        token=token, certificate_path=configuration.cert_file, private_key_path=configuration.key_file,
+    )
+
+
+def build_registry(settings: OperatorSettings, configuration: client.Configuration) -> kopf.OperatorRegistry:
+    """A registry holding every handler of the operator, logged in as `configuration`."""
     registry = kopf.OperatorRegistry()
     resource = (GROUP, VERSION, PLURAL)
+
+    def login(**_: Any) -> kopf.ConnectionInfo:
+        return connection_info(configuration)
+
+    kopf.on.login(registry=registry)(login)
     kopf.on.startup(registry=registry)(configure)
     kopf.on.create(*resource, registry=registry)(on_change)
     kopf.on.resume(*resource, registry=registry)(on_change)

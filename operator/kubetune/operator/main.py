@@ -8,6 +8,7 @@ import socket
 import threading
 
 import kopf
+from kubernetes import client
 
 from kubetune.operator.cluster import KubeCluster
 from kubetune.operator.handlers import build_registry
@@ -43,22 +44,33 @@ def run(
     *,
     settings: OperatorSettings | None = None,
     kubeconfig: str | None = None,
+    configuration: client.Configuration | None = None,
     http_port: int = 8080,
     leader_election: bool = True,
     identity: str | None = None,
+    lease: tuple[str, str] | None = None,
+    lease_seconds: int = 15,
     stop: threading.Event | None = None,
     ready: threading.Event | None = None,
 ) -> int:
-    """Run the operator over `namespaces` (None: cluster-wide) until `stop` is set."""
+    """Run the operator over `namespaces` (None: cluster-wide) until `stop` is set.
+
+    Credentials come from `configuration`, else in-cluster, else `kubeconfig`. `lease` is the
+    (namespace, name) of the leader-election Lease; by default the operator's own namespace.
+    Returns 1 when the Lease was lost (so the pod restarts as a standby), else 0.
+    """
     settings = settings or OperatorSettings.from_env()
     stop = stop or threading.Event()
     leading, lost = threading.Event(), threading.Event()
-    api = KubeApi(load_configuration(kubeconfig))
+    configuration = configuration or load_configuration(kubeconfig)
+    api = KubeApi(configuration)
     metrics = OperatorMetrics()
     server = serve_probes(metrics.registry, http_port, leading.is_set)
     try:
         if leader_election:
-            elector = LeaderElector(api, lease_namespace(), LEASE_NAME, identity or default_identity())
+            lease_ns, lease_name = lease or (lease_namespace(), LEASE_NAME)
+            elector = LeaderElector(api, lease_ns, lease_name, identity or default_identity(), lease_seconds,
+                                    retry_seconds=max(0.5, lease_seconds / 5))
             if not elector.wait_until_leader(stop):
                 return 0
             renew = threading.Thread(target=elector.keep_renewing, args=(stop, lost), name="kubetune-lease")
@@ -67,8 +79,8 @@ def run(
         leading.set()
         cluster = KubeCluster(api, settings.metrics_port, settings.progress_timeout_seconds)
         memo = kopf.Memo(cluster=cluster, settings=settings, metrics=metrics, locks={})
-        kopf.run(registry=build_registry(settings), memo=memo, standalone=True, clusterwide=not namespaces,
-                 namespaces=namespaces or (), stop_flag=stop, ready_flag=ready)
+        kopf.run(registry=build_registry(settings, configuration), memo=memo, standalone=True,
+                 clusterwide=not namespaces, namespaces=namespaces or (), stop_flag=stop, ready_flag=ready)
     finally:
         leading.clear()
         server.shutdown()
