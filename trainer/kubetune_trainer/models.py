@@ -161,7 +161,7 @@ def build_pipeline(components: Components) -> Any:
     import diffusers
 
     pipeline_class = getattr(diffusers, components.family.pipeline_class)
-    scheduler = diffusers.EulerDiscreteScheduler.from_config(components.noise_scheduler.config)
+    scheduler = diffusers.DDIMScheduler.from_config(components.noise_scheduler.config)
     kwargs = dict(components.modules(), scheduler=scheduler, tokenizer=components.tokenizers[0])
     if len(components.tokenizers) > 1:
         kwargs["tokenizer_2"] = components.tokenizers[1]

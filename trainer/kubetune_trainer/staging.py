@@ -136,7 +136,8 @@ def _stage_hf(uri: str, dest: Path, spec: StorageSpec, pvc_root: Path) -> Stagin
 
     repo, _, revision = uri[len("hf://"):].strip("/").partition("@")
     try:
-        path = snapshot_download(repo_id=repo, revision=revision or None)
+        path = snapshot_download(repo_id=repo, revision=revision or None,
+                                 cache_dir=os.environ.get("HF_HUB_CACHE") or None)
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
         raise ConfigError(f"{uri}: cannot fetch from the Hugging Face Hub: {exc}".splitlines()[0]) from exc
     return StagingReport(Path(path))

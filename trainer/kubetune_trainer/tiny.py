@@ -71,15 +71,16 @@ def _unet(sdxl: bool):
 def build_tiny_pipeline(folder: Path, family: str = "sd", seed: int = 0) -> Path:
     """Save a random-weight SD 1.x ("sd") or SDXL ("sdxl") diffusers folder at `folder`."""
     import torch
-    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     torch.manual_seed(seed)
     tok_dir = write_tokenizer(Path(folder) / "_tokenizer_src")
     tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
     vocab_size = len(tokenizer)
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                       num_train_timesteps=1000, steps_offset=1)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, steps_offset=1, clip_sample=False,
+                              set_alpha_to_one=False)
     common = dict(unet=_unet(family == "sdxl"), vae=_vae(), scheduler=scheduler, tokenizer=tokenizer,
                   text_encoder=CLIPTextModel(_text_config(vocab_size, False)))
     if family == "sdxl":

@@ -1,0 +1,69 @@
+"""Dataset layouts, unreadable images, caption columns and resumable batch order."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kubetune.api.spec import DataSpec
+from kubetune_trainer.data import BatchStream, load_dataset
+from kubetune_trainer.exitcodes import ConfigError
+from kubetune_trainer.tiny import build_image_dataset
+
+
+def _spec(root: Path, **kwargs: object) -> DataSpec:
+    return DataSpec(uri=str(root), resolution=64, **kwargs)
+
+
+@pytest.mark.parametrize("layout", ["imagefolder", "captions"])
+def test_auto_detects_each_layout(tmp_path: Path, layout: str) -> None:
+    root = build_image_dataset(tmp_path, count=3, layout=layout)
+    dataset = load_dataset(root, _spec(root))
+    assert dataset.layout == layout
+    assert [ex.caption for ex in dataset.examples][0].startswith("a red square")
+
+
+def test_undecodable_images_are_skipped_and_counted(tmp_path: Path) -> None:
+    root = build_image_dataset(tmp_path, count=3, layout="captions")
+    (root / "broken.png").write_bytes(b"not a png")
+    (root / "broken.txt").write_text("a broken image")
+    dataset = load_dataset(root, _spec(root))
+    assert (len(dataset.examples), dataset.skipped) == (3, 1)
+
+
+def test_no_usable_images_is_a_config_error(tmp_path: Path) -> None:
+    (tmp_path / "a.png").write_bytes(b"junk")
+    (tmp_path / "a.txt").write_text("caption")
+    with pytest.raises(ConfigError, match="no usable images"):
+        load_dataset(tmp_path, _spec(tmp_path))
+
+
+def test_empty_folder_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"neither metadata\.jsonl nor images"):
+        load_dataset(tmp_path, _spec(tmp_path))
+
+
+def test_missing_caption_column_names_the_column(tmp_path: Path) -> None:
+    root = build_image_dataset(tmp_path, count=2, caption_column="prompt")
+    with pytest.raises(ConfigError, match="caption column 'text'.*prompt"):
+        load_dataset(root, _spec(root))
+    assert load_dataset(root, _spec(root, caption_column="prompt")).examples
+
+
+def test_batches_resume_exactly_where_they_stopped(tmp_path: Path) -> None:
+    root = build_image_dataset(tmp_path, count=5, size=70)
+    dataset = load_dataset(root, _spec(root))
+    straight = BatchStream(dataset, _spec(root), batch_size=2, seed=3)
+    expected = [straight.next_batch() for _ in range(6)]
+    first = BatchStream(dataset, _spec(root), batch_size=2, seed=3)
+    for _ in range(3):
+        first.next_batch()
+    resumed = BatchStream(dataset, _spec(root), batch_size=2, seed=3)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    for want in expected[3:]:
+        got = resumed.next_batch()
+        assert got.captions == want.captions
+        assert got.pixels.equal(want.pixels)
+    assert expected[0].pixels.shape == (2, 3, 64, 64)

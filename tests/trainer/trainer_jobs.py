@@ -1,0 +1,37 @@
+"""Job documents for the trainer tests, importable by fixtures and by tests alike."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from kubetune.api.resource import FineTuneJob
+from kubetune.api.validation import validate_document
+
+
+def job_document(model: str, data: str, output: str, **spec: Any) -> dict[str, Any]:
+    """A small valid local LoRA job; keyword sections are merged into `spec` one level deep."""
+    doc: dict[str, Any] = {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "test-lora", "namespace": "tests"},
+        "spec": {
+            "model": {"uri": model},
+            "method": {"type": "lora", "lora": {"rank": 4, "alpha": 8}},
+            "data": {"uri": data, "resolution": 64},
+            "output": {"uri": output, "checkpointEvery": 2, "keepCheckpoints": 2},
+            "training": {"maxSteps": 4, "batchSize": 2, "learningRate": 1.0e-3, "mixedPrecision": "no",
+                         "seed": 11},
+        },
+    }
+    for section, values in spec.items():
+        doc["spec"].setdefault(section, {})
+        doc["spec"][section] = {**doc["spec"][section], **values}
+    return copy.deepcopy(doc)
+
+
+def local_job(*args: Any, **kwargs: Any) -> FineTuneJob:
+    """`job_document(...)` validated in local mode."""
+    result = validate_document(job_document(*args, **kwargs), mode="local")
+    assert result.job is not None, result.problems
+    return result.job
