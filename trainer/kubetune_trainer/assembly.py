@@ -74,8 +74,11 @@ def _stage_inputs(job: FineTuneJob, runtime: RuntimeConfig, reporter: Reporter) 
 
 def build_trainer(job: FineTuneJob, runtime: RuntimeConfig, reporter: Reporter,
                   hooks: list[StepHook] | None = None) -> Trainer:
+    from accelerate.utils import set_seed
+
     spec = job.spec
     accelerator = build_accelerator(job)
+    set_seed(spec.training.seed)
     model_dir, data_dir = _stage_inputs(job, runtime, reporter)
     reporter.phase("Loading")
     dataset = load_dataset(data_dir, spec.data)

@@ -22,6 +22,9 @@ class LoopbackS3:
         self.endpoint = ""
 
     def start(self) -> LoopbackS3:
+        import logging
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
         self.server.start()
         host, port = self.server.get_host_and_port()
         self.endpoint = f"http://{host}:{port}"

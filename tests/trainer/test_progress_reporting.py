@@ -1,0 +1,63 @@
+"""Progress JSON, the termination message size limit, and Prometheus exposition (checked by promtool)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from kubetune_trainer.checkpoint import CheckpointRef
+from kubetune_trainer.job import RunResult, termination_message
+from kubetune_trainer.metrics import PrometheusMetrics
+from kubetune_trainer.reporting import ProgressState
+from kubetune_trainer.staging import StagingReport
+
+
+def _feed(reporter: object) -> None:
+    reporter.staged("data", StagingReport(Path("/x"), files=3, downloaded=3, bytes_downloaded=1234, seconds=0.5))
+    reporter.started(0, 10)
+    reporter.step(1, 0.25, 8, 2.0)
+    reporter.checkpoints([CheckpointRef(1, "s3://b/out/checkpoints/step-1/", "2026-01-01T00:00:00Z")], 0.3)
+
+
+def test_progress_state_reports_step_rate_eta_and_checkpoints() -> None:
+    progress = ProgressState()
+    _feed(progress)
+    snap = progress.snapshot()
+    assert (snap["step"], snap["totalSteps"], snap["imagesPerSecond"], snap["etaSeconds"]) == (1, 10, 4.0, 18)
+    assert snap["checkpoints"] == [{"step": 1, "uri": "s3://b/out/checkpoints/step-1/",
+                                    "createdAt": "2026-01-01T00:00:00Z"}]
+
+
+def test_metrics_use_only_namespace_and_name_labels() -> None:
+    metrics = PrometheusMetrics("team-a", "corgi")
+    _feed(metrics)
+    text = metrics.exposition().decode()
+    samples = [line for line in text.splitlines() if line and not line.startswith("#")]
+    assert samples and all(line.startswith("kubetune_trainer_") for line in samples)
+    label_sets = {frozenset(re.findall(r'(\w+)="', line)) - {"le"} for line in samples}
+    assert label_sets == {frozenset({"namespace", "name"})}
+    assert "kubetune_trainer_staged_bytes_total" in text and "kubetune_trainer_loss" in text
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None,
+                    reason="promtool not installed (apt-get install -y prometheus provides /usr/bin/promtool)")
+def test_metrics_pass_promtool_check() -> None:
+    metrics = PrometheusMetrics("team-a", "corgi")
+    _feed(metrics)
+    done = subprocess.run(["promtool", "check", "metrics"], input=metrics.exposition(), capture_output=True,
+                          timeout=60, check=False)
+    assert done.returncode == 0, done.stdout.decode() + done.stderr.decode()
+
+
+def test_termination_message_stays_under_4096_bytes() -> None:
+    checkpoints = [{"step": i, "uri": f"s3://bucket/very/long/prefix/checkpoints/step-{i}/",
+                    "createdAt": "2026-01-01T00:00:00Z"} for i in range(200)]
+    result = RunResult("Failed", 1, "TrainingFailed", "x" * 10000, {"checkpoints": checkpoints, "step": 7})
+    text = termination_message(result)
+    assert len(text.encode()) <= 4096
+    assert json.loads(text)["step"] == 7

@@ -1,0 +1,66 @@
+"""Kill-and-resume: a run stopped after its second checkpoint continues from it and ends where an
+uninterrupted run with the same seed ends, with no step trained twice."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from trainer_jobs import local_job
+
+from kubetune_trainer.config import RuntimeConfig
+from kubetune_trainer.exitcodes import EXIT_FAILED
+from kubetune_trainer.job import run_job
+
+
+class Crash(RuntimeError):
+    """Stands in for the pod being killed."""
+
+
+def _record(steps: list[int]) -> Any:
+    return lambda trainer: steps.append(trainer.step)
+
+
+def _crash_after(step: int) -> Any:
+    def hook(trainer: Any) -> None:
+        if trainer.step == step:
+            raise Crash(f"killed after step {step}")
+
+    return hook
+
+
+def _adapter(result: Any) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    return load_file(result.progress["outputs"]["lora"]["diffusers"])
+
+
+def test_resume_after_second_checkpoint_matches_an_uninterrupted_run(
+    tiny_sd: Path, squares: Path, tmp_path: Path
+) -> None:
+    import torch
+
+    training = {"maxSteps": 6, "batchSize": 2, "gradientAccumulationSteps": 2,
+                "lrScheduler": {"type": "cosine", "warmupSteps": 2}}
+    straight = run_job(local_job(str(tiny_sd), str(squares), str(tmp_path / "a"), training=training),
+                       RuntimeConfig(scratch=tmp_path / "scratch-a", log_every=0))
+    assert straight.exit_code == 0, straight.message
+
+    job = local_job(str(tiny_sd), str(squares), str(tmp_path / "b"), training=training)
+    first_steps: list[int] = []
+    crashed = run_job(job, RuntimeConfig(scratch=tmp_path / "scratch-b1", log_every=0),
+                      hooks=[_record(first_steps), _crash_after(4)])
+    assert (crashed.exit_code, first_steps) == (EXIT_FAILED, [1, 2, 3, 4])
+    assert [c["step"] for c in crashed.progress["checkpoints"]] == [2, 4]
+
+    second_steps: list[int] = []
+    resumed = run_job(job, RuntimeConfig(scratch=tmp_path / "scratch-b2", log_every=0),
+                      hooks=[_record(second_steps)])
+    assert resumed.exit_code == 0, resumed.message
+    assert second_steps == [5, 6]
+    assert resumed.progress["step"] == 6
+
+    want, got = _adapter(straight), _adapter(resumed)
+    assert want.keys() == got.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6)
