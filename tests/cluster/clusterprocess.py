@@ -81,12 +81,12 @@ class ProcessSet:
     def ports(self) -> dict[str, int]:
         return self._state()["ports"]
 
-    def start(self, name: str, argv: list[str]) -> None:
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
         """Start one component in its own process group, logging to ``<name>.log``."""
         with open(self.state_dir / f"{name}.log", "ab") as log:
             child = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                cwd=self.state_dir, start_new_session=True,
+                cwd=self.state_dir, start_new_session=True, env=env,
                 preexec_fn=_die_with_parent if self.tie_to_parent else None)
         self._children[name] = child
         state = self._state()

@@ -62,8 +62,12 @@ def node_manifest(spec: NodeSpec, kubelet_version: str) -> dict:
         "spec": {"taints": [dict(GPU_TAINT)] if spec.tainted else []},
         "status": {
             "allocatable": resources, "capacity": dict(resources),
-            "nodeInfo": {"kubeletVersion": kubelet_version, "operatingSystem": "linux",
-                         "architecture": "amd64", "containerRuntimeVersion": "kwok"},
+            "nodeInfo": {
+                "kubeletVersion": kubelet_version, "kubeProxyVersion": "",
+                "operatingSystem": "linux", "architecture": "amd64",
+                "containerRuntimeVersion": "containerd://kwok", "kernelVersion": "kwok",
+                "osImage": "kwok fake GPU node", "bootID": "", "machineID": "",
+                "systemUUID": ""},
         },
     }
 

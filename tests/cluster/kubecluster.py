@@ -97,7 +97,9 @@ class ControlPlane:
         for name, args in (("kube-controller-manager", controller_manager_args),
                            ("kube-scheduler", scheduler_args)):
             self.processes.start(name, [str(bins / name), *args(ports, pki, self.kubeconfig)])
-        self.processes.start("kwok", [str(bins / "kwok"), *kwok_args(ports, self.kubeconfig)])
+        # kwok also reads ~/.kwok/kwok.yaml: give it a HOME of its own.
+        self.processes.start("kwok", [str(bins / "kwok"), *kwok_args(ports, self.kubeconfig)],
+                             env=dict(os.environ, HOME=str(self.state_dir)))
         for name, port in (("kube-controller-manager", "controller-manager"),
                            ("kube-scheduler", "scheduler")):
             self.processes.wait_ready(name, lambda p=port: clusterprocess.https_ok_insecure(
