@@ -9,17 +9,17 @@ from kubetune.api.resource import FineTuneJob
 from kubetune.api.validation import validate_document
 
 
-def job_document(model: str, data: str, output: str, **spec: Any) -> dict[str, Any]:
+def job_document(model_uri: str, data_uri: str, output_uri: str, **spec: Any) -> dict[str, Any]:
     """A small valid local LoRA job; keyword sections are merged into `spec` one level deep."""
     doc: dict[str, Any] = {
         "apiVersion": "kubetune.io/v1alpha1",
         "kind": "FineTuneJob",
         "metadata": {"name": "test-lora", "namespace": "tests"},
         "spec": {
-            "model": {"uri": model},
+            "model": {"uri": model_uri},
             "method": {"type": "lora", "lora": {"rank": 4, "alpha": 8}},
-            "data": {"uri": data, "resolution": 64},
-            "output": {"uri": output, "checkpointEvery": 2, "keepCheckpoints": 2},
+            "data": {"uri": data_uri, "resolution": 64},
+            "output": {"uri": output_uri, "checkpointEvery": 2, "keepCheckpoints": 2},
             "training": {"maxSteps": 4, "batchSize": 2, "learningRate": 1.0e-3, "mixedPrecision": "no",
                          "seed": 11},
         },

@@ -41,8 +41,10 @@ class LoopbackS3:
 
     def client(self):
         import boto3
+        from botocore.config import Config
 
         return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                            config=Config(max_pool_connections=32),
                             aws_access_key_id=os.environ.get("AWS_ACCESS_KEY_ID", "test"),
                             aws_secret_access_key=os.environ.get("AWS_SECRET_ACCESS_KEY", "test"))
 

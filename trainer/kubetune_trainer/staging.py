@@ -14,7 +14,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -97,10 +97,21 @@ class Stager:
             raise ConfigError(f"nothing to stage: no objects under {as_prefix(uri)}")
         plan = [(obj, safe_relative(obj.relative, uri)) for obj in objects]
         todo = [(obj, rel) for obj, rel in plan if not _is_staged(dest, obj, rel)]
-        with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="stage") as pool:
-            list(pool.map(lambda item: self._fetch(dest, *item), todo))
+        self._fetch_all(dest, todo)
         return StagingReport(dest, len(plan), len(todo), sum(o.size for o, _ in todo),
                              time.monotonic() - started)
+
+    def _fetch_all(self, dest: Path, todo: list[tuple[ObjectInfo, PurePosixPath]]) -> None:
+        """Fetch in parallel; on the first failure, cancel what has not started and re-raise."""
+        with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="stage") as pool:
+            futures = [pool.submit(self._fetch, dest, obj, rel) for obj, rel in todo]
+            try:
+                for future in as_completed(futures):
+                    future.result()
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                raise
 
     def _fetch(self, dest: Path, obj: ObjectInfo, rel: PurePosixPath) -> None:
         target = dest / rel

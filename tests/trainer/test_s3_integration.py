@@ -1,0 +1,172 @@
+"""Staging and training against a real S3-compatible server on loopback (moto's standalone server).
+
+Nothing is patched: boto3 speaks HTTP to 127.0.0.1. Downloads are counted through the
+stager's own `on_download` seam and ranged GETs through botocore's public event hooks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import free_port
+from trainer_jobs import job_document, local_job
+
+from kubetune.api.spec import StorageSpec
+from kubetune.cli import main
+from kubetune_trainer.config import RuntimeConfig
+from kubetune_trainer.exitcodes import EXIT_CONFIG, ConfigError
+from kubetune_trainer.job import run_job
+from kubetune_trainer.s3 import MiB, S3Store, TransferSettings
+from kubetune_trainer.staging import Stager
+
+pytestmark = pytest.mark.integration
+
+
+def _storage(server: Any, **kwargs: Any) -> StorageSpec:
+    return StorageSpec(endpoint=server.endpoint, addressing_style="path", **kwargs)
+
+
+def _put_many(server: Any, bucket: str, keys: list[str]) -> None:
+    client = server.client()
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        list(pool.map(lambda key: client.put_object(Bucket=bucket, Key=key, Body=key.encode()), keys))
+
+
+def test_stages_more_than_a_thousand_nested_unicode_keys(s3_server: Any, s3_bucket: str, tmp_path: Path) -> None:
+    keys = [f"data/part {i // 100}/sub-{i % 7}/image ü {i}.txt" for i in range(1050)]
+    _put_many(s3_server, s3_bucket, [*keys, "elsewhere/not-this.txt", "data-sibling/nor-this.txt"])
+    seen: list[str] = []
+    stager = Stager(S3Store(_storage(s3_server, max_concurrency=16)), concurrency=16,
+                    on_download=lambda obj: seen.append(obj.relative))
+    report = stager.stage_prefix(f"s3://{s3_bucket}/data", tmp_path / "dest")
+    assert (report.files, report.downloaded, len(seen)) == (1050, 1050, 1050)
+    sample = tmp_path / "dest" / "part 10" / "sub-0" / "image ü 1043.txt"
+    assert sample.read_text() == "data/part 10/sub-0/image ü 1043.txt"
+    assert not (tmp_path / "dest" / "not-this.txt").exists()
+
+
+def test_large_object_is_fetched_in_ranges_and_verified(s3_server: Any, s3_bucket: str, tmp_path: Path) -> None:
+    payload = hashlib.sha256(b"seed").digest() * (20 * MiB // 32)
+    s3_server.client().put_object(Bucket=s3_bucket, Key="big/blob.bin", Body=payload)
+    store = S3Store(_storage(s3_server), TransferSettings(multipart_threshold=MiB, chunk_size=MiB))
+    ranges: list[str] = []
+    store.client.meta.events.register("before-call.s3.GetObject",
+                                      lambda params, **_: ranges.append(params.get("headers", {}).get("Range", "")))
+    Stager(store, concurrency=2).stage_prefix(f"s3://{s3_bucket}/big/", tmp_path / "dest")
+    assert (tmp_path / "dest" / "blob.bin").read_bytes() == payload
+    assert len([r for r in ranges if r.startswith("bytes=")]) >= 20
+
+
+def test_a_traversal_key_is_refused(s3_server: Any, s3_bucket: str, tmp_path: Path) -> None:
+    _put_many(s3_server, s3_bucket, ["data/ok.txt", "data/../../escape.txt"])
+    store = S3Store(_storage(s3_server))
+    assert any(".." in obj.relative for obj in store.list(f"s3://{s3_bucket}/data/"))
+    with pytest.raises(ConfigError, match="escape the target folder"):
+        Stager(store).stage_prefix(f"s3://{s3_bucket}/data/", tmp_path / "dest" / "inner")
+    assert not (tmp_path / "escape.txt").exists() and not (tmp_path / "dest" / "escape.txt").exists()
+
+
+class Interrupted(RuntimeError):
+    pass
+
+
+def test_interrupted_staging_resumes_without_refetching(s3_server: Any, s3_bucket: str, tmp_path: Path) -> None:
+    keys = [f"set/{i:03d}.txt" for i in range(40)]
+    _put_many(s3_server, s3_bucket, keys)
+    store = S3Store(_storage(s3_server))
+    done: list[str] = []
+
+    def interrupt_after_ten(obj: Any) -> None:
+        done.append(obj.relative)
+        if len(done) == 10:
+            raise Interrupted("pod killed")
+
+    with pytest.raises(Interrupted):
+        Stager(store, concurrency=1, on_download=interrupt_after_ten).stage_prefix(f"s3://{s3_bucket}/set",
+                                                                                   tmp_path / "d")
+    (tmp_path / "d" / "020.txt").write_text("a partial file left by a crash")
+    again: list[str] = []
+    report = Stager(store, concurrency=4, on_download=lambda o: again.append(o.relative)).stage_prefix(
+        f"s3://{s3_bucket}/set", tmp_path / "d")
+    assert 10 <= len(done) < 40, "the first pass must stop early"
+    assert set(again).isdisjoint(done), "files completed before the interruption were fetched again"
+    assert set(again) | set(done) == {k[4:] for k in keys} and report.downloaded == len(again)
+    assert (tmp_path / "d" / "020.txt").read_text() == "set/020.txt"
+    assert not list((tmp_path / "d").glob(".*.part-*"))
+
+
+def _upload_inputs(server: Any, bucket: str, model: Path, data: Path | None) -> None:
+    server.upload_folder(model, bucket, "model")
+    if data is not None:
+        server.upload_folder(data, bucket, "data")
+
+
+def test_missing_dataset_prefix_fails_with_one_line(s3_server: Any, s3_bucket: str, tiny_sd: Path,
+                                                    tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _upload_inputs(s3_server, s3_bucket, tiny_sd, None)
+    doc = job_document(f"s3://{s3_bucket}/model/", f"s3://{s3_bucket}/data/", f"s3://{s3_bucket}/out/",
+                       storage={"endpoint": s3_server.endpoint, "addressingStyle": "path"})
+    (tmp_path / "job.json").write_text(json.dumps(doc))
+    code = main(["run", str(tmp_path / "job.json"), "--no-progress", "--scratch", str(tmp_path / "s")])
+    err = capsys.readouterr().err
+    assert code == EXIT_CONFIG and "Traceback" not in err
+    assert f"no objects under s3://{s3_bucket}/data/" in err.strip().splitlines()[-1]
+
+
+def test_wrong_credentials_fail_with_one_line(auth_s3_server: str, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    doc = job_document("s3://models/sd/", "s3://data/set/", "s3://out/x/",
+                       storage={"endpoint": auth_s3_server, "addressingStyle": "path"})
+    (tmp_path / "job.json").write_text(json.dumps(doc))
+    code = main(["run", str(tmp_path / "job.json"), "--no-progress", "--scratch", str(tmp_path / "s")])
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]
+    assert code == EXIT_CONFIG and "Traceback" not in err
+    assert "S3 refused access to s3://models" in line and "credentials" in line
+    assert "kubetune-test-secret" not in err
+
+
+def _get(port: int, path: str) -> bytes:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+        return response.read()
+
+
+def test_s3_run_serves_progress_with_existing_checkpoints_and_valid_metrics(
+    s3_server: Any, s3_bucket: str, tiny_sd: Path, squares: Path, tmp_path: Path
+) -> None:
+    _upload_inputs(s3_server, s3_bucket, tiny_sd, squares)
+    job = local_job(f"s3://{s3_bucket}/model/", f"s3://{s3_bucket}/data/", f"s3://{s3_bucket}/out/",
+                    storage={"endpoint": s3_server.endpoint, "addressingStyle": "path"},
+                    output={"checkpointEvery": 1, "keepCheckpoints": 2}, training={"maxSteps": 3})
+    port, seen = free_port(), {}
+
+    def poll(trainer: Any) -> None:
+        if trainer.step == 3:
+            seen["progress"] = json.loads(_get(port, "/progress"))
+            seen["metrics"] = _get(port, "/metrics")
+
+    result = run_job(job, RuntimeConfig(scratch=tmp_path / "s", port=port, host="127.0.0.1", log_every=0),
+                     hooks=[poll])
+    assert result.exit_code == 0, result.message
+    progress = seen["progress"]
+    assert progress["step"] == 3 and progress["phase"] == "Training"
+    assert [c["step"] for c in progress["checkpoints"]] == [1, 2]
+    client = s3_server.client()
+    for ref in progress["checkpoints"]:
+        key = ref["uri"].removeprefix(f"s3://{s3_bucket}/") + "manifest.json"
+        client.head_object(Bucket=s3_bucket, Key=key)
+    for uri in result.progress["outputs"]["lora"].values():
+        client.head_object(Bucket=s3_bucket, Key=uri.removeprefix(f"s3://{s3_bucket}/"))
+    assert b'kubetune_trainer_step{name="test-lora",namespace="tests"} 3.0' in seen["metrics"]
+    if shutil.which("promtool"):
+        done = subprocess.run(["promtool", "check", "metrics"], input=seen["metrics"], capture_output=True,
+                              timeout=60, check=False)
+        assert done.returncode == 0, done.stdout.decode() + done.stderr.decode()
