@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -40,11 +41,14 @@ class RunningOperator:
     exit_code: list[int]
 
     def get(self, path: str) -> tuple[int, str]:
+        """Status and body of the operator's HTTP endpoint; 0 while it is not listening yet."""
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as response:
                 return response.status, response.read().decode()
         except urllib.error.HTTPError as exc:
             return exc.code, ""
+        except urllib.error.URLError:
+            return 0, ""
 
     def halt(self) -> None:
         self.stop.set()
@@ -314,7 +318,7 @@ def test_two_replicas_only_one_acts(kube_admin, namespace, start_operator) -> No
     first = start_operator("op-a", lease_seconds=4)
     fakegpu.wait_for(lambda: first.get("/readyz")[0] == 200, timeout=TIMEOUT, what="op-a to lead")
     second = start_operator("op-b", lease_seconds=4)
-    assert second.get("/healthz")[0] == 200
+    fakegpu.wait_for(lambda: second.get("/healthz")[0] == 200, what="op-b to be alive")
     create(kube_admin, ftj(namespace))
     running_pods(kube_admin, namespace, 1)
     assert second.get("/readyz")[0] == 503

@@ -22,7 +22,7 @@ def test_auto_detects_each_layout(tmp_path: Path, layout: str) -> None:
     root = build_image_dataset(tmp_path, count=3, layout=layout)
     dataset = load_dataset(root, _spec(root))
     assert dataset.layout == layout
-    assert [ex.caption for ex in dataset.examples][0].startswith("a red square")
+    assert dataset.examples[0].caption.startswith("a red square")
 
 
 def test_undecodable_images_are_skipped_and_counted(tmp_path: Path) -> None:
@@ -47,7 +47,7 @@ def test_empty_folder_is_a_config_error(tmp_path: Path) -> None:
 
 def test_missing_caption_column_names_the_column(tmp_path: Path) -> None:
     root = build_image_dataset(tmp_path, count=2, caption_column="prompt")
-    with pytest.raises(ConfigError, match="caption column 'text'.*prompt"):
+    with pytest.raises(ConfigError, match=r"caption column 'text'.*prompt"):
         load_dataset(root, _spec(root))
     assert load_dataset(root, _spec(root, caption_column="prompt")).examples
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from trainer_jobs import local_job
+from trainer_support import local_job
 
 from kubetune_trainer.config import RuntimeConfig
 from kubetune_trainer.job import run_job

@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import free_port
-from trainer_jobs import job_document, local_job
+from trainer_support import free_port, job_document, local_job
 
 from kubetune.api.spec import StorageSpec
 from kubetune.cli import main

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from trainer_jobs import job_document
+from trainer_support import free_port, job_document
 
 from kubetune.cli import main
 from kubetune_trainer.exitcodes import EXIT_CONFIG, EXIT_STORAGE_UNAVAILABLE
@@ -65,7 +65,6 @@ def test_model_folder_missing_a_component(tmp_path: Path, squares: Path, tiny_sd
 
 
 def test_unreachable_endpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from conftest import free_port
 
     endpoint = f"http://127.0.0.1:{free_port()}"
     doc = job_document("s3://models/sd/", "s3://data/set/", "s3://out/x/",

@@ -1,8 +1,9 @@
-"""Job documents for the trainer tests, importable by fixtures and by tests alike."""
+"""Helpers shared by the trainer tests and their fixtures: job documents and free ports."""
 
 from __future__ import annotations
 
 import copy
+import socket
 from typing import Any
 
 from kubetune.api.resource import FineTuneJob
@@ -35,3 +36,10 @@ def local_job(*args: Any, **kwargs: Any) -> FineTuneJob:
     result = validate_document(job_document(*args, **kwargs), mode="local")
     assert result.job is not None, result.problems
     return result.job
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
