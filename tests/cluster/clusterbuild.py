@@ -125,6 +125,10 @@ def ensure_binaries(verbose: bool = True) -> Path:
     if not missing:
         return out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
+    if verbose:
+        print(f"[build] {len(missing)} binaries missing from {out_dir}; building them "
+              "(modules are downloaded first; a cold build takes 10-20 min on 2 cores)",
+              flush=True)
     total = time.monotonic()
     for index, target in enumerate(missing, 1):
         started = time.monotonic()

@@ -6,7 +6,8 @@ GPU operator sets, the ``nvidia.com/gpu`` NoSchedule taint on some), so the real
 scheduler makes real placement decisions. Pods become Running and stay so until a
 test ends them with :func:`finish_pod` (the Stages in ``kwok-pod-stages.yaml`` read
 the annotation it sets), optionally after :func:`add_disruption_target`, which writes
-the condition the kubelet or taint manager writes when a node goes away.
+the condition the kubelet or taint manager writes when a node goes away, or
+:func:`fail_node`, which makes the real taint-eviction controller do it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from kubernetes import client
 EXIT_CODE_ANNOTATION = "kubetune.io/fake-exit-code"
 MESSAGE_ANNOTATION = "kubetune.io/fake-termination-message"
 KWOK_ANNOTATION = {"kwok.x-k8s.io/node": "fake"}
+NODE_FAILURE_TAINT = "kubetune.io/fake-node-failure"
 GPU_TAINT = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
 
 
@@ -109,6 +111,25 @@ def add_disruption_target(api: client.ApiClient, namespace: str, name: str,
                  "lastTransitionTime": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
     client.CoreV1Api(api).patch_namespaced_pod_status(
         name, namespace, {"status": {"conditions": [condition]}})
+
+
+def fail_node(api: client.ApiClient, node: str, key: str = NODE_FAILURE_TAINT) -> None:
+    """Put a NoExecute taint on ``node``: the real taint-eviction controller then
+    deletes its pods with a ``DisruptionTarget`` condition and kwok ends them Failed
+    (137), as after a node failure or drain. Undo with :func:`heal_node`."""
+    taints = [*_taints_without(api, node, key),
+              {"key": key, "value": "true", "effect": "NoExecute"}]
+    client.CoreV1Api(api).patch_node(node, {"spec": {"taints": taints}})
+
+
+def heal_node(api: client.ApiClient, node: str, key: str = NODE_FAILURE_TAINT) -> None:
+    client.CoreV1Api(api).patch_node(
+        node, {"spec": {"taints": _taints_without(api, node, key)}})
+
+
+def _taints_without(api: client.ApiClient, node: str, key: str) -> list[dict]:
+    taints = client.CoreV1Api(api).read_node(node).spec.taints or []
+    return [t.to_dict() for t in taints if t.key != key]
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 30.0,

@@ -3,8 +3,9 @@
 Each test exercises behaviour a mock would fake: API-server validation of the CRD
 (OpenAPI schema and CEL), printer columns through kubectl, RBAC on ServiceAccount
 tokens, the Job controller and scheduler placing Indexed Job pods on fake GPU
-nodes, exit codes and DisruptionTarget seen by podFailurePolicy, the garbage
-collector and the TTL-after-finished controller.
+nodes, exit codes and DisruptionTarget seen by podFailurePolicy (also after the
+taint-eviction controller empties a failed node), the garbage collector and the
+TTL-after-finished controller.
 """
 
 from __future__ import annotations
@@ -199,6 +200,25 @@ def test_disruption_target_is_not_counted_against_backoff(kube_admin, namespace)
     [second] = wait_job_pods(kube_admin, namespace, "preempted", 1)
     assert second.metadata.name != first.metadata.name
     assert job_condition(kube_admin, namespace, "preempted", "Failed") is None
+
+
+def test_node_failure_evicts_pod_and_job_replaces_it(kube_admin, namespace) -> None:
+    policy = {"rules": [{"action": "Ignore",
+                         "onPodConditions": [{"type": "DisruptionTarget"}]}]}
+    job = trainer_job("node-loss", backoffLimit=0, podFailurePolicy=policy)
+    client.BatchV1Api(kube_admin).create_namespaced_job(namespace, job)
+    [first] = wait_job_pods(kube_admin, namespace, "node-loss", 1)
+    node = first.spec.node_name
+    try:
+        fakegpu.fail_node(kube_admin, node)
+        [second] = fakegpu.wait_for(
+            lambda: [p for p in job_pods(kube_admin, namespace, "node-loss", "Running")
+                     if p.metadata.name != first.metadata.name],
+            timeout=60, what="the Job to replace the evicted pod")
+    finally:
+        fakegpu.heal_node(kube_admin, node)
+    assert second.spec.node_name != node
+    assert job_condition(kube_admin, namespace, "node-loss", "Failed") is None
 
 
 def test_garbage_collector_deletes_owned_objects(kube_admin, namespace) -> None:
