@@ -27,7 +27,7 @@ class CheckpointRef:
 
     step: int
     uri: str
-    createdAt: str  # noqa: N815 - the status field's own spelling
+    createdAt: str
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)

@@ -8,6 +8,7 @@ server goes away.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -56,6 +57,9 @@ def run_demo(workdir: Path | None = None, steps: int = 12, family: str = "sd",
              progress_bar: bool = True) -> tuple[RunResult, Path]:
     """Run the demo in `workdir` (a fresh temporary folder by default)."""
     from kubetune.api.validation import validate_document
+    from kubetune_trainer.job import quiet_libraries
+
+    quiet_libraries()
     from kubetune_trainer.tiny import build_image_dataset, build_tiny_pipeline
 
     workdir = Path(workdir or tempfile.mkdtemp(prefix="kubetune-demo-"))
@@ -81,6 +85,7 @@ def run_demo(workdir: Path | None = None, steps: int = 12, family: str = "sd",
 
 def _print_summary(result: RunResult, existing: list[str], workdir: Path) -> None:
     found = set(existing)
+    print("\n[demo] final status:\n" + json.dumps(result.as_dict(), indent=2))
     print(f"\n[demo] {result.phase}: {result.message} (exit code {result.exit_code})")
     for ref in result.progress.get("checkpoints", []):
         print(f"[demo] checkpoint step {ref['step']}: {ref['uri']}")

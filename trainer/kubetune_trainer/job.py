@@ -58,6 +58,7 @@ def termination_message(result: RunResult, limit: int = TERMINATION_LIMIT_BYTES)
 def quiet_libraries() -> None:
     """Library progress bars and advice would drown the trainer's own lines."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
@@ -85,12 +86,12 @@ def _reporters(job: FineTuneJob, runtime: RuntimeConfig, progress: ProgressState
 
 def run_job(job: FineTuneJob, runtime: RuntimeConfig, hooks: list[StepHook] | None = None) -> RunResult:
     """Train `job` on this process; never raises for a failed run, returns how it ended."""
+    quiet_libraries()
     from kubetune_trainer.assembly import build_trainer
 
     progress = ProgressState()
     reporter, server = _reporters(job, runtime, progress)
     try:
-        quiet_libraries()
         build_trainer(job, runtime, reporter, hooks).train()
         progress.phase("Succeeded")
         result = RunResult("Succeeded", EXIT_OK, "Completed", "training finished", progress.snapshot())
