@@ -84,4 +84,9 @@ def test_sdxl_trains_through_the_same_code(tiny_sdxl: Path, squares: Path, tmp_p
     result = run_job(job, RuntimeConfig(scratch=tmp_path / "scratch", log_every=0))
     assert result.exit_code == 0, result.message
     assert Path(result.progress["outputs"]["lora"]["diffusers"]).is_file()
-    assert Path(result.progress["outputs"]["lora"]["kohya"]).is_file()
+    kohya = Path(result.progress["outputs"]["lora"]["kohya"])
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl))
+    pipe.load_lora_weights(str(kohya.parent), weight_name=kohya.name)
+    assert pipe.get_list_adapters()["unet"]
