@@ -64,3 +64,23 @@ def test_resume_after_second_checkpoint_matches_an_uninterrupted_run(
     assert want.keys() == got.keys()
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6)
+
+
+def test_sigterm_checkpoints_and_stops_with_a_retryable_code(tiny_sd: Path, squares: Path, tmp_path: Path) -> None:
+    import os
+    import signal
+
+    from kubetune_trainer.exitcodes import EXIT_INTERRUPTED
+
+    def preempt_at_three(trainer: Any) -> None:
+        if trainer.step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    job = local_job(str(tiny_sd), str(squares), str(tmp_path / "out"), training={"maxSteps": 6})
+    stopped = run_job(job, RuntimeConfig(scratch=tmp_path / "s1", log_every=0), hooks=[preempt_at_three])
+    assert (stopped.exit_code, stopped.reason) == (EXIT_INTERRUPTED, "Interrupted")
+    assert "SIGTERM after step 3" in stopped.message
+    assert [c["step"] for c in stopped.progress["checkpoints"]] == [2, 3]
+    steps: list[int] = []
+    resumed = run_job(job, RuntimeConfig(scratch=tmp_path / "s2", log_every=0), hooks=[_record(steps)])
+    assert resumed.exit_code == 0 and steps == [4, 5, 6]

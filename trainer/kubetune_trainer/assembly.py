@@ -24,7 +24,7 @@ from kubetune_trainer.reporting import Reporter
 from kubetune_trainer.sampling import build_sampler
 from kubetune_trainer.staging import stage
 from kubetune_trainer.storage import open_store
-from kubetune_trainer.trainer import StepHook, Trainer, TrainerParts
+from kubetune_trainer.trainer import StepHook, StopRequest, Trainer, TrainerParts
 
 DTYPES = {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -73,7 +73,7 @@ def _stage_inputs(job: FineTuneJob, runtime: RuntimeConfig, reporter: Reporter) 
 
 
 def build_trainer(job: FineTuneJob, runtime: RuntimeConfig, reporter: Reporter,
-                  hooks: list[StepHook] | None = None) -> Trainer:
+                  hooks: list[StepHook] | None = None, stop: StopRequest | None = None) -> Trainer:
     from accelerate.utils import set_seed
 
     spec = job.spec
@@ -106,5 +106,6 @@ def build_trainer(job: FineTuneJob, runtime: RuntimeConfig, reporter: Reporter,
                               resolution=spec.data.resolution, seed=spec.training.seed,
                               scratch=runtime.scratch / "samples"),
         output_store=store, reporter=reporter, total_steps=steps, scratch=runtime.scratch, hooks=hooks or [],
+        stop=stop or StopRequest(),
     )
     return Trainer(parts)

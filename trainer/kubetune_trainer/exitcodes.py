@@ -12,6 +12,8 @@ EXIT_FAILED = 1
 """Unexpected error; retryable (the restarted pod resumes from the newest checkpoint)."""
 EXIT_STORAGE_UNAVAILABLE = 75
 """Storage could not be reached (EX_TEMPFAIL); retryable."""
+EXIT_INTERRUPTED = 143
+"""Stopped by SIGTERM/SIGINT (preemption, eviction, Ctrl-C) after saving a checkpoint; retryable."""
 EXIT_CONFIG = 78
 """The job cannot succeed as written (EX_CONFIG); the operator must not retry it."""
 
@@ -35,3 +37,10 @@ class StorageUnavailable(TrainerError):
 
     exit_code = EXIT_STORAGE_UNAVAILABLE
     reason = "StorageUnavailable"
+
+
+class Interrupted(TrainerError):
+    """A stop signal arrived; the trainer checkpointed and stopped. A restart resumes."""
+
+    exit_code = EXIT_INTERRUPTED
+    reason = "Interrupted"

@@ -10,17 +10,21 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kubetune.api.resource import FineTuneJob
 from kubetune_trainer.config import TERMINATION_LIMIT_BYTES, RuntimeConfig
-from kubetune_trainer.exitcodes import EXIT_FAILED, EXIT_OK, ConfigError, TrainerError
+from kubetune_trainer.exitcodes import EXIT_FAILED, EXIT_OK, ConfigError, Interrupted, TrainerError
 from kubetune_trainer.reporting import LogLines, ProgressBar, ProgressState, Reporter, Reporters
-from kubetune_trainer.trainer import StepHook
+from kubetune_trainer.trainer import StepHook, StopRequest
 
 
 @dataclass
@@ -84,15 +88,40 @@ def _reporters(job: FineTuneJob, runtime: RuntimeConfig, progress: ProgressState
     return Reporters(reporters), server
 
 
+@contextmanager
+def stop_on_signals(stop: StopRequest) -> Iterator[None]:
+    """SIGTERM and SIGINT ask the loop to checkpoint and stop (main thread only, as Python requires).
+
+    Before training starts, or on a second signal, they stop at once: staging is restartable.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def request(signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if not stop.armed or stop.signal is not None:
+            raise Interrupted(f"stopped by {name} before a checkpoint could be saved")
+        stop.signal = name
+
+    previous = {sig: signal.signal(sig, request) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def run_job(job: FineTuneJob, runtime: RuntimeConfig, hooks: list[StepHook] | None = None) -> RunResult:
     """Train `job` on this process; never raises for a failed run, returns how it ended."""
     quiet_libraries()
     from kubetune_trainer.assembly import build_trainer
 
-    progress = ProgressState()
+    progress, stop = ProgressState(), StopRequest()
     reporter, server = _reporters(job, runtime, progress)
     try:
-        build_trainer(job, runtime, reporter, hooks).train()
+        with stop_on_signals(stop):
+            build_trainer(job, runtime, reporter, hooks, stop).train()
         progress.phase("Succeeded")
         result = RunResult("Succeeded", EXIT_OK, "Completed", "training finished", progress.snapshot())
     except TrainerError as exc:

@@ -18,6 +18,7 @@ from typing import Any
 from kubetune.api.resource import FineTuneJob
 from kubetune_trainer.checkpoint import Checkpointer, CheckpointRef
 from kubetune_trainer.data import BatchStream
+from kubetune_trainer.exitcodes import Interrupted
 from kubetune_trainer.methods import TrainingMethod
 from kubetune_trainer.models import Components
 from kubetune_trainer.objective import DiffusionObjective
@@ -28,6 +29,14 @@ from kubetune_trainer.storage import ObjectStore, as_prefix, join_uri
 TRAINABLE_FILE = "trainable.safetensors"
 STATE_FILE = "training_state.pt"
 StepHook = Callable[["Trainer"], None]
+
+
+@dataclass
+class StopRequest:
+    """Set by a signal handler; once `armed` (training started) the loop stops after the current step."""
+
+    signal: str | None = None
+    armed: bool = False
 
 
 @dataclass
@@ -50,6 +59,7 @@ class TrainerParts:
     reporter: Reporter
     total_steps: int
     scratch: Path
+    stop: StopRequest = field(default_factory=lambda: StopRequest())
     hooks: list[StepHook] = field(default_factory=list)
 
 
@@ -70,6 +80,7 @@ class Trainer:
         self.resume()
         self.p.reporter.phase("Training")
         self.p.reporter.started(self.step, self.p.total_steps)
+        self.p.stop.armed = True
         while self.step < self.p.total_steps:
             loss, seconds = self.train_step()
             self.step += 1
@@ -80,7 +91,17 @@ class Trainer:
                 self.sample()
             for hook in self.p.hooks:
                 hook(self)
+            self.stop_if_asked()
         return self.export()
+
+    def stop_if_asked(self) -> None:
+        """On SIGTERM (preemption, eviction) save what was trained and stop with a retryable code."""
+        if self.p.stop.signal is None:
+            return
+        if not self.checkpoints or self.checkpoints[-1].step != self.step:
+            self.save_checkpoint()
+        raise Interrupted(f"stopped by {self.p.stop.signal} after step {self.step}; "
+                          "a restart resumes from the checkpoint just saved")
 
     def images_per_step(self) -> int:
         training = self.p.job.spec.training
