@@ -48,6 +48,23 @@ def total_steps(job: FineTuneJob, per_epoch: int) -> int:
     return max(1, math.ceil((training.epochs or 1) * per_epoch / images_per_step))
 
 
+def unsupported_settings(job: FineTuneJob) -> list[str]:
+    """Settings the user asked for that this trainer version does not act on yet, one line each."""
+    spec = job.spec
+    asked = [
+        (spec.data, "aspect_buckets", spec.data.aspect_buckets,
+         "data.aspectBuckets is not implemented yet: images are resized and cropped square"),
+        (spec.training, "cache_latents", spec.training.cache_latents,
+         "training.cacheLatents is not implemented yet: latents are encoded every step"),
+        (spec.data, "validation_fraction", spec.data.validation_fraction > 0,
+         "data.validationFraction is not implemented yet: every image is used for training"),
+        (spec.training, "early_stopping", spec.training.early_stopping is not None,
+         "training.earlyStopping is not implemented yet: training runs to the last step"),
+        (spec.training, "ema", spec.training.ema is not None, "training.ema is not implemented yet: ignored"),
+    ]
+    return [text for section, name, active, text in asked if active and name in section.model_fields_set]
+
+
 def _place(components: Components, accelerator: Any, precision: str) -> Any:
     """Frozen modules go to the device in the compute dtype; trained weights stay float32."""
     import torch
@@ -79,6 +96,8 @@ def build_trainer(job: FineTuneJob, runtime: RuntimeConfig, reporter: Reporter,
     spec = job.spec
     accelerator = build_accelerator(job)
     set_seed(spec.training.seed)
+    for text in unsupported_settings(job):
+        reporter.notice(text)
     model_dir, data_dir = _stage_inputs(job, runtime, reporter)
     reporter.phase("Loading")
     dataset = load_dataset(data_dir, spec.data)

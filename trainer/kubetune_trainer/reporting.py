@@ -23,6 +23,8 @@ class Reporter:
 
     def phase(self, phase: str) -> None: ...
 
+    def notice(self, text: str) -> None: ...
+
     def staged(self, what: str, report: StagingReport) -> None: ...
 
     def started(self, step: int, total_steps: int) -> None: ...
@@ -50,6 +52,9 @@ class Reporters(Reporter):
 
     def phase(self, phase: str) -> None:
         self._each("phase", phase)
+
+    def notice(self, text: str) -> None:
+        self._each("notice", text)
 
     def staged(self, what: str, report: StagingReport) -> None:
         self._each("staged", what, report)
@@ -130,6 +135,9 @@ class LogLines(Reporter):
     def phase(self, phase: str) -> None:
         self._print(f"phase {phase}")
 
+    def notice(self, text: str) -> None:
+        self._print(f"note: {text}")
+
     def staged(self, what: str, report: StagingReport) -> None:
         self._print(f"staged {what}: {report.files} files, {report.downloaded} downloaded "
                     f"({report.bytes_downloaded} bytes) in {report.seconds:.1f}s")
@@ -152,6 +160,9 @@ class ProgressBar(Reporter):
 
     def __init__(self) -> None:
         self.bar: Any = None
+
+    def notice(self, text: str) -> None:
+        print(f"note: {text}", file=sys.stderr, flush=True)
 
     def started(self, step: int, total_steps: int) -> None:
         from tqdm import tqdm
