@@ -329,3 +329,49 @@ def test_two_replicas_only_one_acts(kube_admin, namespace, start_operator) -> No
     client.CustomObjectsApi(kube_admin).patch_namespaced_custom_object(
         GROUP, VERSION, namespace, PLURAL, "corgi", {"spec": {"runPolicy": {"suspend": True}}})
     wait_phase(kube_admin, namespace, "Suspended")
+
+
+def test_pods_that_fit_no_node_are_reported(kube_admin, namespace, start_operator) -> None:
+    start_operator()
+    create(kube_admin, ftj(namespace, nodes=3))  # two untainted 8-GPU nodes
+    pending = fakegpu.wait_for(
+        lambda: (o := read(kube_admin, namespace)).get("status", {}).get("conditions") and
+        condition(o, "Running")["reason"] == "Unschedulable" and o, timeout=TIMEOUT, what="Unschedulable")
+    assert pending["status"]["phase"] == "Pending" and "nvidia.com/gpu" in pending["status"]["message"]
+
+
+def test_deadline_fails_the_job(kube_admin, namespace, start_operator) -> None:
+    start_operator()
+    create(kube_admin, ftj(namespace, runPolicy={"activeDeadlineSeconds": 2}))
+    failed = wait_phase(kube_admin, namespace, "Failed")
+    assert condition(failed, "Failed")["reason"] == "DeadlineExceeded" and failed["status"]["restarts"] == 0
+
+
+def test_ttl_deletes_the_finished_job(kube_admin, namespace, start_operator) -> None:
+    start_operator()
+    create(kube_admin, ftj(namespace, runPolicy={"ttlSecondsAfterFinished": 1}))
+    [pod] = running_pods(kube_admin, namespace, 1)
+    fakegpu.finish_pod(kube_admin, namespace, pod.metadata.name, 0, message='{"phase": "Succeeded"}')
+    fakegpu.wait_for(lambda: not client.CustomObjectsApi(kube_admin).list_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL)["items"], timeout=TIMEOUT, what="the TTL to delete the FineTuneJob")
+
+
+def test_a_restarted_operator_adopts_what_it_finds(kube_admin, namespace, start_operator) -> None:
+    client.CoreV1Api(kube_admin).create_namespaced_config_map(namespace, {
+        "metadata": {"name": "corgi-config"}, "data": {"job.yaml": "stale"}})
+    first = start_operator("op-a", lease_seconds=2)
+    create(kube_admin, ftj(namespace))
+    [pod] = running_pods(kube_admin, namespace, 1)
+    wait_phase(kube_admin, namespace, "Staging")
+    configmap = client.CoreV1Api(kube_admin).read_namespaced_config_map("corgi-config", namespace)
+    assert configmap.metadata.owner_references[0].kind == "FineTuneJob"
+    assert configmap.data["job.yaml"].startswith("apiVersion: kubetune.io/v1alpha1")
+    job_uid = batch_job(kube_admin, namespace).metadata.uid
+    first.halt()
+    assert first.exit_code == [0]
+    fakegpu.finish_pod(kube_admin, namespace, pod.metadata.name, 0,
+                       message='{"phase": "Succeeded", "outputs": {"uri": "s3://outputs/corgi/final/"}}')
+    start_operator("op-b", lease_seconds=2)
+    done = wait_phase(kube_admin, namespace, "Succeeded")
+    assert batch_job(kube_admin, namespace).metadata.uid == job_uid
+    assert done["status"]["outputs"]["uri"] == "s3://outputs/corgi/final/"
