@@ -14,7 +14,7 @@ from typing import Any
 from kubetune.api.resource import FineTuneJob
 from kubetune_trainer.checkpoint import Checkpointer
 from kubetune_trainer.config import RuntimeConfig
-from kubetune_trainer.data import BatchStream, load_dataset
+from kubetune_trainer.data import BatchStream, Example, load_dataset, split_dataset
 from kubetune_trainer.exitcodes import ConfigError
 from kubetune_trainer.methods import build_method
 from kubetune_trainer.models import Components, load_components
@@ -25,6 +25,7 @@ from kubetune_trainer.sampling import build_sampler
 from kubetune_trainer.staging import stage
 from kubetune_trainer.storage import open_store
 from kubetune_trainer.trainer import StepHook, StopRequest, Trainer, TrainerParts
+from kubetune_trainer.validation import EarlyStopper, LossValidator, NullValidator
 
 DTYPES = {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -56,10 +57,6 @@ def unsupported_settings(job: FineTuneJob) -> list[str]:
          "data.aspectBuckets is not implemented yet: images are resized and cropped square"),
         (spec.training, "cache_latents", spec.training.cache_latents,
          "training.cacheLatents is not implemented yet: latents are encoded every step"),
-        (spec.data, "validation_fraction", spec.data.validation_fraction > 0,
-         "data.validationFraction is not implemented yet: every image is used for training"),
-        (spec.training, "early_stopping", spec.training.early_stopping is not None,
-         "training.earlyStopping is not implemented yet: training runs to the last step"),
         (spec.training, "ema", spec.training.ema is not None, "training.ema is not implemented yet: ignored"),
     ]
     return [text for section, name, active, text in asked if active and name in section.model_fields_set]
@@ -77,6 +74,14 @@ def _place(components: Components, accelerator: Any, precision: str) -> Any:
                 param.data = param.data.to(weight_dtype)
     components.vae.to(dtype=torch.float32)
     return weight_dtype
+
+
+def _validator(job: FineTuneJob, held_out: list[Example], objective: DiffusionObjective) -> Any:
+    if not held_out:
+        return NullValidator()
+    spec = job.spec
+    return LossValidator(held_out, objective, spec.data, spec.training.batch_size, spec.validation.every,
+                         spec.training.seed)
 
 
 def _stage_inputs(job: FineTuneJob, runtime: RuntimeConfig, reporter: Reporter) -> tuple[Path, Path]:
@@ -100,7 +105,8 @@ def build_trainer(job: FineTuneJob, runtime: RuntimeConfig, reporter: Reporter,
         reporter.notice(text)
     model_dir, data_dir = _stage_inputs(job, runtime, reporter)
     reporter.phase("Loading")
-    dataset = load_dataset(data_dir, spec.data)
+    dataset, held_out = split_dataset(load_dataset(data_dir, spec.data), spec.data.validation_fraction,
+                                      spec.training.seed)
     components = load_components(model_dir, spec.model.variant)
     method = build_method(job)
     method.prepare(components)
@@ -116,9 +122,11 @@ def build_trainer(job: FineTuneJob, runtime: RuntimeConfig, reporter: Reporter,
     lr_scheduler = build_lr_scheduler(optimizer, spec.training, steps)
     unet, optimizer = accelerator.prepare(components.unet, optimizer)
     store = open_store(spec.output.uri, spec.storage, runtime.pvc_root)
+    objective = DiffusionObjective(components, unet, spec.training, accelerator.device, weight_dtype)
     parts = TrainerParts(
         job=job, components=components, method=method, trained=trained, accelerator=accelerator, unet=unet,
-        objective=DiffusionObjective(components, unet, spec.training, accelerator.device, weight_dtype),
+        objective=objective, validator=_validator(job, held_out, objective),
+        stopper=EarlyStopper(spec.training.early_stopping),
         data=data, optimizer=optimizer, lr_scheduler=lr_scheduler,
         checkpointer=Checkpointer(store, spec.output, runtime.scratch / "tmp"),
         sampler=build_sampler(spec.validation, components=components, store=store, output_uri=spec.output.uri,

@@ -128,6 +128,29 @@ def prepare_image(path: Path, spec: DataSpec, rng: random.Random) -> tuple[Any, 
     return torch.from_numpy(array).permute(2, 0, 1), (height, width, top, left, res, res)
 
 
+def make_batch(items: list[tuple[Example, random.Random]], spec: DataSpec) -> Batch:
+    """Prepare each example with its own RNG and stack them."""
+    import torch
+
+    prepared = [prepare_image(example.image, spec, rng) for example, rng in items]
+    return Batch(torch.stack([pixels for pixels, _ in prepared]), [ex.caption for ex, _ in items],
+                 [size for _, size in prepared])
+
+
+def split_dataset(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, list[Example]]:
+    """Hold out `fraction` of the examples (at least one when above 0), chosen by the seed."""
+    if fraction <= 0:
+        return dataset, []
+    order = list(range(len(dataset.examples)))
+    random.Random(f"holdout-{seed}").shuffle(order)
+    held = max(1, round(len(order) * fraction))
+    if held >= len(order):
+        raise ConfigError(f"data.validationFraction {fraction} leaves no training images out of {len(order)}")
+    keep = sorted(order[held:])
+    train = Dataset([dataset.examples[i] for i in keep], dataset.skipped, dataset.layout)
+    return train, [dataset.examples[i] for i in sorted(order[:held])]
+
+
 class BatchStream:
     """Endless seeded batches for one rank; `state_dict()` is its position, for checkpoints."""
 
@@ -156,17 +179,8 @@ class BatchStream:
         return index, rng
 
     def next_batch(self) -> Batch:
-        import torch
-
-        pixels, captions, sizes = [], [], []
-        for _ in range(self.batch_size):
-            index, rng = self._next_index()
-            example = self.dataset.examples[index]
-            tensor, size = prepare_image(example.image, self.spec, rng)
-            pixels.append(tensor)
-            captions.append(example.caption)
-            sizes.append(size)
-        return Batch(torch.stack(pixels), captions, sizes)
+        picks = [self._next_index() for _ in range(self.batch_size)]
+        return make_batch([(self.dataset.examples[index], rng) for index, rng in picks], self.spec)
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position}

@@ -41,7 +41,8 @@ class RunResult:
         progress = self.progress
         return {"phase": self.phase, "exitCode": self.exit_code, "reason": self.reason,
                 "message": self.message, "step": progress.get("step"), "totalSteps": progress.get("totalSteps"),
-                "loss": progress.get("loss"), "checkpoints": progress.get("checkpoints", []),
+                "loss": progress.get("loss"), "validationLoss": progress.get("validationLoss"),
+                "checkpoints": progress.get("checkpoints", []),
                 "samples": progress.get("samples", []), "outputs": progress.get("outputs")}
 
 

@@ -31,6 +31,7 @@ class PrometheusMetrics(Reporter):
         self.step_gauge = make(Gauge, "step", "Optimizer steps completed.")
         self.total_steps = make(Gauge, "total_steps", "Optimizer steps planned.")
         self.loss = make(Gauge, "loss", "Training loss of the latest step.")
+        self.validation_loss = make(Gauge, "validation_loss", "Loss on the held-out images at the latest evaluation.")
         self.rate = make(Gauge, "images_per_second", "Training throughput of the latest step in images per second.")
         self.images = make(Counter, "images", "Images trained on by this process.")
         self.staged_bytes = make(Counter, "staged_bytes", "Bytes downloaded while staging model and data.")
@@ -57,6 +58,9 @@ class PrometheusMetrics(Reporter):
         self.images.inc(images)
         if torch.cuda.is_available():
             self.gpu_memory.set(torch.cuda.memory_allocated())
+
+    def validation(self, step: int, loss: float) -> None:
+        self.validation_loss.set(loss)
 
     def checkpoints(self, refs: list[CheckpointRef], upload_seconds: float | None) -> None:
         if upload_seconds is not None:

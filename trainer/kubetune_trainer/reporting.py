@@ -31,6 +31,8 @@ class Reporter:
 
     def step(self, step: int, loss: float, images: int, seconds: float) -> None: ...
 
+    def validation(self, step: int, loss: float) -> None: ...
+
     def checkpoints(self, refs: list[CheckpointRef], upload_seconds: float | None) -> None: ...
 
     def sample(self, sample: dict[str, Any]) -> None: ...
@@ -65,6 +67,9 @@ class Reporters(Reporter):
     def step(self, step: int, loss: float, images: int, seconds: float) -> None:
         self._each("step", step, loss, images, seconds)
 
+    def validation(self, step: int, loss: float) -> None:
+        self._each("validation", step, loss)
+
     def checkpoints(self, refs: list[CheckpointRef], upload_seconds: float | None) -> None:
         self._each("checkpoints", refs, upload_seconds)
 
@@ -83,9 +88,10 @@ class ProgressState(Reporter):
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._state: dict[str, Any] = {"phase": "Starting", "step": 0, "totalSteps": None, "loss": None,
-                                       "imagesPerSecond": None, "etaSeconds": None, "checkpoints": [],
-                                       "samples": [], "outputs": None}
+        self._state: dict[str, Any] = {
+            "phase": "Starting", "step": 0, "totalSteps": None, "loss": None, "validationLoss": None,
+            "imagesPerSecond": None, "etaSeconds": None, "checkpoints": [], "samples": [], "outputs": None,
+        }
         self._loss: float | None = None
         self._rate: float | None = None
 
@@ -111,6 +117,9 @@ class ProgressState(Reporter):
         eta = (total - step) * seconds
         self._set(step=step, loss=round(self._loss, 6), imagesPerSecond=round(self._rate, 3),
                   etaSeconds=int(eta))
+
+    def validation(self, step: int, loss: float) -> None:
+        self._set(validationLoss=round(loss, 6))
 
     def checkpoints(self, refs: list[CheckpointRef], upload_seconds: float | None) -> None:
         self._set(checkpoints=[ref.as_dict() for ref in refs])
@@ -149,6 +158,9 @@ class LogLines(Reporter):
     def step(self, step: int, loss: float, images: int, seconds: float) -> None:
         if step % self.every == 0 or step == self.total:
             self._print(f"step {step}/{self.total} loss {loss:.4f} {images / max(seconds, 1e-9):.2f} img/s")
+
+    def validation(self, step: int, loss: float) -> None:
+        self._print(f"step {step} validation loss {loss:.4f}")
 
     def checkpoints(self, refs: list[CheckpointRef], upload_seconds: float | None) -> None:
         if refs and upload_seconds is not None:

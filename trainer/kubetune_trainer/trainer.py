@@ -25,6 +25,7 @@ from kubetune_trainer.objective import DiffusionObjective
 from kubetune_trainer.reporting import Reporter
 from kubetune_trainer.sampling import NullSampler, Sampler
 from kubetune_trainer.storage import ObjectStore, as_prefix, join_uri
+from kubetune_trainer.validation import EarlyStopper, LossValidator, NullValidator
 
 TRAINABLE_FILE = "trainable.safetensors"
 STATE_FILE = "training_state.pt"
@@ -55,6 +56,8 @@ class TrainerParts:
     lr_scheduler: Any
     checkpointer: Checkpointer
     sampler: Sampler | NullSampler
+    validator: LossValidator | NullValidator
+    stopper: EarlyStopper
     output_store: ObjectStore
     reporter: Reporter
     total_steps: int
@@ -71,6 +74,7 @@ class Trainer:
         self.step = 0
         self.checkpoints: list[CheckpointRef] = []
         self.outputs: dict[str, Any] | None = None
+        self.stopped_early = False
 
     @property
     def is_main(self) -> bool:
@@ -81,13 +85,16 @@ class Trainer:
         self.p.reporter.phase("Training")
         self.p.reporter.started(self.step, self.p.total_steps)
         self.p.stop.armed = True
-        while self.step < self.p.total_steps:
+        while self.step < self.p.total_steps and not self.stopped_early:
             loss, seconds = self.train_step()
             self.step += 1
             self.p.reporter.step(self.step, loss, self.images_per_step(), seconds)
-            if self.p.checkpointer.due(self.step) and self.step < self.p.total_steps:
+            last = self.step == self.p.total_steps
+            if self.p.validator.due(self.step, last):
+                self.validate()
+            if self.p.checkpointer.due(self.step) and not last and not self.stopped_early:
                 self.save_checkpoint()
-            if self.p.sampler.due(self.step, last=self.step == self.p.total_steps):
+            if self.p.sampler.due(self.step, last or self.stopped_early):
                 self.sample()
             for hook in self.p.hooks:
                 hook(self)
@@ -102,6 +109,14 @@ class Trainer:
             self.save_checkpoint()
         raise Interrupted(f"stopped by {self.p.stop.signal} after step {self.step}; "
                           "a restart resumes from the checkpoint just saved")
+
+    def validate(self) -> None:
+        loss = self.p.validator.evaluate(self.p.unet)
+        self.p.reporter.validation(self.step, loss)
+        if self.p.stopper.update(loss):
+            self.stopped_early = True
+            self.p.reporter.notice(f"early stopping at step {self.step}: validation loss has not improved "
+                                   f"for {self.p.stopper.bad} evaluations")
 
     def images_per_step(self) -> int:
         training = self.p.job.spec.training
@@ -148,7 +163,8 @@ class Trainer:
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         return {"step": self.step, "optimizer": self.p.optimizer.state_dict(),
-                "lr_scheduler": self.p.lr_scheduler.state_dict(), "data": self.p.data.state_dict(), "rng": rng}
+                "lr_scheduler": self.p.lr_scheduler.state_dict(), "data": self.p.data.state_dict(), "rng": rng,
+                "early_stopping": self.p.stopper.state_dict()}
 
     def save_checkpoint(self) -> None:
         import torch
@@ -193,6 +209,7 @@ class Trainer:
         self.p.optimizer.load_state_dict(state["optimizer"])
         self.p.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.p.data.load_state_dict(state["data"])
+        self.p.stopper.load_state_dict(state.get("early_stopping", {}))
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
