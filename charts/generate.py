@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from charts.dashboard import render_dashboard
 from charts.values_model import ChartValues
 from tests.cluster.clusterbuild import helm_path
 
@@ -78,6 +79,7 @@ def chart_files() -> dict[Path, str]:
         CHART / "values.yaml": render_values(),
         CHART / "values.schema.json": render_schema(),
         CHART / "crds" / CRD_SOURCE.name: CRD_SOURCE.read_text(),
+        CHART / "files" / "dashboard.json": render_dashboard(),
     }
 
 
