@@ -58,6 +58,7 @@ class ProcessSet:
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
         self.tie_to_parent = False
+        self.started_at = time.monotonic()
         self._children: dict[str, subprocess.Popen] = {}
 
     @property
@@ -126,6 +127,7 @@ class ProcessSet:
                 raise TimeoutError(f"{name} not ready after {timeout:.0f}s:\n"
                                    f"{self.log_tail(name)}")
             time.sleep(0.2)
+        print(f"[up] {name} ready (+{time.monotonic() - self.started_at:.1f}s)", flush=True)
 
     def stop_all(self) -> None:
         """Stop components in reverse start order: SIGTERM the group, then SIGKILL."""
@@ -178,8 +180,8 @@ def https_ok_insecure(url: str) -> bool:
     return http_ok(url, context)
 
 
-def run_checked(argv: list[str]) -> str:
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+def run_checked(argv: list[str], stdin: str | None = None) -> str:
+    result = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=120)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed ({result.returncode}):\n"
                            f"{result.stdout}{result.stderr}")

@@ -1,9 +1,6 @@
-"""Fake GPU nodes, and the pod outcomes tests can force on them.
+"""The outcomes tests can force on pods and nodes of the fake GPU cluster.
 
-kwok plays the kubelet for nodes annotated ``kwok.x-k8s.io/node: fake``. The nodes
-here look like real GPU nodes (``nvidia.com/gpu`` allocatable, the labels the NVIDIA
-GPU operator sets, the ``nvidia.com/gpu`` NoSchedule taint on some), so the real
-scheduler makes real placement decisions. Pods become Running and stay so until a
+kwok plays the kubelet for the nodes of :mod:`gpunodes`. Pods become Running and stay so until a
 test ends them with :func:`finish_pod` (the Stages in ``kwok-pod-stages.yaml`` read
 the annotation it sets), optionally after :func:`add_disruption_target`, which writes
 the condition the kubelet or taint manager writes when a node goes away, or
@@ -14,75 +11,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from gpunodes import DEFAULT_NODES, NodeSpec
 from kubernetes import client
+
+__all__ = ["DEFAULT_NODES", "NodeSpec", "add_disruption_target", "fail_node", "finish_pod",
+           "heal_node", "wait_for", "wait_for_pod_phase"]
 
 EXIT_CODE_ANNOTATION = "kubetune.io/fake-exit-code"
 MESSAGE_ANNOTATION = "kubetune.io/fake-termination-message"
-KWOK_ANNOTATION = {"kwok.x-k8s.io/node": "fake"}
 NODE_FAILURE_TAINT = "kubetune.io/fake-node-failure"
-GPU_TAINT = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
-
-
-@dataclass(frozen=True)
-class NodeSpec:
-    """One fake node: its name, GPU count and whether it carries the GPU taint."""
-
-    name: str
-    gpus: int = 8
-    tainted: bool = False
-
-
-DEFAULT_NODES = (
-    NodeSpec("kwok-gpu-0"),
-    NodeSpec("kwok-gpu-1"),
-    NodeSpec("kwok-gpu-2", tainted=True),
-    NodeSpec("kwok-gpu-3", tainted=True),
-    NodeSpec("kwok-cpu-0", gpus=0),
-)
-
-
-def node_manifest(spec: NodeSpec, kubelet_version: str) -> dict:
-    """A Node object shaped like a p5.48xlarge (8x H100) or a plain CPU node."""
-    labels = {
-        "kubernetes.io/hostname": spec.name, "kubernetes.io/os": "linux",
-        "kubernetes.io/arch": "amd64", "type": "kwok",
-        "node.kubernetes.io/instance-type": "p5.48xlarge" if spec.gpus else "m7i.8xlarge",
-    }
-    resources = {"cpu": "192", "memory": "2048Gi", "pods": "110",
-                 "ephemeral-storage": "3500Gi"}
-    if spec.gpus:
-        labels |= {"nvidia.com/gpu.present": "true", "nvidia.com/gpu.count": str(spec.gpus),
-                   "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3",
-                   "nvidia.com/gpu.memory": "81559"}
-        resources["nvidia.com/gpu"] = str(spec.gpus)
-    return {
-        "apiVersion": "v1", "kind": "Node",
-        "metadata": {"name": spec.name, "labels": labels, "annotations": dict(KWOK_ANNOTATION)},
-        "spec": {"taints": [dict(GPU_TAINT)] if spec.tainted else []},
-        "status": {
-            "allocatable": resources, "capacity": dict(resources),
-            "nodeInfo": {
-                "kubeletVersion": kubelet_version, "kubeProxyVersion": "",
-                "operatingSystem": "linux", "architecture": "amd64",
-                "containerRuntimeVersion": "containerd://kwok", "kernelVersion": "kwok",
-                "osImage": "kwok fake GPU node", "bootID": "", "machineID": "",
-                "systemUUID": ""},
-        },
-    }
-
-
-def register_nodes(api: client.ApiClient, kubelet_version: str,
-                   nodes: tuple[NodeSpec, ...] = DEFAULT_NODES) -> list[str]:
-    """Create the fake nodes that do not exist yet; returns all their names."""
-    core = client.CoreV1Api(api)
-    existing = {n.metadata.name for n in core.list_node().items}
-    for spec in nodes:
-        if spec.name not in existing:
-            core.create_node(node_manifest(spec, kubelet_version))
-    return [spec.name for spec in nodes]
 
 
 def finish_pod(api: client.ApiClient, namespace: str, name: str, exit_code: int,

@@ -16,19 +16,24 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import clusterbuild
 import clusterprocess
-import fakegpu
+import gpunodes
 import yaml
 from clusterpki import Pki, write_pki
-from kubernetes import client
+
+if TYPE_CHECKING:  # the client is imported lazily: up/down/status do not need it
+    from kubernetes import client
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CRD_DIR = REPO_ROOT / "manifests" / "crd"
@@ -71,6 +76,8 @@ class ControlPlane:
     def start(self, tie_to_parent: bool = False) -> None:
         """Start everything; on any failure stop what was started and re-raise."""
         bins = clusterbuild.ensure_binaries()
+        started = self.processes.started_at = time.monotonic()
+        print(f"[up] starting a control plane in {self.state_dir}", flush=True)
         if self.state_dir.exists():
             shutil.rmtree(self.state_dir)
         self.state_dir.mkdir(parents=True)
@@ -83,9 +90,10 @@ class ControlPlane:
         except BaseException:
             self.stop()
             raise
+        print(f"[up] cluster ready in {time.monotonic() - started:.1f}s", flush=True)
 
     def _start_components(self, bins: Path) -> None:
-        ports, pki, started = self.processes.ports(), self.pki, time.monotonic()
+        ports, pki = self.processes.ports(), self.pki
         self.processes.start("etcd", [str(bins / "etcd"), *etcd_args(self.state_dir, ports)])
         self.processes.wait_ready("etcd", lambda: clusterprocess.http_ok(
             f"http://127.0.0.1:{ports['etcd']}/health"))
@@ -106,17 +114,22 @@ class ControlPlane:
                 f"https://127.0.0.1:{ports[p]}/healthz"))
         self.processes.wait_ready("kwok", lambda: clusterprocess.http_ok(
             f"http://127.0.0.1:{ports['kwok']}/healthz"))
-        print(f"[up] control plane ready in {time.monotonic() - started:.1f}s", flush=True)
 
     def _populate(self) -> None:
-        """Fake GPU nodes Ready, controllers working, project CRDs established."""
-        with self.admin_client() as api:
-            names = fakegpu.register_nodes(api, clusterbuild.kubernetes_version())
-            fakegpu.wait_for(lambda: nodes_ready(api, names), timeout=60,
-                             what=f"fake nodes {names} to be Ready")
-            fakegpu.wait_for(lambda: default_service_account(api), timeout=60,
-                             what="the controller manager to create ServiceAccount default")
+        """Fake GPU nodes Ready, controllers working, project CRDs established.
+
+        Done with kubectl: the Python client's import and first use cost seconds.
+        """
+        kubectl = self.kubectl_command()
+        clusterprocess.run_checked([*kubectl, "apply", "-f", "-"],
+                                   stdin=gpunodes.nodes_yaml(clusterbuild.kubernetes_version()))
+        clusterprocess.run_checked([*kubectl, "wait", "--for=condition=Ready", "node",
+                                    "-l", gpunodes.NODE_LABEL_SELECTOR, "--timeout=60s"])
+        names = [spec.name for spec in gpunodes.DEFAULT_NODES]
         print(f"[up] {len(names)} fake nodes Ready: {', '.join(names)}", flush=True)
+        # The controller manager is working once it made the default ServiceAccount.
+        clusterprocess.run_checked([*kubectl, "wait", "--for=create", "--timeout=60s",
+                                    "--namespace=default", "serviceaccount/default"])
         self.apply_crds()
 
     def apply_crds(self) -> list[Path]:
@@ -145,11 +158,15 @@ class ControlPlane:
 
     def admin_client(self) -> client.ApiClient:
         """An API client authenticated as cluster admin (group system:masters)."""
+        from kubernetes import client
+
         return client.ApiClient(self._configuration())
 
     def service_account_client(self, namespace: str, name: str,
                                expiration_seconds: int = 3600) -> client.ApiClient:
         """A client holding a TokenRequest token for a ServiceAccount: its RBAC only."""
+        from kubernetes import client
+
         request = client.AuthenticationV1TokenRequest(
             spec=client.V1TokenRequestSpec(audiences=[],
                                            expiration_seconds=expiration_seconds))
@@ -162,6 +179,8 @@ class ControlPlane:
         return client.ApiClient(config)
 
     def _configuration(self, with_cert: bool = True) -> client.Configuration:
+        from kubernetes import client
+
         config = client.Configuration()
         config.host = self.server
         config.ssl_ca_cert = str(self.pki.ca_cert)
@@ -195,7 +214,6 @@ def apiserver_args(ports: dict[str, int], pki: Pki) -> list[str]:
         f"--service-account-key-file={pki.sa_pub}",
         f"--service-account-signing-key-file={pki.sa_key}",
         "--service-cluster-ip-range=10.0.0.0/24", "--endpoint-reconciler-type=none",
-        "--enable-admission-plugins=ExtendedResourceToleration",
         "--allow-privileged=true", "--profiling=false",
     ]
 
@@ -228,7 +246,7 @@ def kwok_args(ports: dict[str, int], kubeconfig: Path) -> list[str]:
         f"--kubeconfig={kubeconfig}", f"--config={STAGES_FILE}",
         "--manage-all-nodes=false",
         "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
-        "--node-lease-duration-seconds=40", "--cidr=10.244.0.1/16",
+        "--node-lease-duration-seconds=8", "--cidr=10.244.0.1/16",
         f"--server-address=127.0.0.1:{ports['kwok']}",
     ]
 
@@ -252,18 +270,33 @@ def write_kubeconfig(path: Path, server: str, pki: Pki) -> None:
     path.chmod(0o600)
 
 
-def nodes_ready(api: client.ApiClient, names: list[str]) -> bool:
-    nodes = {n.metadata.name: n for n in client.CoreV1Api(api).list_node().items}
-    return all(
-        name in nodes and any(c.type == "Ready" and c.status == "True"
-                              for c in nodes[name].status.conditions or [])
-        for name in names
-    )
+_SESSION: dict = {"plane": None, "users": 0, "owned": False}
 
 
-def default_service_account(api: client.ApiClient) -> bool:
-    accounts = client.CoreV1Api(api).list_namespaced_service_account("default").items
-    return any(sa.metadata.name == "default" for sa in accounts)
+@contextlib.contextmanager
+def session_cluster(scratch: Path) -> Iterator[ControlPlane]:
+    """The cluster for a test session, shared by every fixture that asks for one.
+
+    A cluster started by ``make cluster-up`` is reused and left running; otherwise one
+    is started under ``scratch`` (dying with this process if it is killed) and stopped
+    when the last user leaves, even when tests fail.
+    """
+    if _SESSION["users"] == 0:
+        shared = ControlPlane(default_state_dir())
+        if shared.is_running():
+            shared.apply_crds()  # the checkout's CRD may be newer than the running one
+            _SESSION.update(plane=shared, owned=False)
+        else:
+            plane = ControlPlane(scratch)
+            plane.start(tie_to_parent=True)
+            _SESSION.update(plane=plane, owned=True)
+    _SESSION["users"] += 1
+    try:
+        yield _SESSION["plane"]
+    finally:
+        _SESSION["users"] -= 1
+        if _SESSION["users"] == 0 and _SESSION["owned"]:
+            _SESSION["plane"].stop()
 
 
 def command_up(plane: ControlPlane) -> None:

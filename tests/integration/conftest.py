@@ -2,7 +2,8 @@
 
 The cluster comes from ``tests/cluster/kubecluster.py``: a cluster already started
 by ``make cluster-up`` is reused (and left running); otherwise one is started in a
-temporary dir for this session and stopped at its end, even when tests fail. Tests
+temporary dir for this session and stopped at its end, even when tests fail or the
+test process is killed. Other test directories may re-export these fixtures. Tests
 get an admin client, clients limited to a ServiceAccount's RBAC, the pinned kubectl,
 and a fresh namespace each.
 """
@@ -28,17 +29,10 @@ FTJ_CRD = "finetunejobs.kubetune.io"
 
 @pytest.fixture(scope="session")
 def kube_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[kubecluster.ControlPlane]:
-    shared = kubecluster.ControlPlane(kubecluster.default_state_dir())
-    if shared.is_running():
-        shared.apply_crds()  # the checkout's CRD may be newer than the running one
-        yield shared
-        return
-    plane = kubecluster.ControlPlane(tmp_path_factory.mktemp("kube-cluster"))
-    try:
-        plane.start(tie_to_parent=True)
+    """The session's control plane (one per session, even when other conftests re-export
+    this fixture): ``make cluster-up``'s if it is running, else a private one."""
+    with kubecluster.session_cluster(tmp_path_factory.mktemp("kube-cluster")) as plane:
         yield plane
-    finally:
-        plane.stop()
 
 
 @pytest.fixture(scope="session")
