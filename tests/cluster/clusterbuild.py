@@ -16,6 +16,7 @@ import importlib.metadata
 import io
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -124,6 +125,9 @@ def ensure_binaries(verbose: bool = True) -> Path:
     missing = [t for t in targets() if not (out_dir / t.name).exists()]
     if not missing:
         return out_dir
+    if shutil.which("go") is None:
+        raise RuntimeError("the Go toolchain (go >= 1.24) is not on PATH; it builds "
+                           f"{', '.join(t.name for t in missing)} from tests/cluster/go.mod")
     out_dir.mkdir(parents=True, exist_ok=True)
     if verbose:
         print(f"[build] {len(missing)} binaries missing from {out_dir}; building them "

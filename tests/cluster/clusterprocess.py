@@ -52,6 +52,14 @@ def _cmdline(pid: int) -> list[str]:
         return []
 
 
+class ComponentExited(RuntimeError):
+    """A component died before it was ready; its log tail is the message."""
+
+    @property
+    def port_taken(self) -> bool:
+        return "address already in use" in str(self)
+
+
 class ProcessSet:
     """The components of one cluster, recorded in ``<state_dir>/state.json``."""
 
@@ -122,7 +130,7 @@ class ProcessSet:
         deadline = time.monotonic() + timeout
         while not ready():
             if not self._alive(name, record):
-                raise RuntimeError(f"{name} exited during start-up:\n{self.log_tail(name)}")
+                raise ComponentExited(f"{name} exited during start-up:\n{self.log_tail(name)}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{name} not ready after {timeout:.0f}s:\n"
                                    f"{self.log_tail(name)}")

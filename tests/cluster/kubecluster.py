@@ -74,8 +74,21 @@ class ControlPlane:
                 and clusterprocess.https_ready(f"{self.server}/readyz", self.pki))
 
     def start(self, tie_to_parent: bool = False) -> None:
-        """Start everything; on any failure stop what was started and re-raise."""
+        """Start everything; on any failure stop what was started and re-raise.
+
+        Ports are picked free just before use; if another process takes one in between,
+        the start is retried once on fresh ports.
+        """
         bins = clusterbuild.ensure_binaries()
+        try:
+            self._start_once(bins, tie_to_parent)
+        except clusterprocess.ComponentExited as exc:
+            if not exc.port_taken:
+                raise
+            print("[up] a port was taken meanwhile; retrying on fresh ports", flush=True)
+            self._start_once(bins, tie_to_parent)
+
+    def _start_once(self, bins: Path, tie_to_parent: bool) -> None:
         started = self.processes.started_at = time.monotonic()
         print(f"[up] starting a control plane in {self.state_dir}", flush=True)
         if self.state_dir.exists():
