@@ -90,3 +90,24 @@ def test_sdxl_trains_through_the_same_code(tiny_sdxl: Path, squares: Path, tmp_p
     pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl))
     pipe.load_lora_weights(str(kohya.parent), weight_name=kohya.name)
     assert pipe.get_list_adapters()["unet"]
+
+
+def test_text_encoder_adapters_are_trained_and_exported(tiny_sd: Path, squares: Path, tmp_path: Path) -> None:
+    from diffusers import StableDiffusionPipeline
+    from safetensors import safe_open
+
+    job = local_job(str(tiny_sd), str(squares), str(tmp_path / "out"), training={"maxSteps": 2},
+                    method={"type": "lora", "lora": {"rank": 4, "alpha": 4, "trainTextEncoder": True}})
+    result = run_job(job, RuntimeConfig(scratch=tmp_path / "scratch", log_every=0))
+    assert result.exit_code == 0, result.message
+    lora = result.progress["outputs"]["lora"]
+    with safe_open(lora["diffusers"], "pt") as handle:
+        diffusers_keys = handle.keys()
+    with safe_open(lora["kohya"], "pt") as handle:
+        kohya_keys = handle.keys()
+    assert any(k.startswith("text_encoder.") for k in diffusers_keys)
+    assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj") for k in kohya_keys)
+    for path in (lora["diffusers"], lora["kohya"]):
+        pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd))
+        pipe.load_lora_weights(str(Path(path).parent), weight_name=Path(path).name)
+        assert pipe.get_list_adapters().get("text_encoder"), path

@@ -24,11 +24,11 @@ def adapter_layers(components: Components, with_text_encoders: bool) -> dict[str
     """PEFT adapter weights per module name ("unet", "text_encoder", "text_encoder_2")."""
     from peft.utils import get_peft_model_state_dict
 
-    layers = {"unet": get_peft_model_state_dict(components.unet)}
+    layers = {"unet": get_peft_model_state_dict(components.unet, save_embedding_layers=False)}
     if with_text_encoders:
         names = ["text_encoder", "text_encoder_2"]
         for name, encoder in zip(names, components.text_encoders, strict=False):
-            layers[name] = get_peft_model_state_dict(encoder)
+            layers[name] = get_peft_model_state_dict(encoder, save_embedding_layers=False)
     return {name: {k: v.detach().float().cpu().contiguous() for k, v in sd.items()} for name, sd in layers.items()}
 
 
@@ -70,6 +70,8 @@ def kohya_state_dict(layers: dict[str, dict[str, Any]], alpha: float) -> dict[st
     for name, state in layers.items():
         for key, tensor in state.items():
             module, _, kind = key.rpartition(".lora_")
+            if name != "unet" and not module.startswith("text_model."):
+                module = "text_model." + module  # kohya names follow CLIPTextModel's classic layout
             stem = prefixes[name] + "_" + module.replace(".", "_")
             direction = "lora_down" if kind.startswith("A") else "lora_up"
             out[f"{stem}.{direction}.weight"] = tensor.contiguous()

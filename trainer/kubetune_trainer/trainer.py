@@ -138,12 +138,24 @@ class Trainer:
                 loss = self.p.objective.loss(batch, self.generator(micro))
                 accelerator.backward(loss)
                 losses.append(float(loss.detach().item()))
+        self.average_unwrapped_gradients()
         if training.max_grad_norm > 0:
             accelerator.clip_grad_norm_(self.trainable_parameters(), training.max_grad_norm)
         self.p.optimizer.step()
         self.p.lr_scheduler.step()
         self.p.optimizer.zero_grad(set_to_none=True)
         return sum(losses) / len(losses), time.perf_counter() - started
+
+    def average_unwrapped_gradients(self) -> None:
+        """Trained modules other than the (DDP-wrapped) UNet, e.g. text-encoder adapters, average by hand."""
+        if self.p.accelerator.num_processes == 1:
+            return
+        for name, module in self.p.trained.items():
+            if name == "unet":
+                continue
+            for param in module.parameters():
+                if param.requires_grad and param.grad is not None:
+                    param.grad = self.p.accelerator.reduce(param.grad, reduction="mean")
 
     def trainable_parameters(self) -> list[Any]:
         return [p for module in self.p.trained.values() for p in module.parameters() if p.requires_grad]
