@@ -128,6 +128,7 @@ def test_api_server_rejects_bad_finetunejob(kube_admin, namespace, finetunejob_c
 def test_kubectl_apply_example_shows_printer_columns(kube_admin, kubectl,
                                                      finetunejob_crd) -> None:
     namespace = yaml.safe_load(EXAMPLE.read_text())["metadata"]["namespace"]
+    kubectl("wait", "--for=delete", f"namespace/{namespace}", "--timeout=60s")  # a rerun
     kubectl("create", "namespace", namespace)
     try:
         applied = kubectl("apply", "-f", str(EXAMPLE))
