@@ -8,13 +8,14 @@ from pathlib import Path
 import pytest
 
 from kubetune.api.spec import DataSpec
-from kubetune_trainer.data import BatchStream, load_dataset
+from kubetune_trainer.batches import BatchStream, bucket_sizes, nearest_bucket
+from kubetune_trainer.data import load_dataset
 from kubetune_trainer.exitcodes import ConfigError
 from kubetune_trainer.tiny import build_image_dataset
 
 
 def _spec(root: Path, **kwargs: object) -> DataSpec:
-    return DataSpec(uri=str(root), resolution=64, **kwargs)
+    return DataSpec(uri=str(root), resolution=64, **{"aspect_buckets": False, **kwargs})
 
 
 @pytest.mark.parametrize("layout", ["imagefolder", "captions"])
@@ -67,3 +68,29 @@ def test_batches_resume_exactly_where_they_stopped(tmp_path: Path) -> None:
         assert got.captions == want.captions
         assert got.pixels.equal(want.pixels)
     assert expected[0].pixels.shape == (2, 3, 64, 64)
+
+
+def test_bucket_sizes_keep_the_pixel_budget_and_the_multiple() -> None:
+    sizes = bucket_sizes(1024, 64)
+    assert (1024, 1024) in sizes and (1152, 896) in sizes and (896, 1152) in sizes
+    assert all(w % 64 == 0 and h % 64 == 0 and w * h <= 1024 * 1024 for w, h in sizes if (w, h) != (1024, 1024))
+    assert all(max(w / h, h / w) <= 4 for w, h in sizes)
+
+
+@pytest.mark.parametrize(("size", "want"), [((1000, 1000), (1024, 1024)), ((2000, 1000), (1408, 704)),
+                                            ((1000, 2000), (704, 1408)), ((10000, 100), (2048, 512))])
+def test_nearest_bucket_by_aspect_ratio(size: tuple[int, int], want: tuple[int, int]) -> None:
+    assert nearest_bucket(size, bucket_sizes(1024, 64)) == want
+
+
+def test_aspect_buckets_keep_wide_and_tall_images_whole(tmp_path: Path) -> None:
+    from PIL import Image
+
+    for i, size in enumerate([(128, 64), (130, 66), (64, 128), (70, 140), (80, 80)]):
+        Image.new("RGB", size, (i * 40, 0, 0)).save(tmp_path / f"{i}.png")
+        (tmp_path / f"{i}.txt").write_text(f"image {i}")
+    spec = _spec(tmp_path, aspect_buckets=True)
+    stream = BatchStream(load_dataset(tmp_path, spec), spec, batch_size=2, seed=1, multiple=16)
+    shapes = {tuple(stream.next_batch().pixels.shape[2:]) for _ in range(6)}
+    assert shapes == {(48, 80), (80, 48), (64, 64)}  # (height, width)
+    assert stream.per_epoch() == 6

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.api.resource import FineTuneJob
+from kubetune_trainer.batches import BatchStream
 from kubetune_trainer.checkpoint import Checkpointer
 from kubetune_trainer.config import RuntimeConfig
-from kubetune_trainer.data import BatchStream, Example, load_dataset, split_dataset
+from kubetune_trainer.data import Example, load_dataset, split_dataset
 from kubetune_trainer.exitcodes import ConfigError
 from kubetune_trainer.methods import build_method
 from kubetune_trainer.models import Components, load_components
@@ -53,8 +54,6 @@ def unsupported_settings(job: FineTuneJob) -> list[str]:
     """Settings the user asked for that this trainer version does not act on yet, one line each."""
     spec = job.spec
     asked = [
-        (spec.data, "aspect_buckets", spec.data.aspect_buckets,
-         "data.aspectBuckets is not implemented yet: images are resized and cropped square"),
         (spec.training, "cache_latents", spec.training.cache_latents,
          "training.cacheLatents is not implemented yet: latents are encoded every step"),
         (spec.training, "ema", spec.training.ema is not None, "training.ema is not implemented yet: ignored"),
@@ -74,6 +73,13 @@ def _place(components: Components, accelerator: Any, precision: str) -> Any:
                 param.data = param.data.to(weight_dtype)
     components.vae.to(dtype=torch.float32)
     return weight_dtype
+
+
+def size_multiple(components: Components) -> int:
+    """Image sides must divide by this: the VAE's downsampling times the UNet's."""
+    vae = 2 ** (len(components.vae.config.block_out_channels) - 1)
+    unet = 2 ** (len(components.unet.config.down_block_types) - 1)
+    return vae * unet
 
 
 def _validator(job: FineTuneJob, held_out: list[Example], objective: DiffusionObjective) -> Any:
@@ -115,7 +121,7 @@ def build_trainer(job: FineTuneJob, runtime: RuntimeConfig, reporter: Reporter,
         components.unet.enable_gradient_checkpointing()
     weight_dtype = _place(components, accelerator, spec.training.mixed_precision)
     data = BatchStream(dataset, spec.data, spec.training.batch_size, spec.training.seed,
-                       accelerator.process_index, accelerator.num_processes)
+                       accelerator.process_index, accelerator.num_processes, size_multiple(components))
     steps = total_steps(job, data.per_epoch())
     params = [p for m in trained.values() for p in m.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, spec.training)

@@ -1,9 +1,8 @@
 """Training data: find captioned images in a staged folder and serve them as resumable batches.
 
 Two layouts users already have: `imagefolder` (images + metadata.jsonl) and `captions`
-(an image with a same-name .txt). Undecodable images are skipped and counted. Batches come
-from `BatchStream`, whose order depends only on the seed, the epoch and its position, so
-a resumed run sees exactly the batches the interrupted run would have seen.
+(an image with a same-name .txt). Undecodable images are skipped and counted. `batches`
+turns the examples into a resumable stream of batches.
 """
 
 from __future__ import annotations
@@ -24,6 +23,8 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 class Example:
     image: Path
     caption: str
+    size: tuple[int, int] = (0, 0)
+    """(width, height) in pixels, read when the dataset is loaded."""
 
 
 @dataclass(frozen=True)
@@ -75,22 +76,26 @@ def detect_layout(root: Path, requested: str) -> str:
     raise ConfigError(f"dataset {root} has neither metadata.jsonl nor images with same-name .txt captions")
 
 
-def _readable(path: Path) -> bool:
+def _decoded_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) when the whole image decodes, else None."""
     from PIL import Image, UnidentifiedImageError
 
+    if not path.is_file():
+        return None
     try:
         with Image.open(path) as image:
             image.load()
-        return True
+            return image.size
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
-        return False
+        return None
 
 
 def load_dataset(root: Path, spec: DataSpec) -> Dataset:
     """Every usable example under `root`; a ConfigError when there are none."""
     layout = detect_layout(Path(root), spec.format)
     candidates = LAYOUTS[layout](Path(root), spec.caption_column)
-    usable = [ex for ex in candidates if ex.image.is_file() and _readable(ex.image)]
+    sized = [(ex, _decoded_size(ex.image)) for ex in candidates]
+    usable = [Example(ex.image, ex.caption, size) for ex, size in sized if size is not None]
     if not usable:
         raise ConfigError(f"dataset {spec.uri} ({layout}) has no usable images: "
                           f"{len(candidates)} listed, {len(candidates) - len(usable)} unreadable")
@@ -105,34 +110,37 @@ class Batch:
     """SDXL micro-conditioning per image: original (h, w), crop (top, left), target (h, w)."""
 
 
-def prepare_image(path: Path, spec: DataSpec, rng: random.Random) -> tuple[Any, tuple[int, ...]]:
-    """Resize the short side to the resolution, crop square, maybe flip; pixels in [-1, 1]."""
+def prepare_image(path: Path, spec: DataSpec, target: tuple[int, int],
+                  rng: random.Random) -> tuple[Any, tuple[int, ...]]:
+    """Resize to cover `target` (width, height), crop to it, maybe flip; pixels in [-1, 1]."""
     import numpy as np
     import torch
     from PIL import Image
 
-    res = spec.resolution
+    tw, th = target
     with Image.open(path) as opened:
         image = opened.convert("RGB")
     width, height = image.size
-    scale = res / min(width, height)
-    image = image.resize((max(res, round(width * scale)), max(res, round(height * scale))),
+    scale = max(tw / width, th / height)
+    image = image.resize((max(tw, round(width * scale)), max(th, round(height * scale))),
                          Image.Resampling.BILINEAR)
-    extra_w, extra_h = image.size[0] - res, image.size[1] - res
+    extra_w, extra_h = image.size[0] - tw, image.size[1] - th
     left, top = (extra_w // 2, extra_h // 2) if spec.center_crop else (rng.randint(0, extra_w),
                                                                       rng.randint(0, extra_h))
-    image = image.crop((left, top, left + res, top + res))
+    image = image.crop((left, top, left + tw, top + th))
     if spec.random_flip and rng.random() < 0.5:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1), (height, width, top, left, res, res)
+    return torch.from_numpy(array).permute(2, 0, 1), (height, width, top, left, th, tw)
 
 
-def make_batch(items: list[tuple[Example, random.Random]], spec: DataSpec) -> Batch:
-    """Prepare each example with its own RNG and stack them."""
+def make_batch(items: list[tuple[Example, random.Random]], spec: DataSpec,
+               target: tuple[int, int] | None = None) -> Batch:
+    """Prepare each example at `target` (default: square at the resolution) with its own RNG."""
     import torch
 
-    prepared = [prepare_image(example.image, spec, rng) for example, rng in items]
+    size = target or (spec.resolution, spec.resolution)
+    prepared = [prepare_image(example.image, spec, size, rng) for example, rng in items]
     return Batch(torch.stack([pixels for pixels, _ in prepared]), [ex.caption for ex, _ in items],
                  [size for _, size in prepared])
 
@@ -149,42 +157,3 @@ def split_dataset(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset
     keep = sorted(order[held:])
     train = Dataset([dataset.examples[i] for i in keep], dataset.skipped, dataset.layout)
     return train, [dataset.examples[i] for i in sorted(order[:held])]
-
-
-class BatchStream:
-    """Endless seeded batches for one rank; `state_dict()` is its position, for checkpoints."""
-
-    def __init__(self, dataset: Dataset, spec: DataSpec, batch_size: int, seed: int,
-                 rank: int = 0, world_size: int = 1) -> None:
-        self.dataset, self.spec, self.batch_size, self.seed = dataset, spec, batch_size, seed
-        self.rank, self.world_size = rank, world_size
-        self.epoch, self.position = 0, 0
-        self._order = self._epoch_order()
-
-    def per_epoch(self) -> int:
-        return max(1, len(self.dataset.examples) // self.world_size)
-
-    def _epoch_order(self) -> list[int]:
-        order = list(range(len(self.dataset.examples)))
-        random.Random(f"order-{self.seed}-{self.epoch}").shuffle(order)
-        return order[self.rank :: self.world_size][: self.per_epoch()] or order[:1]
-
-    def _next_index(self) -> tuple[int, random.Random]:
-        if self.position >= len(self._order):
-            self.epoch, self.position = self.epoch + 1, 0
-            self._order = self._epoch_order()
-        index = self._order[self.position]
-        rng = random.Random(f"augment-{self.seed}-{self.epoch}-{self.position}-{self.rank}")
-        self.position += 1
-        return index, rng
-
-    def next_batch(self) -> Batch:
-        picks = [self._next_index() for _ in range(self.batch_size)]
-        return make_batch([(self.dataset.examples[index], rng) for index, rng in picks], self.spec)
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self._order = self._epoch_order()

@@ -28,7 +28,7 @@ def demo_document(endpoint: str, steps: int, family: str) -> dict[str, Any]:
         "spec": {
             "model": {"uri": f"s3://models/tiny-{family}/"},
             "method": {"type": "lora", "lora": {"rank": 4, "alpha": 4}},
-            "data": {"uri": "s3://datasets/squares/", "resolution": 64, "aspectBuckets": False},
+            "data": {"uri": "s3://datasets/squares/", "resolution": 64},
             "storage": {"endpoint": endpoint, "region": "us-east-1", "addressingStyle": "path",
                         "maxConcurrency": 8},
             "output": {"uri": f"s3://outputs/demo-{family}-lora/", "checkpointEvery": max(1, steps // 4),

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.api.resource import FineTuneJob
+from kubetune_trainer.batches import BatchStream
 from kubetune_trainer.checkpoint import Checkpointer, CheckpointRef
-from kubetune_trainer.data import BatchStream
 from kubetune_trainer.exitcodes import Interrupted
 from kubetune_trainer.methods import TrainingMethod
 from kubetune_trainer.models import Components

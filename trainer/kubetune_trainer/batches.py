@@ -1,0 +1,94 @@
+"""Resumable batches, grouped into aspect-ratio buckets of about the same pixel count.
+
+With `data.aspectBuckets`, wide and tall images keep their shape: each is assigned to the
+bucket (width, height) nearest its aspect ratio, and every batch comes from one bucket.
+Without it there is one square bucket. The order of batches depends only on the seed, the
+epoch and the position, so a resumed run sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+from kubetune.api.spec import DataSpec
+from kubetune_trainer.data import Batch, Dataset, make_batch
+
+MAX_ASPECT = 4.0
+
+
+def bucket_sizes(resolution: int, multiple: int) -> list[tuple[int, int]]:
+    """(width, height) pairs, multiples of `multiple`, at most resolution² pixels, aspect ≤ 4:1, both ways."""
+    area = resolution * resolution
+    sizes = {(resolution, resolution)}
+    for width in range(multiple, resolution * 4 + 1, multiple):
+        height = (area // width) // multiple * multiple
+        if height >= multiple and max(width / height, height / width) <= MAX_ASPECT:
+            sizes.update({(width, height), (height, width)})
+    return sorted(sizes)
+
+
+def nearest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is closest to `size`'s (in log space, so 2:1 and 1:2 are symmetric)."""
+    ratio = math.log(size[0] / size[1])
+    return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ratio), b))
+
+
+def assign_buckets(dataset: Dataset, spec: DataSpec, multiple: int) -> dict[tuple[int, int], list[int]]:
+    """Example indices per bucket; one square bucket when aspect buckets are off."""
+    square = (spec.resolution, spec.resolution)
+    if not spec.aspect_buckets:
+        return {square: list(range(len(dataset.examples)))}
+    sizes = bucket_sizes(spec.resolution, multiple)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for index, example in enumerate(dataset.examples):
+        bucket = nearest_bucket(example.size, sizes) if all(example.size) else square
+        groups.setdefault(bucket, []).append(index)
+    return groups
+
+
+class BatchStream:
+    """Endless seeded batches for one rank; `state_dict()` is its position, for checkpoints."""
+
+    def __init__(self, dataset: Dataset, spec: DataSpec, batch_size: int, seed: int,
+                 rank: int = 0, world_size: int = 1, multiple: int = 64) -> None:
+        self.dataset, self.spec, self.batch_size, self.seed = dataset, spec, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.buckets = assign_buckets(dataset, spec, multiple)
+        self.epoch, self.position = 0, 0
+        self._batches = self._epoch_batches()
+
+    def per_epoch(self) -> int:
+        """Images this rank sees per epoch (whole batches)."""
+        return len(self._batches) * self.batch_size
+
+    def _epoch_batches(self) -> list[tuple[tuple[int, int], list[int]]]:
+        rng = random.Random(f"order-{self.seed}-{self.epoch}")
+        batches = []
+        for bucket in sorted(self.buckets):
+            members = list(self.buckets[bucket])
+            rng.shuffle(members)
+            for start in range(0, len(members), self.batch_size):
+                chunk = members[start : start + self.batch_size]
+                chunk += [members[i % len(members)] for i in range(self.batch_size - len(chunk))]
+                batches.append((bucket, chunk))
+        rng.shuffle(batches)
+        return batches[self.rank :: self.world_size] or batches[:1]
+
+    def next_batch(self) -> Batch:
+        if self.position >= len(self._batches):
+            self.epoch, self.position = self.epoch + 1, 0
+            self._batches = self._epoch_batches()
+        bucket, indices = self._batches[self.position]
+        items = [(self.dataset.examples[index],
+                  random.Random(f"augment-{self.seed}-{self.epoch}-{self.position}-{slot}-{self.rank}"))
+                 for slot, index in enumerate(indices)]
+        self.position += 1
+        return make_batch(items, self.spec, bucket)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._batches = self._epoch_batches()
