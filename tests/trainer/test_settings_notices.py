@@ -18,7 +18,7 @@ def test_defaults_raise_no_notices() -> None:
 
 def test_explicit_settings_are_named() -> None:
     notes = unsupported_settings(_job(data={"aspectBuckets": True}, training={"cacheLatents": True}))
-    assert [n.split(" ")[0] for n in notes] == ["training.cacheLatents"]
+    assert [n.split(":")[0] for n in notes] == ["training.cacheLatents"]
 
 
 def test_epochs_become_optimizer_steps() -> None:

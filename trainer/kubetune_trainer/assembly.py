@@ -17,6 +17,7 @@ from kubetune_trainer.checkpoint import Checkpointer
 from kubetune_trainer.config import RuntimeConfig
 from kubetune_trainer.data import Example, load_dataset, split_dataset
 from kubetune_trainer.exitcodes import ConfigError
+from kubetune_trainer.latent_cache import DiskLatentCache, NoLatentCache
 from kubetune_trainer.methods import build_method
 from kubetune_trainer.models import Components, load_components
 from kubetune_trainer.objective import DiffusionObjective
@@ -54,8 +55,8 @@ def unsupported_settings(job: FineTuneJob) -> list[str]:
     """Settings the user asked for that this trainer version does not act on yet, one line each."""
     spec = job.spec
     asked = [
-        (spec.training, "cache_latents", spec.training.cache_latents,
-         "training.cacheLatents is not implemented yet: latents are encoded every step"),
+        (spec.training, "cache_latents", spec.training.cache_latents and not spec.data.center_crop,
+         "training.cacheLatents: crops are centred so that each image's latents can be reused"),
         (spec.training, "ema", spec.training.ema is not None, "training.ema is not implemented yet: ignored"),
     ]
     return [text for section, name, active, text in asked if active and name in section.model_fields_set]
@@ -120,7 +121,8 @@ def build_trainer(job: FineTuneJob, runtime: RuntimeConfig, reporter: Reporter,
     if spec.training.gradient_checkpointing:
         components.unet.enable_gradient_checkpointing()
     weight_dtype = _place(components, accelerator, spec.training.mixed_precision)
-    data = BatchStream(dataset, spec.data, spec.training.batch_size, spec.training.seed,
+    data_spec = spec.data.model_copy(update={"center_crop": True}) if spec.training.cache_latents else spec.data
+    data = BatchStream(dataset, data_spec, spec.training.batch_size, spec.training.seed,
                        accelerator.process_index, accelerator.num_processes, size_multiple(components))
     steps = total_steps(job, data.per_epoch())
     params = [p for m in trained.values() for p in m.parameters() if p.requires_grad]
@@ -128,7 +130,9 @@ def build_trainer(job: FineTuneJob, runtime: RuntimeConfig, reporter: Reporter,
     lr_scheduler = build_lr_scheduler(optimizer, spec.training, steps)
     unet, optimizer = accelerator.prepare(components.unet, optimizer)
     store = open_store(spec.output.uri, spec.storage, runtime.pvc_root)
-    objective = DiffusionObjective(components, unet, spec.training, accelerator.device, weight_dtype)
+    objective = DiffusionObjective(components, unet, spec.training, accelerator.device, weight_dtype,
+                                   DiskLatentCache(runtime.scratch / "latents") if spec.training.cache_latents
+                                   else NoLatentCache())
     parts = TrainerParts(
         job=job, components=components, method=method, trained=trained, accelerator=accelerator, unet=unet,
         objective=objective, validator=_validator(job, held_out, objective),

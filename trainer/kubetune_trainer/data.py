@@ -108,10 +108,12 @@ class Batch:
     captions: list[str]
     sizes: list[tuple[int, int, int, int, int, int]]
     """SDXL micro-conditioning per image: original (h, w), crop (top, left), target (h, w)."""
+    keys: list[str]
+    """What makes each prepared image what it is (file, size, crop, flip): the latent-cache key."""
 
 
 def prepare_image(path: Path, spec: DataSpec, target: tuple[int, int],
-                  rng: random.Random) -> tuple[Any, tuple[int, ...]]:
+                  rng: random.Random) -> tuple[Any, tuple[int, ...], str]:
     """Resize to cover `target` (width, height), crop to it, maybe flip; pixels in [-1, 1]."""
     import numpy as np
     import torch
@@ -128,10 +130,12 @@ def prepare_image(path: Path, spec: DataSpec, target: tuple[int, int],
     left, top = (extra_w // 2, extra_h // 2) if spec.center_crop else (rng.randint(0, extra_w),
                                                                       rng.randint(0, extra_h))
     image = image.crop((left, top, left + tw, top + th))
-    if spec.random_flip and rng.random() < 0.5:
+    flip = spec.random_flip and rng.random() < 0.5
+    if flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1), (height, width, top, left, th, tw)
+    key = f"{path}|{path.stat().st_size}|{tw}x{th}|{left},{top}|{int(flip)}"
+    return torch.from_numpy(array).permute(2, 0, 1), (height, width, top, left, th, tw), key
 
 
 def make_batch(items: list[tuple[Example, random.Random]], spec: DataSpec,
@@ -141,8 +145,8 @@ def make_batch(items: list[tuple[Example, random.Random]], spec: DataSpec,
 
     size = target or (spec.resolution, spec.resolution)
     prepared = [prepare_image(example.image, spec, size, rng) for example, rng in items]
-    return Batch(torch.stack([pixels for pixels, _ in prepared]), [ex.caption for ex, _ in items],
-                 [size for _, size in prepared])
+    return Batch(torch.stack([pixels for pixels, _, _ in prepared]), [ex.caption for ex, _ in items],
+                 [size for _, size, _ in prepared], [key for _, _, key in prepared])
 
 
 def split_dataset(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, list[Example]]:

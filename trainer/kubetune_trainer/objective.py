@@ -10,6 +10,7 @@ from typing import Any
 
 from kubetune.api.spec import TrainingSpec
 from kubetune_trainer.data import Batch
+from kubetune_trainer.latent_cache import DiskLatentCache, NoLatentCache
 from kubetune_trainer.models import Components
 
 
@@ -17,18 +18,24 @@ class DiffusionObjective:
     """Noise-prediction (epsilon or v) MSE for latent diffusion UNets."""
 
     def __init__(self, components: Components, unet: Any, spec: TrainingSpec, device: Any,
-                 weight_dtype: Any) -> None:
+                 weight_dtype: Any, latent_cache: DiskLatentCache | NoLatentCache | None = None) -> None:
         self.components, self.unet, self.spec = components, unet, spec
+        self.latent_cache = latent_cache or NoLatentCache()
         self.device, self.weight_dtype = device, weight_dtype
         self.scheduler = components.noise_scheduler
 
+    def _encode(self, pixels: Any) -> Any:
+        vae = self.components.vae
+        return vae.encode(pixels.to(self.device, dtype=vae.dtype)).latent_dist.parameters
+
     def latents(self, batch: Batch, generator: Any) -> Any:
         import torch
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
         vae = self.components.vae
         with torch.no_grad():
-            pixels = batch.pixels.to(self.device, dtype=vae.dtype)
-            latents = vae.encode(pixels).latent_dist.sample(generator=generator)
+            moments = self.latent_cache.moments(batch, self._encode).to(self.device, dtype=vae.dtype)
+            latents = DiagonalGaussianDistribution(moments).sample(generator=generator)
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return ((latents - shift) * vae.config.scaling_factor).float()
 

@@ -1,0 +1,55 @@
+"""Reuse VAE encodings across epochs (`training.cacheLatents`), kept on the scratch disk.
+
+The cache stores the encoder's distribution parameters per prepared image (file, size, crop,
+flip), so a cached step samples exactly the latents an uncached step would. Crops are centred
+when caching (see `assembly`), so each image has at most two entries: flipped or not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from kubetune_trainer.data import Batch
+
+Encoder = Callable[[Any], Any]
+"""Pixels (N, 3, H, W) to the VAE's latent distribution parameters (N, 2C, h, w)."""
+
+
+class NoLatentCache:
+    """Encode every time."""
+
+    def moments(self, batch: Batch, encode: Encoder) -> Any:
+        return encode(batch.pixels)
+
+
+class DiskLatentCache:
+    """One small file per prepared image under `folder`; misses are encoded together."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.hits = self.misses = 0
+
+    def _path(self, key: str) -> Path:
+        return self.folder / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".pt")
+
+    def moments(self, batch: Batch, encode: Encoder) -> Any:
+        import torch
+
+        paths = [self._path(key) for key in batch.keys]
+        missing = [i for i, path in enumerate(paths) if not path.is_file()]
+        fresh = {}
+        if missing:
+            encoded = encode(batch.pixels[missing]).detach().cpu()
+            for row, index in enumerate(missing):
+                fresh[index] = encoded[row].clone()
+                tmp = paths[index].with_suffix(".tmp")
+                torch.save(fresh[index], tmp)
+                tmp.replace(paths[index])
+        self.hits += len(paths) - len(missing)
+        self.misses += len(missing)
+        rows = [fresh[i] if i in fresh else torch.load(path, weights_only=True) for i, path in enumerate(paths)]
+        return torch.stack(rows)
