@@ -15,10 +15,10 @@ from kubetune.api.resource import FineTuneJob
 from kubetune_trainer.batches import BatchStream
 from kubetune_trainer.checkpoint import Checkpointer
 from kubetune_trainer.config import RuntimeConfig
-from kubetune_trainer.data import Example, load_dataset, split_dataset
+from kubetune_trainer.data import Dataset, Example, load_dataset, split_dataset
 from kubetune_trainer.exitcodes import ConfigError
 from kubetune_trainer.latent_cache import DiskLatentCache, NoLatentCache
-from kubetune_trainer.methods import build_method
+from kubetune_trainer.methods import TrainingMethod, build_method
 from kubetune_trainer.models import Components, load_components
 from kubetune_trainer.objective import DiffusionObjective
 from kubetune_trainer.optim import build_lr_scheduler, build_optimizer
@@ -101,12 +101,31 @@ def _stage_inputs(job: FineTuneJob, runtime: RuntimeConfig, reporter: Reporter) 
     return model.path, data.path
 
 
+def _load_model(job: FineTuneJob, model_dir: Path, method: TrainingMethod,
+                accelerator: Any) -> tuple[Components, dict[str, Any], Any]:
+    """Load the family's components, let the method make its weights trainable, place everything."""
+    training = job.spec.training
+    components = load_components(model_dir, job.spec.model.variant)
+    method.prepare(components)
+    trained = {n: m for n, m in components.modules().items() if any(p.requires_grad for p in m.parameters())}
+    if training.gradient_checkpointing:
+        components.unet.enable_gradient_checkpointing()
+    return components, trained, _place(components, accelerator, training.mixed_precision)
+
+
+def _batches(job: FineTuneJob, dataset: Dataset, accelerator: Any, components: Components) -> BatchStream:
+    spec = job.spec
+    data_spec = spec.data.model_copy(update={"center_crop": True}) if spec.training.cache_latents else spec.data
+    return BatchStream(dataset, data_spec, spec.training.batch_size, spec.training.seed,
+                       accelerator.process_index, accelerator.num_processes, size_multiple(components))
+
+
 def build_trainer(job: FineTuneJob, runtime: RuntimeConfig, reporter: Reporter,
                   hooks: list[StepHook] | None = None, stop: StopRequest | None = None) -> Trainer:
     from accelerate.utils import set_seed
 
     spec = job.spec
-    accelerator = build_accelerator(job)
+    accelerator, method = build_accelerator(job), build_method(job)
     set_seed(spec.training.seed)
     for text in unsupported_settings(job):
         reporter.notice(text)
@@ -114,26 +133,17 @@ def build_trainer(job: FineTuneJob, runtime: RuntimeConfig, reporter: Reporter,
     reporter.phase("Loading")
     dataset, held_out = split_dataset(load_dataset(data_dir, spec.data), spec.data.validation_fraction,
                                       spec.training.seed)
-    components = load_components(model_dir, spec.model.variant)
-    method = build_method(job)
-    method.prepare(components)
-    trained = {n: m for n, m in components.modules().items() if any(p.requires_grad for p in m.parameters())}
-    if spec.training.gradient_checkpointing:
-        components.unet.enable_gradient_checkpointing()
-    weight_dtype = _place(components, accelerator, spec.training.mixed_precision)
-    data_spec = spec.data.model_copy(update={"center_crop": True}) if spec.training.cache_latents else spec.data
-    data = BatchStream(dataset, data_spec, spec.training.batch_size, spec.training.seed,
-                       accelerator.process_index, accelerator.num_processes, size_multiple(components))
+    components, trained, weight_dtype = _load_model(job, model_dir, method, accelerator)
+    data = _batches(job, dataset, accelerator, components)
     steps = total_steps(job, data.per_epoch())
-    params = [p for m in trained.values() for p in m.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, spec.training)
+    optimizer = build_optimizer([p for m in trained.values() for p in m.parameters() if p.requires_grad],
+                                spec.training)
     lr_scheduler = build_lr_scheduler(optimizer, spec.training, steps)
     unet, optimizer = accelerator.prepare(components.unet, optimizer)
     store = open_store(spec.output.uri, spec.storage, runtime.pvc_root)
-    objective = DiffusionObjective(components, unet, spec.training, accelerator.device, weight_dtype,
-                                   DiskLatentCache(runtime.scratch / "latents") if spec.training.cache_latents
-                                   else NoLatentCache())
-    parts = TrainerParts(
+    cache = DiskLatentCache(runtime.scratch / "latents") if spec.training.cache_latents else NoLatentCache()
+    objective = DiffusionObjective(components, unet, spec.training, accelerator.device, weight_dtype, cache)
+    return Trainer(TrainerParts(
         job=job, components=components, method=method, trained=trained, accelerator=accelerator, unet=unet,
         objective=objective, validator=_validator(job, held_out, objective),
         stopper=EarlyStopper(spec.training.early_stopping),
@@ -144,5 +154,4 @@ def build_trainer(job: FineTuneJob, runtime: RuntimeConfig, reporter: Reporter,
                               scratch=runtime.scratch / "samples"),
         output_store=store, reporter=reporter, total_steps=steps, scratch=runtime.scratch, hooks=hooks or [],
         stop=stop or StopRequest(),
-    )
-    return Trainer(parts)
+    ))
