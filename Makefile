@@ -14,7 +14,7 @@ SYNCED := $(VENV)/.synced
 RUN := $(UV) run --frozen --no-sync
 PYTEST := $(RUN) pytest
 
-.PHONY: help venv demo test unit integration lint crd chart tools cluster-build cluster-up cluster-down clean
+.PHONY: help venv demo test unit integration lint crd chart tools cluster-build cluster-up cluster-down cluster-status clean
 
 help:
 	@grep -E '^#   make' Makefile | sed 's/^#   //'
@@ -46,7 +46,9 @@ unit: $(SYNCED)
 
 # Integration and end-to-end tiers: real servers on loopback (kube-apiserver + etcd built
 # from Kubernetes' Go modules and cached, moto's S3 server, Prometheus).
-integration: $(SYNCED) tools
+# The control plane is built (once; cached outside the checkout) before pytest starts, so
+# a cold build never runs under a test's timeout.
+integration: $(SYNCED) tools cluster-build
 	$(PYTEST) -m "integration or e2e" -p no:cacheprovider || [ $$? -eq 5 ]
 
 test: lint unit integration
@@ -69,6 +71,9 @@ cluster-up: $(SYNCED)
 
 cluster-down: $(SYNCED)
 	$(RUN) python tests/cluster/kubecluster.py down
+
+cluster-status: $(SYNCED)
+	$(RUN) python tests/cluster/kubecluster.py status
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build dist
