@@ -119,8 +119,9 @@ def run_job(job: FineTuneJob, runtime: RuntimeConfig, hooks: list[StepHook] | No
     from kubetune_trainer.assembly import build_trainer
 
     progress, stop = ProgressState(), StopRequest()
-    reporter, server = _reporters(job, runtime, progress)
+    reporter, server = Reporter(), None
     try:
+        reporter, server = _reporters(job, runtime, progress)
         with stop_on_signals(stop):
             build_trainer(job, runtime, reporter, hooks, stop).train()
         progress.phase("Succeeded")

@@ -20,6 +20,7 @@ class PrometheusMetrics(Reporter):
     """Turns training events into gauges, counters and histograms."""
 
     def __init__(self, namespace: str, name: str) -> None:
+        import torch
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = CollectorRegistry(auto_describe=True)
@@ -39,7 +40,9 @@ class PrometheusMetrics(Reporter):
         self.checkpoint_seconds = make(Histogram, "checkpoint_upload_seconds", "Seconds to upload a checkpoint.",
                                        buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 1800))
         self.checkpoints_total = make(Counter, "checkpoints", "Checkpoints written.")
-        self.gpu_memory = make(Gauge, "gpu_memory_allocated_bytes", "CUDA memory allocated by tensors.")
+        if torch.cuda.is_available():  # read at scrape time; absent (not 0) without CUDA
+            make(Gauge, "gpu_memory_allocated_bytes", "CUDA memory allocated by tensors.").set_function(
+                torch.cuda.memory_allocated)
 
     def staged(self, what: str, report: StagingReport) -> None:
         self.staged_bytes.inc(report.bytes_downloaded)
@@ -50,14 +53,10 @@ class PrometheusMetrics(Reporter):
         self.step_gauge.set(step)
 
     def step(self, step: int, loss: float, images: int, seconds: float) -> None:
-        import torch
-
         self.step_gauge.set(step)
         self.loss.set(loss)
         self.rate.set(images / seconds if seconds > 0 else 0.0)
         self.images.inc(images)
-        if torch.cuda.is_available():
-            self.gpu_memory.set(torch.cuda.memory_allocated())
 
     def validation(self, step: int, loss: float) -> None:
         self.validation_loss.set(loss)
