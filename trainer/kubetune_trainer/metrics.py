@@ -40,9 +40,9 @@ class PrometheusMetrics(Reporter):
         self.checkpoint_seconds = make(Histogram, "checkpoint_upload_seconds", "Seconds to upload a checkpoint.",
                                        buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 1800))
         self.checkpoints_total = make(Counter, "checkpoints", "Checkpoints written.")
-        if torch.cuda.is_available():  # read at scrape time; absent (not 0) without CUDA
-            make(Gauge, "gpu_memory_allocated_bytes", "CUDA memory allocated by tensors.").set_function(
-                torch.cuda.memory_allocated)
+        gpu_memory = make(Gauge, "gpu_memory_allocated_bytes", "CUDA memory allocated by tensors (0 without CUDA).")
+        if torch.cuda.is_available():  # read at scrape time
+            gpu_memory.set_function(torch.cuda.memory_allocated)
 
     def staged(self, what: str, report: StagingReport) -> None:
         self.staged_bytes.inc(report.bytes_downloaded)
