@@ -2,20 +2,23 @@
 
 The operator decides from the exit code whether a failed pod is worth a restart: a
 configuration error (bad spec, missing data, rejected credentials) fails the same way
-every time, so it is not retried; anything else may be transient and is.
+every time, so it is not retried; anything else may be transient and is. The codes the
+operator acts on come from `kubetune.exitcodes`, the one place both sides read.
 """
 
 from __future__ import annotations
 
-EXIT_OK = 0
-EXIT_FAILED = 1
+from kubetune.exitcodes import CONFIG_ERROR_EXIT_CODE, FAILURE, OK
+
+EXIT_OK = OK
+EXIT_FAILED = FAILURE
 """Unexpected error; retryable (the restarted pod resumes from the newest checkpoint)."""
 EXIT_STORAGE_UNAVAILABLE = 75
 """Storage could not be reached (EX_TEMPFAIL); retryable."""
 EXIT_INTERRUPTED = 143
 """Stopped by SIGTERM/SIGINT (preemption, eviction, Ctrl-C) after saving a checkpoint; retryable."""
-EXIT_CONFIG = 78
-"""The job cannot succeed as written (EX_CONFIG); the operator must not retry it."""
+EXIT_CONFIG = CONFIG_ERROR_EXIT_CODE
+"""The job cannot succeed as written (78, EX_CONFIG); the operator's podFailurePolicy fails the Job at once."""
 
 
 class TrainerError(Exception):
