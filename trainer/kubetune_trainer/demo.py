@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,21 @@ def demo_document(endpoint: str, steps: int, family: str) -> dict[str, Any]:
     }
 
 
+@contextmanager
+def demo_credentials() -> Iterator[None]:
+    """The loopback server's throwaway keys, so the demo never sends the user's real ones anywhere."""
+    saved = {key: os.environ.get(key) for key in DEMO_CREDENTIALS}
+    os.environ.update(DEMO_CREDENTIALS)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def _mirror(s3: LoopbackS3, bucket: str, dest: Path) -> list[str]:
     """Copy a whole bucket to `dest`; return the s3:// URIs that existed."""
     client, uris = s3.client(), []
@@ -63,11 +80,10 @@ def run_demo(workdir: Path | None = None, steps: int = 12, family: str = "sd",
     from kubetune_trainer.tiny import build_image_dataset, build_tiny_pipeline
 
     workdir = Path(workdir or tempfile.mkdtemp(prefix="kubetune-demo-"))
-    os.environ.update(DEMO_CREDENTIALS)
     print(f"[demo] building a tiny random {family} pipeline and 8 captioned images in {workdir}", flush=True)
     build_tiny_pipeline(workdir / "source" / "model", family=family)
     build_image_dataset(workdir / "source" / "data", count=8, size=72)
-    with LoopbackS3() as s3:
+    with demo_credentials(), LoopbackS3() as s3:
         for bucket in ("models", "datasets", "outputs"):
             s3.create_bucket(bucket)
         s3.upload_folder(workdir / "source" / "model", "models", f"tiny-{family}")
