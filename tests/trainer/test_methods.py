@@ -33,3 +33,21 @@ def test_unimplemented_method_is_a_config_error(tiny_sd: Path, squares: Path, tm
     result = run_job(job, RuntimeConfig(scratch=tmp_path / "s", log_every=0))
     assert result.exit_code == EXIT_CONFIG
     assert "dreambooth" in result.message and "not implemented" in result.message
+
+
+def test_ema_weights_are_exported_and_checkpointed(tiny_sd: Path, squares: Path, tmp_path: Path) -> None:
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    unets = {}
+    for ema in (None, {"decay": 0.5}):
+        training = {"maxSteps": 3, **({"ema": ema} if ema else {})}
+        job = local_job(str(tiny_sd), str(squares), str(tmp_path / f"out-{bool(ema)}"),
+                        method={"type": "full", "lora": None}, training=training)
+        result = run_job(job, RuntimeConfig(scratch=tmp_path / f"s-{bool(ema)}", log_every=0))
+        assert result.exit_code == 0, result.message
+        unets[bool(ema)] = UNet2DConditionModel.from_pretrained(result.progress["outputs"]["pipeline"] + "unet")
+    state = torch.load(tmp_path / "out-True" / "checkpoints" / "step-2" / "training_state.pt", weights_only=True)
+    assert state["ema"]["shadow_params"] and state["ema"]["decay"] == 0.5
+    pairs = zip(unets[True].parameters(), unets[False].parameters(), strict=True)
+    assert any(not torch.allclose(a, b) for a, b in pairs)

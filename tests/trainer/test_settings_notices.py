@@ -1,11 +1,11 @@
-"""Settings the trainer does not act on yet are named in the log, and only when the user set them."""
+"""Settings with consequences are named in the log, only when the user set them; epochs to steps."""
 
 from __future__ import annotations
 
 from trainer_support import job_document
 
 from kubetune.api.validation import validate_document
-from kubetune_trainer.assembly import total_steps, unsupported_settings
+from kubetune_trainer.assembly import setting_notices, total_steps
 
 
 def _job(**spec: object):
@@ -13,11 +13,11 @@ def _job(**spec: object):
 
 
 def test_defaults_raise_no_notices() -> None:
-    assert unsupported_settings(_job()) == []
+    assert setting_notices(_job()) == []
 
 
 def test_explicit_settings_are_named() -> None:
-    notes = unsupported_settings(_job(data={"aspectBuckets": True}, training={"cacheLatents": True}))
+    notes = setting_notices(_job(data={"aspectBuckets": True}, training={"cacheLatents": True}))
     assert [n.split(":")[0] for n in notes] == ["training.cacheLatents"]
 
 

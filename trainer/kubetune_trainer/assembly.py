@@ -16,6 +16,7 @@ from kubetune_trainer.batches import BatchStream
 from kubetune_trainer.checkpoint import Checkpointer
 from kubetune_trainer.config import RuntimeConfig
 from kubetune_trainer.data import Dataset, Example, load_dataset, split_dataset
+from kubetune_trainer.ema import build_ema
 from kubetune_trainer.exitcodes import ConfigError
 from kubetune_trainer.latent_cache import DiskLatentCache, NoLatentCache
 from kubetune_trainer.methods import TrainingMethod, build_method
@@ -51,13 +52,12 @@ def total_steps(job: FineTuneJob, per_epoch: int) -> int:
     return max(1, math.ceil((training.epochs or 1) * per_epoch / images_per_step))
 
 
-def unsupported_settings(job: FineTuneJob) -> list[str]:
-    """Settings the user asked for that this trainer version does not act on yet, one line each."""
+def setting_notices(job: FineTuneJob) -> list[str]:
+    """Settings the user asked for whose consequences deserve a line in the log."""
     spec = job.spec
     asked = [
         (spec.training, "cache_latents", spec.training.cache_latents and not spec.data.center_crop,
          "training.cacheLatents: crops are centred so that each image's latents can be reused"),
-        (spec.training, "ema", spec.training.ema is not None, "training.ema is not implemented yet: ignored"),
     ]
     return [text for section, name, active, text in asked if active and name in section.model_fields_set]
 
@@ -127,7 +127,7 @@ def build_trainer(job: FineTuneJob, runtime: RuntimeConfig, reporter: Reporter,
     spec = job.spec
     accelerator, method = build_accelerator(job), build_method(job)
     set_seed(spec.training.seed)
-    for text in unsupported_settings(job):
+    for text in setting_notices(job):
         reporter.notice(text)
     model_dir, data_dir = _stage_inputs(job, runtime, reporter)
     reporter.phase("Loading")
@@ -136,8 +136,8 @@ def build_trainer(job: FineTuneJob, runtime: RuntimeConfig, reporter: Reporter,
     components, trained, weight_dtype = _load_model(job, model_dir, method, accelerator)
     data = _batches(job, dataset, accelerator, components)
     steps = total_steps(job, data.per_epoch())
-    optimizer = build_optimizer([p for m in trained.values() for p in m.parameters() if p.requires_grad],
-                                spec.training)
+    params = [p for m in trained.values() for p in m.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, spec.training)
     lr_scheduler = build_lr_scheduler(optimizer, spec.training, steps)
     unet, optimizer = accelerator.prepare(components.unet, optimizer)
     store = open_store(spec.output.uri, spec.storage, runtime.pvc_root)
@@ -146,7 +146,7 @@ def build_trainer(job: FineTuneJob, runtime: RuntimeConfig, reporter: Reporter,
     return Trainer(TrainerParts(
         job=job, components=components, method=method, trained=trained, accelerator=accelerator, unet=unet,
         objective=objective, validator=_validator(job, held_out, objective),
-        stopper=EarlyStopper(spec.training.early_stopping),
+        stopper=EarlyStopper(spec.training.early_stopping), ema=build_ema(spec.training.ema, params),
         data=data, optimizer=optimizer, lr_scheduler=lr_scheduler,
         checkpointer=Checkpointer(store, spec.output, runtime.scratch / "tmp"),
         sampler=build_sampler(spec.validation, components=components, store=store, output_uri=spec.output.uri,

@@ -18,6 +18,7 @@ from typing import Any
 from kubetune.api.resource import FineTuneJob
 from kubetune_trainer.batches import BatchStream
 from kubetune_trainer.checkpoint import Checkpointer, CheckpointRef
+from kubetune_trainer.ema import Ema, NoEma
 from kubetune_trainer.exitcodes import Interrupted
 from kubetune_trainer.methods import TrainingMethod
 from kubetune_trainer.models import Components
@@ -58,6 +59,7 @@ class TrainerParts:
     sampler: Sampler | NullSampler
     validator: LossValidator | NullValidator
     stopper: EarlyStopper
+    ema: Ema | NoEma
     output_store: ObjectStore
     reporter: Reporter
     total_steps: int
@@ -144,6 +146,7 @@ class Trainer:
         self.p.optimizer.step()
         self.p.lr_scheduler.step()
         self.p.optimizer.zero_grad(set_to_none=True)
+        self.p.ema.step(self.trainable_parameters())
         return sum(losses) / len(losses), time.perf_counter() - started
 
     def average_unwrapped_gradients(self) -> None:
@@ -176,7 +179,7 @@ class Trainer:
             rng["cuda"] = torch.cuda.get_rng_state_all()
         return {"step": self.step, "optimizer": self.p.optimizer.state_dict(),
                 "lr_scheduler": self.p.lr_scheduler.state_dict(), "data": self.p.data.state_dict(), "rng": rng,
-                "early_stopping": self.p.stopper.state_dict()}
+                "early_stopping": self.p.stopper.state_dict(), "ema": self.p.ema.state_dict()}
 
     def save_checkpoint(self) -> None:
         import torch
@@ -222,6 +225,7 @@ class Trainer:
         self.p.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.p.data.load_state_dict(state["data"])
         self.p.stopper.load_state_dict(state.get("early_stopping", {}))
+        self.p.ema.load_state_dict(state.get("ema", {}))
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
@@ -243,7 +247,8 @@ class Trainer:
         self.p.reporter.phase("Exporting")
         folder = self.p.scratch / "final"
         shutil.rmtree(folder, ignore_errors=True)
-        written = self.p.method.export(self.p.components, folder, self.p.job, self.step)
+        with self.p.ema.applied(self.trainable_parameters()):
+            written = self.p.method.export(self.p.components, folder, self.p.job, self.step)
         final = as_prefix(join_uri(self.p.job.spec.output.uri, "final"))
         for path in sorted(p for p in folder.rglob("*") if p.is_file()):
             self.p.output_store.upload(path, join_uri(final, path.relative_to(folder).as_posix()))
