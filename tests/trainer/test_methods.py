@@ -1,4 +1,4 @@
-"""Methods picked by spec.method.type: full fine-tunes export a pipeline; unknown ones are config errors."""
+"""Methods picked by spec.method.type: full fine-tunes, DreamBooth with prior preservation, EMA."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from pathlib import Path
 from trainer_support import local_job
 
 from kubetune_trainer.config import RuntimeConfig
-from kubetune_trainer.exitcodes import EXIT_CONFIG
 from kubetune_trainer.job import run_job
 
 
@@ -26,13 +25,33 @@ def test_full_fine_tune_exports_a_loadable_pipeline(tiny_sd: Path, squares: Path
     assert any(changed)
 
 
-def test_unimplemented_method_is_a_config_error(tiny_sd: Path, squares: Path, tmp_path: Path) -> None:
-    job = local_job(str(tiny_sd), str(squares), str(tmp_path / "out"),
-                    method={"type": "dreambooth", "lora": None,
-                            "dreambooth": {"instancePrompt": "a sks square", "priorPreservation": False}})
+def test_dreambooth_lora_with_generated_class_images(tiny_sd: Path, tmp_path: Path) -> None:
+    from kubetune_trainer.tiny import build_image_dataset
+
+    instance = build_image_dataset(tmp_path / "instance", count=3, size=64)
+    (instance / "metadata.jsonl").unlink()  # DreamBooth folders are often images only
+    job = local_job(str(tiny_sd), str(instance), str(tmp_path / "out"), training={"maxSteps": 2},
+                    method={"type": "dreambooth-lora", "dreambooth": {
+                        "instancePrompt": "a photo of sks square", "classPrompt": "a photo of a square",
+                        "numClassImages": 2, "priorLossWeight": 0.5}},
+                    validation={"inferenceSteps": 1})
     result = run_job(job, RuntimeConfig(scratch=tmp_path / "s", log_every=0))
-    assert result.exit_code == EXIT_CONFIG
-    assert "dreambooth" in result.message and "not implemented" in result.message
+    assert result.exit_code == 0, result.message
+    assert sorted(p.name for p in (tmp_path / "s" / "class-images").iterdir()) == ["class-00000.png",
+                                                                                   "class-00001.png"]
+    assert Path(result.progress["outputs"]["lora"]["kohya"]).is_file()
+
+
+def test_dreambooth_uses_staged_class_images_and_the_full_method(tiny_sd: Path, squares: Path,
+                                                                 tmp_path: Path) -> None:
+    job = local_job(str(tiny_sd), str(squares), str(tmp_path / "out"), training={"maxSteps": 1},
+                    method={"type": "dreambooth", "lora": None, "dreambooth": {
+                        "instancePrompt": "a photo of sks square", "classPrompt": "a photo of a square",
+                        "classDataUri": str(squares), "numClassImages": 3}})
+    result = run_job(job, RuntimeConfig(scratch=tmp_path / "s", log_every=0))
+    assert result.exit_code == 0, result.message
+    assert not (tmp_path / "s" / "class-images").exists()
+    assert result.progress["outputs"]["pipeline"].endswith("/final/pipeline/")
 
 
 def test_ema_weights_are_exported_and_checkpointed(tiny_sd: Path, squares: Path, tmp_path: Path) -> None:

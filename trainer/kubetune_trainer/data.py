@@ -63,16 +63,23 @@ def _captions(root: Path, column: str) -> list[Example]:
             for p in _visible_images(root) if p.with_suffix(".txt").is_file()]
 
 
-LAYOUTS = {"imagefolder": _imagefolder, "captions": _captions}
+def _plain_images(root: Path, column: str) -> list[Example]:
+    return [Example(p, "") for p in _visible_images(root)]
 
 
-def detect_layout(root: Path, requested: str) -> str:
+LAYOUTS = {"imagefolder": _imagefolder, "captions": _captions, "images": _plain_images}
+
+
+def detect_layout(root: Path, requested: str, plain_ok: bool = False) -> str:
+    """The layout named, or the one found; plain images count only where captions are not needed."""
     if requested != "auto":
         return requested
     if (root / "metadata.jsonl").is_file():
         return "imagefolder"
     if any(p.with_suffix(".txt").is_file() for p in _visible_images(root)):
         return "captions"
+    if plain_ok and _visible_images(root):
+        return "images"
     raise ConfigError(f"dataset {root} has neither metadata.jsonl nor images with same-name .txt captions")
 
 
@@ -90,12 +97,13 @@ def _decoded_size(path: Path) -> tuple[int, int] | None:
         return None
 
 
-def load_dataset(root: Path, spec: DataSpec) -> Dataset:
-    """Every usable example under `root`; a ConfigError when there are none."""
-    layout = detect_layout(Path(root), spec.format)
+def load_dataset(root: Path, spec: DataSpec, caption: str | None = None) -> Dataset:
+    """Every usable example under `root`; `caption` replaces every caption (DreamBooth prompts)."""
+    layout = detect_layout(Path(root), spec.format, plain_ok=caption is not None)
     candidates = LAYOUTS[layout](Path(root), spec.caption_column)
     sized = [(ex, _decoded_size(ex.image)) for ex in candidates]
-    usable = [Example(ex.image, ex.caption, size) for ex, size in sized if size is not None]
+    usable = [Example(ex.image, ex.caption if caption is None else caption, size)
+              for ex, size in sized if size is not None]
     if not usable:
         raise ConfigError(f"dataset {spec.uri} ({layout}) has no usable images: "
                           f"{len(candidates)} listed, {len(candidates) - len(usable)} unreadable")
@@ -110,6 +118,8 @@ class Batch:
     """SDXL micro-conditioning per image: original (h, w), crop (top, left), target (h, w)."""
     keys: list[str]
     """What makes each prepared image what it is (file, size, crop, flip): the latent-cache key."""
+    weights: list[float]
+    """Each image's share of the loss (1/batch size; DreamBooth class images get the prior weight)."""
 
 
 def prepare_image(path: Path, spec: DataSpec, target: tuple[int, int],
@@ -146,7 +156,7 @@ def make_batch(items: list[tuple[Example, random.Random]], spec: DataSpec,
     size = target or (spec.resolution, spec.resolution)
     prepared = [prepare_image(example.image, spec, size, rng) for example, rng in items]
     return Batch(torch.stack([pixels for pixels, _, _ in prepared]), [ex.caption for ex, _ in items],
-                 [size for _, size, _ in prepared], [key for _, _, key in prepared])
+                 [size for _, size, _ in prepared], [key for _, _, key in prepared], [1 / len(items)] * len(items))
 
 
 def split_dataset(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, list[Example]]:

@@ -6,6 +6,7 @@ writes the final files. The training loop is the same for every method.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -73,11 +74,23 @@ class FullMethod:
         return {"pipeline": target}
 
 
+def _lora(job: FineTuneJob) -> TrainingMethod:
+    return LoraMethod(job.spec.method.lora or LoraSpec())
+
+
+def _full(job: FineTuneJob) -> TrainingMethod:
+    return FullMethod()
+
+
+METHODS: dict[str, Callable[[FineTuneJob], TrainingMethod]] = {
+    "lora": _lora, "dreambooth-lora": _lora, "full": _full, "dreambooth": _full,
+}
+"""DreamBooth differs in its data (see `dreambooth`), not in what trains."""
+
+
 def build_method(job: FineTuneJob) -> TrainingMethod:
     """The method `spec.method.type` names, or a ConfigError for one this trainer lacks."""
-    method = job.spec.method
-    builders = {"lora": lambda: LoraMethod(method.lora or LoraSpec()), "full": FullMethod}
-    if method.type not in builders:
-        raise ConfigError(f"method.type {method.type!r} is not implemented by this trainer yet; "
-                          f"available: {', '.join(builders)}")
-    return builders[method.type]()
+    kind = job.spec.method.type
+    if kind not in METHODS:
+        raise ConfigError(f"method.type {kind!r} is not implemented by this trainer; available: {', '.join(METHODS)}")
+    return METHODS[kind](job)

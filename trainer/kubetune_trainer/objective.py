@@ -51,6 +51,7 @@ class DiffusionObjective:
         return noise, timesteps
 
     def loss(self, batch: Batch, generator: Any) -> Any:
+        import torch
         import torch.nn.functional as F
 
         latents = self.latents(batch, generator)
@@ -61,7 +62,8 @@ class DiffusionObjective:
                                added_cond_kwargs=cond.added_cond_kwargs, return_dict=False)[0]
         target = self._target(latents, noise, timesteps)
         per_image = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        return (per_image * self._weights(timesteps)).mean()
+        shares = torch.tensor(batch.weights, dtype=per_image.dtype, device=per_image.device)
+        return (per_image * self._weights(timesteps) * shares).sum()
 
     def _target(self, latents: Any, noise: Any, timesteps: Any) -> Any:
         if self.scheduler.config.prediction_type == "v_prediction":

@@ -18,6 +18,7 @@ from typing import Any
 from kubetune.api.resource import FineTuneJob
 from kubetune_trainer.batches import BatchStream
 from kubetune_trainer.checkpoint import Checkpointer, CheckpointRef
+from kubetune_trainer.dreambooth import PriorPreservationStream
 from kubetune_trainer.ema import Ema, NoEma
 from kubetune_trainer.exitcodes import Interrupted
 from kubetune_trainer.methods import TrainingMethod
@@ -52,7 +53,7 @@ class TrainerParts:
     accelerator: Any
     unet: Any
     objective: DiffusionObjective
-    data: BatchStream
+    data: BatchStream | PriorPreservationStream
     optimizer: Any
     lr_scheduler: Any
     checkpointer: Checkpointer
