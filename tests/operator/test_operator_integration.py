@@ -7,11 +7,13 @@ their end with `fakegpu.finish_pod`, the way a trainer would end them.
 
 from __future__ import annotations
 
+import gc
 import json
 import socket
 import threading
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -51,8 +53,17 @@ class RunningOperator:
             return 0, ""
 
     def halt(self) -> None:
+        """Stop the operator; collect what Kopf's stopped event loop leaves to the garbage collector.
+
+        Kopf closes its HTTP sessions on the way out, but transports of watch streams cancelled
+        mid-read are only reclaimed by the collector, with a ResourceWarning; collect them here,
+        where that is expected, instead of in whichever test happens to run next.
+        """
         self.stop.set()
         self.thread.join(timeout=30)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            gc.collect()
 
 
 def _free_port() -> int:
@@ -209,7 +220,7 @@ def test_job_runs_on_wired_pods_and_succeeds_with_outputs(kube_admin, namespace,
     assert condition(done, "Succeeded")["status"] == "True"
     reasons = fakegpu.wait_for(lambda: (r := event_reasons(kube_admin, namespace)) and "Succeeded" in r and r,
                                what="the Succeeded event")
-    assert reasons[0] == "Creating" and "ChildrenCreated" in reasons
+    assert {"Creating", "ChildrenCreated", "Staging"} <= set(reasons)
     code, text = operator.get("/metrics")
     assert code == 200 and f'kubetune_operator_jobs_succeeded_total{{namespace="{namespace}"}} 1.0' in text
 

@@ -12,8 +12,10 @@ from ftj_builders import NOW, S3_KEYS, make_job, make_pod
 
 from kubetune.operator.actions import CreateChild, DeleteFineTuneJob, DeleteJob
 from kubetune.operator.handlers import run_pass
+from kubetune.operator.kube import ApiError
 from kubetune.operator.metrics import OperatorMetrics
 from kubetune.operator.reconcile import reconcile, status_patch
+from kubetune.operator.resync import list_paths, resync_once
 from kubetune.operator.settings import OperatorSettings
 
 SETTINGS = OperatorSettings()
@@ -168,3 +170,34 @@ class _Logger:
 
     def info(self, message: str, *args: object) -> None:
         self.lines.append(message % args)
+
+
+class _ListingApi:
+    """Answers the resync loop's list call; fails for one namespace."""
+
+    def __init__(self, items: list[dict[str, Any]]) -> None:
+        self.items = items
+
+    def get(self, path: str) -> dict[str, Any]:
+        if "/namespaces/broken/" in path:
+            raise ApiError(403, "Forbidden")
+        return {"items": self.items}
+
+
+@pytest.mark.parametrize(("namespaces", "paths"), [
+    (None, ["/apis/kubetune.io/v1alpha1/finetunejobs"]),
+    (["a", "b"], ["/apis/kubetune.io/v1alpha1/namespaces/a/finetunejobs",
+                  "/apis/kubetune.io/v1alpha1/namespaces/b/finetunejobs"]),
+])
+def test_resync_lists_where_the_operator_watches(namespaces: list[str] | None, paths: list[str]) -> None:
+    assert list_paths(namespaces) == paths
+
+
+def test_resync_reconciles_every_job_and_survives_a_failing_list() -> None:
+    cluster = FakeCluster(S3_KEYS)
+    metrics = OperatorMetrics()
+    memo = _Memo(cluster=cluster, settings=SETTINGS, metrics=metrics, locks={})
+    api = _ListingApi([make_job("a").obj(), make_job("b").obj()])
+    assert resync_once(api, memo, ["team-a", "broken"]) == 2  # type: ignore[arg-type]
+    assert {name for kind, name in cluster.children if kind == "Job"} == {"a", "b"}
+    assert metrics.registry.get_sample_value("kubetune_operator_api_errors_total", {"operation": "list"}) == 1

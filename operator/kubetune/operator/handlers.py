@@ -1,8 +1,9 @@
 """Kopf wiring: every handler runs the same reconcile pass; state arrives as keyword arguments.
 
-Create, spec update, operator resume and the resync timer (which also re-reads rank 0's
-`/progress`) all call `reconcile`. API errors become `kopf.TemporaryError` so Kopf
-retries; the pass itself writes the status once and emits events after it.
+Create, spec update, operator resume and any change to a child Job all call `reconcile`
+(so does the periodic `resync` loop). API errors become `kopf.TemporaryError` so Kopf
+retries; the pass itself writes the status once and emits events after it. No handler
+needs a finalizer, so FineTuneJobs can be deleted while the operator is down.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from kubernetes import client
 
 from kubetune.api.resource import GROUP, PLURAL, VERSION
 from kubetune.operator.kube import ApiError
+from kubetune.operator.naming import JOB_NAME_LABEL
 from kubetune.operator.reconcile import reconcile
-from kubetune.operator.settings import OperatorSettings
 
 RETRY_DELAY_SECONDS = 10.0
 ANNOTATION_PREFIX = "kubetune.io"
@@ -44,8 +45,17 @@ def on_change(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any
     run_pass(body, memo, logger)
 
 
-def on_resync(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
-    run_pass(body, memo, logger)
+def on_child_event(namespace: str, labels: kopf.Labels, memo: kopf.Memo, logger: logging.Logger,
+                   **_: Any) -> None:
+    """A child Job changed: reconcile its FineTuneJob now rather than at the next resync."""
+    name = labels.get(JOB_NAME_LABEL)
+    try:
+        body = memo.api.get_or_none(f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}")
+    except ApiError as exc:
+        memo.metrics.api_errors.labels("get").inc()
+        raise kopf.TemporaryError(f"Kubernetes API error: {exc}", delay=RETRY_DELAY_SECONDS) from exc
+    if body is not None:
+        run_pass(body, memo, logger)
 
 
 def on_delete(uid: str, memo: kopf.Memo, **_: Any) -> None:
@@ -58,6 +68,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     """Kopf keeps its bookkeeping in annotations: the status belongs to the FineTuneJob schema."""
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=ANNOTATION_PREFIX)
+    settings.persistence.finalizer = f"{ANNOTATION_PREFIX}/finalizer"
     settings.posting.level = logging.WARNING
     settings.posting.reporting_component = "kubetune-operator"
     settings.watching.server_timeout = 300
@@ -73,7 +84,7 @@ def connection_info(configuration: client.Configuration) -> kopf.ConnectionInfo:
     )
 
 
-def build_registry(settings: OperatorSettings, configuration: client.Configuration) -> kopf.OperatorRegistry:
+def build_registry(configuration: client.Configuration) -> kopf.OperatorRegistry:
     """A registry holding every handler of the operator, logged in as `configuration`."""
     registry = kopf.OperatorRegistry()
     resource = (GROUP, VERSION, PLURAL)
@@ -86,7 +97,6 @@ def build_registry(settings: OperatorSettings, configuration: client.Configurati
     kopf.on.create(*resource, registry=registry)(on_change)
     kopf.on.resume(*resource, registry=registry)(on_change)
     kopf.on.update(*resource, field="spec", registry=registry)(on_change)
-    kopf.timer(*resource, interval=settings.resync_seconds, initial_delay=settings.resync_seconds,
-               registry=registry)(on_resync)
+    kopf.on.event("batch", "v1", "jobs", labels={JOB_NAME_LABEL: kopf.PRESENT}, registry=registry)(on_child_event)
     kopf.on.delete(*resource, optional=True, registry=registry)(on_delete)
     return registry

@@ -16,6 +16,7 @@ from kubetune.operator.kube import KubeApi, load_configuration
 from kubetune.operator.leader import LeaderElector
 from kubetune.operator.metrics import OperatorMetrics
 from kubetune.operator.probes import serve_probes
+from kubetune.operator.resync import start_resync
 from kubetune.operator.settings import OperatorSettings
 
 LOG = logging.getLogger(__name__)
@@ -78,8 +79,9 @@ def run(
             renew.start()
         leading.set()
         cluster = KubeCluster(api, settings.metrics_port, settings.progress_timeout_seconds)
-        memo = kopf.Memo(cluster=cluster, settings=settings, metrics=metrics, locks={})
-        kopf.run(registry=build_registry(settings, configuration), memo=memo, standalone=True,
+        memo = kopf.Memo(api=api, cluster=cluster, settings=settings, metrics=metrics, locks={})
+        start_resync(api, memo, namespaces, stop)
+        kopf.run(registry=build_registry(configuration), memo=memo, standalone=True,
                  clusterwide=not namespaces, namespaces=namespaces or (), stop_flag=stop, ready_flag=ready)
     finally:
         leading.clear()
