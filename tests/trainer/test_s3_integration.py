@@ -120,6 +120,18 @@ def test_missing_dataset_prefix_fails_with_one_line(s3_server: Any, s3_bucket: s
     assert f"no objects under s3://{s3_bucket}/data/" in err.strip().splitlines()[-1]
 
 
+def test_missing_output_bucket_fails_before_training(s3_server: Any, s3_bucket: str, tiny_sd: Path,
+                                                     squares: Path, tmp_path: Path) -> None:
+    _upload_inputs(s3_server, s3_bucket, tiny_sd, squares)
+    steps: list[int] = []
+    job = local_job(f"s3://{s3_bucket}/model/", f"s3://{s3_bucket}/data/", "s3://no-such-bucket/out/",
+                    storage={"endpoint": s3_server.endpoint, "addressingStyle": "path"})
+    result = run_job(job, RuntimeConfig(scratch=tmp_path / "s", log_every=0),
+                     hooks=[lambda trainer: steps.append(trainer.step)])
+    assert result.exit_code == EXIT_CONFIG and steps == []
+    assert "S3 bucket 'no-such-bucket' does not exist" in result.message
+
+
 def test_wrong_credentials_fail_with_one_line(auth_s3_server: str, tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     doc = job_document("s3://models/sd/", "s3://data/set/", "s3://out/x/",

@@ -41,6 +41,9 @@ def build_accelerator(job: FineTuneJob) -> Any:
     precision = job.spec.training.mixed_precision
     if precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("training.mixedPrecision fp16 needs a GPU; use bf16 or no on CPU")
+    if torch.cuda.is_available():  # TF32 matmuls for what autocast leaves in float32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(),
                        gradient_accumulation_steps=job.spec.training.gradient_accumulation_steps)
 

@@ -77,6 +77,12 @@ class Checkpointer:
         manifest = json.loads(read_text(self.store, self.uri_of(step) + MANIFEST, self.scratch))
         return CheckpointRef(step, self.uri_of(step), manifest.get("createdAt", ""))
 
+    def check_writable(self) -> None:
+        """Write and delete a tiny object, so that an unwritable output fails before training, not after."""
+        probe = join_uri(self.root, ".write-probe")
+        write_text(self.store, probe, "kubetune", self.scratch)
+        self.store.delete(probe)
+
     def clean_incomplete(self) -> list[int]:
         """Delete folders that never got a manifest (an upload cut short); return their steps."""
         groups, complete = self._scan()

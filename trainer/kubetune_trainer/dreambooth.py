@@ -66,6 +66,10 @@ class PriorPreservationStream:
     def per_epoch(self) -> int:
         return self.instance.per_epoch()
 
+    @property
+    def epoch(self) -> int:
+        return self.instance.epoch
+
     def next_batch(self) -> Batch:
         import torch
 

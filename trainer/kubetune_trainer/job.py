@@ -41,6 +41,7 @@ class RunResult:
         progress = self.progress
         return {"phase": self.phase, "exitCode": self.exit_code, "reason": self.reason,
                 "message": self.message, "step": progress.get("step"), "totalSteps": progress.get("totalSteps"),
+                "epoch": progress.get("epoch"),
                 "loss": progress.get("loss"), "validationLoss": progress.get("validationLoss"),
                 "checkpoints": progress.get("checkpoints", []),
                 "samples": progress.get("samples", []), "outputs": progress.get("outputs")}

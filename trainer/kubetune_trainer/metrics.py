@@ -52,7 +52,7 @@ class PrometheusMetrics(Reporter):
         self.total_steps.set(total_steps)
         self.step_gauge.set(step)
 
-    def step(self, step: int, loss: float, images: int, seconds: float) -> None:
+    def step(self, step: int, loss: float, images: int, seconds: float, epoch: int = 1) -> None:
         self.step_gauge.set(step)
         self.loss.set(loss)
         self.rate.set(images / seconds if seconds > 0 else 0.0)

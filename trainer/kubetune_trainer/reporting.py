@@ -29,7 +29,7 @@ class Reporter:
 
     def started(self, step: int, total_steps: int) -> None: ...
 
-    def step(self, step: int, loss: float, images: int, seconds: float) -> None: ...
+    def step(self, step: int, loss: float, images: int, seconds: float, epoch: int = 1) -> None: ...
 
     def validation(self, step: int, loss: float) -> None: ...
 
@@ -64,8 +64,8 @@ class Reporters(Reporter):
     def started(self, step: int, total_steps: int) -> None:
         self._each("started", step, total_steps)
 
-    def step(self, step: int, loss: float, images: int, seconds: float) -> None:
-        self._each("step", step, loss, images, seconds)
+    def step(self, step: int, loss: float, images: int, seconds: float, epoch: int = 1) -> None:
+        self._each("step", step, loss, images, seconds, epoch)
 
     def validation(self, step: int, loss: float) -> None:
         self._each("validation", step, loss)
@@ -89,7 +89,7 @@ class ProgressState(Reporter):
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._state: dict[str, Any] = {
-            "phase": "Starting", "step": 0, "totalSteps": None, "loss": None, "validationLoss": None,
+            "phase": "Starting", "step": 0, "totalSteps": None, "epoch": None, "loss": None, "validationLoss": None,
             "imagesPerSecond": None, "etaSeconds": None, "checkpoints": [], "samples": [], "outputs": None,
         }
         self._loss: float | None = None
@@ -109,13 +109,13 @@ class ProgressState(Reporter):
     def started(self, step: int, total_steps: int) -> None:
         self._set(step=step, totalSteps=total_steps)
 
-    def step(self, step: int, loss: float, images: int, seconds: float) -> None:
+    def step(self, step: int, loss: float, images: int, seconds: float, epoch: int = 1) -> None:
         rate = images / seconds if seconds > 0 else 0.0
         self._loss = loss if self._loss is None else SMOOTHING * self._loss + (1 - SMOOTHING) * loss
         self._rate = rate if self._rate is None else SMOOTHING * self._rate + (1 - SMOOTHING) * rate
         total = self._state["totalSteps"] or step
         eta = (total - step) * seconds
-        self._set(step=step, loss=round(self._loss, 6), imagesPerSecond=round(self._rate, 3),
+        self._set(step=step, epoch=epoch, loss=round(self._loss, 6), imagesPerSecond=round(self._rate, 3),
                   etaSeconds=int(eta))
 
     def validation(self, step: int, loss: float) -> None:
@@ -155,7 +155,7 @@ class LogLines(Reporter):
         self.total = total_steps
         self._print(f"training from step {step} to {total_steps}")
 
-    def step(self, step: int, loss: float, images: int, seconds: float) -> None:
+    def step(self, step: int, loss: float, images: int, seconds: float, epoch: int = 1) -> None:
         if step % self.every == 0 or step == self.total:
             self._print(f"step {step}/{self.total} loss {loss:.4f} {images / max(seconds, 1e-9):.2f} img/s")
 
@@ -181,7 +181,7 @@ class ProgressBar(Reporter):
 
         self.bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True)
 
-    def step(self, step: int, loss: float, images: int, seconds: float) -> None:
+    def step(self, step: int, loss: float, images: int, seconds: float, epoch: int = 1) -> None:
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             self.bar.update(step - self.bar.n)

@@ -101,6 +101,7 @@ class S3Store:
     @contextmanager
     def _errors(self, uri: str) -> Iterator[None]:
         """Turn botocore's exceptions into one line naming what failed."""
+        from boto3.exceptions import S3UploadFailedError
         from botocore.exceptions import (
             ClientError,
             ConnectionError,
@@ -111,6 +112,10 @@ class S3Store:
 
         try:
             yield
+        except S3UploadFailedError as exc:  # boto3 wraps the ClientError that says why
+            cause = exc.__cause__ or exc.__context__
+            raise (_client_error(cause, uri) if isinstance(cause, ClientError) else
+                   StorageUnavailable(f"upload to {uri} failed: {exc}".splitlines()[0])) from exc
         except (NoCredentialsError, PartialCredentialsError) as exc:
             raise ConfigError(f"no usable S3 credentials for {uri}: set AWS_ACCESS_KEY_ID and "
                               "AWS_SECRET_ACCESS_KEY (storage.secretRef on a cluster)") from exc

@@ -91,7 +91,7 @@ class Trainer:
         while self.step < self.p.total_steps and not self.stopped_early:
             loss, seconds = self.train_step()
             self.step += 1
-            self.p.reporter.step(self.step, loss, self.images_per_step(), seconds)
+            self.p.reporter.step(self.step, loss, self.images_per_step(), seconds, self.p.data.epoch + 1)
             last = self.step == self.p.total_steps
             if self.p.validator.due(self.step, last):
                 self.validate()
@@ -201,6 +201,7 @@ class Trainer:
 
     def resume(self) -> None:
         if self.is_main:
+            self.p.checkpointer.check_writable()
             self.p.checkpointer.clean_incomplete()
         self.p.accelerator.wait_for_everyone()
         self.checkpoints = self.p.checkpointer.complete()
