@@ -148,6 +148,9 @@ class LogLines(Reporter):
         self._print(f"note: {text}")
 
     def staged(self, what: str, report: StagingReport) -> None:
+        if not report.files:
+            self._print(f"{what}: using {report.path} in place")
+            return
         self._print(f"staged {what}: {report.files} files, {report.downloaded} downloaded "
                     f"({report.bytes_downloaded} bytes) in {report.seconds:.1f}s")
 
