@@ -29,3 +29,5 @@ class RuntimeConfig:
     progress_bar: bool = False
     log_every: int = 10
     """Log a line every N steps (pods); 0 = no step lines."""
+    quiet: bool = False
+    """No log lines or bar at all: ranks other than 0 leave the talking to rank 0."""

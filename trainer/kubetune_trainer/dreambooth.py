@@ -39,7 +39,7 @@ def generate_class_images(components: Components, prompt: str, count: int, folde
                           height=resolution, width=resolution, num_images_per_prompt=len(chunk),
                           generator=[torch.Generator().manual_seed(seed + i) for i in chunk]).images
             for index, image in zip(chunk, images, strict=True):
-                tmp = paths[index].with_suffix(".tmp.png")
+                tmp = paths[index].with_suffix(f".{os.getpid()}.tmp.png")
                 image.save(tmp)
                 os.replace(tmp, paths[index])
     return paths

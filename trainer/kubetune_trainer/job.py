@@ -86,7 +86,8 @@ def _reporters(job: FineTuneJob, runtime: RuntimeConfig, progress: ProgressState
         server = StatusServer(progress, metrics, runtime.port, runtime.host)
         print(f"[kubetune] serving /metrics and /progress on port {server.port}", flush=True)
         reporters.append(metrics)
-    reporters.append(ProgressBar() if runtime.progress_bar else LogLines(runtime.log_every or 10**9))
+    if not runtime.quiet:
+        reporters.append(ProgressBar() if runtime.progress_bar else LogLines(runtime.log_every or 10**9))
     return Reporters(reporters), server
 
 

@@ -8,6 +8,7 @@ when caching (see `assembly`), so each image has at most two entries: flipped or
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,7 @@ class DiskLatentCache:
             encoded = encode(batch.pixels[missing]).detach().cpu()
             for row, index in enumerate(missing):
                 fresh[index] = encoded[row].clone()
-                tmp = paths[index].with_suffix(".tmp")
+                tmp = paths[index].with_suffix(f".{os.getpid()}.tmp")  # ranks of one pod share the folder
                 torch.save(fresh[index], tmp)
                 tmp.replace(paths[index])
         self.hits += len(paths) - len(missing)

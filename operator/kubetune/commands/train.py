@@ -18,8 +18,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "train",
         help="trainer pod entry point: run the FineTuneJob in --config",
         description=(
-            "Run one FineTuneJob inside a trainer pod. Exit codes: 0 success, 1 failure (retryable), "
-            "75 storage unreachable (retryable), 78 configuration error (not retryable)."
+            "Run one FineTuneJob inside a trainer pod. When PET_NNODES x PET_NPROC_PER_NODE > 1 it "
+            "re-runs itself under torchrun (which reads the PET_* variables). Exit codes: 0 success, "
+            "1 failure (retryable), 75 storage unreachable (retryable), 78 configuration error "
+            "(not retryable), 143 stopped by SIGTERM after a checkpoint (retryable)."
         ),
     )
     parser.add_argument("--config", required=True, type=Path, metavar="FILE",
@@ -39,21 +41,29 @@ def _rank() -> int:
     return int(os.environ.get("RANK", os.environ.get("PET_NODE_RANK", "0")))
 
 
+def _cli_args(args: argparse.Namespace) -> list[str]:
+    return ["train", "--config", str(args.config), "--scratch", str(args.scratch), "--port", str(args.port),
+            "--termination-log", str(args.termination_log), "--mode", args.mode]
+
+
 def run(args: argparse.Namespace) -> int:
     from kubetune_trainer.config import RuntimeConfig
     from kubetune_trainer.exitcodes import ConfigError
     from kubetune_trainer.job import RunResult, load_job_file, run_job, write_result
+    from kubetune_trainer.launch import launch_workers, needs_launcher
 
     main = _rank() == 0
     termination = args.termination_log if str(args.termination_log) not in ("", ".") else None
     runtime = RuntimeConfig(scratch=args.scratch, port=args.port if main else None,
-                            termination_path=termination)
+                            termination_path=termination if main else None, quiet=not main)
     try:
         job = load_job_file(args.config, mode=args.mode)
     except ConfigError as exc:
         print(f"kubetune train: {exc}", file=sys.stderr)
         write_result(RunResult("Failed", exc.exit_code, exc.reason, str(exc)), runtime)
         return exc.exit_code
+    if needs_launcher():
+        return launch_workers(_cli_args(args), termination)
     result = run_job(job, runtime)
     print(f"kubetune train: {result.phase}: {result.message}", file=sys.stderr if result.exit_code else sys.stdout)
     return result.exit_code
