@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from kubetune import __version__
 
-DEFAULT_IMAGE = f"ghcr.io/kubetune/kubetune:{__version__}"
+DEFAULT_IMAGE = f"ghcr.io/kubetune/kubetune-trainer:{__version__}"
 
 
 @dataclass(frozen=True)
