@@ -57,7 +57,7 @@ def test_metrics_pass_promtool_check() -> None:
 def test_termination_message_stays_under_4096_bytes() -> None:
     checkpoints = [{"step": i, "uri": f"s3://bucket/very/long/prefix/checkpoints/step-{i}/",
                     "createdAt": "2026-01-01T00:00:00Z"} for i in range(200)]
-    result = RunResult("Failed", 1, "TrainingFailed", "x" * 10000, {"checkpoints": checkpoints, "step": 7})
+    result = RunResult("Failed", 1, "TrainingFailed", "ü" * 10000, {"checkpoints": checkpoints, "step": 7})
     text = termination_message(result)
     assert len(text.encode()) <= 4096
     assert json.loads(text)["step"] == 7

@@ -41,9 +41,8 @@ class RunResult:
         progress = self.progress
         return {"phase": self.phase, "exitCode": self.exit_code, "reason": self.reason,
                 "message": self.message, "step": progress.get("step"), "totalSteps": progress.get("totalSteps"),
-                "epoch": progress.get("epoch"),
-                "loss": progress.get("loss"), "validationLoss": progress.get("validationLoss"),
-                "checkpoints": progress.get("checkpoints", []),
+                "epoch": progress.get("epoch"), "loss": progress.get("loss"),
+                "validationLoss": progress.get("validationLoss"), "checkpoints": progress.get("checkpoints", []),
                 "samples": progress.get("samples", []), "outputs": progress.get("outputs")}
 
 
@@ -55,8 +54,9 @@ def termination_message(result: RunResult, limit: int = TERMINATION_LIMIT_BYTES)
         while len(text.encode()) > limit and body[key]:
             body[key] = body[key][1:]
             text = json.dumps(body)
-    if len(text.encode()) > limit:
-        body["message"] = body["message"][: max(0, len(body["message"]) - (len(text.encode()) - limit) - 3)]
+    while len(text.encode()) > limit and body["message"]:
+        excess = len(text.encode()) - limit
+        body["message"] = body["message"][: max(0, len(body["message"]) - excess - 1)]
         text = json.dumps(body)
     return text
 
