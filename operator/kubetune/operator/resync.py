@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import kopf
@@ -28,24 +29,33 @@ def list_paths(namespaces: list[str] | None) -> list[str]:
     return [f"/apis/{GROUP}/{VERSION}/namespaces/{ns}/{PLURAL}" for ns in namespaces]
 
 
-def resync_once(api: KubeApi, memo: kopf.Memo, namespaces: list[str] | None) -> int:
-    """One pass over every FineTuneJob; returns how many were reconciled."""
-    done = 0
+def list_finetunejobs(api: KubeApi, memo: kopf.Memo, namespaces: list[str] | None) -> list[dict[str, Any]]:
+    bodies: list[dict[str, Any]] = []
     for path in list_paths(namespaces):
         try:
-            bodies: list[dict[str, Any]] = api.get(path).get("items") or []
+            bodies.extend(api.get(path).get("items") or [])
         except ApiError as exc:
             memo.metrics.api_errors.labels("list").inc()
             LOG.warning("cannot list FineTuneJobs at %s: %s", path, exc)
-            continue
-        for body in bodies:
-            try:
-                run_pass(body, memo, LOG)
-                done += 1
-            except kopf.TemporaryError as exc:
-                meta = body.get("metadata", {})
-                LOG.warning("%s/%s: %s", meta.get("namespace"), meta.get("name"), exc)
-    return done
+    return bodies
+
+
+def _pass(body: dict[str, Any], memo: kopf.Memo) -> bool:
+    try:
+        run_pass(body, memo, LOG)
+    except kopf.TemporaryError as exc:
+        meta = body.get("metadata", {})
+        LOG.warning("%s/%s: %s", meta.get("namespace"), meta.get("name"), exc)
+        return False
+    return True
+
+
+def resync_once(api: KubeApi, memo: kopf.Memo, namespaces: list[str] | None) -> int:
+    """One pass over every FineTuneJob, a few at a time (a slow rank 0 holds up only its own
+    job); returns how many were reconciled without error."""
+    bodies = list_finetunejobs(api, memo, namespaces)
+    with ThreadPoolExecutor(max_workers=memo.settings.resync_workers, thread_name_prefix="kubetune-pass") as pool:
+        return sum(pool.map(lambda body: _pass(body, memo), bodies))
 
 
 def resync_forever(api: KubeApi, memo: kopf.Memo, namespaces: list[str] | None, stop: threading.Event) -> None:

@@ -27,6 +27,8 @@ class OperatorSettings:
     resync_seconds: float = 10.0
     """How often each job is reconciled and rank 0's progress is read."""
     progress_timeout_seconds: float = 3.0
+    resync_workers: int = 8
+    """FineTuneJobs reconciled at once by the periodic resync."""
 
     @classmethod
     def from_env(cls, **overrides: object) -> OperatorSettings:
