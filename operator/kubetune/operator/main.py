@@ -40,6 +40,20 @@ def lease_namespace() -> str:
         return "default"
 
 
+def _lead(api: KubeApi, identity: str | None, lease: tuple[str, str] | None, lease_seconds: int,
+          stop: threading.Event, lost: threading.Event) -> bool:
+    """Wait for the Lease (False if stopped first), then keep renewing it in the background."""
+    lease_ns, lease_name = lease or (lease_namespace(), LEASE_NAME)
+    elector = LeaderElector(api, lease_ns, lease_name, identity or default_identity(), lease_seconds,
+                            retry_seconds=max(0.5, lease_seconds / 5))
+    if not elector.wait_until_leader(stop):
+        return False
+    renew = threading.Thread(target=elector.keep_renewing, args=(stop, lost), name="kubetune-lease")
+    renew.daemon = True
+    renew.start()
+    return True
+
+
 def run(
     namespaces: list[str] | None = None,
     *,
@@ -68,15 +82,8 @@ def run(
     metrics = OperatorMetrics()
     server = serve_probes(metrics.registry, http_port, leading.is_set)
     try:
-        if leader_election:
-            lease_ns, lease_name = lease or (lease_namespace(), LEASE_NAME)
-            elector = LeaderElector(api, lease_ns, lease_name, identity or default_identity(), lease_seconds,
-                                    retry_seconds=max(0.5, lease_seconds / 5))
-            if not elector.wait_until_leader(stop):
-                return 0
-            renew = threading.Thread(target=elector.keep_renewing, args=(stop, lost), name="kubetune-lease")
-            renew.daemon = True
-            renew.start()
+        if leader_election and not _lead(api, identity, lease, lease_seconds, stop, lost):
+            return 0
         leading.set()
         cluster = KubeCluster(api, settings.metrics_port, settings.progress_timeout_seconds)
         memo = kopf.Memo(api=api, cluster=cluster, settings=settings, metrics=metrics, locks={})
@@ -84,6 +91,7 @@ def run(
         kopf.run(registry=build_registry(configuration), memo=memo, standalone=True,
                  clusterwide=not namespaces, namespaces=namespaces or (), stop_flag=stop, ready_flag=ready)
     finally:
+        stop.set()  # Kopf may have stopped on a signal: the resync and Lease threads stop with it
         leading.clear()
         server.shutdown()
         server.server_close()
