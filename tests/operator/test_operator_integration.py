@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import gc
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -386,3 +390,24 @@ def test_a_restarted_operator_adopts_what_it_finds(kube_admin, namespace, start_
     done = wait_phase(kube_admin, namespace, "Succeeded")
     assert batch_job(kube_admin, namespace).metadata.uid == job_uid
     assert done["status"]["outputs"]["uri"] == "s3://outputs/corgi/final/"
+
+
+def test_kubetune_operator_command_runs_and_stops_on_sigterm(kube_cluster, kube_admin, namespace,
+                                                            finetunejob_crd) -> None:
+    port = _free_port()
+    env = dict(os.environ, POD_NAMESPACE=namespace, POD_NAME="op-cli", KUBETUNE_RESYNC_SECONDS="1")
+    command = [sys.executable, "-m", "kubetune.cli", "operator", "-n", namespace, "--http-port", str(port),
+               "--kubeconfig", str(kube_cluster.kubeconfig), "--log-level", "warning"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        probe = RunningOperator("op-cli", threading.Thread(), threading.Event(), threading.Event(), port, [])
+        fakegpu.wait_for(lambda: probe.get("/readyz")[0] == 200, timeout=TIMEOUT, what="the operator to lead")
+        create(kube_admin, ftj(namespace))
+        fakegpu.wait_for(lambda: _job_or_none(kube_admin, namespace), timeout=TIMEOUT, what="the Job")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        output = process.communicate()[0]
+    assert "Traceback" not in output, output

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import socket
 import threading
+from typing import Any
 
 import kopf
 from kubernetes import client
@@ -54,6 +57,23 @@ def _lead(api: KubeApi, identity: str | None, lease: tuple[str, str] | None, lea
     return True
 
 
+async def _operate(stop: threading.Event, **kwargs: Any) -> None:
+    """Kopf until `stop` is set (or a signal arrives), with an asyncio flag bridged from `stop`.
+
+    Kopf would wait for a threading flag in one of its executor threads, and stopping on
+    SIGTERM would then hang while asyncio joins that thread.
+    """
+    loop, flag = asyncio.get_running_loop(), asyncio.Event()
+
+    def relay() -> None:
+        stop.wait()
+        with contextlib.suppress(RuntimeError):  # the loop has already closed
+            loop.call_soon_threadsafe(flag.set)
+
+    threading.Thread(target=relay, name="kubetune-stop", daemon=True).start()
+    await kopf.operator(stop_flag=flag, **kwargs)
+
+
 def run(
     namespaces: list[str] | None = None,
     *,
@@ -88,8 +108,8 @@ def run(
         cluster = KubeCluster(api, settings.metrics_port, settings.progress_timeout_seconds)
         memo = kopf.Memo(api=api, cluster=cluster, settings=settings, metrics=metrics, locks={})
         start_resync(api, memo, namespaces, stop)
-        kopf.run(registry=build_registry(configuration), memo=memo, standalone=True,
-                 clusterwide=not namespaces, namespaces=namespaces or (), stop_flag=stop, ready_flag=ready)
+        asyncio.run(_operate(stop, registry=build_registry(configuration), memo=memo, standalone=True,
+                             clusterwide=not namespaces, namespaces=namespaces or (), ready_flag=ready))
     finally:
         stop.set()  # Kopf may have stopped on a signal: the resync and Lease threads stop with it
         leading.clear()
