@@ -103,7 +103,7 @@ def plan_actions(job: FineTuneJob, observed: Observed, status: FineTuneJobStatus
     """Actions that move the cluster towards `status` (already computed for this pass)."""
     if status.phase in TERMINAL:
         return [DeleteFineTuneJob()] if ttl_expired(job, status, now) else []
-    if secret_view(job, observed) is not None:
+    if observed.job is None and secret_view(job, observed) is not None:
         return []
     return _config_actions(job, observed, settings) + _job_actions(job, observed, status, settings, now)
 

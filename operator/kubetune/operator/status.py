@@ -101,8 +101,8 @@ def _training(report: ProgressReport | None, previous: FineTuneJobStatus) -> boo
 def decide_phase(job: FineTuneJob, observed: Observed, previous: FineTuneJobStatus,
                  report: ProgressReport | None = None, result: ResultReport | None = None) -> PhaseView:
     """The phase of a valid, not yet final job."""
-    if (view := secret_view(job, observed)) is not None:
-        return view
+    if observed.job is None and (view := secret_view(job, observed)) is not None:
+        return view  # a running attempt already has its credentials; only a new one waits
     waiting = "Restarting" if previous.phase == "Restarting" else "Pending"
     if observed.job is None or observed.job_deleting:
         if waiting == "Restarting":
