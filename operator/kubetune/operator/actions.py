@@ -13,7 +13,6 @@ from typing import Any
 
 from kubetune.api.resource import FineTuneJob
 from kubetune.api.status import FineTuneJobStatus
-from kubetune.operator import naming
 from kubetune.operator.observed import Observed
 from kubetune.operator.render import Attempt, render_configmap, render_job, render_service
 from kubetune.operator.restart import failure_verdict, remaining_deadline
@@ -106,7 +105,3 @@ def plan_actions(job: FineTuneJob, observed: Observed, status: FineTuneJobStatus
     if observed.job is None and secret_view(job, observed) is not None:
         return []
     return _config_actions(job, observed, settings) + _job_actions(job, observed, status, settings, now)
-
-
-def job_name(job: FineTuneJob) -> str:
-    return naming.batch_job_name(job.metadata.name)
