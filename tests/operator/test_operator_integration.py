@@ -27,7 +27,7 @@ import pytest
 from kubernetes import client
 
 from kubetune.operator.main import run
-from kubetune.operator.permissions import CLUSTER_RULES, LEASE_RULES
+from kubetune.operator.permissions import CLUSTER_RULES, LEASE_RULES, SECRET_CHECK_RULES
 from kubetune.operator.settings import OperatorSettings
 
 pytestmark = pytest.mark.integration
@@ -81,7 +81,7 @@ def _grant_operator_rights(api: client.ApiClient, namespace: str) -> None:
     name = f"kubetune-operator-{namespace}"
     core.create_namespaced_service_account(namespace, {"metadata": {"name": "kubetune-operator"}})
     subject = [{"kind": "ServiceAccount", "name": "kubetune-operator", "namespace": namespace}]
-    rbac.create_cluster_role({"metadata": {"name": name}, "rules": list(CLUSTER_RULES)})
+    rbac.create_cluster_role({"metadata": {"name": name}, "rules": [*CLUSTER_RULES, *SECRET_CHECK_RULES]})
     rbac.create_cluster_role_binding({"metadata": {"name": name}, "subjects": subject, "roleRef": {
         "apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name}})
     rbac.create_namespaced_role(namespace, {"metadata": {"name": "kubetune-lease"}, "rules": list(LEASE_RULES)})

@@ -198,3 +198,14 @@ def test_s3_keys_fixture_matches_what_status_requires() -> None:
     from kubetune.operator.status import S3_KEYS as REQUIRED
 
     assert frozenset(REQUIRED) == S3_KEYS
+
+
+def test_unchecked_secret_does_not_hold_the_job_back() -> None:
+    """Without permission to read Secrets, a missing one is left for the pods to report."""
+    from kubetune.operator.observed import Observed
+    from kubetune.operator.status import secret_view
+    from tests.operator.ftj_builders import make_job
+
+    job = make_job("a").secret().typed()
+    assert secret_view(job, Observed(secret_keys=None, secret_checked=False)) is None
+    assert secret_view(job, Observed(secret_keys=None)) is not None

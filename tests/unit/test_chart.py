@@ -67,7 +67,13 @@ def test_namespaced_install_has_no_cluster_wide_rbac() -> None:
     docs = render("namespaced")
     kinds = {(d["kind"], d["metadata"].get("namespace")) for d in docs}
     assert ("Role", "team-a") in kinds and ("Role", "team-b") in kinds
-    assert not any(d["kind"] in ("ClusterRole", "ClusterRoleBinding") for d in docs)
+    # Cluster-wide, the operator may only read cluster-scoped kinds (CRDs, namespaces).
+    for role in (d for d in docs if d["kind"] == "ClusterRole"):
+        assert {res for rule in role["rules"] for res in rule["resources"]} <= {
+            "namespaces",
+            "customresourcedefinitions",
+        }
+        assert {verb for rule in role["rules"] for verb in rule["verbs"]} <= {"get", "list", "watch"}
     (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
     args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--namespace=team-a" in args and "--all-namespaces" not in args
@@ -92,3 +98,10 @@ def test_wrong_values_are_rejected(setting: str, field: str) -> None:
     out = helm("template", "kt", str(CHART), "--set", setting)
     assert out.returncode != 0
     assert field in out.stderr
+
+
+def test_chart_grants_exactly_the_operators_permissions() -> None:
+    from kubetune.operator.permissions import CLUSTER_RULES, LEASE_RULES
+
+    granted = [rule for d in render("default") if d["kind"] in ("ClusterRole", "Role") for rule in d["rules"]]
+    assert sorted(map(str, granted)) == sorted(map(str, [*CLUSTER_RULES, *LEASE_RULES]))

@@ -21,27 +21,7 @@ app.kubernetes.io/component: operator
 {{- printf "%s:%s" .repository (default $.appVersion .tag) -}}
 {{- end -}}
 
-{{/* The operator's permissions, for a ClusterRole or a namespaced Role. It never reads Secrets. */}}
+{{/* The operator's permissions come from kubetune.operator.permissions (files/rules-*.yaml). */}}
 {{- define "kubetune.rules" -}}
-- apiGroups: [kubetune.io]
-  resources: [finetunejobs]
-  verbs: [get, list, watch, patch, delete]
-- apiGroups: [kubetune.io]
-  resources: [finetunejobs/status]
-  verbs: [get, patch]
-- apiGroups: [""]
-  resources: [configmaps, services]
-  verbs: [get, list, watch, create, patch, delete]
-- apiGroups: [batch]
-  resources: [jobs]
-  verbs: [get, list, watch, create, patch, delete]
-- apiGroups: [""]
-  resources: [pods]
-  verbs: [get, list, watch]
-- apiGroups: ["", events.k8s.io]
-  resources: [events]
-  verbs: [create, patch]
-- apiGroups: [kopf.dev]
-  resources: [kopfpeerings]
-  verbs: [get, list, watch, patch]
+{{ .Files.Get "files/rules-namespaced.yaml" }}
 {{- end -}}

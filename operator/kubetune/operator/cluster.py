@@ -116,16 +116,21 @@ class KubeCluster:
             pods=tuple(pods),
             configmap=mine("ConfigMap", naming.configmap_name(name)),
             service=mine("Service", naming.service_name(name)),
-            secret_keys=self._secret_keys(job),
+            **self._secret_check(job),
         )
 
-    def _secret_keys(self, job: FineTuneJob) -> frozenset[str] | None:
-        """Only the key names of the credentials Secret; its values are never read into memory here."""
+    def _secret_check(self, job: FineTuneJob) -> dict[str, Any]:
+        """The key names of the credentials Secret, when the operator is allowed to look."""
         ref = job.spec.storage.secret_ref
         if ref is None:
-            return None
-        secret = self.api.get_or_none(f"{_collection('Secret', job.metadata.namespace or 'default')}/{ref.name}")
-        return None if secret is None else frozenset(secret.get("data") or {})
+            return {"secret_keys": None}
+        try:
+            secret = self.api.get_or_none(f"{_collection('Secret', job.metadata.namespace or 'default')}/{ref.name}")
+        except ApiError as exc:
+            if exc.forbidden:  # permissions.SECRET_CHECK_RULES not granted: the pods will tell
+                return {"secret_keys": None, "secret_checked": False}
+            raise
+        return {"secret_keys": None if secret is None else frozenset(secret.get("data") or {})}
 
     def apply(self, job: FineTuneJob, action: Action) -> None:
         ns = job.metadata.namespace or "default"

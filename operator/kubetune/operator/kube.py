@@ -33,6 +33,10 @@ class ApiError(Exception):
         return self.status == 404
 
     @property
+    def forbidden(self) -> bool:
+        return self.status == 403
+
+    @property
     def conflict(self) -> bool:
         """Already exists (on create) or stale resourceVersion (on update)."""
         return self.status == 409

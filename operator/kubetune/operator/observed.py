@@ -27,6 +27,8 @@ class Observed:
     service: dict[str, Any] | None = None
     secret_keys: frozenset[str] | None = None
     """Keys of the referenced Secret; None when it does not exist or none is referenced."""
+    secret_checked: bool = True
+    """False when the operator may not read Secrets: then the pods report a missing one."""
 
     def job_condition(self, type_: str) -> dict[str, Any] | None:
         """A True condition of the batch Job."""

@@ -18,13 +18,19 @@ CLUSTER_RULES: tuple[dict[str, Any], ...] = (
     {"apiGroups": [""], "resources": ["configmaps", "services"],
      "verbs": ["get", "list", "watch", "create", "patch"]},
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
-    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},
     {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
     {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get", "list", "watch"]},
     {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"],
      "verbs": ["get", "list", "watch"]},
 )
-"""Everywhere the operator watches. Secrets: `get` only, to check the credentials Secret's keys."""
+"""Everywhere the operator watches. No Secrets: the operator never reads their values."""
+
+SECRET_CHECK_RULES: tuple[dict[str, Any], ...] = (
+    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},
+)
+"""Optional, and not granted by the chart: lets the operator check the credentials Secret's key
+names before it creates pods. Without it (a 403) the check is skipped and a missing Secret
+shows up as the trainer pods' CreateContainerConfigError instead."""
 
 LEASE_RULES: tuple[dict[str, Any], ...] = (
     {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update"]},

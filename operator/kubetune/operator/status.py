@@ -49,7 +49,7 @@ def is_final(status: FineTuneJobStatus) -> bool:
 def secret_view(job: FineTuneJob, observed: Observed) -> PhaseView | None:
     """Pending while the credentials Secret is missing or lacks a key the trainer needs."""
     ref = job.spec.storage.secret_ref
-    if ref is None:
+    if ref is None or not observed.secret_checked:
         return None
     if observed.secret_keys is None:
         return _view("Pending", cond.SECRET_NOT_FOUND, secret=ref.name, namespace=job.metadata.namespace)
