@@ -41,7 +41,8 @@ lint: $(SYNCED)
 	$(RUN) hadolint Dockerfile
 	$(RUN) kubetune validate --quiet examples/*.yaml
 
-unit: $(SYNCED)
+# Tools first, so the promtool checks run instead of skipping on a fresh machine.
+unit: $(SYNCED) tools
 	$(PYTEST)
 
 # Integration and end-to-end tiers: real servers on loopback (kube-apiserver + etcd built
