@@ -1,6 +1,9 @@
-"""The operator tests share the control-plane fixtures of `tests/integration` (opt-in, `-m integration`)."""
+"""The operator tests share the control-plane fixtures of `tests/integration` (opt-in, `-m integration`)
+and add `start_operator` (see `operator_fixtures.py`)."""
 
-from tests.integration.conftest import (  # noqa: F401 - fixtures are found by name
+from operator_fixtures import operator_extra_rules, start_operator  # noqa: F401 - fixtures are found by name
+
+from tests.integration.conftest import (  # noqa: F401
     finetunejob_crd,
     kube_admin,
     kube_cluster,

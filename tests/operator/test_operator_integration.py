@@ -1,200 +1,42 @@
 """The operator on a real control plane: real API server, Job controller, scheduler, kwok nodes.
 
-The operator runs in a thread under a ServiceAccount bound to exactly
-`kubetune.operator.permissions`, so a missing permission fails here. Pods are driven to
+The operator runs in a thread under a ServiceAccount bound to the ClusterRoles and Role of
+`manifests/operator.yaml`, so a missing permission fails here. Pods are driven to
 their end with `fakegpu.finish_pod`, the way a trainer would end them.
 """
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import urllib.error
-import urllib.request
-import warnings
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Any
 
 import fakegpu
 import pytest
+from cluster_support import (
+    GROUP,
+    LEASE,
+    PLURAL,
+    TIMEOUT,
+    VERSION,
+    RunningOperator,
+    batch_job,
+    condition,
+    create,
+    event_reasons,
+    free_port,
+    ftj,
+    job_or_none,
+    read,
+    running_pods,
+    wait_phase,
+)
 from kubernetes import client
 
-from kubetune.operator.main import run
-from kubetune.operator.permissions import CLUSTER_RULES, LEASE_RULES, SECRET_CHECK_RULES
-from kubetune.operator.settings import OperatorSettings
-
 pytestmark = pytest.mark.integration
-
-GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetunejobs"
-LEASE = "kubetune-operator"
-TIMEOUT = 60
-
-
-@dataclass
-class RunningOperator:
-    identity: str
-    thread: threading.Thread
-    stop: threading.Event
-    ready: threading.Event
-    port: int
-    exit_code: list[int]
-
-    def get(self, path: str) -> tuple[int, str]:
-        """Status and body of the operator's HTTP endpoint; 0 while it is not listening yet."""
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as response:
-                return response.status, response.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, ""
-        except urllib.error.URLError:
-            return 0, ""
-
-    def halt(self) -> None:
-        """Stop the operator; collect what Kopf's stopped event loop leaves to the garbage collector.
-
-        Kopf closes its HTTP sessions on the way out, but transports of watch streams cancelled
-        mid-read are only reclaimed by the collector, with a ResourceWarning; collect them here,
-        where that is expected, instead of in whichever test happens to run next.
-        """
-        self.stop.set()
-        self.thread.join(timeout=30)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ResourceWarning)
-            gc.collect()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _grant_operator_rights(api: client.ApiClient, namespace: str) -> None:
-    core, rbac = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
-    name = f"kubetune-operator-{namespace}"
-    core.create_namespaced_service_account(namespace, {"metadata": {"name": "kubetune-operator"}})
-    subject = [{"kind": "ServiceAccount", "name": "kubetune-operator", "namespace": namespace}]
-    rbac.create_cluster_role({"metadata": {"name": name}, "rules": [*CLUSTER_RULES, *SECRET_CHECK_RULES]})
-    rbac.create_cluster_role_binding({"metadata": {"name": name}, "subjects": subject, "roleRef": {
-        "apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name}})
-    rbac.create_namespaced_role(namespace, {"metadata": {"name": "kubetune-lease"}, "rules": list(LEASE_RULES)})
-    rbac.create_namespaced_role_binding(namespace, {"metadata": {"name": "kubetune-lease"}, "subjects": subject,
-                                                    "roleRef": {"apiGroup": "rbac.authorization.k8s.io",
-                                                                "kind": "Role", "name": "kubetune-lease"}})
-
-
-def _revoke_operator_rights(api: client.ApiClient, namespace: str) -> None:
-    rbac = client.RbacAuthorizationV1Api(api)
-    rbac.delete_cluster_role_binding(f"kubetune-operator-{namespace}")
-    rbac.delete_cluster_role(f"kubetune-operator-{namespace}")
-
-
-@pytest.fixture
-def start_operator(kube_admin: client.ApiClient, namespace: str, finetunejob_crd: str,
-                   service_account_client: Callable[[str, str], client.ApiClient]
-                   ) -> Iterator[Callable[..., RunningOperator]]:
-    """`start(identity)`: an operator watching the test namespace, as its own ServiceAccount."""
-    _grant_operator_rights(kube_admin, namespace)
-    operator_api = service_account_client(namespace, "kubetune-operator")
-    fakegpu.wait_for(lambda: _can_list_jobs(operator_api, namespace), what="the operator's RBAC")
-    started: list[RunningOperator] = []
-
-    def start(identity: str = "op-a", lease_seconds: int = 15) -> RunningOperator:
-        stop, ready, exit_code = threading.Event(), threading.Event(), []
-        settings = OperatorSettings(default_image="registry.invalid/kubetune:test", resync_seconds=1.0,
-                                    progress_timeout_seconds=0.2)
-        port = _free_port()
-        kwargs = {"settings": settings, "configuration": operator_api.configuration, "http_port": port,
-                  "identity": identity, "lease": (namespace, LEASE), "lease_seconds": lease_seconds,
-                  "stop": stop, "ready": ready}
-        thread = threading.Thread(target=lambda: exit_code.append(run([namespace], **kwargs)), daemon=True)
-        thread.start()
-        started.append(RunningOperator(identity, thread, stop, ready, port, exit_code))
-        return started[-1]
-
-    yield start
-    for operator in started:
-        operator.halt()
-    _revoke_operator_rights(kube_admin, namespace)
-
-
-def _can_list_jobs(api: client.ApiClient, namespace: str) -> bool:
-    try:
-        client.CustomObjectsApi(api).list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
-    except client.ApiException:
-        return False
-    return True
-
-
-def ftj(namespace: str, name: str = "corgi", nodes: int = 1, **spec: Any) -> dict[str, Any]:
-    body = {
-        "apiVersion": f"{GROUP}/{VERSION}", "kind": "FineTuneJob",
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": {
-            "model": {"uri": "s3://models/sd15/"}, "method": {"type": "lora"},
-            "data": {"uri": "s3://datasets/corgis/"}, "output": {"uri": f"s3://outputs/{name}/"},
-            "training": {"maxSteps": 100},
-            "resources": {"nodes": nodes, "gpusPerNode": 8, "cpu": "8", "memory": "64Gi"},
-            "runPolicy": {"backoffLimit": 2},
-        },
-    }
-    body["spec"].update(spec)
-    return body
-
-
-def create(api: client.ApiClient, body: dict[str, Any]) -> None:
-    client.CustomObjectsApi(api).create_namespaced_custom_object(
-        GROUP, VERSION, body["metadata"]["namespace"], PLURAL, body)
-
-
-def read(api: client.ApiClient, namespace: str, name: str = "corgi") -> dict[str, Any]:
-    return client.CustomObjectsApi(api).get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-
-
-def wait_phase(api: client.ApiClient, namespace: str, phase: str, name: str = "corgi",
-               timeout: float = TIMEOUT) -> dict[str, Any]:
-    def reached() -> dict[str, Any] | None:
-        obj = read(api, namespace, name)
-        return obj if (obj.get("status") or {}).get("phase") == phase else None
-
-    return fakegpu.wait_for(reached, timeout=timeout, what=f"FineTuneJob {namespace}/{name} to be {phase}")
-
-
-def condition(obj: dict[str, Any], type_: str) -> dict[str, Any]:
-    return next(c for c in obj["status"]["conditions"] if c["type"] == type_)
-
-
-def running_pods(api: client.ApiClient, namespace: str, count: int, job_uid: str | None = None,
-                 exclude: str = "") -> list[Any]:
-    core = client.CoreV1Api(api)
-
-    def wanted(pod: Any) -> bool:
-        owner_ok = job_uid is None or pod.metadata.owner_references[0].uid == job_uid
-        return pod.status.phase == "Running" and owner_ok and pod.metadata.name != exclude
-
-    def ready() -> list[Any] | None:
-        pods = core.list_namespaced_pod(namespace, label_selector="kubetune.io/job-name=corgi").items
-        running = [p for p in pods if wanted(p)]
-        return running if len(running) == count else None
-
-    return fakegpu.wait_for(ready, timeout=TIMEOUT, what=f"{count} running trainer pods")
-
-
-def batch_job(api: client.ApiClient, namespace: str, name: str = "corgi") -> Any:
-    return client.BatchV1Api(api).read_namespaced_job(name, namespace)
-
-
-def event_reasons(api: client.ApiClient, namespace: str, name: str = "corgi") -> list[str]:
-    events = client.CoreV1Api(api).list_namespaced_event(
-        namespace, field_selector=f"involvedObject.name={name},involvedObject.kind=FineTuneJob").items
-    return [e.reason for e in sorted(events, key=lambda e: e.metadata.creation_timestamp)]
 
 
 def test_job_runs_on_wired_pods_and_succeeds_with_outputs(kube_admin, namespace, start_operator) -> None:
@@ -238,19 +80,12 @@ def test_failed_attempt_restarts_on_a_new_job(kube_admin, namespace, start_opera
     restarting = wait_phase(kube_admin, namespace, "Restarting")
     assert restarting["status"]["restarts"] == 1
     assert "illegal memory access" in condition(restarting, "Restarting")["message"]
-    new = fakegpu.wait_for(lambda: (j := _job_or_none(kube_admin, namespace)) and j.metadata.uid != first_uid and j,
+    new = fakegpu.wait_for(lambda: (j := job_or_none(kube_admin, namespace)) and j.metadata.uid != first_uid and j,
                            timeout=TIMEOUT, what="a new Job for the next attempt")
     assert new.metadata.annotations["kubetune.io/restarts"] == "1"
     running_pods(kube_admin, namespace, 1, job_uid=new.metadata.uid)
     staged = wait_phase(kube_admin, namespace, "Staging")
     assert staged["status"]["restarts"] == 1
-
-
-def _job_or_none(api: client.ApiClient, namespace: str) -> Any:
-    try:
-        return batch_job(api, namespace)
-    except client.ApiException:
-        return None
 
 
 def test_config_error_fails_at_once(kube_admin, namespace, start_operator) -> None:
@@ -283,7 +118,7 @@ def test_missing_secret_then_created(kube_admin, namespace, start_operator) -> N
     pending = fakegpu.wait_for(lambda: (o := read(kube_admin, namespace)).get("status", {}).get("message", "")
                                .startswith("Secret s3-credentials") and o, timeout=TIMEOUT, what="SecretNotFound")
     assert condition(pending, "Running")["reason"] == "SecretNotFound"
-    assert _job_or_none(kube_admin, namespace) is None
+    assert job_or_none(kube_admin, namespace) is None
     client.CoreV1Api(kube_admin).create_namespaced_secret(namespace, {
         "metadata": {"name": "s3-credentials"},
         "stringData": {"AWS_ACCESS_KEY_ID": "id", "AWS_SECRET_ACCESS_KEY": "secret"}})
@@ -303,7 +138,7 @@ def test_spec_the_api_server_accepts_but_the_operator_rejects(kube_admin, namesp
     failed = wait_phase(kube_admin, namespace, "Failed")
     assert condition(failed, "Failed")["reason"] == "InvalidSpec"
     assert "spec.output.uri" in failed["status"]["message"]
-    assert _job_or_none(kube_admin, namespace) is None
+    assert job_or_none(kube_admin, namespace) is None
 
 
 def test_suspend_and_resume(kube_admin, namespace, start_operator) -> None:
@@ -394,7 +229,7 @@ def test_a_restarted_operator_adopts_what_it_finds(kube_admin, namespace, start_
 
 def test_kubetune_operator_command_runs_and_stops_on_sigterm(kube_cluster, kube_admin, namespace,
                                                             finetunejob_crd) -> None:
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, POD_NAMESPACE=namespace, POD_NAME="op-cli", KUBETUNE_RESYNC_SECONDS="1")
     command = [sys.executable, "-m", "kubetune.cli", "operator", "-n", namespace, "--http-port", str(port),
                "--kubeconfig", str(kube_cluster.kubeconfig), "--log-level", "warning"]
@@ -403,7 +238,7 @@ def test_kubetune_operator_command_runs_and_stops_on_sigterm(kube_cluster, kube_
         probe = RunningOperator("op-cli", threading.Thread(), threading.Event(), threading.Event(), port, [])
         fakegpu.wait_for(lambda: probe.get("/readyz")[0] == 200, timeout=TIMEOUT, what="the operator to lead")
         create(kube_admin, ftj(namespace))
-        fakegpu.wait_for(lambda: _job_or_none(kube_admin, namespace), timeout=TIMEOUT, what="the Job")
+        fakegpu.wait_for(lambda: job_or_none(kube_admin, namespace), timeout=TIMEOUT, what="the Job")
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
     finally:

@@ -15,7 +15,7 @@ from kubetune.api.resource import FineTuneJob
 from kubetune.api.status import FineTuneJobStatus
 from kubetune.operator.observed import Observed
 from kubetune.operator.render import Attempt, render_configmap, render_job, render_service
-from kubetune.operator.restart import failure_verdict, remaining_deadline
+from kubetune.operator.restart import failure_verdict, next_attempt_at, remaining_deadline
 from kubetune.operator.settings import OperatorSettings
 from kubetune.operator.status import TERMINAL, secret_view
 from kubetune.operator.timefmt import parse_time
@@ -81,6 +81,9 @@ def _config_actions(job: FineTuneJob, observed: Observed, settings: OperatorSett
 def _job_actions(job: FineTuneJob, observed: Observed, status: FineTuneJobStatus, settings: OperatorSettings,
                  now: datetime) -> list[Action]:
     if observed.job is None:
+        not_before = next_attempt_at(status, settings.restart_backoff_seconds)
+        if not_before is not None and now < not_before:
+            return []  # backing off; a later pass (the resync timer) starts the attempt
         attempt = Attempt(status.restarts, remaining_deadline(job, status.start_time, now))
         return [CreateChild(render_job(job, settings, attempt))]
     meta = observed.job["metadata"]

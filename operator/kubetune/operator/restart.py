@@ -9,17 +9,20 @@ in one place, as pure functions of the observed children.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Literal
 
 from kubetune.api.resource import FineTuneJob
+from kubetune.api.status import FineTuneJobStatus
 from kubetune.exitcodes import CONFIG_ERROR_EXIT_CODE
+from kubetune.operator import conditions as cond
 from kubetune.operator import observed as obs
 from kubetune.operator.observed import Observed
 from kubetune.operator.timefmt import parse_time
 
 VerdictKind = Literal["restart", "disrupted", "config-error", "deadline", "exhausted"]
 CAUSE_LIMIT = 300
+BACKOFF_CAP_SECONDS = 300.0
 
 
 @dataclass(frozen=True)
@@ -89,3 +92,28 @@ def remaining_deadline(job: FineTuneJob, start_time: str | None, now: datetime) 
     if started is None:
         return limit
     return max(1, limit - int((now - started).total_seconds()))
+
+
+def restart_delay(restarts: int, base_seconds: float) -> float:
+    """Seconds between a failure and restart number `restarts`: base, 2 x base, 4 x base... capped,
+    as the Job controller backs off pod retries."""
+    if restarts <= 0 or base_seconds <= 0:
+        return 0.0
+    return min(BACKOFF_CAP_SECONDS, base_seconds * 2 ** (restarts - 1))
+
+
+def next_attempt_at(status: FineTuneJobStatus, base_seconds: float) -> datetime | None:
+    """When a Restarting job may start its next attempt; None when nothing holds it back.
+
+    The clock starts when the Restarting condition turned True. A node disruption is not the
+    job's fault and is not counted, so it restarts at once.
+    """
+    if status.phase != "Restarting":
+        return None
+    restarting = cond.find(status.conditions, "Restarting")
+    if restarting is None or restarting.reason == cond.NODE_DISRUPTED.reason:
+        return None
+    since = parse_time(restarting.last_transition_time)
+    if since is None:
+        return None
+    return since + timedelta(seconds=restart_delay(status.restarts, base_seconds))

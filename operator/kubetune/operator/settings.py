@@ -29,6 +29,8 @@ class OperatorSettings:
     progress_timeout_seconds: float = 3.0
     resync_workers: int = 8
     """FineTuneJobs reconciled at once by the periodic resync."""
+    restart_backoff_seconds: float = 10.0
+    """Wait before a retried attempt: this, doubled per counted restart, capped at five minutes."""
 
     @classmethod
     def from_env(cls, **overrides: object) -> OperatorSettings:

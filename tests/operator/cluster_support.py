@@ -1,0 +1,214 @@
+"""Helpers for the operator's tests on the real control plane: an in-process operator that
+acts as its own ServiceAccount, bound to the RBAC shipped in `manifests/operator.yaml`, and
+small readers for FineTuneJobs, their children and their events.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import socket
+import threading
+import urllib.error
+import urllib.request
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import fakegpu
+import yaml
+from kubernetes import client
+
+GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetunejobs"
+LEASE = "kubetune-operator"
+TIMEOUT = 60
+OPERATOR_SA = "kubetune-operator"
+MANIFEST = Path(__file__).resolve().parents[2] / "manifests" / "operator.yaml"
+RBAC = "rbac.authorization.k8s.io"
+
+
+@dataclass
+class RunningOperator:
+    identity: str
+    thread: threading.Thread
+    stop: threading.Event
+    ready: threading.Event
+    port: int
+    exit_code: list[int]
+
+    def get(self, path: str) -> tuple[int, str]:
+        """Status and body of the operator's HTTP endpoint; 0 while it is not listening yet."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, ""
+        except urllib.error.URLError:
+            return 0, ""
+
+    def halt(self) -> None:
+        """Stop the operator; collect what Kopf's stopped event loop leaves to the garbage collector.
+
+        Kopf closes its HTTP sessions on the way out, but transports of watch streams cancelled
+        mid-read are only reclaimed by the collector, with a ResourceWarning; collect them here,
+        where that is expected, instead of in whichever test happens to run next.
+        """
+        self.stop.set()
+        self.thread.join(timeout=30)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            gc.collect()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def shipped_rbac() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The ClusterRoles and the leader-election Role that `manifests/operator.yaml` installs."""
+    docs = [d for d in yaml.safe_load_all(MANIFEST.read_text()) if d]
+    cluster_roles = [d for d in docs if d["kind"] == "ClusterRole"]
+    roles = [d for d in docs if d["kind"] == "Role"]
+    assert cluster_roles and roles, f"{MANIFEST} has no ClusterRole or Role"
+    return cluster_roles, roles
+
+
+def _ensure_cluster_role(rbac: client.RbacAuthorizationV1Api, role: dict[str, Any]) -> None:
+    body = {"metadata": {"name": role["metadata"]["name"]}, "rules": role["rules"]}
+    try:
+        rbac.create_cluster_role(body)
+    except client.ApiException as exc:
+        if exc.status != 409:
+            raise
+        rbac.replace_cluster_role(body["metadata"]["name"], body)
+
+
+def grant_operator_rights(api: client.ApiClient, namespace: str, extra_rules: list[dict[str, Any]]) -> None:
+    """Bind a ServiceAccount in `namespace` to the shipped ClusterRoles and leader Role.
+
+    `extra_rules` (for example the optional Secret check) go into a ClusterRole of their own,
+    so the shipped ones are never widened.
+    """
+    core, rbac = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
+    core.create_namespaced_service_account(namespace, {"metadata": {"name": OPERATOR_SA}})
+    subject = [{"kind": "ServiceAccount", "name": OPERATOR_SA, "namespace": namespace}]
+    cluster_roles, roles = shipped_rbac()
+    names = []
+    for role in cluster_roles:
+        _ensure_cluster_role(rbac, role)
+        names.append(role["metadata"]["name"])
+    if extra_rules:
+        names.append(f"kubetune-extra-{namespace}")
+        rbac.create_cluster_role({"metadata": {"name": names[-1]}, "rules": extra_rules})
+    for name in names:
+        rbac.create_cluster_role_binding({
+            "metadata": {"name": f"{name}-{namespace}"}, "subjects": subject,
+            "roleRef": {"apiGroup": RBAC, "kind": "ClusterRole", "name": name}})
+    for role in roles:
+        name = role["metadata"]["name"]
+        rbac.create_namespaced_role(namespace, {"metadata": {"name": name}, "rules": role["rules"]})
+        rbac.create_namespaced_role_binding(namespace, {
+            "metadata": {"name": name}, "subjects": subject,
+            "roleRef": {"apiGroup": RBAC, "kind": "Role", "name": name}})
+
+
+def revoke_operator_rights(api: client.ApiClient, namespace: str) -> None:
+    rbac = client.RbacAuthorizationV1Api(api)
+    for binding in rbac.list_cluster_role_binding().items:
+        if binding.metadata.name.endswith(f"-{namespace}"):
+            rbac.delete_cluster_role_binding(binding.metadata.name)
+    for role in rbac.list_cluster_role().items:
+        if role.metadata.name == f"kubetune-extra-{namespace}":
+            rbac.delete_cluster_role(role.metadata.name)
+
+
+def can_list_jobs(api: client.ApiClient, namespace: str) -> bool:
+    try:
+        client.CustomObjectsApi(api).list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
+    except client.ApiException:
+        return False
+    return True
+
+
+def ftj(namespace: str, name: str = "corgi", nodes: int = 1, **spec: Any) -> dict[str, Any]:
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": "FineTuneJob",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "model": {"uri": "s3://models/sd15/"}, "method": {"type": "lora"},
+            "data": {"uri": "s3://datasets/corgis/"}, "output": {"uri": f"s3://outputs/{name}/"},
+            "training": {"maxSteps": 100},
+            "resources": {"nodes": nodes, "gpusPerNode": 8, "cpu": "8", "memory": "64Gi"},
+            "runPolicy": {"backoffLimit": 2},
+        },
+    }
+    body["spec"].update(spec)
+    return body
+
+
+def create(api: client.ApiClient, body: dict[str, Any]) -> None:
+    client.CustomObjectsApi(api).create_namespaced_custom_object(
+        GROUP, VERSION, body["metadata"]["namespace"], PLURAL, body)
+
+
+def read(api: client.ApiClient, namespace: str, name: str = "corgi") -> dict[str, Any]:
+    return client.CustomObjectsApi(api).get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+
+
+def patch_spec(api: client.ApiClient, namespace: str, spec: dict[str, Any], name: str = "corgi") -> None:
+    client.CustomObjectsApi(api).patch_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, name, {"spec": spec})
+
+
+def wait_phase(api: client.ApiClient, namespace: str, phase: str, name: str = "corgi",
+               timeout: float = TIMEOUT) -> dict[str, Any]:
+    def reached() -> dict[str, Any] | None:
+        obj = read(api, namespace, name)
+        return obj if (obj.get("status") or {}).get("phase") == phase else None
+
+    return fakegpu.wait_for(reached, timeout=timeout, what=f"FineTuneJob {namespace}/{name} to be {phase}")
+
+
+def condition(obj: dict[str, Any], type_: str) -> dict[str, Any]:
+    return next(c for c in obj["status"]["conditions"] if c["type"] == type_)
+
+
+def running_pods(api: client.ApiClient, namespace: str, count: int, job_uid: str | None = None,
+                 exclude: str = "", name: str = "corgi") -> list[Any]:
+    core = client.CoreV1Api(api)
+
+    def wanted(pod: Any) -> bool:
+        owner_ok = job_uid is None or pod.metadata.owner_references[0].uid == job_uid
+        return pod.status.phase == "Running" and owner_ok and pod.metadata.name != exclude
+
+    def ready() -> list[Any] | None:
+        pods = core.list_namespaced_pod(namespace, label_selector=f"kubetune.io/job-name={name}").items
+        running = [p for p in pods if wanted(p)]
+        return running if len(running) == count else None
+
+    return fakegpu.wait_for(ready, timeout=TIMEOUT, what=f"{count} running trainer pods")
+
+
+def batch_job(api: client.ApiClient, namespace: str, name: str = "corgi") -> Any:
+    return client.BatchV1Api(api).read_namespaced_job(name, namespace)
+
+
+def job_or_none(api: client.ApiClient, namespace: str, name: str = "corgi") -> Any:
+    try:
+        return batch_job(api, namespace, name)
+    except client.ApiException:
+        return None
+
+
+def event_reasons(api: client.ApiClient, namespace: str, name: str = "corgi") -> list[str]:
+    events = client.CoreV1Api(api).list_namespaced_event(
+        namespace, field_selector=f"involvedObject.name={name},involvedObject.kind=FineTuneJob").items
+    return [e.reason for e in sorted(events, key=lambda e: e.metadata.creation_timestamp)]
+
+
+def result_message(**fields: Any) -> str:
+    """A trainer's termination message."""
+    return json.dumps(fields)
