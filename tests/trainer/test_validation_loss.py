@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -45,8 +46,21 @@ def test_run_reports_validation_loss_and_stops_early(tiny_sd: Path, squares: Pat
                     data={"validationFraction": 0.2},
                     training={"maxSteps": 40, "learningRate": 1.0, "earlyStopping": {"patience": 1, "minDelta": 10.0}},
                     validation={"every": 1})
-    result = run_job(job, RuntimeConfig(scratch=tmp_path / "s", log_every=0))
+    runtime = RuntimeConfig(scratch=tmp_path / "s", log_every=0, termination_path=tmp_path / "termination")
+    result = run_job(job, runtime)
     assert result.exit_code == 0, result.message
     assert result.progress["validationLoss"] is not None
     assert result.progress["step"] == 2
     assert Path(result.progress["outputs"]["lora"]["diffusers"]).is_file()
+    final = json.loads((tmp_path / "termination").read_text())
+    assert (final["phase"], final["reason"], final["step"]) == ("Succeeded", "EarlyStopped", 2)
+    assert final["message"].startswith("stopped early at step 2 of 40: validation loss has not improved")
+    assert "for 1 evaluation(s)" in final["message"]
+
+
+def test_a_run_without_early_stopping_completes(tiny_sd: Path, squares: Path, tmp_path: Path) -> None:
+    job = local_job(str(tiny_sd), str(squares), str(tmp_path / "out"), data={"validationFraction": 0.2},
+                    training={"maxSteps": 2}, validation={"every": 1})
+    result = run_job(job, RuntimeConfig(scratch=tmp_path / "s", log_every=0))
+    assert (result.exit_code, result.reason, result.message) == (0, "Completed", "training finished")
+    assert result.progress["step"] == 2

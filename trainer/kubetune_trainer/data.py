@@ -120,6 +120,8 @@ class Batch:
     """What makes each prepared image what it is (file, size, crop, flip): the latent-cache key."""
     weights: list[float]
     """Each image's share of the loss (1/batch size; DreamBooth class images get the prior weight)."""
+    terms: list[str] | None = None
+    """Which loss term each image belongs to ("instance", "prior"), where a batch mixes several."""
 
 
 def prepare_image(path: Path, spec: DataSpec, target: tuple[int, int],

@@ -4,7 +4,7 @@ Prior preservation trains on class images ("a photo of a dog") beside the subjec
 the model keeps its idea of the class. Class images come from `classDataUri` and, where
 fewer than `numClassImages` exist, are generated with the base model before any weight
 changes. Every batch then holds instance and class images; the class part of the loss is
-scaled by `priorLossWeight`.
+scaled by `priorLossWeight` and reported apart as the `prior` loss term.
 """
 
 from __future__ import annotations
@@ -75,7 +75,8 @@ class PriorPreservationStream:
 
         a, b = self.instance.next_batch(), self.prior.next_batch()
         return Batch(torch.cat([a.pixels, b.pixels]), a.captions + b.captions, a.sizes + b.sizes,
-                     a.keys + b.keys, a.weights + [w * self.weight for w in b.weights])
+                     a.keys + b.keys, a.weights + [w * self.weight for w in b.weights],
+                     terms=["instance"] * len(a.keys) + ["prior"] * len(b.keys))
 
     def state_dict(self) -> dict[str, Any]:
         return {"instance": self.instance.state_dict(), "prior": self.prior.state_dict()}

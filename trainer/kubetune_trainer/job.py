@@ -125,9 +125,12 @@ def run_job(job: FineTuneJob, runtime: RuntimeConfig, hooks: list[StepHook] | No
     try:
         reporter, server = _reporters(job, runtime, progress)
         with stop_on_signals(stop):
-            build_trainer(job, runtime, reporter, hooks, stop).train()
+            trainer = build_trainer(job, runtime, reporter, hooks, stop)
+            trainer.train()
         progress.phase("Succeeded")
-        result = RunResult("Succeeded", EXIT_OK, "Completed", "training finished", progress.snapshot())
+        reason, message = ("EarlyStopped", trainer.early_stop_message) if trainer.early_stop_message else (
+            "Completed", "training finished")
+        result = RunResult("Succeeded", EXIT_OK, reason, message, progress.snapshot())
     except TrainerError as exc:
         progress.phase("Failed")
         result = RunResult("Failed", exc.exit_code, exc.reason, str(exc), progress.snapshot())

@@ -1,7 +1,8 @@
 """Prometheus metrics of the rank-0 trainer, on a registry of their own.
 
-Names start with `kubetune_trainer_`, use base units, and carry only the `namespace` and
-`name` labels of the FineTuneJob: no step, no URI, nothing with unbounded values or secrets.
+Names start with `kubetune_trainer_`, use base units, and carry the `namespace` and `name`
+labels of the FineTuneJob (plus `term`, one of a fixed few, on `loss_term`): no step, no URI,
+nothing with unbounded values or secrets.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ class PrometheusMetrics(Reporter):
         self.step_gauge = make(Gauge, "step", "Optimizer steps completed.")
         self.total_steps = make(Gauge, "total_steps", "Optimizer steps planned.")
         self.loss = make(Gauge, "loss", "Training loss of the latest step.")
+        self.loss_term = Gauge(PREFIX + "loss_term", "Part of the latest step's training loss by term "
+                               "(DreamBooth: instance, prior).", (*LABELS, "term"), registry=self.registry)
+        self.labels = labels
         self.validation_loss = make(Gauge, "validation_loss", "Loss on the held-out images at the latest evaluation.")
         self.rate = make(Gauge, "images_per_second", "Training throughput of the latest step in images per second.")
         self.images = make(Counter, "images", "Images trained on by this process.")
@@ -57,6 +61,10 @@ class PrometheusMetrics(Reporter):
         self.loss.set(loss)
         self.rate.set(images / seconds if seconds > 0 else 0.0)
         self.images.inc(images)
+
+    def loss_terms(self, step: int, terms: dict[str, float]) -> None:
+        for term, value in terms.items():
+            self.loss_term.labels(**self.labels, term=term).set(value)
 
     def validation(self, step: int, loss: float) -> None:
         self.validation_loss.set(loss)

@@ -14,6 +14,33 @@ from kubetune_trainer.latent_cache import DiskLatentCache, NoLatentCache
 from kubetune_trainer.models import Components
 
 
+class LossTerms:
+    """Each named term's part of the training loss (DreamBooth: instance, prior), mean over micro-batches.
+
+    Batches without `terms` add nothing, so plain methods and validation never pay for it.
+    """
+
+    def __init__(self) -> None:
+        self._sums: dict[str, Any] = {}
+        self._batches = 0
+
+    def add(self, terms: list[str] | None, contributions: Any) -> None:
+        import torch
+
+        if not terms:
+            return
+        self._batches += 1
+        for name in dict.fromkeys(terms):
+            mask = torch.tensor([term == name for term in terms], device=contributions.device)
+            self._sums[name] = self._sums.get(name, 0.0) + contributions[mask].sum().detach()
+
+    def take(self) -> dict[str, float]:
+        """The terms since the last call (empty when none were recorded), then start over."""
+        taken = {name: float(total) / self._batches for name, total in self._sums.items()}
+        self._sums, self._batches = {}, 0
+        return taken
+
+
 class DiffusionObjective:
     """Noise-prediction (epsilon or v) MSE for latent diffusion UNets."""
 
@@ -23,9 +50,13 @@ class DiffusionObjective:
         self.latent_cache = latent_cache or NoLatentCache()
         self.device, self.weight_dtype = device, weight_dtype
         self.scheduler = components.noise_scheduler
+        self.terms = LossTerms()
+        self.encoded_images = 0
+        """Images the VAE encoder has run on (cache hits excluded)."""
 
     def _encode(self, pixels: Any) -> Any:
         vae = self.components.vae
+        self.encoded_images += int(pixels.shape[0])
         return vae.encode(pixels.to(self.device, dtype=vae.dtype)).latent_dist.parameters
 
     def latents(self, batch: Batch, generator: Any) -> Any:
@@ -63,7 +94,9 @@ class DiffusionObjective:
         target = self._target(latents, noise, timesteps)
         per_image = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         shares = torch.tensor(batch.weights, dtype=per_image.dtype, device=per_image.device)
-        return (per_image * self._weights(timesteps) * shares).sum()
+        contributions = per_image * self._weights(timesteps) * shares
+        self.terms.add(batch.terms, contributions)
+        return contributions.sum()
 
     def _target(self, latents: Any, noise: Any, timesteps: Any) -> Any:
         if self.scheduler.config.prediction_type == "v_prediction":

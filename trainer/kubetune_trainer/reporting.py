@@ -31,6 +31,9 @@ class Reporter:
 
     def step(self, step: int, loss: float, images: int, seconds: float, epoch: int = 1) -> None: ...
 
+    def loss_terms(self, step: int, terms: dict[str, float]) -> None:
+        """The parts of the step's loss by term (DreamBooth: instance, prior); empty for one-term methods."""
+
     def validation(self, step: int, loss: float) -> None: ...
 
     def checkpoints(self, refs: list[CheckpointRef], upload_seconds: float | None) -> None: ...
@@ -67,6 +70,9 @@ class Reporters(Reporter):
     def step(self, step: int, loss: float, images: int, seconds: float, epoch: int = 1) -> None:
         self._each("step", step, loss, images, seconds, epoch)
 
+    def loss_terms(self, step: int, terms: dict[str, float]) -> None:
+        self._each("loss_terms", step, terms)
+
     def validation(self, step: int, loss: float) -> None:
         self._each("validation", step, loss)
 
@@ -90,7 +96,8 @@ class ProgressState(Reporter):
         self._lock = threading.Lock()
         self._state: dict[str, Any] = {
             "phase": "Starting", "step": 0, "totalSteps": None, "epoch": None, "loss": None, "validationLoss": None,
-            "imagesPerSecond": None, "etaSeconds": None, "checkpoints": [], "samples": [], "outputs": None,
+            "imagesPerSecond": None, "etaSeconds": None, "lossTerms": None, "checkpoints": [], "samples": [],
+            "outputs": None,
         }
         self._loss: float | None = None
         self._rate: float | None = None
@@ -117,6 +124,10 @@ class ProgressState(Reporter):
         eta = (total - step) * seconds
         self._set(step=step, epoch=epoch, loss=round(self._loss, 6), imagesPerSecond=round(self._rate, 3),
                   etaSeconds=int(eta))
+
+    def loss_terms(self, step: int, terms: dict[str, float]) -> None:
+        if terms:
+            self._set(lossTerms={name: round(value, 6) for name, value in terms.items()})
 
     def validation(self, step: int, loss: float) -> None:
         self._set(validationLoss=round(loss, 6))

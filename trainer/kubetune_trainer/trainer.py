@@ -78,6 +78,8 @@ class Trainer:
         self.checkpoints: list[CheckpointRef] = []
         self.outputs: dict[str, Any] | None = None
         self.stopped_early = False
+        self.early_stop_message: str | None = None
+        """Why training ended before `total_steps`, for the final status; None when it did not."""
 
     @property
     def is_main(self) -> bool:
@@ -92,6 +94,7 @@ class Trainer:
             loss, seconds = self.train_step()
             self.step += 1
             self.p.reporter.step(self.step, loss, self.images_per_step(), seconds, self.p.data.epoch + 1)
+            self.p.reporter.loss_terms(self.step, self.p.objective.terms.take())
             last = self.step == self.p.total_steps
             if self.p.validator.due(self.step, last):
                 self.validate()
@@ -118,8 +121,9 @@ class Trainer:
         self.p.reporter.validation(self.step, loss)
         if self.p.stopper.update(loss):
             self.stopped_early = True
-            self.p.reporter.notice(f"early stopping at step {self.step}: validation loss has not improved "
-                                   f"for {self.p.stopper.bad} evaluations")
+            self.early_stop_message = (f"stopped early at step {self.step} of {self.p.total_steps}: "
+                                       f"{self.p.stopper.explain()}")
+            self.p.reporter.notice(self.early_stop_message)
 
     def images_per_step(self) -> int:
         training = self.p.job.spec.training

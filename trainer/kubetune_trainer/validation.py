@@ -66,6 +66,12 @@ class EarlyStopper:
             self.bad += 1
         return self.bad >= self.spec.patience
 
+    def explain(self) -> str:
+        """Why it said stop, in one line."""
+        delta = self.spec.min_delta if self.spec else 0.0
+        return (f"validation loss has not improved on its best ({self.best:.6g}) by more than {delta:g} "
+                f"for {self.bad} evaluation(s) (training.earlyStopping)")
+
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best, "bad": self.bad}
 
