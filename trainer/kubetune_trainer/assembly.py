@@ -28,6 +28,7 @@ from kubetune_trainer.reporting import Reporter
 from kubetune_trainer.sampling import build_sampler
 from kubetune_trainer.staging import stage
 from kubetune_trainer.storage import open_store
+from kubetune_trainer.trace import trace_from_env
 from kubetune_trainer.trainer import StepHook, StopRequest, Trainer, TrainerParts
 from kubetune_trainer.validation import EarlyStopper, LossValidator, NullValidator
 
@@ -157,6 +158,7 @@ def build_trainer(job: FineTuneJob, runtime: RuntimeConfig, reporter: Reporter,
 
     spec = job.spec
     accelerator, method = build_accelerator(job), build_method(job)
+    trace = trace_from_env(accelerator.process_index)
     set_seed(spec.training.seed)
     for text in setting_notices(job):
         reporter.notice(text)
@@ -171,13 +173,13 @@ def build_trainer(job: FineTuneJob, runtime: RuntimeConfig, reporter: Reporter,
     with accelerator.local_main_process_first():
         prior = _prior_examples(job, class_dir, components, runtime)
     trained = _prepare(method, components, spec.training.gradient_checkpointing)
-    data = _batches(job, dataset, prior, accelerator, components)
+    data = trace.wrap_data(_batches(job, dataset, prior, accelerator, components))
     steps = total_steps(job, data.per_epoch())
     params = [p for m in trained.values() for p in m.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, spec.training)
     lr_scheduler = build_lr_scheduler(optimizer, spec.training, steps)
     unet, optimizer = accelerator.prepare(components.unet, optimizer)
-    store = open_store(spec.output.uri, spec.storage, runtime.pvc_root)
+    store = trace.wrap_store(open_store(spec.output.uri, spec.storage, runtime.pvc_root))
     cache = DiskLatentCache(runtime.scratch / "latents") if spec.training.cache_latents else NoLatentCache()
     objective = DiffusionObjective(components, unet, spec.training, accelerator.device, weight_dtype, cache)
     return Trainer(TrainerParts(
@@ -189,6 +191,7 @@ def build_trainer(job: FineTuneJob, runtime: RuntimeConfig, reporter: Reporter,
         sampler=build_sampler(spec.validation, components=components, store=store, output_uri=spec.output.uri,
                               resolution=spec.data.resolution, seed=spec.training.seed,
                               scratch=runtime.scratch / "samples"),
-        output_store=store, reporter=reporter, total_steps=steps, scratch=runtime.scratch, hooks=hooks or [],
+        output_store=store, reporter=reporter, total_steps=steps, scratch=runtime.scratch,
+        hooks=[*(hooks or []), *trace.hooks()],
         stop=stop or StopRequest(),
     ))

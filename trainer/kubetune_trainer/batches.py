@@ -4,6 +4,9 @@ With `data.aspectBuckets`, wide and tall images keep their shape: each is assign
 bucket (width, height) nearest its aspect ratio, and every batch comes from one bucket.
 Without it there is one square bucket. The order of batches depends only on the seed, the
 epoch and the position, so a resumed run sees exactly the batches it would have seen.
+Ranks take turns through one shuffled epoch (disjoint shards); the last few batches of an
+epoch that do not divide among the ranks wait for a later epoch, so every rank runs the
+same number of batches per epoch.
 """
 
 from __future__ import annotations
@@ -73,7 +76,10 @@ class BatchStream:
                 chunk += [members[i % len(members)] for i in range(self.batch_size - len(chunk))]
                 batches.append((bucket, chunk))
         rng.shuffle(batches)
-        return batches[self.rank :: self.world_size] or batches[:1]
+        whole = len(batches) - len(batches) % self.world_size
+        if whole == 0:  # fewer batches than ranks: sharing beats idling
+            return [batches[self.rank % len(batches)]]
+        return batches[self.rank : whole : self.world_size]
 
     def next_batch(self) -> Batch:
         if self.position >= len(self._batches):
