@@ -1,4 +1,5 @@
-"""Cached VAE latents give the same training as encoding every step, and are reused."""
+"""Cached VAE latents give the same training as encoding every step, and are reused across
+epochs and restarts: the VAE encoder runs once per image (counted by the objective)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from trainer_support import local_job
 
 from kubetune_trainer.config import RuntimeConfig
 from kubetune_trainer.job import run_job
+from kubetune_trainer.trainer import Trainer
 
 
 def test_cached_and_uncached_latents_train_the_same_adapter(tiny_sd: Path, squares: Path, tmp_path: Path) -> None:
@@ -22,7 +24,43 @@ def test_cached_and_uncached_latents_train_the_same_adapter(tiny_sd: Path, squar
         result = run_job(job, RuntimeConfig(scratch=tmp_path / f"s-{cache}", log_every=0))
         assert result.exit_code == 0, result.message
         adapters[cache] = load_file(result.progress["outputs"]["lora"]["diffusers"])
-    assert len(list((tmp_path / "s-True" / "latents").glob("*.pt"))) == 6
+    assert len(list((tmp_path / "s-True" / "latents").rglob("*.pt"))) == 6
     assert not (tmp_path / "s-False" / "latents").exists()
     for key, value in adapters[True].items():
         torch.testing.assert_close(value, adapters[False][key], rtol=1e-4, atol=1e-5)
+
+
+class Interrupt(Exception):
+    """Raised by a step hook to end a run the way a crash would."""
+
+
+def _run(model: Path, data: Path, out: Path, scratch: Path, stop_after: int | None = None) -> tuple[int, list[int]]:
+    """Train 9 steps (3 epochs of 3 batches); return the images encoded and the steps run."""
+    objectives, steps = [], []
+
+    def observe(trainer: Trainer) -> None:
+        objectives.append(trainer.p.objective)
+        steps.append(trainer.step)
+        if trainer.step == stop_after:
+            raise Interrupt(f"stopped after step {trainer.step}")
+
+    job = local_job(str(model), str(data), str(out), data={"randomFlip": False},
+                    training={"maxSteps": 9}, output={"checkpointEvery": 3, "keepCheckpoints": 5})
+    result = run_job(job, RuntimeConfig(scratch=scratch, log_every=0), hooks=[observe])
+    assert result.exit_code == (0 if stop_after is None else 1), result.message
+    return objectives[-1].encoded_images, steps
+
+
+def test_the_vae_encodes_each_image_once_across_epochs_and_restarts(tiny_sd: Path, squares: Path,
+                                                                    tmp_path: Path) -> None:
+    from kubetune_trainer.tiny import build_tiny_pipeline
+
+    scratch = tmp_path / "scratch"
+    encoded, steps = _run(tiny_sd, squares, tmp_path / "out", scratch, stop_after=7)
+    assert (encoded, steps) == (6, [1, 2, 3, 4, 5, 6, 7])  # 6 images, 2 full epochs and a bit
+    encoded, steps = _run(tiny_sd, squares, tmp_path / "out", scratch)
+    assert (encoded, steps) == (0, [7, 8, 9])  # resumed from step 6: every latent came from the cache
+    other_model = build_tiny_pipeline(tmp_path / "other-model", family="sd", seed=1)
+    encoded, _ = _run(other_model, squares, tmp_path / "out-2", scratch)
+    assert encoded == 6  # another VAE never reads the first one's latents
+    assert len(list((scratch / "latents").rglob("*.pt"))) == 12

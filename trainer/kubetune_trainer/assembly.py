@@ -19,7 +19,7 @@ from kubetune_trainer.data import Dataset, Example, load_dataset, split_dataset
 from kubetune_trainer.dreambooth import PriorPreservationStream, class_examples
 from kubetune_trainer.ema import build_ema
 from kubetune_trainer.exitcodes import ConfigError
-from kubetune_trainer.latent_cache import DiskLatentCache, NoLatentCache
+from kubetune_trainer.latent_cache import DiskLatentCache, NoLatentCache, cache_folder
 from kubetune_trainer.methods import TrainingMethod, build_method
 from kubetune_trainer.models import Components, load_components
 from kubetune_trainer.objective import DiffusionObjective
@@ -180,7 +180,8 @@ def build_trainer(job: FineTuneJob, runtime: RuntimeConfig, reporter: Reporter,
     lr_scheduler = build_lr_scheduler(optimizer, spec.training, steps)
     unet, optimizer = accelerator.prepare(components.unet, optimizer)
     store = trace.wrap_store(open_store(spec.output.uri, spec.storage, runtime.pvc_root))
-    cache = DiskLatentCache(runtime.scratch / "latents") if spec.training.cache_latents else NoLatentCache()
+    cache = (DiskLatentCache(cache_folder(runtime.scratch / "latents", components.vae, spec.data.uri))
+             if spec.training.cache_latents else NoLatentCache())
     objective = DiffusionObjective(components, unet, spec.training, accelerator.device, weight_dtype, cache)
     return Trainer(TrainerParts(
         job=job, components=components, method=method, trained=trained, accelerator=accelerator, unet=unet,

@@ -3,6 +3,9 @@
 The cache stores the encoder's distribution parameters per prepared image (file, size, crop,
 flip), so a cached step samples exactly the latents an uncached step would. Crops are centred
 when caching (see `assembly`), so each image has at most two entries: flipped or not.
+Entries live in one folder per VAE encoder (config and weights) and data URI
+(`cache_folder`), so a restart or re-run with the same model and data on the same scratch
+volume encodes nothing again, and a changed model never reads stale latents.
 """
 
 from __future__ import annotations
@@ -17,6 +20,21 @@ from kubetune_trainer.data import Batch
 
 Encoder = Callable[[Any], Any]
 """Pixels (N, 3, H, W) to the VAE's latent distribution parameters (N, 2C, h, w)."""
+
+
+def cache_folder(root: Path, vae: Any, data_uri: str) -> Path:
+    """`root/<key>`, the key a digest of the VAE's config, its encoder weights and the data URI."""
+    import json
+
+    import torch
+
+    digest = hashlib.sha256(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
+    digest.update(data_uri.encode())
+    for name, tensor in sorted(vae.state_dict().items()):
+        if not name.startswith(("decoder.", "post_quant_conv.")):  # latents never depend on them
+            digest.update(name.encode())
+            digest.update(tensor.detach().to("cpu", torch.float32).numpy().tobytes())
+    return Path(root) / digest.hexdigest()[:16]
 
 
 class NoLatentCache:
