@@ -2,11 +2,17 @@
 
 It speaks real HTTP on 127.0.0.1 at a free port, so the code under test uses boto3 exactly
 as it would against MinIO or AWS; nothing is patched. Contents live in memory.
+`LoopbackS3Process` runs the same server in a child process, for benchmarks whose clients
+must not share the server's interpreter lock.
 """
 
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 DEMO_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "kubetune-demo", "AWS_SECRET_ACCESS_KEY": "kubetune-demo-secret"}
@@ -58,3 +64,38 @@ class LoopbackS3:
             client.upload_file(str(path), bucket, f"{prefix.strip('/')}/{path.relative_to(folder).as_posix()}")
             count += 1
         return count
+
+
+class LoopbackS3Process(LoopbackS3):
+    """The same server as `LoopbackS3`, run by `python -m moto.server` in a child process."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.host, self.port = host, port or _free_port(host)
+        self.endpoint = ""
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> LoopbackS3Process:
+        self.process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(self.port)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and self.process.poll() is None:
+            try:
+                socket.create_connection((self.host, self.port), timeout=0.5).close()
+                self.endpoint = f"http://{self.host}:{self.port}"
+                return self
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"moto server did not start on {self.host}:{self.port}")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+            self.process = None
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]

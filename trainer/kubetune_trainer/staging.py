@@ -1,8 +1,9 @@
 """Bring a model or dataset URI onto local disk before training: `stage_prefix()` and `stage()`.
 
-S3 prefixes are listed page by page, fetched in parallel, verified (size, and MD5 where the
-ETag is a single-part MD5), written under a temporary name and renamed, and recorded by a
-per-file marker so that a re-run skips what is already complete. Mounted and local URIs
+S3 prefixes are listed page by page, fetched in parallel (one GET per small object, parallel
+ranges for large ones), verified (size, and MD5 where the ETag is a single-part MD5, hashed
+by the store as the bytes land), written under a temporary name and renamed, and recorded
+by a per-file marker so that a re-run skips what is already complete. Mounted and local URIs
 are used in place; hf:// goes through huggingface_hub's own cache.
 """
 
@@ -21,10 +22,9 @@ from pathlib import Path, PurePosixPath
 from kubetune.api.spec import StorageSpec
 from kubetune.api.uris import parse_uri
 from kubetune_trainer.exitcodes import ConfigError, TrainerError
-from kubetune_trainer.storage import LocalStore, ObjectInfo, ObjectStore, as_prefix, open_store
+from kubetune_trainer.storage import LocalStore, ObjectInfo, ObjectStore, as_prefix, is_md5_etag, open_store
 
 MARKER_DIR = ".kubetune-staged"
-_MD5_ETAG_LENGTH = 32
 
 
 @dataclass(frozen=True)
@@ -71,13 +71,21 @@ def _md5(path: Path) -> str:
     return digest.hexdigest()
 
 
-def verify(path: Path, obj: ObjectInfo) -> None:
-    """Raise unless `path` has `obj`'s size and, for single-part objects, its MD5."""
+def verify(path: Path, obj: ObjectInfo, checked_etag: str = "") -> None:
+    """Raise unless `path` has `obj`'s size and content.
+
+    `checked_etag` is the ETag the store already checked the bytes against while fetching; it
+    must be the listed one. Otherwise a single-part object's MD5 is computed here.
+    """
     size = path.stat().st_size
     if size != obj.size:
         raise TrainerError(f"{obj.uri}: downloaded {size} bytes, expected {obj.size}")
-    etag = obj.etag.lower()
-    if len(etag) == _MD5_ETAG_LENGTH and "-" not in etag and _md5(path) != etag:
+    if checked_etag:
+        if obj.etag and checked_etag.lower() != obj.etag.lower():
+            raise TrainerError(f"{obj.uri} was replaced after it was listed (ETag {obj.etag} listed, "
+                               f"{checked_etag} fetched); run again")
+        return
+    if is_md5_etag(obj.etag) and _md5(path) != obj.etag.lower():
         raise TrainerError(f"{obj.uri}: MD5 does not match the ETag; the download is corrupt")
 
 
@@ -118,8 +126,7 @@ class Stager:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.part-{uuid.uuid4().hex[:8]}")
         try:
-            self.store.download(obj.uri, tmp)
-            verify(tmp, obj)
+            verify(tmp, obj, self.store.download(obj.uri, tmp))
             os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)

@@ -19,6 +19,8 @@ from kubetune.api.spec import StorageSpec
 from kubetune.api.uris import parse_uri
 from kubetune_trainer.exitcodes import ConfigError
 
+_MD5_ETAG_LENGTH = 32
+
 
 @dataclass(frozen=True)
 class ObjectInfo:
@@ -36,14 +38,20 @@ class ObjectStore(Protocol):
     def list(self, prefix_uri: str) -> list[ObjectInfo]:
         """Every object under `prefix_uri` (recursively)."""
 
-    def download(self, uri: str, path: Path) -> None:
-        """Copy one object to a local file."""
+    def download(self, uri: str, path: Path) -> str:
+        """Copy one object to a local file; return the ETag its content was checked against, or ""."""
 
     def upload(self, path: Path, uri: str) -> None:
         """Copy a local file to `uri`, replacing what is there."""
 
     def delete(self, uri: str) -> None:
         """Remove one object; absent objects are not an error."""
+
+
+def is_md5_etag(etag: str) -> bool:
+    """Whether `etag` is the MD5 of the content (a single-part upload), not a multipart digest."""
+    etag = etag.strip('"').lower()
+    return len(etag) == _MD5_ETAG_LENGTH and "-" not in etag
 
 
 def join_uri(base: str, *parts: str) -> str:
@@ -103,11 +111,12 @@ class LocalStore:
             found.append(ObjectInfo(join_uri(prefix_uri, rel), rel, path.stat().st_size))
         return found
 
-    def download(self, uri: str, path: Path) -> None:
+    def download(self, uri: str, path: Path) -> str:
         source = self.path_of(uri)
         if not source.is_file():
             raise FileNotFoundError(f"{uri} does not exist")
         shutil.copyfile(source, path)
+        return ""
 
     def upload(self, path: Path, uri: str) -> None:
         target = self.path_of(uri)

@@ -1,0 +1,192 @@
+"""Staging benchmark: kubetune's S3 staging against s5cmd and a sequential boto3 loop.
+
+All tools download the same objects from one moto server on 127.0.0.1 (run in its own
+process, so no Python client shares the server's interpreter lock) into fresh local folders.
+Two data sets: many small objects (files/s) and a few large ones (MiB/s). Each tool runs
+`--repeats` times, in a rotating order, after one untimed warm-up pass; the median counts.
+Every run is checked for the full count and byte total before its time is kept.
+
+    .venv/bin/python bench/staging.py [--small-count 1000] [--large-mib 256] [--repeats 3] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from kubetune.api.spec import StorageSpec
+from kubetune_trainer.loopback_s3 import LoopbackS3Process
+from kubetune_trainer.staging import MARKER_DIR, stage
+
+KiB, MiB = 1024, 1024 * 1024
+BUCKET = "bench"
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "kubetune-bench", "AWS_SECRET_ACCESS_KEY": "kubetune-bench-secret",
+               "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1"}
+OURS, S5CMD, SEQUENTIAL = "kubetune", "s5cmd (defaults)", "sequential boto3"
+
+
+@dataclass(frozen=True)
+class DataSet:
+    """`count` objects of `size` bytes under `prefix/` in the bench bucket."""
+
+    name: str
+    prefix: str
+    count: int
+    size: int
+
+    @property
+    def total(self) -> int:
+        return self.count * self.size
+
+
+Tool = Callable[[str, DataSet, Path], None]
+
+
+def run_ours(endpoint: str, data: DataSet, dest: Path) -> None:
+    """The trainer's own path: `stage()` with the job's default storage settings."""
+    stage(f"s3://{BUCKET}/{data.prefix}/", dest, StorageSpec(endpoint=endpoint, addressing_style="path"))
+
+
+def s5cmd_tool(*global_flags: str, cp_flags: tuple[str, ...] = ()) -> Tool:
+    binary = shutil.which("s5cmd", path=str(Path(sys.executable).parent)) or "s5cmd"
+
+    def run(endpoint: str, data: DataSet, dest: Path) -> None:
+        command = [binary, "--endpoint-url", endpoint, *global_flags, "cp", *cp_flags,
+                   f"s3://{BUCKET}/{data.prefix}/*", f"{dest}/"]
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env={**os.environ, **CREDENTIALS})
+
+    return run
+
+
+def run_sequential(endpoint: str, data: DataSet, dest: Path) -> None:
+    """What a plain script does: list, then get_object and stream each body to a file, one by one."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=endpoint)
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=f"{data.prefix}/"):
+        for item in page.get("Contents", []):
+            target = dest / item["Key"][len(data.prefix) + 1:]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            body = client.get_object(Bucket=BUCKET, Key=item["Key"])["Body"]
+            with target.open("wb") as handle:
+                shutil.copyfileobj(body, handle, 1 * MiB)
+
+
+def seed(endpoint: str, data: DataSet) -> None:
+    """Upload distinct pseudo-random objects (single PUTs, so each ETag is the object's MD5)."""
+    import boto3
+    from botocore.config import Config
+
+    client = boto3.client("s3", endpoint_url=endpoint, config=Config(max_pool_connections=16))
+    block = os.urandom(data.size)
+
+    def put(index: int) -> None:
+        body = index.to_bytes(8, "big") + block[8:]
+        client.put_object(Bucket=BUCKET, Key=f"{data.prefix}/{index // 100:02d}/object-{index:05d}.bin", Body=body)
+
+    with ThreadPoolExecutor(max_workers=8 if data.size < 8 * MiB else 2) as pool:
+        list(pool.map(put, range(data.count)))
+
+
+def check(dest: Path, data: DataSet, tool: str) -> None:
+    """Refuse a run that did not bring every byte."""
+    files = [p for p in dest.rglob("*") if p.is_file() and MARKER_DIR not in p.parts]
+    total = sum(p.stat().st_size for p in files)
+    if (len(files), total) != (data.count, data.total):
+        raise SystemExit(f"{tool} left {len(files)} files / {total} bytes in {dest}, "
+                         f"expected {data.count} / {data.total}")
+
+
+def measure(endpoint: str, data: DataSet, tools: dict[str, Tool], repeats: int,
+            scratch: Path) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {name: [] for name in tools}
+    names = list(tools)
+    for round_ in range(repeats + 1):  # round 0 warms up every tool and is not kept
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+            dest = Path(tempfile.mkdtemp(prefix="dest-", dir=scratch))
+            started = time.perf_counter()
+            tools[name](endpoint, data, dest)
+            elapsed = time.perf_counter() - started
+            check(dest, data, name)
+            shutil.rmtree(dest)
+            if round_:
+                times[name].append(elapsed)
+            print(f"  {data.name} {'warm-up' if not round_ else f'run {round_}'}: {name} {elapsed:.2f}s",
+                  file=sys.stderr, flush=True)
+    return times
+
+
+def summarise(data: DataSet, times: dict[str, list[float]]) -> dict:
+    tools = {}
+    for name, seconds in times.items():
+        median = statistics.median(seconds)
+        tools[name] = {"seconds": [round(s, 3) for s in seconds], "median_s": round(median, 3),
+                       "files_per_s": round(data.count / median, 1), "mib_per_s": round(data.total / MiB / median, 1)}
+    ours = times[OURS]
+    ratios = {f"ours/{name}": round(statistics.median(seconds) / statistics.median(ours), 2)
+              for name, seconds in times.items() if name != OURS}
+    return {"objects": data.count, "object_bytes": data.size, "tools": tools, "ratios": ratios}
+
+
+def print_table(data: DataSet, result: dict) -> None:
+    size = f"{data.size // KiB} KiB" if data.size < MiB else f"{data.size // MiB} MiB"
+    print(f"\n{data.name}: {data.count} x {size}")
+    print(f"  {'tool':<28}{'median s':>10}{'files/s':>10}{'MiB/s':>10}")
+    for name, row in result["tools"].items():
+        print(f"  {name:<28}{row['median_s']:>10.2f}{row['files_per_s']:>10.1f}{row['mib_per_s']:>10.1f}")
+    for name, ratio in result["ratios"].items():
+        print(f"  {name}: {ratio:.2f}x")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small-count", type=int, default=1000, help="objects in the small set")
+    parser.add_argument("--small-kib", type=int, default=64, help="size of each small object")
+    parser.add_argument("--large-count", type=int, default=2, help="objects in the large set")
+    parser.add_argument("--large-mib", type=int, default=256, help="size of each large object")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per tool (median reported)")
+    parser.add_argument("--s5cmd-workers", type=int, default=32, help="--numworkers of the tuned s5cmd line")
+    parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
+    args = parser.parse_args(argv)
+    os.environ.update(CREDENTIALS)
+    sets = [DataSet("small", "small", args.small_count, args.small_kib * KiB),
+            DataSet("large", "large", args.large_count, args.large_mib * MiB)]
+    tools: dict[str, Tool] = {OURS: run_ours, S5CMD: s5cmd_tool(),
+                              f"s5cmd --numworkers {args.s5cmd_workers}": s5cmd_tool("--numworkers",
+                                                                                     str(args.s5cmd_workers)),
+                              SEQUENTIAL: run_sequential}
+    results = {}
+    with LoopbackS3Process() as server, tempfile.TemporaryDirectory(prefix="kubetune-bench-") as scratch:
+        server.create_bucket(BUCKET)
+        for data in sets:
+            seed(server.endpoint, data)
+            results[data.name] = summarise(data, measure(server.endpoint, data, tools, args.repeats, Path(scratch)))
+    small, large = results["small"]["ratios"], results["large"]["ratios"]
+    results["targets"] = {
+        "small files/s >= s5cmd": small[f"ours/{S5CMD}"] >= 1.0,
+        "large MiB/s >= s5cmd": large[f"ours/{S5CMD}"] >= 1.0,
+        "small >= 5x sequential": small[f"ours/{SEQUENTIAL}"] >= 5.0,
+        "large >= 5x sequential": large[f"ours/{SEQUENTIAL}"] >= 5.0,
+    }
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for data in sets:
+            print_table(data, results[data.name])
+        print("\ntargets: " + ", ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in results["targets"].items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
