@@ -25,7 +25,7 @@ from kubetune.operator.restart import remaining_deadline
 from kubetune.operator.settings import OperatorSettings
 from kubetune.operator.status import compute_status
 
-SETTINGS = OperatorSettings()
+SETTINGS = OperatorSettings(restart_backoff_seconds=0.0)  # back-off has its own tests (test_backoff.py)
 
 
 def _describe(action: Any) -> str:

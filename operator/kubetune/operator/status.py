@@ -82,7 +82,7 @@ def _pods_view(job: FineTuneJob, observed: Observed, waiting: str, report: Progr
         if problem is not None:
             reason = cond.UNSCHEDULABLE if problem[0] == "unschedulable" else cond.CONTAINER_WAITING
             return _view(waiting, reason, pod=obs.pod_name(pod), detail=problem[1])
-    started = sum(1 for p in pods if obs.pod_phase(p) in ("Running", "Succeeded"))
+    started = sum(1 for p in pods if obs.pod_phase(p) in ("Running", "Succeeded", "Failed"))  # ended = started
     if started < nodes:
         return _view(waiting, cond.PODS_PENDING, waiting=nodes - started, nodes=nodes)
     if _training(report, previous):
