@@ -1,16 +1,18 @@
 """Download one S3 object as parallel ranged GETs into a preallocated file, checked as it lands.
 
-No HEAD request: the first GET asks for the first range and its Content-Range tells the
-total, so a small object costs exactly one request. The other ranges are fetched by a few
-threads and written with pwrite at their offsets; later ranges carry If-Match on the first
-answer's ETag so a replaced object fails instead of mixing versions. Where the ETag is a
-plain MD5, the digest advances over each contiguous prefix while later ranges still stream.
-A range whose body breaks off is asked for again from where it stopped.
+The first GET asks for the first range and its Content-Range tells the total, so an object
+up to one range long costs exactly one request (its MD5 ETag hashed as it streams). A longer
+one costs one HEAD for its stored checksum, then its other ranges are fetched by a few
+threads and written with pwrite at their offsets; they carry If-Match on the first answer's
+ETag, so a replaced object fails instead of mixing versions. The bytes are checked against
+S3's full-object CRC32 where the object has one (per range, in parallel), else against a
+single-part ETag's MD5 (`transfer_checks`). A range whose body breaks off is asked for again
+from where it stopped.
 """
 
 from __future__ import annotations
 
-import hashlib
+import base64
 import os
 import threading
 from collections.abc import Callable
@@ -21,8 +23,8 @@ from typing import Any
 
 from kubetune_trainer.exitcodes import StorageUnavailable, TrainerError
 from kubetune_trainer.storage import is_md5_etag
+from kubetune_trainer.transfer_checks import BUFFER, OrderedMD5, RangeCheck, RangedCRC32, SizeOnly
 
-BUFFER = 1 << 20
 STREAM_ATTEMPTS = 3
 Landed = Callable[[int, memoryview], None]  # told of each block written: its offset and bytes
 
@@ -40,63 +42,6 @@ def total_size(response: dict[str, Any]) -> int:
     return int(response["ContentLength"])
 
 
-class OrderedDigest:
-    """MD5 of a file written as ranges in parallel, advanced over the contiguous prefix.
-
-    Each range reports every block it writes. A block that extends the hashed prefix is hashed
-    straight from memory; blocks ahead of it are read back from the file once the prefix
-    reaches them. One thread hashes at a time; the others leave their blocks to it, and it
-    looks again before it stops, so nothing is missed.
-    """
-
-    def __init__(self, fd: int, ranges: list[tuple[int, int]]) -> None:
-        self.fd, self.ranges = fd, ranges
-        self.md5 = hashlib.md5(usedforsecurity=False)
-        self.filled = [first for first, _ in ranges]  # each range's next unwritten offset
-        self.frontier, self.current = 0, 0  # bytes hashed; the range they end in
-        self.total = ranges[-1][1] + 1 if ranges else 0
-        self.state, self.hashing = threading.Lock(), threading.Lock()
-
-    def landed(self, index: int, offset: int, block: memoryview) -> None:
-        """`block` was just written at `offset`, inside range `index`."""
-        with self.state:
-            self.filled[index] = offset + len(block)
-        while self.hashing.acquire(blocking=False):
-            try:
-                if self.frontier == offset:
-                    self.md5.update(block)
-                    self.frontier += len(block)
-                self._catch_up()
-            finally:
-                self.hashing.release()
-            if not self._hashable():
-                return
-
-    def _hashable(self) -> bool:
-        """Whether written bytes wait at the frontier (checked after releasing the hashing lock)."""
-        with self.state:
-            return self.current < len(self.ranges) and self.frontier < self.filled[self.current]
-
-    def _catch_up(self) -> None:
-        while self.current < len(self.ranges):
-            with self.state:
-                filled, last = self.filled[self.current], self.ranges[self.current][1]
-            if self.frontier >= filled:
-                if filled <= last:
-                    return
-                self.current += 1
-                continue
-            size = min(BUFFER, filled - self.frontier)
-            self.md5.update(os.pread(self.fd, size, self.frontier))
-            self.frontier += size
-
-    def hexdigest(self) -> str:
-        self._catch_up()  # moves past empty ranges
-        if self.frontier != self.total:
-            raise RuntimeError(f"digest asked for at byte {self.frontier} of {self.total}")
-        return self.md5.hexdigest()
-
-
 class _Download:
     """One object's transfer: the open file, its ranges, the digest and a stop flag."""
 
@@ -104,6 +49,27 @@ class _Download:
         self.client, self.bucket, self.key, self.fd, self.uri = client, bucket, key, fd, uri
         self.etag = ""
         self.stop = threading.Event()
+
+    def first(self, chunk: int) -> dict[str, Any]:
+        """The answer to a GET of the first `chunk` bytes (or of the whole object, when it is empty)."""
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.get(0, chunk - 1)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "InvalidRange":
+                raise
+            return self.client.get_object(Bucket=self.bucket, Key=self.key)  # an empty object has no byte 0
+
+    def full_object_crc32(self) -> int | None:
+        """S3's stored CRC32 of the whole object, when it keeps one (a composite one does not count)."""
+        head = self.client.head_object(Bucket=self.bucket, Key=self.key, ChecksumMode="ENABLED",
+                                       IfMatch=f'"{self.etag}"')
+        value, kind = head.get("ChecksumCRC32") or "", head.get("ChecksumType")
+        full_object = kind == "FULL_OBJECT" or (kind is None and is_md5_etag(self.etag))
+        if not value or "-" in value or not full_object:
+            return None
+        return int.from_bytes(base64.b64decode(value), "big")
 
     def get(self, first: int, last: int | None) -> dict[str, Any]:
         params: dict[str, Any] = {"Bucket": self.bucket, "Key": self.key,
@@ -148,42 +114,39 @@ class _Download:
             raise TrainerError(f"{self.uri}: bytes {first}-{last} arrived short ({offset - first} bytes)")
 
 
-def _ignore(offset: int, block: memoryview) -> None:
-    pass
-
-
 def ranged_get(client: Any, bucket: str, key: str, path: Path, chunk: int, streams: int, uri: str) -> str:
-    """Download s3://bucket/key to `path`; return its ETag, whose MD5 was checked where it is one."""
-    from botocore.exceptions import ClientError
-
+    """Download s3://bucket/key to `path`; return its ETag. The bytes are checked where they can be."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         job = _Download(client, bucket, key, fd, uri)
-        try:
-            first = job.get(0, chunk - 1)
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") != "InvalidRange":
-                raise
-            first = client.get_object(Bucket=bucket, Key=key)  # an empty object has no byte 0
+        first = job.first(chunk)
         job.etag = first.get("ETag", "").strip('"')
         total = total_size(first)
         os.ftruncate(fd, total)
         ranges = plan_ranges(total, chunk) if first.get("ContentRange") else [(0, total - 1)]
-        digest = OrderedDigest(fd, ranges) if is_md5_etag(job.etag) else None
-        _fetch_ranges(job, ranges, first, digest, streams)
-        if digest is not None and digest.hexdigest() != job.etag.lower():
-            raise TrainerError(f"{uri}: MD5 does not match the ETag; the download is corrupt")
+        check = _choose_check(job, fd, ranges)
+        _fetch_ranges(job, ranges, first, check, streams)
+        check.verify(uri)
         return job.etag
     finally:
         os.close(fd)
 
 
+def _choose_check(job: _Download, fd: int, ranges: list[tuple[int, int]]) -> RangeCheck:
+    """CRC32 per range where S3 keeps a full-object CRC32; else a single-part ETag's MD5; else sizes."""
+    if len(ranges) > 1:
+        crc = job.full_object_crc32()
+        if crc is not None:
+            return RangedCRC32(ranges, crc)
+    return OrderedMD5(fd, ranges, job.etag) if is_md5_etag(job.etag) else SizeOnly()
+
+
 def _fetch_ranges(job: _Download, ranges: list[tuple[int, int]], first: dict[str, Any],
-                  digest: OrderedDigest | None, streams: int) -> None:
+                  check: RangeCheck, streams: int) -> None:
     """Range 0 streams on this thread, the rest on up to `streams - 1` helpers; first error wins."""
     def fetch(index: int, response: dict[str, Any] | None = None) -> None:
         start, last = ranges[index]
-        landed = partial(digest.landed, index) if digest is not None else _ignore
+        landed = partial(check.landed, index)
         if last >= start:
             job.fetch(start, last, landed, response)
         elif response is not None:

@@ -1,0 +1,152 @@
+"""Checks that a file fetched as parallel ranges is the object it came from, computed as bytes land.
+
+A check sees every block as it is written (`landed`) and says at the end whether the file
+matches (`verify`). `RangedCRC32` checks S3's stored full-object CRC32: each range keeps its
+own CRC, so the work is spread over the range threads, and the CRCs are joined at the end.
+`OrderedMD5` checks a single-part object's ETag, which has to be hashed front to back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import zlib
+from typing import Protocol
+
+from kubetune_trainer.exitcodes import TrainerError
+
+BUFFER = 1 << 20
+_REFLECTED_CRC32 = 0xEDB88320
+
+
+class RangeCheck(Protocol):
+    def landed(self, index: int, offset: int, block: memoryview) -> None:
+        """`block` was just written at `offset`, inside range `index`."""
+
+    def verify(self, uri: str) -> None:
+        """Raise a TrainerError naming `uri` unless the file is the object."""
+
+
+class SizeOnly:
+    """For objects with nothing to check the bytes against (multipart ETag, no full-object checksum)."""
+
+    def landed(self, index: int, offset: int, block: memoryview) -> None:
+        pass
+
+    def verify(self, uri: str) -> None:
+        pass
+
+
+def _apply(operator: list[int], vector: int) -> int:
+    """A linear map over GF(2), given by the images of each bit, applied to a 32-bit vector."""
+    out = 0
+    for column in operator:
+        if not vector:
+            break
+        if vector & 1:
+            out ^= column
+        vector >>= 1
+    return out
+
+
+def crc32_combine(crc_a: int, crc_b: int, length_b: int) -> int:
+    """zlib.crc32(a + b) from zlib.crc32(a), zlib.crc32(b) and len(b).
+
+    Feeding the register zero bits is linear, so crc(a) is carried past len(b) bytes by the
+    map "shift in one zero bit" raised to 8*len(b) (by squaring), then b's CRC is added.
+    """
+    operator = [_REFLECTED_CRC32] + [1 << bit for bit in range(31)]  # shift in one zero bit
+    bits = 8 * length_b
+    while bits:
+        if bits & 1:
+            crc_a = _apply(operator, crc_a)
+        bits >>= 1
+        if bits:
+            operator = [_apply(operator, column) for column in operator]
+    return crc_a ^ crc_b
+
+
+class RangedCRC32:
+    """S3's full-object CRC32, computed per range in each range's thread and joined in order."""
+
+    def __init__(self, ranges: list[tuple[int, int]], expected: int) -> None:
+        self.ranges, self.expected = ranges, expected
+        self.crcs = [0] * len(ranges)
+        self.filled = [first for first, _ in ranges]
+
+    def landed(self, index: int, offset: int, block: memoryview) -> None:
+        if offset != self.filled[index]:
+            raise RuntimeError(f"range {index} block at {offset}, expected {self.filled[index]}")
+        self.crcs[index] = zlib.crc32(block, self.crcs[index])
+        self.filled[index] = offset + len(block)
+
+    def verify(self, uri: str) -> None:
+        crc = 0
+        for (first, last), part, filled in zip(self.ranges, self.crcs, self.filled, strict=True):
+            if filled != last + 1:
+                raise TrainerError(f"{uri}: bytes {first}-{last} were not all written")
+            crc = crc32_combine(crc, part, last + 1 - first)
+        if crc != self.expected:
+            raise TrainerError(f"{uri}: CRC32 does not match the stored checksum; the download is corrupt")
+
+
+class OrderedMD5:
+    """A single-part object's ETag check: the MD5 of the file, advanced over the contiguous prefix.
+
+    Each range reports every block it writes. A block that extends the hashed prefix is hashed
+    straight from memory; blocks ahead of it are read back from the file once the prefix
+    reaches them. One thread hashes at a time; the others leave their blocks to it, and it
+    looks again before it stops, so nothing is missed.
+    """
+
+    def __init__(self, fd: int, ranges: list[tuple[int, int]], etag: str) -> None:
+        self.fd, self.ranges, self.etag = fd, ranges, etag.strip('"').lower()
+        self.md5 = hashlib.md5(usedforsecurity=False)
+        self.filled = [first for first, _ in ranges]  # each range's next unwritten offset
+        self.frontier, self.current = 0, 0  # bytes hashed; the range they end in
+        self.total = ranges[-1][1] + 1 if ranges else 0
+        self.state, self.hashing = threading.Lock(), threading.Lock()
+
+    def landed(self, index: int, offset: int, block: memoryview) -> None:
+        """`block` was just written at `offset`, inside range `index`."""
+        with self.state:
+            self.filled[index] = offset + len(block)
+        while self.hashing.acquire(blocking=False):
+            try:
+                if self.frontier == offset:
+                    self.md5.update(block)
+                    self.frontier += len(block)
+                self._catch_up()
+            finally:
+                self.hashing.release()
+            if not self._hashable():
+                return
+
+    def _hashable(self) -> bool:
+        """Whether written bytes wait at the frontier (checked after releasing the hashing lock)."""
+        with self.state:
+            return self.current < len(self.ranges) and self.frontier < self.filled[self.current]
+
+    def _catch_up(self) -> None:
+        while self.current < len(self.ranges):
+            with self.state:
+                filled, last = self.filled[self.current], self.ranges[self.current][1]
+            if self.frontier >= filled:
+                if filled <= last:
+                    return
+                self.current += 1
+                continue
+            size = min(BUFFER, filled - self.frontier)
+            self.md5.update(os.pread(self.fd, size, self.frontier))
+            self.frontier += size
+
+    def hexdigest(self) -> str:
+        self._catch_up()  # moves past empty ranges
+        if self.frontier != self.total:
+            raise RuntimeError(f"digest asked for at byte {self.frontier} of {self.total}")
+        return self.md5.hexdigest()
+
+    def verify(self, uri: str) -> None:
+        if self.hexdigest() != self.etag:
+            raise TrainerError(f"{uri}: MD5 does not match the ETag; the download is corrupt")
