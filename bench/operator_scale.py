@@ -152,6 +152,11 @@ class Operator:
                 return float(line.split()[1])
         return 0.0
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the operator has used so far."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def sample(self, stop: threading.Event) -> None:
         while not stop.wait(0.5) and self.process.poll() is None:
             self.rss_samples.append(self.status_kb("VmRSS") / 1024)
@@ -330,15 +335,16 @@ def measure(args: argparse.Namespace, plane: kubecluster.ControlPlane, work: Pat
         wait_until(lambda: "staging" in watcher.seen.get("warmup", {}), 120, "the warm-up job")
         idle_rss = operator.status_kb("VmRSS") / 1024
         names = [f"ftj-{i:04d}" for i in range(args.jobs)]
-        began = time.time()
+        began, cpu_before = time.time(), operator.cpu_seconds()
         created = create_all(admin_config, names, args.threads)
         create_seconds = time.time() - began
         wait_until(lambda: watcher.count("staging", names) == len(names), args.timeout,
                    f"{len(names)} jobs to be Staging", interval=0.5)
-        started = time.time()
+        started, cpu_start = time.time(), operator.cpu_seconds() - cpu_before
         time.sleep(args.steady_seconds)
         steady_end = time.time()
         peak_rss = operator.status_kb("VmHWM") / 1024
+        cpu_steady = operator.cpu_seconds() - cpu_before - cpu_start
     finally:
         stop_sampling.set()
         exit_code = operator.stop()
@@ -353,6 +359,7 @@ def measure(args: argparse.Namespace, plane: kubecluster.ControlPlane, work: Pat
         "create_to_staging": summary(latencies(watcher, created, "staging")),
         "watched_ftj_to_job": summary(latencies(watcher, created, "job", origin="finetunejob")),
         "baseline_job_to_pod": summary(latencies(watcher, created, "pod", origin="job")),
+        "operator_cpu_seconds": {"start": cpu_start, "steady": cpu_steady},
         "rss_mb": {"idle": idle_rss, "peak": peak_rss, "sampled_max": max(operator.rss_samples, default=0.0)},
         "requests": {"start_total": sum(startup.values()), "start_per_job": sum(startup.values()) / args.jobs,
                      "start_by_verb": dict(startup.most_common()),
@@ -383,7 +390,9 @@ def print_table(result: dict[str, Any]) -> None:
     base = result["baseline_job_to_pod"]["p99"]
     print(f"p99 create->Job / p99 Job controller: {result['create_to_job']['p99'] / base:.2f}x")
     rss, req = result["rss_mb"], result["requests"]
-    print(f"operator RSS MB: idle {rss['idle']:.0f}, peak (VmHWM) {rss['peak']:.0f}")
+    cpu = result["operator_cpu_seconds"]
+    print(f"operator RSS MB: idle {rss['idle']:.0f}, peak (VmHWM) {rss['peak']:.0f}; CPU seconds: "
+          f"{cpu['start']:.1f} while starting, {cpu['steady']:.1f} in the steady window")
     print(f"operator API requests while starting: {req['start_total']} ({req['start_per_job']:.2f}/job) "
           f"{req['start_by_verb']}")
     print(f"steady state, {req['steady_seconds']:.0f}s: {req['steady_total']} "

@@ -11,12 +11,13 @@ from fake_cluster import FakeCluster
 from ftj_builders import NOW, S3_KEYS, make_job, make_pod
 
 from kubetune.operator.actions import CreateChild, DeleteFineTuneJob, DeleteJob
+from kubetune.operator.caches import Caches, collection_path
 from kubetune.operator.handlers import run_pass
-from kubetune.operator.kube import ApiError
 from kubetune.operator.metrics import OperatorMetrics
 from kubetune.operator.reconcile import reconcile, status_patch
-from kubetune.operator.resync import list_paths, resync_once
+from kubetune.operator.resync import pass_once, queue_every_job
 from kubetune.operator.settings import OperatorSettings
+from kubetune.operator.workqueue import WorkQueue
 
 SETTINGS = OperatorSettings()
 
@@ -172,32 +173,49 @@ class _Logger:
         self.lines.append(message % args)
 
 
-class _ListingApi:
-    """Answers the resync loop's list call; fails for one namespace."""
-
-    def __init__(self, items: list[dict[str, Any]]) -> None:
-        self.items = items
-
-    def get(self, path: str) -> dict[str, Any]:
-        if "/namespaces/broken/" in path:
-            raise ApiError(403, "Forbidden")
-        return {"items": self.items}
-
-
-@pytest.mark.parametrize(("namespaces", "paths"), [
-    (None, ["/apis/kubetune.io/v1alpha1/finetunejobs"]),
-    (["a", "b"], ["/apis/kubetune.io/v1alpha1/namespaces/a/finetunejobs",
-                  "/apis/kubetune.io/v1alpha1/namespaces/b/finetunejobs"]),
+@pytest.mark.parametrize(("kind", "namespace", "path"), [
+    ("FineTuneJob", None, "/apis/kubetune.io/v1alpha1/finetunejobs"),
+    ("FineTuneJob", "a", "/apis/kubetune.io/v1alpha1/namespaces/a/finetunejobs"),
+    ("Job", "a", "/apis/batch/v1/namespaces/a/jobs"),
+    ("Pod", None, "/api/v1/pods"),
+    ("ConfigMap", "b", "/api/v1/namespaces/b/configmaps"),
 ])
-def test_resync_lists_where_the_operator_watches(namespaces: list[str] | None, paths: list[str]) -> None:
-    assert list_paths(namespaces) == paths
+def test_caches_list_where_the_operator_watches(kind: str, namespace: str | None, path: str) -> None:
+    assert collection_path(kind, namespace) == path
 
 
-def test_resync_reconciles_every_job_and_survives_a_failing_list() -> None:
+def _queued_memo(cluster: FakeCluster, *names: str) -> _Memo:
+    caches = Caches()
+    for name in names:
+        caches["FineTuneJob"].put(make_job(name).obj())
+    return _Memo(cluster=cluster, settings=SETTINGS, metrics=OperatorMetrics(), locks={}, caches=caches,
+                 queue=WorkQueue())
+
+
+def _drain(memo: _Memo) -> list[bool]:
+    results = []
+    while (key := memo.queue.get(timeout=0)) is not None:
+        results.append(pass_once(key, memo))
+        memo.queue.done(key)
+    return results
+
+
+def test_resync_queues_every_cached_job_once_and_the_workers_reconcile_them() -> None:
     cluster = FakeCluster(S3_KEYS)
-    metrics = OperatorMetrics()
-    memo = _Memo(cluster=cluster, settings=SETTINGS, metrics=metrics, locks={})
-    api = _ListingApi([make_job("a").obj(), make_job("b").obj()])
-    assert resync_once(api, memo, ["team-a", "broken"]) == 2  # type: ignore[arg-type]
+    memo = _queued_memo(cluster, "a", "b")
+    assert queue_every_job(memo) == 2
+    queue_every_job(memo)  # a second round while the first is queued asks for nothing more
+    assert _drain(memo) == [True, True]
     assert {name for kind, name in cluster.children if kind == "Job"} == {"a", "b"}
-    assert metrics.registry.get_sample_value("kubetune_operator_api_errors_total", {"operation": "list"}) == 1
+
+
+def test_a_failed_queued_pass_is_retried_later_and_a_deleted_job_is_skipped() -> None:
+    cluster = FakeCluster(S3_KEYS)
+    cluster.fail_observe = True
+    memo = _queued_memo(cluster, "a")
+    memo.queue.add(("team-a", "a"))
+    memo.queue.add(("team-a", "gone"))
+    assert _drain(memo) == [False, True]
+    assert len(memo.queue) == 0 and memo.queue.get(timeout=0) is None  # the retry waits its delay
+    assert memo.metrics.registry.get_sample_value("kubetune_operator_api_errors_total",
+                                                  {"operation": "reconcile"}) == 1

@@ -2,8 +2,9 @@
 write status, post events, and read rank 0's `/progress`.
 
 `Cluster` is the interface the reconcile pass uses; `KubeCluster` implements it on the
-API server, and tests implement it in memory. Children are only ever recognised by the
-FineTuneJob's controller reference, so objects that merely share a name are never taken.
+API server (reading children from the informers' caches, and putting what its own writes
+return into them), and tests implement it in memory. Children are only ever recognised by
+the FineTuneJob's controller reference, so objects that merely share a name are never taken.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from kubetune.operator.actions import (
     ReplaceConfigMapData,
     SetJobSuspend,
 )
+from kubetune.operator.caches import Caches
 from kubetune.operator.events import Event
 from kubetune.operator.kube import ApiError, KubeApi
 from kubetune.operator.observed import Observed
@@ -95,28 +97,30 @@ def _resource_path(namespace: str, name: str) -> str:
 
 
 class KubeCluster:
-    """`Cluster` on a real API server."""
+    """`Cluster` on a real API server, reading children from `caches`."""
 
-    def __init__(self, api: KubeApi, progress_port: int = 9090, progress_timeout: float = 3.0) -> None:
+    def __init__(self, api: KubeApi, progress_port: int = 9090, progress_timeout: float = 3.0,
+                 caches: Caches | None = None) -> None:
         self.api = api
         self.progress_port = progress_port
         self.progress_timeout = progress_timeout
+        self.caches = caches or Caches()
 
     def observe(self, job: FineTuneJob) -> Observed:
         ns, name, uid = job.metadata.namespace or "default", job.metadata.name, uid_of(job)
 
         def mine(kind: str, child: str) -> dict[str, Any] | None:
-            obj = self.api.get_or_none(f"{_collection(kind, ns)}/{child}")
+            obj = self.caches[kind].get(ns, child)
             return obj if owned_by(obj, uid) else None
 
         batch_job = mine("Job", naming.batch_job_name(name))
-        pods = self.api.items(_collection("Pod", ns), f"{naming.JOB_NAME_LABEL}={name}")
         return Observed(
             job=batch_job,
-            pods=tuple(pods),
+            pods=tuple(self.caches["Pod"].labelled(ns, name)),
             configmap=mine("ConfigMap", naming.configmap_name(name)),
             service=mine("Service", naming.service_name(name)),
-            **self._secret_check(job),
+            # only a new attempt waits for the Secret: with a Job, the pods report on it
+            **(self._secret_check(job) if batch_job is None else {"secret_checked": False}),
         )
 
     def _secret_check(self, job: FineTuneJob) -> dict[str, Any]:
@@ -137,9 +141,11 @@ class KubeCluster:
         if isinstance(action, CreateChild):
             self._create_or_adopt(job, action.obj)
         elif isinstance(action, ReplaceConfigMapData):
-            self.api.merge_patch(f"{_collection('ConfigMap', ns)}/{action.name}", {"data": action.data})
+            path = f"{_collection('ConfigMap', ns)}/{action.name}"
+            self.caches.put(self.api.merge_patch(path, {"data": action.data}))
         elif isinstance(action, SetJobSuspend):
-            self.api.merge_patch(f"{_collection('Job', ns)}/{action.name}", {"spec": {"suspend": action.suspend}})
+            path = f"{_collection('Job', ns)}/{action.name}"
+            self.caches.put(self.api.merge_patch(path, {"spec": {"suspend": action.suspend}}))
         elif isinstance(action, DeleteJob):
             options = {"propagationPolicy": "Foreground", "preconditions": {"uid": action.uid}}
             self._delete(f"{_collection('Job', ns)}/{action.name}", options)
@@ -154,10 +160,14 @@ class KubeCluster:
                 raise
 
     def _create_or_adopt(self, job: FineTuneJob, obj: dict[str, Any]) -> None:
-        """Create a child; when its name exists without a controller, take ownership of it."""
+        """Create a child; when its name exists without a controller, take ownership of it.
+
+        No GET first: the cache says it is missing, and AlreadyExists (a create the watch has
+        not shown yet, or someone else's object) is the rare case.
+        """
         path = _collection(obj["kind"], obj["metadata"]["namespace"])
         try:
-            self.api.create(path, obj)
+            self.caches.put(self.api.create(path, obj))
             return
         except ApiError as exc:
             if not exc.conflict:
@@ -165,15 +175,16 @@ class KubeCluster:
         existing = self.api.get(f"{path}/{obj['metadata']['name']}")
         refs = existing.get("metadata", {}).get("ownerReferences") or []
         if owned_by(existing, uid_of(job)):
+            self.caches.put({**existing, "kind": obj["kind"]})
             return
         if any(r.get("controller") for r in refs):
             raise ChildConflict(f"{obj['kind']} {obj['metadata']['name']} is owned by another controller")
         adopt = {"metadata": {"ownerReferences": [*refs, naming.owner_reference(job)],
                               "labels": obj["metadata"]["labels"]}}
-        self.api.merge_patch(f"{path}/{obj['metadata']['name']}", adopt)
+        self.caches.put(self.api.merge_patch(f"{path}/{obj['metadata']['name']}", adopt))
 
     def write_status(self, ref: JobRef, patch: dict[str, Any]) -> None:
-        self.api.merge_patch(_resource_path(ref.namespace, ref.name) + "/status", {"status": patch})
+        self.caches.put(self.api.merge_patch(_resource_path(ref.namespace, ref.name) + "/status", {"status": patch}))
 
     def post_event(self, ref: JobRef, event: Event, now: datetime) -> None:
         ns, stamp = ref.namespace, format_time(now)

@@ -1,9 +1,10 @@
 """Kopf wiring: every handler runs the same reconcile pass; state arrives as keyword arguments.
 
-Create, spec update, operator resume and any change to a child Job all call `reconcile`
-(so does the periodic `resync` loop). API errors become `kopf.TemporaryError` so Kopf
-retries; the pass itself writes the status once and emits events after it. No handler
-needs a finalizer, so FineTuneJobs can be deleted while the operator is down.
+Create, spec update and operator resume call `reconcile` here; a change to a child Job
+and the periodic resync queue the same pass (`resync`). API errors become
+`kopf.TemporaryError` so Kopf retries; the pass itself writes the status once and emits
+events after it. No handler needs a finalizer, so FineTuneJobs can be deleted while the
+operator is down.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import kopf
 from kubernetes import client
 
 from kubetune.api.resource import GROUP, PLURAL, VERSION
+from kubetune.operator.informer import newest
 from kubetune.operator.kube import ApiError
-from kubetune.operator.naming import JOB_NAME_LABEL
 from kubetune.operator.reconcile import reconcile
 
 RETRY_DELAY_SECONDS = 10.0
@@ -27,8 +28,10 @@ ANNOTATION_PREFIX = "kubetune.io"
 
 def run_pass(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger | Any) -> None:
     """One reconcile pass, serialised per FineTuneJob (handlers and timer may overlap)."""
-    uid = body.get("metadata", {}).get("uid", "")
-    with memo.locks.setdefault(uid, threading.Lock()), memo.metrics.reconcile_duration.time():
+    meta = body.get("metadata", {})
+    with memo.locks.setdefault(meta.get("uid", ""), threading.Lock()), memo.metrics.reconcile_duration.time():
+        if "caches" in memo:  # the copy our last status write returned may be newer than Kopf's
+            body = newest(body, memo.caches["FineTuneJob"].get(meta.get("namespace", ""), meta.get("name", "")))
         try:
             outcome = reconcile(body, memo.cluster, memo.settings, memo.metrics, datetime.now(UTC))
         except ApiError as exc:
@@ -45,26 +48,13 @@ def on_change(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any
     run_pass(body, memo, logger)
 
 
-def on_child_event(namespace: str, labels: kopf.Labels, memo: kopf.Memo, logger: logging.Logger,
-                   **_: Any) -> None:
-    """A child Job changed: reconcile its FineTuneJob now rather than at the next resync."""
-    name = labels.get(JOB_NAME_LABEL)
-    try:
-        body = memo.api.get_or_none(f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}")
-    except ApiError as exc:
-        memo.metrics.api_errors.labels("get").inc()
-        raise kopf.TemporaryError(f"Kubernetes API error: {exc}", delay=RETRY_DELAY_SECONDS) from exc
-    if body is not None:
-        run_pass(body, memo, logger)
-
-
 def on_delete(uid: str, memo: kopf.Memo, **_: Any) -> None:
     """Children go with the FineTuneJob (owner references); only our own bookkeeping is left."""
     memo.metrics.forget(uid)
     memo.locks.pop(uid, None)
 
 
-def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     """Kopf keeps its bookkeeping in annotations: the status belongs to the FineTuneJob schema."""
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=ANNOTATION_PREFIX)
@@ -72,6 +62,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.WARNING
     settings.posting.reporting_component = "kubetune-operator"
     settings.watching.server_timeout = 300
+    settings.execution.max_workers = memo.settings.pass_workers
 
 
 def connection_info(configuration: client.Configuration) -> kopf.ConnectionInfo:
@@ -97,6 +88,5 @@ def build_registry(configuration: client.Configuration) -> kopf.OperatorRegistry
     kopf.on.create(*resource, registry=registry)(on_change)
     kopf.on.resume(*resource, registry=registry)(on_change)
     kopf.on.update(*resource, field="spec", registry=registry)(on_change)
-    kopf.on.event("batch", "v1", "jobs", labels={JOB_NAME_LABEL: kopf.PRESENT}, registry=registry)(on_child_event)
     kopf.on.delete(*resource, optional=True, registry=registry)(on_delete)
     return registry

@@ -7,7 +7,9 @@ dropped between what `render_*` builds and what the API server receives.
 
 from __future__ import annotations
 
+import copy
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import urllib3
@@ -17,6 +19,9 @@ from kubernetes.client.exceptions import ApiException
 JSON = "application/json"
 MERGE_PATCH = "application/merge-patch+json"
 DEFAULT_TIMEOUT = 30.0
+POOL_CONNECTIONS = 32
+"""Kept-alive connections: every pass thread, Kopf's executor and the watches at once, so a
+burst of passes never falls back to a fresh TLS handshake per request."""
 
 
 class ApiError(Exception):
@@ -59,13 +64,14 @@ class KubeApi:
     """GET/POST/PATCH/PUT/DELETE on API paths, with JSON in and out."""
 
     def __init__(self, configuration: client.Configuration, timeout: float = DEFAULT_TIMEOUT) -> None:
+        configuration = copy.deepcopy(configuration)
+        configuration.connection_pool_maxsize = max(configuration.connection_pool_maxsize or 0, POOL_CONNECTIONS)
         self._client = client.ApiClient(configuration)
         self._auth = list(configuration.auth_settings())
         self._timeout = timeout
 
-    def request(self, method: str, path: str, body: Any = None, query: dict[str, str] | None = None,
-                content_type: str = JSON) -> Any:
-        """The decoded response body; raises `ApiError` on any non-2xx status."""
+    def _send(self, method: str, path: str, body: Any, query: dict[str, str] | None, content_type: str,
+              timeout: Any) -> Any:
         headers = {"Accept": JSON}
         if body is not None:
             headers["Content-Type"] = content_type
@@ -74,13 +80,33 @@ class KubeApi:
             header_params=headers, body=body, auth_settings=self._auth,
         )
         try:
-            response = self._client.call_api(method, url, headers, payload, post, _request_timeout=self._timeout)
-            data = response.read()
+            return self._client.call_api(method, url, headers, payload, post, _request_timeout=timeout)
         except (ApiException, urllib3.exceptions.HTTPError) as exc:
+            raise ApiError(0, "Unreachable", str(exc)) from exc
+
+    def request(self, method: str, path: str, body: Any = None, query: dict[str, str] | None = None,
+                content_type: str = JSON) -> Any:
+        """The decoded response body; raises `ApiError` on any non-2xx status."""
+        response = self._send(method, path, body, query, content_type, self._timeout)
+        try:
+            data = response.read()
+        except urllib3.exceptions.HTTPError as exc:
             raise ApiError(0, "Unreachable", str(exc)) from exc
         if response.status >= 400:
             raise _error(response.status, response.reason, data)
         return json.loads(data) if data else None
+
+    def watch(self, path: str, resource_version: str, label_selector: str | None = None,
+              timeout_seconds: int = 300) -> WatchStream:
+        """An open watch of a collection from `resource_version` (bookmarks included)."""
+        query = {"watch": "1", "resourceVersion": resource_version, "allowWatchBookmarks": "true",
+                 "timeoutSeconds": str(timeout_seconds)}
+        if label_selector:
+            query["labelSelector"] = label_selector
+        response = self._send("GET", path, None, query, JSON, (self._timeout, timeout_seconds + self._timeout))
+        if response.status >= 400:
+            raise _error(response.status, response.reason, response.read())
+        return WatchStream(response.response)
 
     def get(self, path: str, **query: str) -> Any:
         return self.request("GET", path, query=query or None)
@@ -110,6 +136,29 @@ class KubeApi:
 
     def close(self) -> None:
         self._client.close()
+
+
+class WatchStream:
+    """The events of one watch as they arrive; `close()` ends it from another thread."""
+
+    def __init__(self, response: urllib3.BaseHTTPResponse) -> None:
+        self._response = response
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        pending = b""
+        try:
+            for chunk in self._response.stream():
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                yield from (json.loads(line) for line in lines if line.strip())
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise ApiError(0, "Unreachable", str(exc)) from exc
+        finally:
+            self._response.release_conn()
+
+    def close(self) -> None:
+        self._response.shutdown()
+        self._response.close()
 
 
 def _error(status: int, reason: str, data: bytes | None) -> ApiError:

@@ -1,4 +1,4 @@
-"""`kubetune operator`: start the HTTP probes, win the Lease, then run Kopf until stopped."""
+"""`kubetune operator`: start the HTTP probes, win the Lease, fill the caches, then run Kopf until stopped."""
 
 from __future__ import annotations
 
@@ -13,14 +13,17 @@ from typing import Any
 import kopf
 from kubernetes import client
 
+from kubetune.operator.caches import Caches
 from kubetune.operator.cluster import KubeCluster
 from kubetune.operator.handlers import build_registry
+from kubetune.operator.informer import Informer, start_informers
 from kubetune.operator.kube import KubeApi, load_configuration
 from kubetune.operator.leader import LeaderElector
 from kubetune.operator.metrics import OperatorMetrics
 from kubetune.operator.probes import serve_probes
-from kubetune.operator.resync import start_resync
+from kubetune.operator.resync import start_passes
 from kubetune.operator.settings import OperatorSettings
+from kubetune.operator.workqueue import WorkQueue
 
 LOG = logging.getLogger(__name__)
 LEASE_NAME = "kubetune-operator"
@@ -54,6 +57,17 @@ def _lead(api: KubeApi, identity: str | None, lease: tuple[str, str] | None, lea
     renew = threading.Thread(target=elector.keep_renewing, args=(stop, lost), name="kubetune-lease")
     renew.daemon = True
     renew.start()
+    return True
+
+
+def _fill_caches(informers: list[Informer], stop: threading.Event) -> bool:
+    """Start the informers and wait until each has listed once (False if stopped first): a pass
+    on an empty cache would take existing children for missing ones."""
+    start_informers(informers, stop)
+    for informer in informers:
+        while not informer.synced.wait(0.5):
+            if stop.is_set():
+                return False
     return True
 
 
@@ -101,17 +115,25 @@ def run(
     api = KubeApi(configuration)
     metrics = OperatorMetrics()
     server = serve_probes(metrics.registry, http_port, leading.is_set)
+    caches, queue = Caches(), WorkQueue()
+    informers = caches.informers(api, namespaces, queue.add)
     try:
         if leader_election and not _lead(api, identity, lease, lease_seconds, stop, lost):
             return 0
+        if not _fill_caches(informers, stop):
+            return 0
         leading.set()
-        cluster = KubeCluster(api, settings.metrics_port, settings.progress_timeout_seconds)
-        memo = kopf.Memo(api=api, cluster=cluster, settings=settings, metrics=metrics, locks={})
-        start_resync(api, memo, namespaces, stop)
+        cluster = KubeCluster(api, settings.metrics_port, settings.progress_timeout_seconds, caches)
+        memo = kopf.Memo(api=api, cluster=cluster, settings=settings, metrics=metrics, locks={}, caches=caches,
+                         queue=queue)
+        start_passes(memo, stop)
         asyncio.run(_operate(stop, registry=build_registry(configuration), memo=memo, standalone=True,
                              clusterwide=not namespaces, namespaces=namespaces or (), ready_flag=ready))
     finally:
-        stop.set()  # Kopf may have stopped on a signal: the resync and Lease threads stop with it
+        stop.set()  # Kopf may have stopped on a signal: the pass, watch and Lease threads stop with it
+        queue.close()
+        for informer in informers:
+            informer.stop()
         leading.clear()
         server.shutdown()
         server.server_close()

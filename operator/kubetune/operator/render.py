@@ -17,6 +17,9 @@ from kubetune.operator import naming
 from kubetune.operator.render_pod import pod_template
 from kubetune.operator.settings import OperatorSettings
 
+SAFE_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+"""libyaml's emitter when PyYAML has it: the same text, ten times faster (every pass renders it)."""
+
 
 def resolved_spec_yaml(job: FineTuneJob) -> str:
     """The job as the trainer reads it: defaults filled in, no status, no cluster metadata.
@@ -29,7 +32,7 @@ def resolved_spec_yaml(job: FineTuneJob) -> str:
         "metadata": {"name": job.metadata.name, "namespace": job.metadata.namespace},
         "spec": job.spec.model_dump(mode="json", by_alias=True, exclude_none=True),
     }
-    return yaml.safe_dump(doc, sort_keys=False)
+    return yaml.dump(doc, Dumper=SAFE_DUMPER, sort_keys=False)
 
 
 def render_configmap(job: FineTuneJob) -> dict[str, Any]:

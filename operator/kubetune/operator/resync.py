@@ -1,72 +1,72 @@
-"""The periodic pass over every FineTuneJob, which also re-reads rank 0's `/progress`.
+"""Passes outside Kopf's handlers: on a child Job's change, on retry, and every `resync_seconds`.
 
-A loop of the operator's own rather than a Kopf timer: Kopf puts a finalizer on every
-object that has a timer, so FineTuneJobs could not be deleted while the operator is down,
-and each deletion would wait for a running timer to notice. Listing the jobs each round
-also picks up anything a missed watch event left behind.
+Each asks the work queue for a pass of one FineTuneJob; a few workers run them, reading
+the FineTuneJob from the informer's cache, so a burst of events becomes one pass and a
+slow rank 0 holds up only its own job. The periodic round also re-reads rank 0's
+`/progress`. It is a loop of the operator's own rather than a Kopf timer: Kopf puts a
+finalizer on every object that has a timer, so FineTuneJobs could not be deleted while
+the operator is down, and each deletion would wait for a running timer to notice. The
+cache lists again whenever its watch expires, so a missed event is picked up too.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import kopf
 
-from kubetune.api.resource import GROUP, PLURAL, VERSION
-from kubetune.operator.handlers import run_pass
-from kubetune.operator.kube import ApiError, KubeApi
+from kubetune.operator.handlers import RETRY_DELAY_SECONDS, run_pass
+from kubetune.operator.informer import Key, key_of
 
 LOG = logging.getLogger(__name__)
+IDLE_SECONDS = 1.0
 
 
-def list_paths(namespaces: list[str] | None) -> list[str]:
-    """Where to list FineTuneJobs: each watched namespace, or the whole cluster."""
-    if not namespaces:
-        return [f"/apis/{GROUP}/{VERSION}/{PLURAL}"]
-    return [f"/apis/{GROUP}/{VERSION}/namespaces/{ns}/{PLURAL}" for ns in namespaces]
-
-
-def list_finetunejobs(api: KubeApi, memo: kopf.Memo, namespaces: list[str] | None) -> list[dict[str, Any]]:
-    bodies: list[dict[str, Any]] = []
-    for path in list_paths(namespaces):
-        try:
-            bodies.extend(api.get(path).get("items") or [])
-        except ApiError as exc:
-            memo.metrics.api_errors.labels("list").inc()
-            LOG.warning("cannot list FineTuneJobs at %s: %s", path, exc)
-    return bodies
-
-
-def _pass(body: dict[str, Any], memo: kopf.Memo) -> bool:
+def pass_once(key: Key, memo: kopf.Memo) -> bool:
+    """Reconcile one FineTuneJob from the cache (gone: nothing to do); on an error, retry later."""
+    body = memo.caches["FineTuneJob"].get(*key)
+    if body is None:
+        return True
     try:
         run_pass(body, memo, LOG)
     except kopf.TemporaryError as exc:
-        meta = body.get("metadata", {})
-        LOG.warning("%s/%s: %s", meta.get("namespace"), meta.get("name"), exc)
+        LOG.warning("%s/%s: %s", *key, exc)
+        memo.queue.add_after(key, exc.delay or RETRY_DELAY_SECONDS)
         return False
     return True
 
 
-def resync_once(api: KubeApi, memo: kopf.Memo, namespaces: list[str] | None) -> int:
-    """One pass over every FineTuneJob, a few at a time (a slow rank 0 holds up only its own
-    job); returns how many were reconciled without error."""
-    bodies = list_finetunejobs(api, memo, namespaces)
-    with ThreadPoolExecutor(max_workers=memo.settings.resync_workers, thread_name_prefix="kubetune-pass") as pool:
-        return sum(pool.map(lambda body: _pass(body, memo), bodies))
+def work(memo: kopf.Memo, stop: threading.Event) -> None:
+    """One worker: passes from the queue until `stop` is set."""
+    while not stop.is_set():
+        key = memo.queue.get(timeout=IDLE_SECONDS)
+        if key is None:
+            continue
+        try:
+            pass_once(key, memo)
+        finally:
+            memo.queue.done(key)
 
 
-def resync_forever(api: KubeApi, memo: kopf.Memo, namespaces: list[str] | None, stop: threading.Event) -> None:
+def queue_every_job(memo: kopf.Memo) -> int:
+    bodies = memo.caches["FineTuneJob"].items()
+    for body in bodies:
+        memo.queue.add(key_of(body))
+    return len(bodies)
+
+
+def resync_forever(memo: kopf.Memo, stop: threading.Event) -> None:
     """Every `resync_seconds` until `stop` is set."""
     while not stop.wait(memo.settings.resync_seconds):
-        resync_once(api, memo, namespaces)
+        queue_every_job(memo)
 
 
-def start_resync(api: KubeApi, memo: kopf.Memo, namespaces: list[str] | None,
-                 stop: threading.Event) -> threading.Thread:
-    thread = threading.Thread(target=resync_forever, args=(api, memo, namespaces, stop), name="kubetune-resync")
-    thread.daemon = True
-    thread.start()
-    return thread
+def start_passes(memo: kopf.Memo, stop: threading.Event) -> list[threading.Thread]:
+    """The queue's workers and the resync loop, as daemon threads."""
+    targets = [("kubetune-resync", resync_forever)]
+    targets += [(f"kubetune-pass-{n}", work) for n in range(memo.settings.resync_workers)]
+    threads = [threading.Thread(target=target, args=(memo, stop), name=name, daemon=True) for name, target in targets]
+    for thread in threads:
+        thread.start()
+    return threads

@@ -28,7 +28,9 @@ class OperatorSettings:
     """How often each job is reconciled and rank 0's progress is read."""
     progress_timeout_seconds: float = 3.0
     resync_workers: int = 8
-    """FineTuneJobs reconciled at once by the periodic resync."""
+    """FineTuneJobs reconciled at once from the work queue (child events, retries, the resync)."""
+    pass_workers: int = 16
+    """FineTuneJobs reconciled at once by Kopf's create, update and resume handlers."""
     restart_backoff_seconds: float = 10.0
     """Wait before a retried attempt: this, doubled per counted restart, capped at five minutes."""
 
