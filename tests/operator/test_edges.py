@@ -17,7 +17,8 @@ from ftj_builders import NOW, make_pod
 
 from kubetune.api.status import FineTuneJobStatus
 from kubetune.cli import build_parser
-from kubetune.operator.cluster import KubeCluster, progress_url
+from kubetune.operator.cluster import EventPoster, KubeCluster, progress_url
+from kubetune.operator.kube import ApiError
 from kubetune.operator.leader import lease_decision, micro_time, next_lease_spec
 from kubetune.operator.metrics import OperatorMetrics
 from kubetune.operator.probes import serve_probes
@@ -158,3 +159,26 @@ def test_kopf_logs_in_with_the_operators_own_credentials() -> None:
         "https://127.0.0.1:6443", "/ca.crt", "/c.crt", "/c.key", None)
     configuration.api_key, configuration.api_key_prefix = {"BearerToken": "t0k"}, {"BearerToken": "Bearer"}
     assert connection_info(configuration).token == "t0k"
+
+
+class _EventApi:
+    """Records posted events; refuses the one named `refused`."""
+
+    def __init__(self, refused: str = "") -> None:
+        self.posted: list[str] = []
+        self.refused = refused
+
+    def create(self, path: str, body: dict) -> dict:
+        if body["reason"] == self.refused:
+            raise ApiError(403, "Forbidden")
+        self.posted.append(body["reason"])
+        return body
+
+
+def test_events_are_posted_in_order_off_the_pass_and_a_refused_one_is_skipped() -> None:
+    api = _EventApi(refused="Staging")
+    poster = EventPoster(api)  # type: ignore[arg-type]
+    for reason in ("Creating", "ChildrenCreated", "Staging", "Training"):
+        poster.post("/api/v1/namespaces/team-a/events", {"reason": reason, "involvedObject": {"uid": "u1"}})
+    poster.close()
+    assert api.posted == ["Creating", "ChildrenCreated", "Training"]

@@ -10,7 +10,11 @@ the FineTuneJob's controller reference, so objects that merely share a name are 
 from __future__ import annotations
 
 import json
+import logging
+import queue
+import threading
 import urllib.request
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -33,7 +37,10 @@ from kubetune.operator.observed import Observed
 from kubetune.operator.timefmt import format_time
 
 EVENT_MESSAGE_LIMIT = 1024
+EVENT_BACKLOG = 10_000
+EVENT_THREADS = 4
 COMPONENT = "kubetune-operator"
+LOG = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -96,6 +103,47 @@ def _resource_path(namespace: str, name: str) -> str:
     return f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}"
 
 
+class EventPoster:
+    """Posts Events from background threads, as client-go's recorder does, so a pass never
+    waits for them; one job's events always go through the same thread, in order. A post
+    that fails is logged, not retried."""
+
+    def __init__(self, api: KubeApi, threads: int = EVENT_THREADS) -> None:
+        self.api = api
+        self._backlogs: list[queue.Queue[tuple[str, dict[str, Any]] | None]] = [
+            queue.Queue(EVENT_BACKLOG) for _ in range(threads)]
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+
+    def post(self, path: str, body: dict[str, Any]) -> None:
+        with self._lock:
+            if not self._threads:
+                self._threads = [threading.Thread(target=self._run, args=(b,), name="kubetune-events", daemon=True)
+                                 for b in self._backlogs]
+                for thread in self._threads:
+                    thread.start()
+        about = body.get("involvedObject") or {}
+        backlog = self._backlogs[zlib.crc32(str(about.get("uid")).encode()) % len(self._backlogs)]
+        try:
+            backlog.put_nowait((path, body))
+        except queue.Full:
+            LOG.warning("event backlog full: dropped %s for %s", body.get("reason"), about.get("name"))
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Post what is waiting (for up to `timeout` seconds), then stop."""
+        for backlog in self._backlogs if self._threads else ():
+            backlog.put(None)
+        for thread in self._threads:
+            thread.join(timeout)
+
+    def _run(self, backlog: queue.Queue[tuple[str, dict[str, Any]] | None]) -> None:
+        while (item := backlog.get()) is not None:
+            try:
+                self.api.create(*item)
+            except ApiError as exc:
+                LOG.warning("cannot post event %s: %s", item[1].get("reason"), exc)
+
+
 class KubeCluster:
     """`Cluster` on a real API server, reading children from `caches`."""
 
@@ -105,6 +153,10 @@ class KubeCluster:
         self.progress_port = progress_port
         self.progress_timeout = progress_timeout
         self.caches = caches or Caches()
+        self.events = EventPoster(api)
+
+    def close(self) -> None:
+        self.events.close()
 
     def observe(self, job: FineTuneJob) -> Observed:
         ns, name, uid = job.metadata.namespace or "default", job.metadata.name, uid_of(job)
@@ -203,7 +255,7 @@ class KubeCluster:
             "source": {"component": COMPONENT},
             "reportingComponent": f"{GROUP}/operator",
         }
-        self.api.create(f"/api/v1/namespaces/{ns}/events", body)
+        self.events.post(f"/api/v1/namespaces/{ns}/events", body)
 
     def read_progress(self, pod: dict[str, Any]) -> Any:
         """Rank 0's `/progress` JSON, or None when it cannot be read right now."""

@@ -117,13 +117,13 @@ def run(
     server = serve_probes(metrics.registry, http_port, leading.is_set)
     caches, queue = Caches(), WorkQueue()
     informers = caches.informers(api, namespaces, queue.add)
+    cluster = KubeCluster(api, settings.metrics_port, settings.progress_timeout_seconds, caches)
     try:
         if leader_election and not _lead(api, identity, lease, lease_seconds, stop, lost):
             return 0
         if not _fill_caches(informers, stop):
             return 0
         leading.set()
-        cluster = KubeCluster(api, settings.metrics_port, settings.progress_timeout_seconds, caches)
         memo = kopf.Memo(api=api, cluster=cluster, settings=settings, metrics=metrics, locks={}, caches=caches,
                          queue=queue)
         start_passes(memo, stop)
@@ -134,6 +134,7 @@ def run(
         queue.close()
         for informer in informers:
             informer.stop()
+        cluster.close()
         leading.clear()
         server.shutdown()
         server.server_close()
