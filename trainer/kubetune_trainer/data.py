@@ -112,7 +112,9 @@ def load_dataset(root: Path, spec: DataSpec, caption: str | None = None) -> Data
 
 @dataclass
 class Batch:
-    pixels: Any
+    images: Any
+    """(N, 3, H, W) pixels in [-1, 1], or the `ImagePlan`s that make them, rendered when first read:
+    a step whose latents are all cached never decodes an image."""
     captions: list[str]
     sizes: list[tuple[int, int, int, int, int, int]]
     """SDXL micro-conditioning per image: original (h, w), crop (top, left), target (h, w)."""
@@ -123,42 +125,82 @@ class Batch:
     terms: list[str] | None = None
     """Which loss term each image belongs to ("instance", "prior"), where a batch mixes several."""
 
+    @property
+    def pixels(self) -> Any:
+        if isinstance(self.images, list):
+            self.images = render_images(self.images)
+        return self.images
 
-def prepare_image(path: Path, spec: DataSpec, target: tuple[int, int],
-                  rng: random.Random) -> tuple[Any, tuple[int, ...], str]:
-    """Resize to cover `target` (width, height), crop to it, maybe flip; pixels in [-1, 1]."""
+    def pixels_of(self, rows: list[int]) -> Any:
+        """Just these images' pixels; plans not yet rendered are rendered for these rows only."""
+        if isinstance(self.images, list):
+            return render_images([self.images[row] for row in rows])
+        return self.images[rows]
+
+
+@dataclass(frozen=True)
+class ImagePlan:
+    """How one example becomes training pixels, decided without decoding it."""
+
+    path: Path
+    resized: tuple[int, int]
+    crop: tuple[int, int, int, int]
+    """(left, top, right, bottom) in the resized image."""
+    flip: bool
+    size: tuple[int, int, int, int, int, int]
+    key: str
+
+
+def plan_image(path: Path, spec: DataSpec, target: tuple[int, int], rng: random.Random,
+               original: tuple[int, int] = (0, 0)) -> ImagePlan:
+    """Resize to cover `target` (width, height), crop to it, maybe flip; `original` (w, h) if known."""
+    tw, th = target
+    width, height = original if all(original) else _header_size(path)
+    scale = max(tw / width, th / height)
+    resized = (max(tw, round(width * scale)), max(th, round(height * scale)))
+    extra_w, extra_h = resized[0] - tw, resized[1] - th
+    left, top = (extra_w // 2, extra_h // 2) if spec.center_crop else (rng.randint(0, extra_w),
+                                                                      rng.randint(0, extra_h))
+    flip = spec.random_flip and rng.random() < 0.5
+    key = f"{path}|{path.stat().st_size}|{tw}x{th}|{left},{top}|{int(flip)}"
+    return ImagePlan(path, resized, (left, top, left + tw, top + th), flip, (height, width, top, left, th, tw), key)
+
+
+def _header_size(path: Path) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.size
+
+
+def render_image(plan: ImagePlan) -> Any:
+    """The plan's pixels, (3, H, W) in [-1, 1]."""
     import numpy as np
     import torch
     from PIL import Image
 
-    tw, th = target
-    with Image.open(path) as opened:
+    with Image.open(plan.path) as opened:
         image = opened.convert("RGB")
-    width, height = image.size
-    scale = max(tw / width, th / height)
-    image = image.resize((max(tw, round(width * scale)), max(th, round(height * scale))),
-                         Image.Resampling.BILINEAR)
-    extra_w, extra_h = image.size[0] - tw, image.size[1] - th
-    left, top = (extra_w // 2, extra_h // 2) if spec.center_crop else (rng.randint(0, extra_w),
-                                                                      rng.randint(0, extra_h))
-    image = image.crop((left, top, left + tw, top + th))
-    flip = spec.random_flip and rng.random() < 0.5
-    if flip:
+    image = image.resize(plan.resized, Image.Resampling.BILINEAR).crop(plan.crop)
+    if plan.flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    key = f"{path}|{path.stat().st_size}|{tw}x{th}|{left},{top}|{int(flip)}"
-    return torch.from_numpy(array).permute(2, 0, 1), (height, width, top, left, th, tw), key
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
+def render_images(plans: list[ImagePlan]) -> Any:
+    import torch
+
+    return torch.stack([render_image(plan) for plan in plans])
 
 
 def make_batch(items: list[tuple[Example, random.Random]], spec: DataSpec,
                target: tuple[int, int] | None = None) -> Batch:
-    """Prepare each example at `target` (default: square at the resolution) with its own RNG."""
-    import torch
-
+    """Plan each example at `target` (default: square at the resolution) with its own RNG; render lazily."""
     size = target or (spec.resolution, spec.resolution)
-    prepared = [prepare_image(example.image, spec, size, rng) for example, rng in items]
-    return Batch(torch.stack([pixels for pixels, _, _ in prepared]), [ex.caption for ex, _ in items],
-                 [size for _, size, _ in prepared], [key for _, _, key in prepared], [1 / len(items)] * len(items))
+    plans = [plan_image(example.image, spec, size, rng, example.size) for example, rng in items]
+    return Batch(plans, [ex.caption for ex, _ in items], [plan.size for plan in plans],
+                 [plan.key for plan in plans], [1 / len(items)] * len(items))
 
 
 def split_dataset(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, list[Example]]:

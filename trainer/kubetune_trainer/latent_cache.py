@@ -62,7 +62,7 @@ class DiskLatentCache:
         missing = [i for i, path in enumerate(paths) if not path.is_file()]
         fresh = {}
         if missing:
-            encoded = encode(batch.pixels[missing]).detach().cpu()
+            encoded = encode(batch.pixels_of(missing)).detach().cpu()  # hits are never decoded
             for row, index in enumerate(missing):
                 fresh[index] = encoded[row].clone()
                 tmp = paths[index].with_suffix(f".{os.getpid()}.tmp")  # ranks of one pod share the folder
