@@ -30,8 +30,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="staging folder for model, data and checkpoints (default: $KUBETUNE_SCRATCH or /scratch)")
     parser.add_argument("--port", type=int, default=int(os.environ.get("KUBETUNE_STATUS_PORT", "8080")),
                         help="port for /metrics and /progress on rank 0 (0 = any free port)")
-    parser.add_argument("--termination-log", type=Path, default=Path("/dev/termination-log"),
-                        help="where the final result JSON goes ('' = nowhere)")
+    parser.add_argument("--termination-log", type=Path,
+                        default=Path(os.environ.get("KUBETUNE_TERMINATION_LOG", "/dev/termination-log")),
+                        help="where the final result JSON goes: the container's terminationMessagePath "
+                             "(default: $KUBETUNE_TERMINATION_LOG or /dev/termination-log; '' = nowhere)")
     parser.add_argument("--mode", choices=("cluster", "local"), default="cluster",
                         help="which URI schemes are allowed (default: cluster)")
     parser.set_defaults(handler=run)
