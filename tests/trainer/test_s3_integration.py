@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import urllib.request
@@ -21,7 +22,7 @@ from trainer_support import free_port, job_document, local_job
 from kubetune.api.spec import StorageSpec
 from kubetune.cli import main
 from kubetune_trainer.config import RuntimeConfig
-from kubetune_trainer.exitcodes import EXIT_CONFIG, ConfigError
+from kubetune_trainer.exitcodes import EXIT_CONFIG, ConfigError, StorageUnavailable
 from kubetune_trainer.job import run_job
 from kubetune_trainer.s3 import MiB, S3Store, TransferSettings
 from kubetune_trainer.staging import Stager
@@ -56,12 +57,63 @@ def test_large_object_is_fetched_in_ranges_and_verified(s3_server: Any, s3_bucke
     payload = hashlib.sha256(b"seed").digest() * (20 * MiB // 32)
     s3_server.client().put_object(Bucket=s3_bucket, Key="big/blob.bin", Body=payload)
     store = S3Store(_storage(s3_server), TransferSettings(multipart_threshold=MiB, chunk_size=MiB))
-    ranges: list[str] = []
-    store.client.meta.events.register("before-call.s3.GetObject",
-                                      lambda params, **_: ranges.append(params.get("headers", {}).get("Range", "")))
+    calls = _count_calls(store)
     Stager(store, concurrency=2).stage_prefix(f"s3://{s3_bucket}/big/", tmp_path / "dest")
     assert (tmp_path / "dest" / "blob.bin").read_bytes() == payload
-    assert len([r for r in ranges if r.startswith("bytes=")]) >= 20
+    assert sorted(calls["GetObject"]) == sorted(f"bytes={i * MiB}-{(i + 1) * MiB - 1}" for i in range(20))
+    assert len(calls["HeadObject"]) == 1  # the stored CRC32, checked per range
+
+
+def _count_calls(store: S3Store) -> dict[str, list[str]]:
+    """Requests the store sends: GETs through its getter's own hook, HEADs through botocore's event hooks."""
+    calls: dict[str, list[str]] = {"GetObject": [], "HeadObject": []}
+    store.getter.on_send = lambda headers: calls["GetObject"].append(headers.get("Range", ""))
+    store.client.meta.events.register("before-call.s3.HeadObject", lambda **_: calls["HeadObject"].append(""))
+    return calls
+
+
+def test_a_small_object_costs_one_get_and_no_head(s3_server: Any, s3_bucket: str, tmp_path: Path) -> None:
+    _put_many(s3_server, s3_bucket, [f"few/{i}.txt" for i in range(12)])
+    s3_server.client().put_object(Bucket=s3_bucket, Key="few/empty.txt", Body=b"")
+    store = S3Store(_storage(s3_server))
+    calls = _count_calls(store)
+    report = Stager(store, concurrency=4).stage_prefix(f"s3://{s3_bucket}/few/", tmp_path / "dest")
+    assert report.downloaded == 13 and calls["HeadObject"] == []
+    assert len(calls["GetObject"]) == 14  # the empty object answers its ranged GET with 416, then one plain GET
+    assert (tmp_path / "dest" / "7.txt").read_text() == "few/7.txt"
+    assert (tmp_path / "dest" / "empty.txt").read_bytes() == b""
+
+
+def test_a_multipart_upload_is_fetched_in_ranges(s3_server: Any, s3_bucket: str, tmp_path: Path) -> None:
+    from boto3.s3.transfer import TransferConfig
+
+    payload = os.urandom(13 * MiB + 321)
+    (tmp_path / "blob").write_bytes(payload)
+    s3_server.client().upload_file(str(tmp_path / "blob"), s3_bucket, "mp/blob.bin",
+                                   Config=TransferConfig(multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB))
+    store = S3Store(_storage(s3_server), TransferSettings(chunk_size=2 * MiB, per_file_concurrency=3))
+    calls = _count_calls(store)
+    Stager(store).stage_prefix(f"s3://{s3_bucket}/mp/", tmp_path / "dest")
+    assert (tmp_path / "dest" / "blob.bin").read_bytes() == payload
+    assert len(calls["GetObject"]) == 7 and len(calls["HeadObject"]) == 1
+
+
+def test_an_object_replaced_mid_download_is_not_staged(s3_server: Any, s3_bucket: str, tmp_path: Path) -> None:
+    client = s3_server.client()
+    client.put_object(Bucket=s3_bucket, Key="swap/blob.bin", Body=os.urandom(6 * MiB))
+    store = S3Store(_storage(s3_server), TransferSettings(chunk_size=MiB, per_file_concurrency=2))
+    replaced: list[str] = []
+
+    def replace_before_a_later_range(headers: dict[str, str]) -> None:
+        if headers.get("Range", "").startswith("bytes=0-") or replaced:
+            return
+        replaced.append("once")
+        client.put_object(Bucket=s3_bucket, Key="swap/blob.bin", Body=os.urandom(6 * MiB))
+
+    store.getter.on_send = replace_before_a_later_range
+    with pytest.raises(StorageUnavailable, match=f"s3://{s3_bucket}/swap/blob.bin was replaced"):
+        Stager(store).stage_prefix(f"s3://{s3_bucket}/swap/", tmp_path / "dest")
+    assert replaced and [p.name for p in (tmp_path / "dest").rglob("*")] == []
 
 
 def test_a_traversal_key_is_refused(s3_server: Any, s3_bucket: str, tmp_path: Path) -> None:

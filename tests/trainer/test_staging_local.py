@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from kubetune.api.spec import StorageSpec
-from kubetune_trainer.exitcodes import ConfigError
+from kubetune_trainer.exitcodes import ConfigError, TrainerError
 from kubetune_trainer.staging import MARKER_DIR, Stager, stage
 from kubetune_trainer.storage import LocalStore, ObjectInfo
 
@@ -79,3 +79,45 @@ def test_hf_uri_reads_a_prefilled_cache_offline(tmp_path: Path, monkeypatch: pyt
     assert (report.path / "model_index.json").is_file()
     with pytest.raises(ConfigError, match="hf://tiny/absent"):
         stage("hf://tiny/absent", tmp_path / "unused", StorageSpec())
+
+
+class FailingStore(LocalStore):
+    """Writes part of one object, then fails, as a broken range would."""
+
+    def download(self, uri: str, path: Path) -> str:
+        if uri.endswith("bad.bin"):
+            path.write_bytes(b"half")
+            raise OSError(f"{uri}: connection reset")
+        return super().download(uri, path)
+
+
+def test_a_failed_download_leaves_no_staged_file_and_no_marker(tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "bad.bin").write_bytes(b"x" * 100)
+    with pytest.raises(OSError, match=r"bad\.bin: connection reset"):
+        Stager(FailingStore(), concurrency=1).stage_prefix(str(source), tmp_path / "dest")
+    assert not (tmp_path / "dest" / "bad.bin").exists()
+    assert [p.name for p in (tmp_path / "dest").rglob("*")] == []
+
+
+class ReplacingStore(LocalStore):
+    """Reports that the bytes it fetched were checked against a newer ETag than the one listed."""
+
+    def download(self, uri: str, path: Path) -> str:
+        super().download(uri, path)
+        return "0" * 32
+
+
+def test_an_object_replaced_after_listing_is_not_staged(tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "a.bin").write_bytes(b"abc")
+
+    class Listing(ReplacingStore):
+        def list(self, prefix_uri: str) -> list[ObjectInfo]:
+            return [ObjectInfo(prefix_uri.rstrip("/") + "/a.bin", "a.bin", 3, "f" * 32)]
+
+    with pytest.raises(TrainerError, match=r"a\.bin was replaced after it was listed"):
+        Stager(Listing()).stage_prefix(str(source), tmp_path / "dest")
+    assert not (tmp_path / "dest" / "a.bin").exists()

@@ -21,6 +21,7 @@ from pathlib import Path
 from kubetune.api.spec import StorageSpec
 from kubetune.api.uris import parse_uri
 from kubetune_trainer.exitcodes import ConfigError, StorageUnavailable
+from kubetune_trainer.s3_http import ObjectGetter
 from kubetune_trainer.s3_ranges import ranged_get
 from kubetune_trainer.storage import ObjectInfo
 
@@ -56,7 +57,18 @@ def _client_config(spec: StorageSpec, transfer: TransferSettings):
         read_timeout=60,
         # Downloads are checked against the ETag's MD5 (ranges carry no checksum anyway).
         response_checksum_validation="when_required",
+        parameter_validation=False,  # parameters are built here, never taken from users
     )
+
+
+def _botocore_session():
+    """A botocore session that leaves timestamps as text: nothing here reads them, and parsing
+    every LastModified of a listing or a GET costs more than the rest of the response."""
+    import botocore.session
+
+    session = botocore.session.get_session()
+    session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=str)
+    return session
 
 
 class S3Store:
@@ -69,12 +81,14 @@ class S3Store:
         self.endpoint = spec.endpoint or "AWS S3"
         self.transfer = transfer or TransferSettings()
         session = boto3.session.Session(
+            botocore_session=_botocore_session(),
             aws_access_key_id=os.environ.get("AWS_ACCESS_KEY_ID"),
             aws_secret_access_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
             aws_session_token=os.environ.get("AWS_SESSION_TOKEN"),
             region_name=spec.region,
         )
         self.client = session.client("s3", endpoint_url=spec.endpoint, config=_client_config(spec, self.transfer))
+        self.getter = ObjectGetter(self.client)
         self.transfer_config = TransferConfig(
             multipart_threshold=self.transfer.multipart_threshold,
             multipart_chunksize=self.transfer.chunk_size,
@@ -97,7 +111,7 @@ class S3Store:
     def download(self, uri: str, path: Path) -> str:
         bucket, key = _split(uri)
         with self._errors(uri):
-            return ranged_get(self.client, bucket, key, path, self.transfer.chunk_size,
+            return ranged_get(self.getter, bucket, key, path, self.transfer.chunk_size,
                               self.transfer.per_file_concurrency, uri)
 
     def upload(self, path: Path, uri: str) -> None:

@@ -21,7 +21,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from kubetune_trainer.exitcodes import StorageUnavailable, TrainerError
+from kubetune_trainer.exitcodes import StorageUnavailable
+from kubetune_trainer.s3_http import Answer, ObjectGetter
 from kubetune_trainer.storage import is_md5_etag
 from kubetune_trainer.transfer_checks import BUFFER, OrderedMD5, RangeCheck, RangedCRC32, SizeOnly
 
@@ -34,23 +35,22 @@ def plan_ranges(total: int, chunk: int) -> list[tuple[int, int]]:
     return [(start, min(start + chunk, total) - 1) for start in range(0, total, chunk)]
 
 
-def total_size(response: dict[str, Any]) -> int:
-    """The whole object's size from a (possibly ranged) GetObject answer."""
-    content_range = response.get("ContentRange")
-    if content_range:  # "bytes 0-99/1234"
-        return int(content_range.rpartition("/")[2])
-    return int(response["ContentLength"])
+def total_size(answer: Answer) -> int:
+    """The whole object's size from a (possibly ranged) GET's answer."""
+    if answer.content_range:  # "bytes 0-99/1234"
+        return int(answer.content_range.rpartition("/")[2])
+    return answer.content_length
 
 
 class _Download:
-    """One object's transfer: the open file, its ranges, the digest and a stop flag."""
+    """One object's transfer: where it comes from, the open file, its ETag and a stop flag."""
 
-    def __init__(self, client: Any, bucket: str, key: str, fd: int, uri: str) -> None:
-        self.client, self.bucket, self.key, self.fd, self.uri = client, bucket, key, fd, uri
+    def __init__(self, getter: ObjectGetter, bucket: str, key: str, fd: int, uri: str) -> None:
+        self.getter, self.bucket, self.key, self.fd, self.uri = getter, bucket, key, fd, uri
         self.etag = ""
         self.stop = threading.Event()
 
-    def first(self, chunk: int) -> dict[str, Any]:
+    def first(self, chunk: int) -> Answer:
         """The answer to a GET of the first `chunk` bytes (or of the whole object, when it is empty)."""
         from botocore.exceptions import ClientError
 
@@ -59,30 +59,33 @@ class _Download:
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") != "InvalidRange":
                 raise
-            return self.client.get_object(Bucket=self.bucket, Key=self.key)  # an empty object has no byte 0
+            return self.getter.get(self.bucket, self.key, {})  # an empty object has no byte 0
 
     def full_object_crc32(self) -> int | None:
         """S3's stored CRC32 of the whole object, when it keeps one (a composite one does not count)."""
-        head = self.client.head_object(Bucket=self.bucket, Key=self.key, ChecksumMode="ENABLED",
-                                       IfMatch=f'"{self.etag}"')
+        head = self.getter.client.head_object(Bucket=self.bucket, Key=self.key, ChecksumMode="ENABLED",
+                                              IfMatch=f'"{self.etag}"')
         value, kind = head.get("ChecksumCRC32") or "", head.get("ChecksumType")
         full_object = kind == "FULL_OBJECT" or (kind is None and is_md5_etag(self.etag))
         if not value or "-" in value or not full_object:
             return None
         return int.from_bytes(base64.b64decode(value), "big")
 
-    def get(self, first: int, last: int | None) -> dict[str, Any]:
-        params: dict[str, Any] = {"Bucket": self.bucket, "Key": self.key,
-                                  "Range": f"bytes={first}-{'' if last is None else last}"}
+    def get(self, first: int, last: int) -> Answer:
+        headers = {"Range": f"bytes={first}-{last}"}
         if self.etag:
-            params["IfMatch"] = f'"{self.etag}"'
-        return self.client.get_object(**params)
+            headers["If-Match"] = f'"{self.etag}"'
+        answer = self.getter.get(self.bucket, self.key, headers)
+        if first and not answer.content_range.startswith(f"bytes {first}-"):
+            answer.body.close()
+            raise StorageUnavailable(f"{self.uri}: the server answered bytes {first}-{last} with "
+                                     f"{answer.content_range or 'the whole object'}")
+        return answer
 
     def write_body(self, body: Any, offset: int, end: int, landed: Landed) -> int:
         """Copy `body` to the file from `offset`; return the offset reached (at most `end`)."""
-        buffer = bytearray(BUFFER)
-        view = memoryview(buffer)
-        with body:
+        view = memoryview(bytearray(min(BUFFER, end - offset)))  # small objects need small buffers
+        try:
             while offset < end and not self.stop.is_set():
                 count = body.readinto(view[:min(BUFFER, end - offset)])
                 if not count:
@@ -92,38 +95,43 @@ class _Download:
                     written += os.pwrite(self.fd, view[written:count], offset + written)
                 landed(offset, view[:count])
                 offset += count
+        finally:
+            if offset == end:
+                body.release_conn()
+            else:
+                body.close()  # a connection with unread bytes cannot be reused
         return offset
 
-    def fetch(self, first: int, last: int, landed: Landed, response: dict[str, Any] | None = None) -> None:
-        """Bring bytes first..last (inclusive) into the file, re-asking after a broken stream."""
-        from botocore.exceptions import IncompleteReadError, ReadTimeoutError, ResponseStreamingError
+    def fetch(self, first: int, last: int, landed: Landed, answer: Answer | None = None) -> None:
+        """Bring bytes first..last (inclusive) into the file, re-asking from where a broken stream stopped."""
+        from urllib3.exceptions import ProtocolError, ReadTimeoutError
 
         offset, end = first, last + 1
-        for attempt in range(STREAM_ATTEMPTS):
+        for attempt in range(1, STREAM_ATTEMPTS + 1):
             try:
-                response = response or self.get(offset, last)
-                offset = self.write_body(response["Body"], offset, end, landed)
-            except (IncompleteReadError, ReadTimeoutError, ResponseStreamingError) as exc:
-                if attempt + 1 == STREAM_ATTEMPTS:
+                answer = answer or self.get(offset, last)
+                offset = self.write_body(answer.body, offset, end, landed)
+            except (ProtocolError, ReadTimeoutError) as exc:
+                if attempt == STREAM_ATTEMPTS:
                     raise StorageUnavailable(f"{self.uri}: download broke off {STREAM_ATTEMPTS} times: "
                                              f"{type(exc).__name__}") from exc
-            response = None
+            answer = None
             if offset >= end or self.stop.is_set():
-                break
-        if offset != end and not self.stop.is_set():
-            raise TrainerError(f"{self.uri}: bytes {first}-{last} arrived short ({offset - first} bytes)")
+                return
+        raise StorageUnavailable(f"{self.uri}: bytes {first}-{last} arrived short {STREAM_ATTEMPTS} times "
+                                 f"({offset - first} bytes)")
 
 
-def ranged_get(client: Any, bucket: str, key: str, path: Path, chunk: int, streams: int, uri: str) -> str:
+def ranged_get(getter: ObjectGetter, bucket: str, key: str, path: Path, chunk: int, streams: int, uri: str) -> str:
     """Download s3://bucket/key to `path`; return its ETag. The bytes are checked where they can be."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        job = _Download(client, bucket, key, fd, uri)
+        job = _Download(getter, bucket, key, fd, uri)
         first = job.first(chunk)
-        job.etag = first.get("ETag", "").strip('"')
+        job.etag = first.etag
         total = total_size(first)
         os.ftruncate(fd, total)
-        ranges = plan_ranges(total, chunk) if first.get("ContentRange") else [(0, total - 1)]
+        ranges = plan_ranges(total, chunk) if first.content_range else [(0, total - 1)]
         check = _choose_check(job, fd, ranges)
         _fetch_ranges(job, ranges, first, check, streams)
         check.verify(uri)
@@ -141,16 +149,16 @@ def _choose_check(job: _Download, fd: int, ranges: list[tuple[int, int]]) -> Ran
     return OrderedMD5(fd, ranges, job.etag) if is_md5_etag(job.etag) else SizeOnly()
 
 
-def _fetch_ranges(job: _Download, ranges: list[tuple[int, int]], first: dict[str, Any],
+def _fetch_ranges(job: _Download, ranges: list[tuple[int, int]], first: Answer,
                   check: RangeCheck, streams: int) -> None:
     """Range 0 streams on this thread, the rest on up to `streams - 1` helpers; first error wins."""
-    def fetch(index: int, response: dict[str, Any] | None = None) -> None:
+    def fetch(index: int, response: Answer | None = None) -> None:
         start, last = ranges[index]
         landed = partial(check.landed, index)
         if last >= start:
             job.fetch(start, last, landed, response)
         elif response is not None:
-            response["Body"].close()
+            response.body.close()
 
     if len(ranges) == 1:
         fetch(0, first)

@@ -1,0 +1,93 @@
+"""The checks behind ranged downloads: ranges planned, CRCs joined, MD5 advanced over blocks landing in any order."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from kubetune_trainer.exitcodes import TrainerError
+from kubetune_trainer.s3_http import Answer
+from kubetune_trainer.s3_ranges import plan_ranges, total_size
+from kubetune_trainer.transfer_checks import OrderedMD5, RangedCRC32, crc32_combine
+
+
+@pytest.mark.parametrize(("total", "chunk", "expected"), [
+    (0, 4, []),
+    (3, 4, [(0, 2)]),
+    (4, 4, [(0, 3)]),
+    (9, 4, [(0, 3), (4, 7), (8, 8)]),
+])
+def test_ranges_cover_every_byte_once(total: int, chunk: int, expected: list[tuple[int, int]]) -> None:
+    assert plan_ranges(total, chunk) == expected
+
+
+@pytest.mark.parametrize(("content_range", "length", "size"), [
+    ("bytes 0-99/1234", 100, 1234),
+    ("", 77, 77),  # a server that answered the whole object
+])
+def test_total_size_comes_from_content_range(content_range: str, length: int, size: int) -> None:
+    assert total_size(Answer(206, "etag", content_range, length, body=None)) == size
+
+
+@pytest.mark.parametrize("length_b", [0, 1, 3, 4096, 1 << 20])
+def test_crc32_combine_equals_the_crc_of_the_concatenation(length_b: int) -> None:
+    a, b = os.urandom(1000), os.urandom(length_b)
+    assert crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(a + b)
+
+
+def _land_in_blocks(check, payload: bytes, ranges: list[tuple[int, int]], block: int, fd: int | None) -> None:
+    """Write and report every range's blocks, ranges in parallel and in shuffled order."""
+    def one_range(index: int) -> None:
+        first, last = ranges[index]
+        for offset in range(first, last + 1, block):
+            data = memoryview(payload)[offset:min(offset + block, last + 1)]
+            if fd is not None:
+                os.pwrite(fd, data, offset)
+            check.landed(index, offset, data)
+
+    order = list(range(len(ranges)))
+    random.Random(7).shuffle(order)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        list(pool.map(one_range, order))
+
+
+def test_ordered_md5_matches_whatever_order_ranges_land_in(tmp_path: Path) -> None:
+    payload = os.urandom(3 * (1 << 20) + 12345)
+    ranges = plan_ranges(len(payload), 300_000)
+    with (tmp_path / "f").open("w+b") as handle:
+        check = OrderedMD5(handle.fileno(), ranges, hashlib.md5(payload).hexdigest())
+        _land_in_blocks(check, payload, ranges, 65536, handle.fileno())
+        check.verify("s3://b/k")
+        wrong = OrderedMD5(handle.fileno(), ranges, hashlib.md5(b"other").hexdigest())
+        _land_in_blocks(wrong, payload, ranges, 65536, handle.fileno())
+        with pytest.raises(TrainerError, match="s3://b/k: MD5 does not match"):
+            wrong.verify("s3://b/k")
+
+
+def test_ranged_crc32_accepts_the_object_and_names_the_uri_otherwise() -> None:
+    payload = os.urandom(1 << 20)
+    ranges = plan_ranges(len(payload), 100_000)
+    good = RangedCRC32(ranges, zlib.crc32(payload))
+    _land_in_blocks(good, payload, ranges, 30_000, None)
+    good.verify("s3://b/k")
+    corrupt = bytearray(payload)
+    corrupt[500_000] ^= 1
+    bad = RangedCRC32(ranges, zlib.crc32(payload))
+    _land_in_blocks(bad, bytes(corrupt), ranges, 30_000, None)
+    with pytest.raises(TrainerError, match="s3://b/k: CRC32 does not match"):
+        bad.verify("s3://b/k")
+
+
+def test_ranged_crc32_refuses_a_range_that_stopped_short() -> None:
+    payload = os.urandom(1000)
+    ranges = plan_ranges(len(payload), 400)
+    check = RangedCRC32(ranges, zlib.crc32(payload))
+    _land_in_blocks(check, payload[:900], [(0, 399), (400, 799), (800, 899)], 100, None)
+    with pytest.raises(TrainerError, match="bytes 800-999 were not all written"):
+        check.verify("s3://b/k")
