@@ -156,8 +156,18 @@ class ControlPlane:
         for path in files:
             clusterprocess.run_checked([*kubectl, "apply", "--server-side",
                                         "--force-conflicts", "-f", str(path)])
-        clusterprocess.run_checked([*kubectl, "wait", "--for=condition=Established",
-                                    "--timeout=60s", "crd", "--all"])
+        # A CRD read before the API server wrote its first status has no conditions at all, and
+        # `kubectl wait` fails on that instead of waiting: ask again until the deadline.
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                clusterprocess.run_checked([*kubectl, "wait", "--for=condition=Established",
+                                            "--timeout=20s", "crd", "--all"])
+                break
+            except RuntimeError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
         print(f"[up] applied {len(files)} CRD file(s) from {CRD_DIR}", flush=True)
         return files
 

@@ -97,7 +97,7 @@ WHERE_FIELDS_LAND: list[tuple[str, Callable[[dict[str, Any]], Any], Any]] = [
      {"claimName": "models", "readOnly": True}),
     ("model pvc mount", lambda j: (_mount(j, "pvc-models")["mountPath"], _mount(j, "pvc-models")["readOnly"]),
      ("/mnt/pvc/models", True)),
-    ("output pvc writable", lambda j: _mount(j, "pvc-results")["readOnly"], False),
+    ("output pvc writable", lambda j: _mount(j, "pvc-results").get("readOnly", False), False),
     ("image", lambda j: _container(j)["image"], "registry.local/trainer:v2"),
     ("command", lambda j: _container(j)["command"], ["kubetune", "train", "--config", "/etc/kubetune/job.yaml"]),
     ("config mounted", lambda j: _volume(j, "config")["configMap"]["name"], "corgi-config"),
