@@ -61,3 +61,28 @@ def test_termination_message_stays_under_4096_bytes() -> None:
     text = termination_message(result)
     assert len(text.encode()) <= 4096
     assert json.loads(text)["step"] == 7
+
+
+def test_loss_terms_reach_progress_and_a_term_labelled_gauge() -> None:
+    progress, metrics = ProgressState(), PrometheusMetrics("team-a", "corgi")
+    for reporter in (progress, metrics):
+        _feed(reporter)
+        reporter.loss_terms(1, {})  # one-term methods: nothing changes
+    assert progress.snapshot()["lossTerms"] is None
+    assert "kubetune_trainer_loss_term{" not in metrics.exposition().decode()
+    for reporter in (progress, metrics):
+        reporter.loss_terms(2, {"instance": 0.25, "prior": 0.125})
+    assert progress.snapshot()["lossTerms"] == {"instance": 0.25, "prior": 0.125}
+    text = metrics.exposition().decode()
+    assert 'kubetune_trainer_loss_term{name="corgi",namespace="team-a",term="prior"} 0.125' in text
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None,
+                    reason="promtool not installed (apt-get install -y prometheus provides /usr/bin/promtool)")
+def test_metrics_with_loss_terms_pass_promtool_check() -> None:
+    metrics = PrometheusMetrics("team-a", "corgi")
+    _feed(metrics)
+    metrics.loss_terms(1, {"instance": 0.25, "prior": 0.125})
+    done = subprocess.run(["promtool", "check", "metrics"], input=metrics.exposition(), capture_output=True,
+                          timeout=60, check=False)
+    assert done.returncode == 0, done.stdout.decode() + done.stderr.decode()
