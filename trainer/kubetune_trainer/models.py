@@ -2,12 +2,14 @@
 
 Each family knows how to load its parts from a diffusers folder, turn captions into the
 UNet's conditioning, and rebuild a pipeline for sampling and export. The trainer receives
-`Components` already built and never asks which family it has.
+`Components` already built and never asks which family it has. While every text encoder is
+frozen, each caption's encoding is computed once and kept (`PromptCache`).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,6 +25,38 @@ class Conditioning:
     added_cond_kwargs: dict[str, Any] | None = None
 
 
+class PromptCache:
+    """Text-encoder outputs per caption, on the device, up to `limit_bytes`; the rest is encoded each time.
+
+    Only valid while the text encoders are frozen (eval mode, no dropout): `Components.encode_text`
+    bypasses it as soon as any text-encoder weight trains.
+    """
+
+    def __init__(self, limit_bytes: int = 1 << 30) -> None:
+        self.rows: dict[str, tuple[Any, ...]] = {}
+        self.limit_bytes, self.bytes = limit_bytes, 0
+        self.hits = self.misses = 0
+
+    def lookup(self, captions: list[str], encode: Callable[[list[str]], tuple[Any, ...]]) -> tuple[Any, ...]:
+        """`encode(captions)` gives tensors with one row per caption; cached rows are not encoded again."""
+        import torch
+
+        missing = list(dict.fromkeys(c for c in captions if c not in self.rows))
+        fresh: dict[str, tuple[Any, ...]] = {}
+        if missing:
+            outputs = encode(missing)
+            for index, caption in enumerate(missing):
+                fresh[caption] = tuple(output[index].detach() for output in outputs)
+                size = sum(t.numel() * t.element_size() for t in fresh[caption])
+                if self.bytes + size <= self.limit_bytes:
+                    self.rows[caption] = tuple(t.clone() for t in fresh[caption])
+                    self.bytes += size
+        self.misses += len(missing)
+        self.hits += len(captions) - len(missing)
+        rows = [self.rows[c] if c in self.rows else fresh[c] for c in captions]
+        return tuple(torch.stack([row[part] for row in rows]) for part in range(len(rows[0])))
+
+
 @dataclass
 class Components:
     """A loaded model: every module the training method and the family need."""
@@ -35,11 +69,18 @@ class Components:
     tokenizers: list[Any]
     text_encoders: list[Any]
     extra: dict[str, Any] = field(default_factory=dict)
+    prompts: PromptCache = field(default_factory=PromptCache)
 
     def modules(self) -> dict[str, Any]:
         """Named modules, the names used for trainable-state keys and LoRA file prefixes."""
         names = ["text_encoder", "text_encoder_2"][: len(self.text_encoders)]
         return {"unet": self.unet, "vae": self.vae, **dict(zip(names, self.text_encoders, strict=True))}
+
+    def encode_text(self, captions: list[str], encode: Callable[[list[str]], tuple[Any, ...]]) -> tuple[Any, ...]:
+        """`encode(captions)`, through the prompt cache while no text-encoder weight trains."""
+        if any(p.requires_grad for encoder in self.text_encoders for p in encoder.parameters()):
+            return encode(captions)
+        return self.prompts.lookup(captions, encode)
 
 
 class ModelFamily(Protocol):
@@ -95,8 +136,11 @@ class StableDiffusion:
 
     def encode(self, components: Components, captions: list[str], sizes: list[tuple[int, ...]],
                device: Any) -> Conditioning:
-        ids = _tokenize(components.tokenizers[0], captions, device)
-        return Conditioning(components.text_encoders[0](ids, return_dict=False)[0])
+        def hidden_states(texts: list[str]) -> tuple[Any, ...]:
+            ids = _tokenize(components.tokenizers[0], texts, device)
+            return (components.text_encoders[0](ids, return_dict=False)[0],)
+
+        return Conditioning(components.encode_text(captions, hidden_states)[0])
 
 
 class StableDiffusionXL:
@@ -119,13 +163,17 @@ class StableDiffusionXL:
                device: Any) -> Conditioning:
         import torch
 
-        hidden, pooled = [], None
-        for tokenizer, encoder in zip(components.tokenizers, components.text_encoders, strict=True):
-            out = encoder(_tokenize(tokenizer, captions, device), output_hidden_states=True)
-            hidden.append(out.hidden_states[-2])
-            pooled = out[0]
-        time_ids = torch.tensor([list(s) for s in sizes], dtype=hidden[0].dtype, device=device)
-        return Conditioning(torch.cat(hidden, dim=-1), {"text_embeds": pooled, "time_ids": time_ids})
+        def hidden_and_pooled(texts: list[str]) -> tuple[Any, ...]:
+            hidden, pooled = [], None
+            for tokenizer, encoder in zip(components.tokenizers, components.text_encoders, strict=True):
+                out = encoder(_tokenize(tokenizer, texts, device), output_hidden_states=True)
+                hidden.append(out.hidden_states[-2])
+                pooled = out[0]
+            return torch.cat(hidden, dim=-1), pooled
+
+        hidden, pooled = components.encode_text(captions, hidden_and_pooled)
+        time_ids = torch.tensor([list(s) for s in sizes], dtype=hidden.dtype, device=device)
+        return Conditioning(hidden, {"text_embeds": pooled, "time_ids": time_ids})
 
 
 FAMILIES: dict[str, ModelFamily] = {
