@@ -211,3 +211,17 @@ def test_unchecked_secret_does_not_hold_the_job_back() -> None:
     job = make_job("a").secret().typed()
     assert secret_view(job, Observed(secret_keys=None, secret_checked=False)) is None
     assert secret_view(job, Observed(secret_keys=None)) is not None
+
+
+def test_an_early_stop_is_the_reason_of_success() -> None:
+    message = "stopped early at step 20 of 40: validation loss has not improved (training.earlyStopping)"
+    result = parse_result(f'{{"phase": "Succeeded", "reason": "EarlyStopped", "message": "{message}", '
+                          f'"outputs": {{"uri": "s3://out/corgi/final/"}}}}')
+    seen = observed(make_batch_job().complete(), (make_pod().succeeded(),))
+    status = compute_status(make_job().typed(), seen, NOW, previous("Running"), None, result)
+    succeeded = next(c for c in status.conditions if c.type == "Succeeded")
+    assert (status.phase, succeeded.status, succeeded.reason) == ("Succeeded", "True", "EarlyStopped")
+    assert message in status.message and "s3://out/corgi/final/" in status.message
+    plain = compute_status(make_job().typed(), seen, NOW, previous("Running"), None,
+                           parse_result('{"phase": "Succeeded", "reason": "Completed", "message": "done"}'))
+    assert primary_reason(plain) == "Succeeded"

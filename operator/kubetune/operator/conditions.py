@@ -55,6 +55,7 @@ NODE_DISRUPTED = Reason(
     warning=True,
 )
 SUCCEEDED = Reason("Succeeded", "training finished; outputs at {uri}")
+EARLY_STOPPED = Reason("EarlyStopped", "training stopped early ({detail}); outputs at {uri}")
 BACKOFF_LIMIT_EXCEEDED = Reason(
     "BackoffLimitExceeded",
     "failed after {restarts} restart(s) (spec.runPolicy.backoffLimit is {limit}): {cause}",

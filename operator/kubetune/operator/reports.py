@@ -10,7 +10,8 @@ a piece of status and the operator merges it. The trainer's own shape
                           "checkpoints": [{"step": 1000, "uri": "s3://...", "createdAt": "..."}],
                           "samples": [{"step": 1000, "prompt": "...", "uri": "s3://..."}]}
     termination message  the same fields at the top level, plus "phase" ("Succeeded" | "Failed"),
-                          "exitCode", "reason", "message" and "outputs": {"uri": ..., "lora": {...}}
+                          "exitCode", "reason" ("Completed", "EarlyStopped", ...), "message" and
+                          "outputs": {"uri": ..., "lora": {...}}
 
 A nested {"progress": {...}} and an explicit "error" are accepted too. A report that does
 not parse is ignored: a garbled read must never break the status.
@@ -32,6 +33,8 @@ STAGE_OF = {
     "succeeded": "done", "failed": "done", "done": "done",
 }
 """The trainer's phase (or an explicit stage) -> the operator's stage: staging, training, saving, done."""
+EARLY_STOPPED = "EarlyStopped"
+"""The trainer's result reason when `training.earlyStopping` ended the run."""
 PROGRESS_KEYS = ("step", "totalSteps", "percent", "epoch", "loss", "validationLoss", "imagesPerSecond", "etaSeconds")
 
 
@@ -52,6 +55,8 @@ class ResultReport:
     outputs: Outputs | None = None
     progress: ProgressReport | None = None
     error: str | None = None
+    early_stop: str | None = None
+    """The trainer's explanation when early stopping ended a successful run."""
 
 
 def _model(cls: type[BaseModel], value: Any) -> Any:
@@ -104,8 +109,10 @@ def parse_result(message: str | None) -> ResultReport | None:
     else:
         nested = {k: doc[k] for k in PROGRESS_KEYS if doc.get(k) is not None}
     nested.update({k: doc[k] for k in ("checkpoints", "samples", "phase") if k in doc})
+    message = doc.get("message")
+    early_stop = message if doc.get("reason") == EARLY_STOPPED and isinstance(message, str) else None
     return ResultReport(_model(Outputs, doc.get("outputs")), parse_progress(nested) if nested else None,
-                        _error(doc))
+                        _error(doc), early_stop)
 
 
 def _error(doc: dict[str, Any]) -> str | None:

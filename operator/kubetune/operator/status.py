@@ -110,6 +110,8 @@ def decide_phase(job: FineTuneJob, observed: Observed, previous: FineTuneJobStat
         return _view("Pending", cond.CREATING)
     if observed.job_condition("Complete") is not None:
         uri = (result and result.outputs and result.outputs.uri) or job.spec.output.uri
+        if result is not None and result.early_stop:
+            return _view("Succeeded", cond.EARLY_STOPPED, detail=result.early_stop, uri=uri)
         return _view("Succeeded", cond.SUCCEEDED, uri=uri)
     if (verdict := failure_verdict(job, observed)) is not None:
         return _failure_view(job, verdict, result)
