@@ -78,6 +78,7 @@ class Trainer:
         self.checkpoints: list[CheckpointRef] = []
         self.outputs: dict[str, Any] | None = None
         self.stopped_early = False
+        self._trainable: list[Any] | None = None
         self.early_stop_message: str | None = None
         """Why training ended before `total_steps`, for the final status; None when it did not."""
 
@@ -137,6 +138,9 @@ class Trainer:
         return torch.Generator().manual_seed(self.p.job.spec.training.seed * 1_000_003 + offset)
 
     def train_step(self) -> tuple[float, float]:
+        """One optimizer step; the loss is read back once, after the whole step is queued on the device."""
+        import torch
+
         started, losses = time.perf_counter(), []
         accelerator, training = self.p.accelerator, self.p.job.spec.training
         for micro in range(training.gradient_accumulation_steps):
@@ -144,7 +148,7 @@ class Trainer:
             with accelerator.accumulate(self.p.unet):
                 loss = self.p.objective.loss(batch, self.generator(micro))
                 accelerator.backward(loss)
-                losses.append(float(loss.detach().item()))
+                losses.append(loss.detach())
         self.average_unwrapped_gradients()
         if training.max_grad_norm > 0:
             accelerator.clip_grad_norm_(self.trainable_parameters(), training.max_grad_norm)
@@ -152,7 +156,7 @@ class Trainer:
         self.p.lr_scheduler.step()
         self.p.optimizer.zero_grad(set_to_none=True)
         self.p.ema.step(self.trainable_parameters())
-        return sum(losses) / len(losses), time.perf_counter() - started
+        return float(torch.stack(losses).mean()), time.perf_counter() - started
 
     def average_unwrapped_gradients(self) -> None:
         """Trained modules other than the (DDP-wrapped) UNet, e.g. text-encoder adapters, average by hand."""
@@ -166,7 +170,11 @@ class Trainer:
                     param.grad = self.p.accelerator.reduce(param.grad, reduction="mean")
 
     def trainable_parameters(self) -> list[Any]:
-        return [p for module in self.p.trained.values() for p in module.parameters() if p.requires_grad]
+        """Fixed once the method has prepared the model, so listed once rather than every step."""
+        if self._trainable is None:
+            self._trainable = [p for module in self.p.trained.values() for p in module.parameters()
+                               if p.requires_grad]
+        return self._trainable
 
     def trainable_state(self) -> dict[str, Any]:
         return {f"{name}.{key}": param.detach().cpu().contiguous()
