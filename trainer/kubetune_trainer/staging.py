@@ -1,9 +1,9 @@
 """Bring a model or dataset URI onto local disk before training: `stage_prefix()` and `stage()`.
 
 S3 prefixes are listed page by page, fetched in parallel (one GET per small object, parallel
-ranges for large ones), verified (size, and MD5 where the ETag is a single-part MD5, hashed
-by the store as the bytes land), written under a temporary name and renamed, and recorded
-by a per-file marker so that a re-run skips what is already complete. Mounted and local URIs
+ranges for large ones), verified (size, and content against S3's stored CRC32 or a
+single-part MD5 ETag, checked by the store as the bytes land), written under a temporary
+name and renamed, and recorded by a per-file marker so that a re-run skips what is complete. Mounted and local URIs
 are used in place; hf:// goes through huggingface_hub's own cache.
 """
 
@@ -74,8 +74,8 @@ def _md5(path: Path) -> str:
 def verify(path: Path, obj: ObjectInfo, checked_etag: str = "") -> None:
     """Raise unless `path` has `obj`'s size and content.
 
-    `checked_etag` is the ETag the store already checked the bytes against while fetching; it
-    must be the listed one. Otherwise a single-part object's MD5 is computed here.
+    `checked_etag` is the ETag of what the store fetched, having checked the bytes as they
+    landed; it must be the listed one. Without it, a single-part object's MD5 is computed here.
     """
     size = path.stat().st_size
     if size != obj.size:

@@ -39,7 +39,8 @@ class ObjectStore(Protocol):
         """Every object under `prefix_uri` (recursively)."""
 
     def download(self, uri: str, path: Path) -> str:
-        """Copy one object to a local file; return the ETag its content was checked against, or ""."""
+        """Copy one object to a local file; return the ETag of what was fetched, its bytes checked
+        wherever the object allows (stored CRC32, single-part MD5), or "" if nothing was checked."""
 
     def upload(self, path: Path, uri: str) -> None:
         """Copy a local file to `uri`, replacing what is there."""
