@@ -45,8 +45,8 @@ LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # the example's fixed choic
 
 SD15_UNET_GFLOP = {"full": 2407.0, "lora": 1726.0}
 """Forward + backward GFLOP per image of the SD 1.5 UNet at 512² (ANCHORS.md)."""
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
-"""Dense bf16/fp16 tensor-core peaks (SXM parts)."""
+PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0)]
+"""Dense bf16/fp16 tensor-core peaks by device-name part, first match wins (H100/H200 SXM: 989)."""
 
 
 @dataclass(frozen=True)
@@ -267,7 +267,7 @@ def gpu_peak_tflops(override: float | None) -> tuple[float | None, str]:
     name = torch.cuda.get_device_name(0)
     if override:
         return override, name
-    return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None), name
+    return next((peak for part, peak in PEAK_TFLOPS if part in name), None), name
 
 
 def mfu(images_per_second: float, settings: Settings, fixture: Fixture, peak_tflops: float | None) -> str:

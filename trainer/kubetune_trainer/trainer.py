@@ -18,6 +18,7 @@ from typing import Any
 from kubetune.api.resource import FineTuneJob
 from kubetune_trainer.batches import BatchStream
 from kubetune_trainer.checkpoint import Checkpointer, CheckpointRef
+from kubetune_trainer.cpu_quota import fit_threads_to_cpu_limit
 from kubetune_trainer.dreambooth import PriorPreservationStream
 from kubetune_trainer.ema import Ema, NoEma
 from kubetune_trainer.exitcodes import Interrupted
@@ -87,6 +88,9 @@ class Trainer:
         return bool(self.p.accelerator.is_main_process)
 
     def train(self) -> dict[str, Any]:
+        threads = fit_threads_to_cpu_limit()
+        if threads is not None:
+            self.p.reporter.notice(f"torch uses {threads} CPU threads, this process's share of the CPU limit")
         self.resume()
         self.p.reporter.phase("Training")
         self.p.reporter.started(self.step, self.p.total_steps)
