@@ -20,6 +20,7 @@ from kubetune_trainer.dreambooth import PriorPreservationStream, class_examples
 from kubetune_trainer.ema import build_ema
 from kubetune_trainer.exitcodes import ConfigError
 from kubetune_trainer.latent_cache import DiskLatentCache, NoLatentCache, cache_folder
+from kubetune_trainer.latent_mirror import LatentMirror, NoMirror, build_mirror
 from kubetune_trainer.methods import TrainingMethod, build_method
 from kubetune_trainer.models import Components, load_components
 from kubetune_trainer.objective import DiffusionObjective
@@ -152,6 +153,23 @@ def _batches(job: FineTuneJob, dataset: Dataset, prior: list[Example], accelerat
                                    stream(Dataset(prior, 0, "class"), spec.training.seed + 1), weight)
 
 
+def _latent_cache(job: FineTuneJob, runtime: RuntimeConfig, components: Components, accelerator: Any,
+                  store: Any, reporter: Reporter) -> tuple[DiskLatentCache | NoLatentCache, LatentMirror | NoMirror]:
+    """The scratch cache, filled first from its copy under the output URI (one fetch per pod)."""
+    spec = job.spec
+    if not spec.training.cache_latents:
+        return NoLatentCache(), NoMirror()
+    cache = DiskLatentCache(cache_folder(runtime.scratch / "latents", components.vae, spec.data.uri,
+                                         spec.data.resolution), runtime.scratch)
+    mirror = build_mirror(cache, store, spec.output.uri, runtime.scratch / "tmp", accelerator.process_index,
+                          reporter.notice)
+    with accelerator.local_main_process_first():
+        summary = mirror.fetch().summary()
+    if summary:
+        reporter.notice(summary)
+    return cache, mirror
+
+
 def build_trainer(job: FineTuneJob, runtime: RuntimeConfig, reporter: Reporter,
                   hooks: list[StepHook] | None = None, stop: StopRequest | None = None) -> Trainer:
     from accelerate.utils import set_seed
@@ -180,8 +198,7 @@ def build_trainer(job: FineTuneJob, runtime: RuntimeConfig, reporter: Reporter,
     lr_scheduler = build_lr_scheduler(optimizer, spec.training, steps)
     unet, optimizer = accelerator.prepare(components.unet, optimizer)
     store = trace.wrap_store(open_store(spec.output.uri, spec.storage, runtime.pvc_root))
-    cache = (DiskLatentCache(cache_folder(runtime.scratch / "latents", components.vae, spec.data.uri))
-             if spec.training.cache_latents else NoLatentCache())
+    cache, mirror = _latent_cache(job, runtime, components, accelerator, store, reporter)
     objective = DiffusionObjective(components, unet, spec.training, accelerator.device, weight_dtype, cache)
     return Trainer(TrainerParts(
         job=job, components=components, method=method, trained=trained, accelerator=accelerator, unet=unet,
@@ -193,6 +210,6 @@ def build_trainer(job: FineTuneJob, runtime: RuntimeConfig, reporter: Reporter,
                               resolution=spec.data.resolution, seed=spec.training.seed,
                               scratch=runtime.scratch / "samples"),
         output_store=store, reporter=reporter, total_steps=steps, scratch=runtime.scratch,
-        hooks=[*(hooks or []), *trace.hooks()],
+        hooks=[mirror.step_hook, *(hooks or []), *trace.hooks()],
         stop=stop or StopRequest(),
     ))

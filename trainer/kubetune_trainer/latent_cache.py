@@ -3,9 +3,11 @@
 The cache stores the encoder's distribution parameters per prepared image (file, size, crop,
 flip), so a cached step samples exactly the latents an uncached step would. Crops are centred
 when caching (see `assembly`), so each image has at most two entries: flipped or not.
-Entries live in one folder per VAE encoder (config and weights) and data URI
+Entries live in one folder per VAE encoder (config and weights), data URI and resolution
 (`cache_folder`), so a restart or re-run with the same model and data on the same scratch
-volume encodes nothing again, and a changed model never reads stale latents.
+volume encodes nothing again, and a changed model never reads stale latents. Entry names do
+not depend on where the scratch volume is mounted, so `latent_mirror` can carry them to a new
+pod through the output URI.
 """
 
 from __future__ import annotations
@@ -21,15 +23,18 @@ from kubetune_trainer.data import Batch
 Encoder = Callable[[Any], Any]
 """Pixels (N, 3, H, W) to the VAE's latent distribution parameters (N, 2C, h, w)."""
 
+ENTRY_SUFFIX = ".pt"
 
-def cache_folder(root: Path, vae: Any, data_uri: str) -> Path:
-    """`root/<key>`, the key a digest of the VAE's config, its encoder weights and the data URI."""
+
+def cache_folder(root: Path, vae: Any, data_uri: str, resolution: int) -> Path:
+    """`root/<key>`, the key a digest of the VAE's config, its encoder weights, the data URI and resolution."""
     import json
 
     import torch
 
-    digest = hashlib.sha256(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
-    digest.update(data_uri.encode())
+    config = {k: v for k, v in dict(vae.config).items() if k != "_name_or_path"}  # where it was loaded from
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    digest.update(f"{data_uri}|{resolution}".encode())
     for name, tensor in sorted(vae.state_dict().items()):
         if not name.startswith(("decoder.", "post_quant_conv.")):  # latents never depend on them
             digest.update(name.encode())
@@ -45,30 +50,65 @@ class NoLatentCache:
 
 
 class DiskLatentCache:
-    """One small file per prepared image under `folder`; misses are encoded together."""
+    """One small file per prepared image under `folder`; misses are encoded together.
 
-    def __init__(self, folder: Path) -> None:
+    Image keys name staged files by their path; the part under `scratch` is replaced by a
+    fixed marker, so the same image has the same entry name whichever volume it was staged to.
+    """
+
+    def __init__(self, folder: Path, scratch: Path | None = None) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.scratch_prefix = str(scratch).rstrip(os.sep) + os.sep if scratch is not None else None
         self.hits = self.misses = 0
+        self.unpublished: list[str] = []
+        """Entries this process encoded that no copy outside the scratch volume holds yet."""
 
-    def _path(self, key: str) -> Path:
-        return self.folder / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".pt")
+    def entry_name(self, key: str) -> str:
+        if self.scratch_prefix and key.startswith(self.scratch_prefix):
+            key = "<scratch>/" + key[len(self.scratch_prefix):]
+        return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+    def path_of(self, name: str) -> Path:
+        return self.folder / (name + ENTRY_SUFFIX)
+
+    def names(self) -> set[str]:
+        """Every complete entry on disk."""
+        return {path.name.removesuffix(ENTRY_SUFFIX) for path in self.folder.glob("*" + ENTRY_SUFFIX)}
+
+    def has(self, name: str) -> bool:
+        return self.path_of(name).is_file()
+
+    def load(self, name: str) -> Any:
+        import torch
+
+        return torch.load(self.path_of(name), weights_only=True)
+
+    def store(self, name: str, moments: Any) -> None:
+        """Write one entry whole or not at all: ranks of one pod share the folder."""
+        import torch
+
+        path = self.path_of(name)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        torch.save(moments, tmp)
+        tmp.replace(path)
+
+    def take_unpublished(self) -> list[str]:
+        taken, self.unpublished = self.unpublished, []
+        return taken
 
     def moments(self, batch: Batch, encode: Encoder) -> Any:
         import torch
 
-        paths = [self._path(key) for key in batch.keys]
-        missing = [i for i, path in enumerate(paths) if not path.is_file()]
+        names = [self.entry_name(key) for key in batch.keys]
+        missing = [i for i, name in enumerate(names) if not self.has(name)]
         fresh = {}
         if missing:
             encoded = encode(batch.pixels_of(missing)).detach().cpu()  # hits are never decoded
             for row, index in enumerate(missing):
                 fresh[index] = encoded[row].clone()
-                tmp = paths[index].with_suffix(f".{os.getpid()}.tmp")  # ranks of one pod share the folder
-                torch.save(fresh[index], tmp)
-                tmp.replace(paths[index])
-        self.hits += len(paths) - len(missing)
+                self.store(names[index], fresh[index])
+                self.unpublished.append(names[index])
+        self.hits += len(names) - len(missing)
         self.misses += len(missing)
-        rows = [fresh[i] if i in fresh else torch.load(path, weights_only=True) for i, path in enumerate(paths)]
-        return torch.stack(rows)
+        return torch.stack([fresh[i] if i in fresh else self.load(name) for i, name in enumerate(names)])
