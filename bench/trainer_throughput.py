@@ -29,9 +29,11 @@ matching the installed diffusers version.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -219,12 +221,21 @@ class Run:
     stamps: list[float]
     wall_seconds: float
 
-    def images_per_second(self, settings: Settings) -> float:
-        """Images per second from the end of step `warmup` to the end of the last step."""
+    def step_seconds(self, settings: Settings) -> list[float]:
+        """Durations of steps `warmup + 1` to the last, each from the end of the step before."""
         if len(self.stamps) != settings.steps:
             raise SystemExit(f"expected {settings.steps} optimizer steps, the clock saw {len(self.stamps)}")
-        window = self.stamps[-1] - self.stamps[settings.warmup - 1]
-        return (settings.steps - settings.warmup) * settings.batch_size / window
+        window = self.stamps[settings.warmup - 1 :]
+        return [end - start for start, end in itertools.pairwise(window)]
+
+    def images_per_second(self, settings: Settings) -> float:
+        """Batch size / the median step time: steady state, robust to bursts of other load on the machine."""
+        return settings.batch_size / statistics.median(self.step_seconds(settings))
+
+    def mean_images_per_second(self, settings: Settings) -> float:
+        """Images of the window / the window's wall time."""
+        steps = self.step_seconds(settings)
+        return len(steps) * settings.batch_size / sum(steps)
 
 
 def timed_run(name: str, command: list[str], work: Path, settings: Settings) -> Run:
@@ -252,8 +263,9 @@ def measure(runners: dict[str, Callable[[Path], list[str]]], settings: Settings,
             work.mkdir(parents=True)
             run = timed_run(name, command_for(work), work, settings)
             runs[name].append(run)
-            print(f"  {name:<9} run {repeat + 1}: {run.images_per_second(settings):8.2f} images/s, "
-                  f"{run.wall_seconds:6.1f} s wall, load {load_average()}", flush=True)
+            print(f"  {name:<9} run {repeat + 1}: {run.images_per_second(settings):8.2f} images/s "
+                  f"(window mean {run.mean_images_per_second(settings):.2f}), {run.wall_seconds:6.1f} s wall, "
+                  f"load {load_average()}", flush=True)
             shutil.rmtree(work / "scratch", ignore_errors=True)
     return runs
 
@@ -287,13 +299,13 @@ def load_average() -> str:
 def report(runs: dict[str, list[Run]], settings: Settings, fixture: Fixture, peak: float | None) -> None:
     print(f"\n{settings.method}: {settings.resolution}px, batch {settings.batch_size}, precision {settings.precision}, "
           f"steps {settings.warmup + 1}-{settings.steps} of {settings.steps}, best of {settings.repeats}")
-    print(f"  {'trainer':<9} {'images/s':>9} {'MFU':>7} {'whole run':>10}")
+    print(f"  {'trainer':<9} {'images/s':>9} {'MFU':>7} {'window mean':>12} {'whole run':>10}")
     rates = {}
     for name, side in runs.items():
         best = max(side, key=lambda run: run.images_per_second(settings))
         rates[name] = best.images_per_second(settings)
         print(f"  {name:<9} {rates[name]:9.2f} {mfu(rates[name], settings, fixture, peak):>7} "
-              f"{best.wall_seconds:8.1f} s")
+              f"{best.mean_images_per_second(settings):12.2f} {best.wall_seconds:8.1f} s")
     if "diffusers" in rates:
         print(f"  ratio kubetune / diffusers example: {rates['kubetune'] / rates['diffusers']:.2f}x")
 
@@ -324,6 +336,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=1, help="alternating runs per side; the best counts")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="GPU dense bf16/fp16 peak for MFU (default: from the device name)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="OMP_NUM_THREADS for both trainers (1 steadies figures on a busy shared machine); "
+                             "default: torch's own choice")
     parser.add_argument("--workdir", type=Path, default=None, help="keep fixtures and logs here")
     return parser.parse_args(argv)
 
@@ -358,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{script} not found; bench/README.md (trainer throughput) says how to get it")
     settings, methods = settings_from(args)
     check_device(settings.device)
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by both trainers' processes
     import diffusers
     import torch
 
@@ -367,11 +384,12 @@ def main(argv: list[str] | None = None) -> int:
     build = build_sd15_sized_fixture if gpu else build_cpu_fixture
     fixture = build(root / "fixture", args.images, settings.resolution)
     peak, device_name = gpu_peak_tflops(args.peak_tflops) if gpu else (None, "CPU")
-    print(f"device: {device_name}, {os.cpu_count()} CPUs, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), diffusers {diffusers.__version__}")
+    threads = args.threads or torch.get_num_threads()
+    print(f"device: {device_name}, {os.cpu_count()} CPUs, torch {torch.__version__} ({threads} threads), "
+          f"diffusers {diffusers.__version__}")
     print(f"example: {script}")
-    print(f"images/s = images of steps {settings.warmup + 1}..{settings.steps} / their wall time, timed by the same "
-          "optimizer-step hook in both processes")
+    print(f"images/s = batch size / median time of steps {settings.warmup + 1}..{settings.steps}, timed by the same "
+          "optimizer-step hook in both processes; best run of each side")
     for method in methods:
         run_settings = replace(settings, method=method)
         runners = {"kubetune": lambda work, s=run_settings: our_command(s, fixture, work)}
