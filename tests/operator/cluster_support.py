@@ -206,7 +206,8 @@ def job_or_none(api: client.ApiClient, namespace: str, name: str = "corgi") -> A
 def event_reasons(api: client.ApiClient, namespace: str, name: str = "corgi") -> list[str]:
     events = client.CoreV1Api(api).list_namespaced_event(
         namespace, field_selector=f"involvedObject.name={name},involvedObject.kind=FineTuneJob").items
-    return [e.reason for e in sorted(events, key=lambda e: e.metadata.creation_timestamp)]
+    # creationTimestamp has 1 s resolution; an Event is written once, so its resourceVersion orders creation
+    return [e.reason for e in sorted(events, key=lambda e: int(e.metadata.resource_version))]
 
 
 def result_message(**fields: Any) -> str:

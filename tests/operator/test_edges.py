@@ -17,8 +17,7 @@ from ftj_builders import NOW, make_pod
 
 from kubetune.api.status import FineTuneJobStatus
 from kubetune.cli import build_parser
-from kubetune.operator.cluster import EventPoster, KubeCluster, progress_url
-from kubetune.operator.kube import ApiError
+from kubetune.operator.cluster import KubeCluster, progress_url
 from kubetune.operator.leader import lease_decision, micro_time, next_lease_spec
 from kubetune.operator.metrics import OperatorMetrics
 from kubetune.operator.probes import serve_probes
@@ -161,24 +160,33 @@ def test_kopf_logs_in_with_the_operators_own_credentials() -> None:
     assert connection_info(configuration).token == "t0k"
 
 
-class _EventApi:
-    """Records posted events; refuses the one named `refused`."""
+class _PodListApi:
+    def __init__(self, pods: list[dict]) -> None:
+        self.pods = pods
+        self.listed: list[str] = []
 
-    def __init__(self, refused: str = "") -> None:
-        self.posted: list[str] = []
-        self.refused = refused
-
-    def create(self, path: str, body: dict) -> dict:
-        if body["reason"] == self.refused:
-            raise ApiError(403, "Forbidden")
-        self.posted.append(body["reason"])
-        return body
+    def items(self, path: str, label_selector: str) -> list[dict]:
+        self.listed.append(label_selector)
+        return self.pods
 
 
-def test_events_are_posted_in_order_off_the_pass_and_a_refused_one_is_skipped() -> None:
-    api = _EventApi(refused="Staging")
-    poster = EventPoster(api)  # type: ignore[arg-type]
-    for reason in ("Creating", "ChildrenCreated", "Staging", "Training"):
-        poster.post("/api/v1/namespaces/team-a/events", {"reason": reason, "involvedObject": {"uid": "u1"}})
-    poster.close()
-    assert api.posted == ["Creating", "ChildrenCreated", "Training"]
+def test_an_ended_job_is_judged_by_pods_read_from_the_server_not_the_cache() -> None:
+    from ftj_builders import JOB_UID, make_job
+
+    from kubetune.api.validation import validate_document
+
+    job = validate_document(make_job("corgi").obj()).job
+    owner = [{"kind": "FineTuneJob", "uid": JOB_UID, "controller": True}]
+    batch = {"kind": "Job", "metadata": {"name": "corgi", "namespace": "team-a", "resourceVersion": "5",
+                                         "ownerReferences": owner}, "status": {}}
+    stale, ended = make_pod("corgi", 0).running().obj(), make_pod("corgi", 0).failed(1, "Error").obj()
+    for pod in (stale, ended):
+        pod["metadata"].update(namespace="team-a", labels={"kubetune.io/job-name": "corgi"})
+    api = _PodListApi([ended])
+    cluster = KubeCluster(api=api)  # type: ignore[arg-type]
+    cluster.caches.put(batch)
+    cluster.caches["Pod"].put(stale)
+    assert cluster.observe(job).pods == (stale,) and api.listed == []  # running: the cache is enough
+    cluster.caches.put({**batch, "metadata": {**batch["metadata"], "resourceVersion": "6"},
+                        "status": {"conditions": [{"type": "Failed", "status": "True"}]}})
+    assert cluster.observe(job).pods == (ended,) and api.listed == ["kubetune.io/job-name=corgi"]

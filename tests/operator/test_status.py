@@ -80,7 +80,7 @@ PHASES: list[tuple[str, Any, Observed, FineTuneJobStatus, ProgressReport | None,
     ("between attempts", make_job(), observed(), previous("Restarting", 1, "NodeDisrupted"), None,
      "Restarting", "NodeDisrupted", 1),
     ("new attempt pending", make_job(), observed(make_batch_job().restarts(1).active(1), (make_pod(),)),
-     previous("Restarting", 1), None, "Restarting", "PodsPending", 1),
+     previous("Restarting", 1, "Restarting"), None, "Restarting", "Restarting", 1),  # the cause stays in view
     ("new attempt staging", make_job(), observed(make_batch_job().restarts(1).active(1), (make_pod().running(),)),
      previous("Restarting", 1), STAGING, "Staging", "Staging", 1),
     ("suspended by user", make_job().suspended(), observed(make_batch_job().suspended()), previous("Running"), None,

@@ -10,11 +10,7 @@ the FineTuneJob's controller reference, so objects that merely share a name are 
 from __future__ import annotations
 
 import json
-import logging
-import queue
-import threading
 import urllib.request
-import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -37,10 +33,7 @@ from kubetune.operator.observed import Observed
 from kubetune.operator.timefmt import format_time
 
 EVENT_MESSAGE_LIMIT = 1024
-EVENT_BACKLOG = 10_000
-EVENT_THREADS = 4
 COMPONENT = "kubetune-operator"
-LOG = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -84,6 +77,12 @@ def owned_by(obj: dict[str, Any] | None, uid: str) -> bool:
     return any(r.get("controller") and r.get("uid") == uid for r in refs)
 
 
+def job_ended(batch_job: dict[str, Any] | None) -> bool:
+    """The Job has its Complete or Failed condition."""
+    conditions = ((batch_job or {}).get("status") or {}).get("conditions") or []
+    return any(c.get("type") in ("Complete", "Failed") and c.get("status") == "True" for c in conditions)
+
+
 def progress_url(pod: dict[str, Any], port: int) -> str | None:
     """Where rank 0 serves its progress; None until the pod has an IP."""
     ip = (pod.get("status") or {}).get("podIP")
@@ -103,47 +102,6 @@ def _resource_path(namespace: str, name: str) -> str:
     return f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}"
 
 
-class EventPoster:
-    """Posts Events from background threads, as client-go's recorder does, so a pass never
-    waits for them; one job's events always go through the same thread, in order. A post
-    that fails is logged, not retried."""
-
-    def __init__(self, api: KubeApi, threads: int = EVENT_THREADS) -> None:
-        self.api = api
-        self._backlogs: list[queue.Queue[tuple[str, dict[str, Any]] | None]] = [
-            queue.Queue(EVENT_BACKLOG) for _ in range(threads)]
-        self._threads: list[threading.Thread] = []
-        self._lock = threading.Lock()
-
-    def post(self, path: str, body: dict[str, Any]) -> None:
-        with self._lock:
-            if not self._threads:
-                self._threads = [threading.Thread(target=self._run, args=(b,), name="kubetune-events", daemon=True)
-                                 for b in self._backlogs]
-                for thread in self._threads:
-                    thread.start()
-        about = body.get("involvedObject") or {}
-        backlog = self._backlogs[zlib.crc32(str(about.get("uid")).encode()) % len(self._backlogs)]
-        try:
-            backlog.put_nowait((path, body))
-        except queue.Full:
-            LOG.warning("event backlog full: dropped %s for %s", body.get("reason"), about.get("name"))
-
-    def close(self, timeout: float = 5.0) -> None:
-        """Post what is waiting (for up to `timeout` seconds), then stop."""
-        for backlog in self._backlogs if self._threads else ():
-            backlog.put(None)
-        for thread in self._threads:
-            thread.join(timeout)
-
-    def _run(self, backlog: queue.Queue[tuple[str, dict[str, Any]] | None]) -> None:
-        while (item := backlog.get()) is not None:
-            try:
-                self.api.create(*item)
-            except ApiError as exc:
-                LOG.warning("cannot post event %s: %s", item[1].get("reason"), exc)
-
-
 class KubeCluster:
     """`Cluster` on a real API server, reading children from `caches`."""
 
@@ -153,10 +111,6 @@ class KubeCluster:
         self.progress_port = progress_port
         self.progress_timeout = progress_timeout
         self.caches = caches or Caches()
-        self.events = EventPoster(api)
-
-    def close(self) -> None:
-        self.events.close()
 
     def observe(self, job: FineTuneJob) -> Observed:
         ns, name, uid = job.metadata.namespace or "default", job.metadata.name, uid_of(job)
@@ -166,14 +120,24 @@ class KubeCluster:
             return obj if owned_by(obj, uid) else None
 
         batch_job = mine("Job", naming.batch_job_name(name))
+        pods = self._fresh_pods(ns, name) if job_ended(batch_job) else self.caches["Pod"].labelled(ns, name)
         return Observed(
             job=batch_job,
-            pods=tuple(self.caches["Pod"].labelled(ns, name)),
+            pods=tuple(pods),
             configmap=mine("ConfigMap", naming.configmap_name(name)),
             service=mine("Service", naming.service_name(name)),
             # only a new attempt waits for the Secret: with a Job, the pods report on it
             **(self._secret_check(job) if batch_job is None else {"secret_checked": False}),
         )
+
+    def _fresh_pods(self, namespace: str, name: str) -> list[dict[str, Any]]:
+        """The pods as the API server has them now: an ended Job is judged by its pods' exit codes
+        and last words, and the pod watch may not have shown those yet when the Job's did."""
+        pods = self.api.items(_collection("Pod", namespace), f"{naming.JOB_NAME_LABEL}={name}")
+        for pod in pods:
+            pod.setdefault("kind", "Pod")
+            self.caches.put(pod)
+        return pods
 
     def _secret_check(self, job: FineTuneJob) -> dict[str, Any]:
         """The key names of the credentials Secret, when the operator is allowed to look."""
@@ -255,7 +219,7 @@ class KubeCluster:
             "source": {"component": COMPONENT},
             "reportingComponent": f"{GROUP}/operator",
         }
-        self.events.post(f"/api/v1/namespaces/{ns}/events", body)
+        self.api.create(f"/api/v1/namespaces/{ns}/events", body)
 
     def read_progress(self, pod: dict[str, Any]) -> Any:
         """Rank 0's `/progress` JSON, or None when it cannot be read right now."""

@@ -143,6 +143,7 @@ class WatchStream:
 
     def __init__(self, response: urllib3.BaseHTTPResponse) -> None:
         self._response = response
+        self._closed = False
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         pending = b""
@@ -151,14 +152,19 @@ class WatchStream:
                 pending += chunk
                 *lines, pending = pending.split(b"\n")
                 yield from (json.loads(line) for line in lines if line.strip())
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise ApiError(0, "Unreachable", str(exc)) from exc
+        except Exception as exc:
+            if self._closed:  # whatever the torn-down socket raised: the watch just ends
+                return
+            if isinstance(exc, urllib3.exceptions.HTTPError | OSError):
+                raise ApiError(0, "Unreachable", str(exc)) from exc
+            raise
         finally:
             self._response.release_conn()
 
     def close(self) -> None:
+        """Unblock the reading thread; it ends the iteration."""
+        self._closed = True
         self._response.shutdown()
-        self._response.close()
 
 
 def _error(status: int, reason: str, data: bytes | None) -> ApiError:

@@ -134,7 +134,6 @@ def run(
         queue.close()
         for informer in informers:
             informer.stop()
-        cluster.close()
         leading.clear()
         server.shutdown()
         server.server_close()

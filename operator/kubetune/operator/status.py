@@ -84,6 +84,8 @@ def _pods_view(job: FineTuneJob, observed: Observed, waiting: str, report: Progr
             return _view(waiting, reason, pod=obs.pod_name(pod), detail=problem[1])
     started = sum(1 for p in pods if obs.pod_phase(p) in ("Running", "Succeeded", "Failed"))  # ended = started
     if started < nodes:
+        if waiting == "Restarting" and previous.phase == "Restarting":  # why it restarts stays in view
+            return PhaseView("Restarting", _reason_of(previous, "Restarting"), previous.message)
         return _view(waiting, cond.PODS_PENDING, waiting=nodes - started, nodes=nodes)
     if _training(report, previous):
         return _view("Running", cond.TRAINING, nodes=nodes)
