@@ -29,7 +29,7 @@ class OperatorSettings:
     progress_timeout_seconds: float = 3.0
     resync_workers: int = 8
     """FineTuneJobs reconciled at once from the work queue (child events, retries, the resync)."""
-    pass_workers: int = 16
+    pass_workers: int = 64
     """FineTuneJobs reconciled at once by Kopf's create, update and resume handlers."""
     restart_backoff_seconds: float = 10.0
     """Wait before a retried attempt: this, doubled per counted restart, capped at five minutes."""
