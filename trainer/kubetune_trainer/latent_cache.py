@@ -56,13 +56,16 @@ class DiskLatentCache:
     fixed marker, so the same image has the same entry name whichever volume it was staged to.
     """
 
-    def __init__(self, folder: Path, scratch: Path | None = None) -> None:
+    def __init__(self, folder: Path, scratch: Path | None = None, keep_bytes: int = 1 << 30) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.scratch_prefix = str(scratch).rstrip(os.sep) + os.sep if scratch is not None else None
         self.hits = self.misses = 0
         self.unpublished: list[str] = []
         """Entries this process encoded that no copy outside the scratch volume holds yet."""
+        self.kept: dict[str, Any] = {}
+        """Entries also held in memory (up to `keep_bytes`), so later epochs read no file."""
+        self.keep_bytes, self.kept_bytes = keep_bytes, 0
 
     def entry_name(self, key: str) -> str:
         if self.scratch_prefix and key.startswith(self.scratch_prefix):
@@ -82,7 +85,17 @@ class DiskLatentCache:
     def load(self, name: str) -> Any:
         import torch
 
-        return torch.load(self.path_of(name), weights_only=True)
+        if name in self.kept:
+            return self.kept[name]
+        moments = torch.load(self.path_of(name), weights_only=True)
+        self._keep(name, moments)
+        return moments
+
+    def _keep(self, name: str, moments: Any) -> None:
+        size = moments.numel() * moments.element_size()
+        if self.kept_bytes + size <= self.keep_bytes:
+            self.kept[name] = moments
+            self.kept_bytes += size
 
     def store(self, name: str, moments: Any) -> None:
         """Write one entry whole or not at all: ranks of one pod share the folder."""
@@ -108,6 +121,7 @@ class DiskLatentCache:
             for row, index in enumerate(missing):
                 fresh[index] = encoded[row].clone()
                 self.store(names[index], fresh[index])
+                self._keep(names[index], fresh[index])
                 self.unpublished.append(names[index])
         self.hits += len(names) - len(missing)
         self.misses += len(missing)
