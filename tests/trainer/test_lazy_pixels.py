@@ -48,3 +48,20 @@ def test_lazy_pixels_equal_each_plan_rendered(tmp_path: Path) -> None:
     assert batch.pixels.equal(torch.stack([render_image(plan) for plan in plans]))
     assert batch.pixels.shape == (3, 3, 64, 64)
     assert [plan.key for plan in plans] == batch.keys
+
+
+def test_cached_latents_are_read_from_disk_once(tmp_path: Path) -> None:
+    import torch
+
+    root = build_image_dataset(tmp_path / "data", count=2, size=64)
+    spec = DataSpec(uri=str(root), resolution=64, aspect_buckets=False, center_crop=True, random_flip=False)
+    batch = BatchStream(load_dataset(root, spec), spec, batch_size=2, seed=1).next_batch()
+    kept, small = DiskLatentCache(tmp_path / "a"), DiskLatentCache(tmp_path / "b", keep_bytes=0)
+    for cache in (kept, small):
+        want = cache.moments(batch, lambda pixels: pixels[:, :, :8, :8].clone())
+        for entry in cache.folder.iterdir():  # a file read from now on would see zeros
+            torch.save(torch.zeros_like(want[0]), entry)
+        cache.moments(batch, lambda pixels: pixels[:, :, :8, :8].clone())
+    assert kept.moments(batch, lambda pixels: pixels).equal(want)
+    assert not small.moments(batch, lambda pixels: pixels).equal(want)
+    assert (len(kept.kept), len(small.kept)) == (2, 0)
