@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+import kopf
+
 from kubetune.operator.caches import Caches
 from kubetune.operator.informer import Informer, Store, newest
 from kubetune.operator.kube import ApiError
@@ -130,3 +132,22 @@ def test_queue_holds_a_retry_until_its_delay_has_passed() -> None:
     assert queue.get(timeout=0) == "a"
     queue.close()
     assert queue.get() is None
+
+
+def test_kopf_bookkeeping_lives_in_memory_and_writes_only_a_retry_touch() -> None:
+    from kubetune.operator.bookkeeping import TOUCH_ANNOTATION, MemoryDiffBaseStorage, MemoryProgressStorage
+
+    body = kopf.Body({"metadata": {"uid": "u1", "annotations": {}}})
+    progress, diffbase = MemoryProgressStorage(), MemoryDiffBaseStorage()
+    patch = kopf.Patch()
+    progress.store(key="on_change", record={"retries": 1}, body=body, patch=patch)
+    diffbase.store(body=body, patch=patch, essence={"spec": {"a": 1}})
+    progress.touch(body=body, patch=patch, value=None)
+    assert not patch, "storing and a plain touch write nothing to the object"
+    assert progress.fetch(key="on_change", body=body) == {"retries": 1}
+    assert diffbase.fetch(body=body) == {"spec": {"a": 1}}
+    progress.touch(body=body, patch=patch, value="2026-11-21T12:00:00")
+    assert patch["metadata"]["annotations"] == {TOUCH_ANNOTATION: "2026-11-21T12:00:00"}
+    progress.forget("u1")
+    diffbase.forget("u1")
+    assert progress.fetch(key="on_change", body=body) is None and diffbase.fetch(body=body) is None

@@ -18,6 +18,7 @@ import kopf
 from kubernetes import client
 
 from kubetune.api.resource import GROUP, PLURAL, VERSION
+from kubetune.operator.bookkeeping import MemoryDiffBaseStorage, MemoryProgressStorage
 from kubetune.operator.informer import newest
 from kubetune.operator.kube import ApiError
 from kubetune.operator.reconcile import reconcile
@@ -52,12 +53,17 @@ def on_delete(uid: str, memo: kopf.Memo, **_: Any) -> None:
     """Children go with the FineTuneJob (owner references); only our own bookkeeping is left."""
     memo.metrics.forget(uid)
     memo.locks.pop(uid, None)
+    for storage in memo.get("bookkeeping", ()):
+        storage.forget(uid)
 
 
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    """Kopf keeps its bookkeeping in annotations: the status belongs to the FineTuneJob schema."""
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=ANNOTATION_PREFIX)
+    """Kopf keeps its bookkeeping in memory (`bookkeeping`): never in the status, which belongs to
+    the FineTuneJob schema, and not in annotations, which would cost two writes per new job."""
+    progress, diffbase = MemoryProgressStorage(), MemoryDiffBaseStorage()
+    memo.bookkeeping = (progress, diffbase)
+    settings.persistence.progress_storage = progress
+    settings.persistence.diffbase_storage = diffbase
     settings.persistence.finalizer = f"{ANNOTATION_PREFIX}/finalizer"
     settings.posting.level = logging.WARNING
     settings.posting.reporting_component = "kubetune-operator"
