@@ -107,11 +107,18 @@ class _Download:
         from urllib3.exceptions import ProtocolError, ReadTimeoutError
 
         offset, end = first, last + 1
+        reached = [offset]  # bytes written and checked so far, kept when a stream breaks mid-body
+
+        def track(at: int, block: memoryview) -> None:
+            landed(at, block)
+            reached[0] = at + len(block)
+
         for attempt in range(1, STREAM_ATTEMPTS + 1):
             try:
                 answer = answer or self.get(offset, last)
-                offset = self.write_body(answer.body, offset, end, landed)
+                offset = self.write_body(answer.body, offset, end, track)
             except (ProtocolError, ReadTimeoutError) as exc:
+                offset = reached[0]
                 if attempt == STREAM_ATTEMPTS:
                     raise StorageUnavailable(f"{self.uri}: download broke off {STREAM_ATTEMPTS} times: "
                                              f"{type(exc).__name__}") from exc

@@ -49,8 +49,14 @@ def on_change(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any
     run_pass(body, memo, logger)
 
 
-def on_delete(uid: str, memo: kopf.Memo, **_: Any) -> None:
-    """Children go with the FineTuneJob (owner references); only our own bookkeeping is left."""
+def on_event(type: str | None, uid: str, memo: kopf.Memo, **_: Any) -> None:
+    """A FineTuneJob is gone: its children go by owner reference; only our own bookkeeping is left.
+
+    The raw DELETED event, not `kopf.on.delete`: without a finalizer Kopf never calls delete
+    handlers for an object that is already gone.
+    """
+    if type != "DELETED":
+        return
     memo.metrics.forget(uid)
     memo.locks.pop(uid, None)
     for storage in memo.get("bookkeeping", ()):
@@ -94,5 +100,5 @@ def build_registry(configuration: client.Configuration) -> kopf.OperatorRegistry
     kopf.on.create(*resource, registry=registry)(on_change)
     kopf.on.resume(*resource, registry=registry)(on_change)
     kopf.on.update(*resource, field="spec", registry=registry)(on_change)
-    kopf.on.delete(*resource, optional=True, registry=registry)(on_delete)
+    kopf.on.event(*resource, registry=registry)(on_event)
     return registry

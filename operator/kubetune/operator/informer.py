@@ -131,9 +131,13 @@ class Informer:
                 self.synced.set()
                 while version and not stop.is_set():
                     version = self._follow(version)
-            except (ApiError, ValueError, KeyError) as exc:
+            except ApiError as exc:
                 if not stop.is_set():
                     LOG.warning("watching %s: %s", self.path, exc)
+                    stop.wait(RETRY_SECONDS)
+            except Exception:  # a cache that silently stops following would freeze every pass
+                if not stop.is_set():
+                    LOG.exception("watching %s failed; listing again", self.path)
                     stop.wait(RETRY_SECONDS)
 
     def stop(self) -> None:
