@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from trainer_support import local_job
 
+from kubetune_trainer.cache_mirror import SWITCH_ENV, CacheMirror, NoMirror, build_mirror
 from kubetune_trainer.config import RuntimeConfig
 from kubetune_trainer.job import run_job
 from kubetune_trainer.latent_cache import DiskLatentCache
-from kubetune_trainer.latent_mirror import SWITCH_ENV, LatentMirror, NoMirror, build_mirror
 from kubetune_trainer.storage import LocalStore
 from kubetune_trainer.trainer import Trainer
 
@@ -34,8 +34,8 @@ def _filled(folder: Path, count: int, scratch: Path | None = None) -> DiskLatent
     return cache
 
 
-def _mirror(cache: DiskLatentCache, remote: Path, tmp: Path, shard_bytes: int = 1 << 20) -> LatentMirror:
-    return LatentMirror(LocalStore(), str(remote), cache, tmp, rank=0, shard_bytes=shard_bytes)
+def _mirror(cache: DiskLatentCache, remote: Path, tmp: Path, shard_bytes: int = 1 << 20) -> CacheMirror:
+    return CacheMirror(LocalStore(), str(remote), cache, tmp, rank=0, shard_bytes=shard_bytes)
 
 
 def test_published_entries_come_back_equal_in_a_fresh_cache(tmp_path: Path) -> None:
@@ -92,7 +92,7 @@ def test_an_unreadable_copy_is_a_miss_not_an_error(tmp_path: Path) -> None:
             raise OSError("endpoint unreachable")
 
     cache = DiskLatentCache(tmp_path / "c")
-    report = LatentMirror(Unreachable(), str(tmp_path / "remote"), cache, tmp_path / "tmp", rank=0).fetch()
+    report = CacheMirror(Unreachable(), str(tmp_path / "remote"), cache, tmp_path / "tmp", rank=0).fetch()
     assert report.entries == 0 and "endpoint unreachable" in report.ignored[0]
 
 
@@ -108,7 +108,7 @@ def test_a_failed_publish_keeps_the_entries_for_the_next_one(tmp_path: Path) -> 
     notes: list[str] = []
     store = Refusing()
     cache = _filled(tmp_path / "a", 2)
-    mirror = LatentMirror(store, str(tmp_path / "remote"), cache, tmp_path / "tmp", rank=0, notice=notes.append)
+    mirror = CacheMirror(store, str(tmp_path / "remote"), cache, tmp_path / "tmp", rank=0, notice=notes.append)
     assert mirror.publish() == 0 and len(cache.unpublished) == 2 and "slow down" in notes[0]
     store.fail = False
     assert mirror.publish() == 2 and cache.unpublished == []
@@ -133,7 +133,7 @@ def test_the_copy_is_kept_where_the_output_outlives_the_pod(tmp_path: Path, monk
     else:
         monkeypatch.delenv(SWITCH_ENV, raising=False)
     mirror = build_mirror(DiskLatentCache(tmp_path / "c"), LocalStore(), uri, tmp_path, 0, print)
-    assert isinstance(mirror, LatentMirror if mirrored else NoMirror)
+    assert isinstance(mirror, CacheMirror if mirrored else NoMirror)
 
 
 def _train(model: Path, data: Path, pvc: Path, output: str, scratch: Path) -> tuple[int, Path]:

@@ -13,14 +13,15 @@ from typing import Any
 
 from kubetune.api.resource import FineTuneJob
 from kubetune_trainer.batches import BatchStream
+from kubetune_trainer.cache_mirror import CacheMirror, NoMirror, build_mirror
 from kubetune_trainer.checkpoint import Checkpointer
 from kubetune_trainer.config import RuntimeConfig
 from kubetune_trainer.data import Dataset, Example, load_dataset, split_dataset
+from kubetune_trainer.disk_cache import DiskEntries
 from kubetune_trainer.dreambooth import PriorPreservationStream, class_examples
 from kubetune_trainer.ema import build_ema
 from kubetune_trainer.exitcodes import ConfigError
 from kubetune_trainer.latent_cache import DiskLatentCache, NoLatentCache, cache_folder
-from kubetune_trainer.latent_mirror import LatentMirror, NoMirror, build_mirror
 from kubetune_trainer.methods import TrainingMethod, build_method
 from kubetune_trainer.models import Components, load_components
 from kubetune_trainer.objective import DiffusionObjective
@@ -28,7 +29,8 @@ from kubetune_trainer.optim import build_lr_scheduler, build_optimizer
 from kubetune_trainer.reporting import Reporter
 from kubetune_trainer.sampling import build_sampler
 from kubetune_trainer.staging import stage
-from kubetune_trainer.storage import open_store
+from kubetune_trainer.storage import ObjectStore, open_store
+from kubetune_trainer.text_cache import DiskTextCache, text_cache_folder, text_encoders_frozen
 from kubetune_trainer.trace import trace_from_env
 from kubetune_trainer.trainer import StepHook, StopRequest, Trainer, TrainerParts
 from kubetune_trainer.validation import EarlyStopper, LossValidator, NullValidator
@@ -153,21 +155,37 @@ def _batches(job: FineTuneJob, dataset: Dataset, prior: list[Example], accelerat
                                    stream(Dataset(prior, 0, "class"), spec.training.seed + 1), weight)
 
 
-def _latent_cache(job: FineTuneJob, runtime: RuntimeConfig, components: Components, accelerator: Any,
-                  store: Any, reporter: Reporter) -> tuple[DiskLatentCache | NoLatentCache, LatentMirror | NoMirror]:
-    """The scratch cache, filled first from its copy under the output URI (one fetch per pod)."""
-    spec = job.spec
-    if not spec.training.cache_latents:
-        return NoLatentCache(), NoMirror()
-    cache = DiskLatentCache(cache_folder(runtime.scratch / "latents", components.vae, spec.data.uri,
-                                         spec.data.resolution), runtime.scratch)
-    mirror = build_mirror(cache, store, spec.output.uri, runtime.scratch / "tmp", accelerator.process_index,
+def _mirrored(cache: DiskEntries, job: FineTuneJob, runtime: RuntimeConfig, accelerator: Any, store: ObjectStore,
+              reporter: Reporter) -> CacheMirror | NoMirror:
+    """The mirror of a scratch cache, which is first filled from it (one fetch per pod)."""
+    mirror = build_mirror(cache, store, job.spec.output.uri, runtime.scratch / "tmp", accelerator.process_index,
                           reporter.notice)
     with accelerator.local_main_process_first():
         summary = mirror.fetch().summary()
     if summary:
         reporter.notice(summary)
-    return cache, mirror
+    return mirror
+
+
+def _latent_cache(job: FineTuneJob, runtime: RuntimeConfig, components: Components, accelerator: Any,
+                  store: ObjectStore, reporter: Reporter) -> tuple[DiskLatentCache | NoLatentCache,
+                                                                   CacheMirror | NoMirror]:
+    spec = job.spec
+    if not spec.training.cache_latents:
+        return NoLatentCache(), NoMirror()
+    cache = DiskLatentCache(cache_folder(runtime.scratch / "latents", components.vae, spec.data.uri,
+                                         spec.data.resolution), runtime.scratch)
+    return cache, _mirrored(cache, job, runtime, accelerator, store, reporter)
+
+
+def _text_cache(job: FineTuneJob, runtime: RuntimeConfig, components: Components, accelerator: Any,
+                store: ObjectStore, reporter: Reporter) -> CacheMirror | NoMirror:
+    """While the method leaves every text encoder frozen, caption encodings go through a scratch cache."""
+    if not text_encoders_frozen(components):
+        return NoMirror()
+    cache = DiskTextCache(text_cache_folder(runtime.scratch / "text", components), accelerator.device)
+    components.prompts = cache
+    return _mirrored(cache, job, runtime, accelerator, store, reporter)
 
 
 def build_trainer(job: FineTuneJob, runtime: RuntimeConfig, reporter: Reporter,
@@ -199,6 +217,7 @@ def build_trainer(job: FineTuneJob, runtime: RuntimeConfig, reporter: Reporter,
     unet, optimizer = accelerator.prepare(components.unet, optimizer)
     store = trace.wrap_store(open_store(spec.output.uri, spec.storage, runtime.pvc_root))
     cache, mirror = _latent_cache(job, runtime, components, accelerator, store, reporter)
+    text_mirror = _text_cache(job, runtime, components, accelerator, store, reporter)
     objective = DiffusionObjective(components, unet, spec.training, accelerator.device, weight_dtype, cache)
     return Trainer(TrainerParts(
         job=job, components=components, method=method, trained=trained, accelerator=accelerator, unet=unet,
@@ -210,6 +229,6 @@ def build_trainer(job: FineTuneJob, runtime: RuntimeConfig, reporter: Reporter,
                               resolution=spec.data.resolution, seed=spec.training.seed,
                               scratch=runtime.scratch / "samples"),
         output_store=store, reporter=reporter, total_steps=steps, scratch=runtime.scratch,
-        hooks=[mirror.step_hook, *(hooks or []), *trace.hooks()],
+        hooks=[mirror.step_hook, text_mirror.step_hook, *(hooks or []), *trace.hooks()],
         stop=stop or StopRequest(),
     ))

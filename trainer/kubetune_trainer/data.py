@@ -1,12 +1,16 @@
 """Training data: find captioned images in a staged folder and serve them as resumable batches.
 
 Two layouts users already have: `imagefolder` (images + metadata.jsonl) and `captions`
-(an image with a same-name .txt). Undecodable images are skipped and counted. `batches`
-turns the examples into a resumable stream of batches.
+(an image with a same-name .txt). Undecodable images are skipped and counted. Each image's
+bytes are hashed as they are read for that check, so the latent cache can tell a replaced image
+from the one it encoded. `batches` turns the examples into a resumable stream of batches.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import io
 import json
 import random
 from dataclasses import dataclass
@@ -25,6 +29,8 @@ class Example:
     caption: str
     size: tuple[int, int] = (0, 0)
     """(width, height) in pixels, read when the dataset is loaded."""
+    digest: str = ""
+    """sha256 of the image file, taken when the dataset is loaded; "" when not known (then `plan_image` hashes)."""
 
 
 @dataclass(frozen=True)
@@ -83,27 +89,41 @@ def detect_layout(root: Path, requested: str, plain_ok: bool = False) -> str:
     raise ConfigError(f"dataset {root} has neither metadata.jsonl nor images with same-name .txt captions")
 
 
-def _decoded_size(path: Path) -> tuple[int, int] | None:
-    """(width, height) when the whole image decodes, else None."""
+def _decoded(path: Path) -> tuple[tuple[int, int], str] | None:
+    """(width, height) and the file's sha256 when the whole image decodes, else None; the file is read once."""
     from PIL import Image, UnidentifiedImageError
 
     if not path.is_file():
         return None
     try:
-        with Image.open(path) as image:
+        data = path.read_bytes()
+        with Image.open(io.BytesIO(data)) as image:
             image.load()
-            return image.size
+            return image.size, hashlib.sha256(data).hexdigest()
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
         return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _file_digest(path: Path, size: int, mtime_ns: int) -> str:
+    """sha256 of a file, remembered while its size and modification time stay the same."""
+    with path.open("rb") as source:
+        return hashlib.file_digest(source, "sha256").hexdigest()
+
+
+def content_digest(path: Path) -> str:
+    """sha256 of `path`'s bytes; read once per process for a file that does not change."""
+    stat = path.stat()
+    return _file_digest(path, stat.st_size, stat.st_mtime_ns)
 
 
 def load_dataset(root: Path, spec: DataSpec, caption: str | None = None) -> Dataset:
     """Every usable example under `root`; `caption` replaces every caption (DreamBooth prompts)."""
     layout = detect_layout(Path(root), spec.format, plain_ok=caption is not None)
     candidates = LAYOUTS[layout](Path(root), spec.caption_column)
-    sized = [(ex, _decoded_size(ex.image)) for ex in candidates]
-    usable = [Example(ex.image, ex.caption if caption is None else caption, size)
-              for ex, size in sized if size is not None]
+    decoded = [(ex, _decoded(ex.image)) for ex in candidates]
+    usable = [Example(ex.image, ex.caption if caption is None else caption, *found)
+              for ex, found in decoded if found is not None]
     if not usable:
         raise ConfigError(f"dataset {spec.uri} ({layout}) has no usable images: "
                           f"{len(candidates)} listed, {len(candidates) - len(usable)} unreadable")
@@ -119,7 +139,7 @@ class Batch:
     sizes: list[tuple[int, int, int, int, int, int]]
     """SDXL micro-conditioning per image: original (h, w), crop (top, left), target (h, w)."""
     keys: list[str]
-    """What makes each prepared image what it is (file, size, crop, flip): the latent-cache key."""
+    """What makes each prepared image what it is (file, content, size, crop, flip): the latent-cache key."""
     weights: list[float]
     """Each image's share of the loss (1/batch size; DreamBooth class images get the prior weight)."""
     terms: list[str] | None = None
@@ -152,8 +172,9 @@ class ImagePlan:
 
 
 def plan_image(path: Path, spec: DataSpec, target: tuple[int, int], rng: random.Random,
-               original: tuple[int, int] = (0, 0)) -> ImagePlan:
-    """Resize to cover `target` (width, height), crop to it, maybe flip; `original` (w, h) if known."""
+               original: tuple[int, int] = (0, 0), digest: str = "") -> ImagePlan:
+    """Resize to cover `target` (width, height), crop to it, maybe flip; `original` (w, h) and the
+    file's `digest` if known."""
     tw, th = target
     width, height = original if all(original) else _header_size(path)
     scale = max(tw / width, th / height)
@@ -162,7 +183,7 @@ def plan_image(path: Path, spec: DataSpec, target: tuple[int, int], rng: random.
     left, top = (extra_w // 2, extra_h // 2) if spec.center_crop else (rng.randint(0, extra_w),
                                                                       rng.randint(0, extra_h))
     flip = spec.random_flip and rng.random() < 0.5
-    key = f"{path}|{path.stat().st_size}|{tw}x{th}|{left},{top}|{int(flip)}"
+    key = f"{path}|{digest or content_digest(path)}|{tw}x{th}|{left},{top}|{int(flip)}"
     return ImagePlan(path, resized, (left, top, left + tw, top + th), flip, (height, width, top, left, th, tw), key)
 
 
@@ -198,7 +219,7 @@ def make_batch(items: list[tuple[Example, random.Random]], spec: DataSpec,
                target: tuple[int, int] | None = None) -> Batch:
     """Plan each example at `target` (default: square at the resolution) with its own RNG; render lazily."""
     size = target or (spec.resolution, spec.resolution)
-    plans = [plan_image(example.image, spec, size, rng, example.size) for example, rng in items]
+    plans = [plan_image(example.image, spec, size, rng, example.size, example.digest) for example, rng in items]
     return Batch(plans, [ex.caption for ex, _ in items], [plan.size for plan in plans],
                  [plan.key for plan in plans], [1 / len(items)] * len(items))
 

@@ -1,12 +1,13 @@
 """Reuse VAE encodings across epochs (`training.cacheLatents`), kept on the scratch disk.
 
-The cache stores the encoder's distribution parameters per prepared image (file, size, crop,
-flip), so a cached step samples exactly the latents an uncached step would. Crops are centred
-when caching (see `assembly`), so each image has at most two entries: flipped or not.
+The cache stores the encoder's distribution parameters per prepared image (file, content
+digest, size, crop, flip), so a cached step samples exactly the latents an uncached step would,
+and an image replaced under the same name is encoded again. Crops are centred when caching
+(see `assembly`), so each image has at most two entries: flipped or not.
 Entries live in one folder per VAE encoder (config and weights), data URI and resolution
 (`cache_folder`), so a restart or re-run with the same model and data on the same scratch
 volume encodes nothing again, and a changed model never reads stale latents. Entry names do
-not depend on where the scratch volume is mounted, so `latent_mirror` can carry them to a new
+not depend on where the scratch volume is mounted, so `cache_mirror` can carry them to a new
 pod through the output URI.
 """
 
@@ -19,11 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from kubetune_trainer.data import Batch
+from kubetune_trainer.disk_cache import DiskEntries
 
 Encoder = Callable[[Any], Any]
 """Pixels (N, 3, H, W) to the VAE's latent distribution parameters (N, 2C, h, w)."""
-
-ENTRY_SUFFIX = ".pt"
 
 
 def cache_folder(root: Path, vae: Any, data_uri: str, resolution: int) -> Path:
@@ -49,66 +49,24 @@ class NoLatentCache:
         return encode(batch.pixels)
 
 
-class DiskLatentCache:
+class DiskLatentCache(DiskEntries):
     """One small file per prepared image under `folder`; misses are encoded together.
 
     Image keys name staged files by their path; the part under `scratch` is replaced by a
     fixed marker, so the same image has the same entry name whichever volume it was staged to.
     """
 
+    kind = "latents"
+    label = "latent cache"
+
     def __init__(self, folder: Path, scratch: Path | None = None, keep_bytes: int = 1 << 30) -> None:
-        self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        super().__init__(folder, keep_bytes)
         self.scratch_prefix = str(scratch).rstrip(os.sep) + os.sep if scratch is not None else None
-        self.hits = self.misses = 0
-        self.unpublished: list[str] = []
-        """Entries this process encoded that no copy outside the scratch volume holds yet."""
-        self.kept: dict[str, Any] = {}
-        """Entries also held in memory (up to `keep_bytes`), so later epochs read no file."""
-        self.keep_bytes, self.kept_bytes = keep_bytes, 0
 
     def entry_name(self, key: str) -> str:
         if self.scratch_prefix and key.startswith(self.scratch_prefix):
             key = "<scratch>/" + key[len(self.scratch_prefix):]
         return hashlib.sha256(key.encode()).hexdigest()[:32]
-
-    def path_of(self, name: str) -> Path:
-        return self.folder / (name + ENTRY_SUFFIX)
-
-    def names(self) -> set[str]:
-        """Every complete entry on disk."""
-        return {path.name.removesuffix(ENTRY_SUFFIX) for path in self.folder.glob("*" + ENTRY_SUFFIX)}
-
-    def has(self, name: str) -> bool:
-        return self.path_of(name).is_file()
-
-    def load(self, name: str) -> Any:
-        import torch
-
-        if name in self.kept:
-            return self.kept[name]
-        moments = torch.load(self.path_of(name), weights_only=True)
-        self._keep(name, moments)
-        return moments
-
-    def _keep(self, name: str, moments: Any) -> None:
-        size = moments.numel() * moments.element_size()
-        if self.kept_bytes + size <= self.keep_bytes:
-            self.kept[name] = moments
-            self.kept_bytes += size
-
-    def store(self, name: str, moments: Any) -> None:
-        """Write one entry whole or not at all: ranks of one pod share the folder."""
-        import torch
-
-        path = self.path_of(name)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        torch.save(moments, tmp)
-        tmp.replace(path)
-
-    def take_unpublished(self) -> list[str]:
-        taken, self.unpublished = self.unpublished, []
-        return taken
 
     def moments(self, batch: Batch, encode: Encoder) -> Any:
         import torch
@@ -120,9 +78,7 @@ class DiskLatentCache:
             encoded = encode(batch.pixels_of(missing)).detach().cpu()  # hits are never decoded
             for row, index in enumerate(missing):
                 fresh[index] = encoded[row].clone()
-                self.store(names[index], fresh[index])
-                self._keep(names[index], fresh[index])
-                self.unpublished.append(names[index])
+                self.add(names[index], fresh[index])
         self.hits += len(names) - len(missing)
         self.misses += len(missing)
         return torch.stack([fresh[i] if i in fresh else self.load(name) for i, name in enumerate(names)])

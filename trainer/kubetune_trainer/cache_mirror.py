@@ -1,11 +1,12 @@
-"""A copy of the latent cache under `<output.uri>/cache/latents/<key>/`, so a new pod encodes nothing again.
+"""A copy of a scratch cache under `<output.uri>/cache/<kind>/<key>/`, so a new pod encodes nothing again.
 
-On Kubernetes a restarted job runs in new pods with an empty scratch volume; the output URI
+Used for the VAE latents (`cache/latents/`) and the caption encodings (`cache/text/`). On
+Kubernetes a restarted job runs in new pods with an empty scratch volume; the output URI
 is what outlives them. Each rank publishes only the entries it encoded itself, in batches
 (when a checkpoint is due, at the last step and on a stop signal), as shards: a safetensors
 file of entries, then a manifest naming the shard, its size, its sha256 and its entries.
 Readers trust only what a manifest lists, and only after checking the shard's bytes, so a
-publish cut short costs re-encoding those images, never wrong latents or a failed job.
+publish cut short costs encoding those inputs again, never wrong entries or a failed job.
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.api.uris import parse_uri
-from kubetune_trainer.latent_cache import DiskLatentCache
+from kubetune_trainer.disk_cache import DiskEntries
 from kubetune_trainer.storage import ObjectInfo, ObjectStore, as_prefix, join_uri, read_text, write_text
 
 SWITCH_ENV = "KUBETUNE_REMOTE_CACHE"
-"""`0` keeps the latent cache on the scratch volume only."""
+"""`0` keeps the latent and text caches on the scratch volume only."""
 SHARD_BYTES = 256 << 20
 """Entries per shard stop growing past this many bytes, so a publish never holds much in memory."""
 MANIFEST_SUFFIX = ".json"
@@ -67,6 +68,7 @@ class FetchReport:
     """What a start-up fetch found under the output URI."""
 
     uri: str = ""
+    label: str = "cache"
     shards: int = 0
     entries: int = 0
     ignored: list[str] = field(default_factory=list)
@@ -77,21 +79,21 @@ class FetchReport:
         """One log line, or None when there was nothing to fetch."""
         if not self.entries and not self.ignored:
             return None
-        text = f"latent cache: {self.entries} entries from {self.shards} shards under {self.uri} in {self.seconds:.1f}s"
+        text = f"{self.label}: {self.entries} entries from {self.shards} shards under {self.uri} in {self.seconds:.1f}s"
         return text + (f"; ignored {len(self.ignored)}: {'; '.join(self.ignored[:3])}" if self.ignored else "")
 
 
-class LatentMirror:
+class CacheMirror:
     """Publishes this rank's new cache entries to `uri` and fetches what every rank published."""
 
-    def __init__(self, store: ObjectStore, uri: str, cache: DiskLatentCache, scratch: Path, rank: int,
+    def __init__(self, store: ObjectStore, uri: str, cache: DiskEntries, scratch: Path, rank: int,
                  notice: Notice = lambda text: None, shard_bytes: int = SHARD_BYTES) -> None:
         self.store, self.uri, self.cache, self.scratch = store, as_prefix(uri), cache, Path(scratch)
         self.rank, self.notice, self.shard_bytes = rank, notice, shard_bytes
 
     def fetch(self) -> FetchReport:
         """Copy every entry of every complete shard that the scratch cache lacks; never raises."""
-        started, report = time.monotonic(), FetchReport(self.uri)
+        started, report = time.monotonic(), FetchReport(self.uri, self.cache.label)
         try:
             listing = {obj.relative: obj for obj in self.store.list(self.uri)}
         except Exception as exc:  # an unreadable copy is a cache miss; the checkpointer reports storage errors
@@ -124,9 +126,7 @@ class LatentMirror:
         tensors = self._download(stored.uri, manifest.sha256)
         if tensors is None:
             return "shard bytes do not match the manifest"
-        present = [name for name in wanted if name in tensors]
-        for name in present:
-            self.cache.store(name, tensors[name])
+        present = [name for name in wanted if self.cache.from_shard(name, tensors)]
         report.shards += 1
         report.entries += len(present)
         return None if len(present) == len(wanted) else f"{len(wanted) - len(present)} listed entries absent"
@@ -152,7 +152,7 @@ class LatentMirror:
             try:
                 self._publish_shard(chunk)
             except Exception as exc:  # the copy is an optimisation: a failed publish must not fail training
-                self.notice(f"latent cache: could not publish {len(chunk)} entries to {self.uri}: {exc}")
+                self.notice(f"{self.cache.label}: could not publish {len(chunk)} entries to {self.uri}: {exc}")
                 self.cache.unpublished.extend(chunk)
                 continue
             published += len(chunk)
@@ -177,7 +177,8 @@ class LatentMirror:
         self.scratch.mkdir(parents=True, exist_ok=True)
         tmp = self.scratch / f".{stem}{SHARD_SUFFIX}"
         try:
-            save_file({name: self.cache.load(name).contiguous() for name in names}, str(tmp))
+            save_file({key: tensor for name in names for key, tensor in self.cache.shard_tensors(name).items()},
+                      str(tmp))
             manifest = ShardManifest(stem + SHARD_SUFFIX, tmp.stat().st_size, _sha256(tmp), names)
             self.store.upload(tmp, self.uri + manifest.shard)
         finally:
@@ -192,7 +193,7 @@ class LatentMirror:
 
 
 class NoMirror:
-    """The latent cache stays on the scratch volume."""
+    """The cache stays on the scratch volume."""
 
     def fetch(self) -> FetchReport:
         return FetchReport()
@@ -204,17 +205,17 @@ class NoMirror:
         pass
 
 
-def mirror_uri(output_uri: str, cache: DiskLatentCache) -> str:
-    """Where the copy of `cache` lives: the same key as its scratch folder."""
-    return as_prefix(join_uri(output_uri, "cache", "latents", cache.folder.name))
+def mirror_uri(output_uri: str, cache: DiskEntries) -> str:
+    """Where the copy of `cache` lives: `cache/<kind>/` and the same key as its scratch folder."""
+    return as_prefix(join_uri(output_uri, "cache", cache.kind, cache.folder.name))
 
 
-def build_mirror(cache: DiskLatentCache, store: ObjectStore, output_uri: str, scratch: Path, rank: int,
-                 notice: Notice) -> LatentMirror | NoMirror:
-    """A mirror when latents are cached and the output outlives the pod (s3://, pvc://), unless switched off."""
+def build_mirror(cache: DiskEntries, store: ObjectStore, output_uri: str, scratch: Path, rank: int,
+                 notice: Notice) -> CacheMirror | NoMirror:
+    """A mirror when the output outlives the pod (s3://, pvc://), unless switched off."""
     if os.environ.get(SWITCH_ENV, "1") == "0" or parse_uri(output_uri).scheme not in _OUTLIVES_POD:
         return NoMirror()
-    return LatentMirror(store, mirror_uri(output_uri, cache), cache, scratch, rank, notice)
+    return CacheMirror(store, mirror_uri(output_uri, cache), cache, scratch, rank, notice)
 
 
 def _sha256(path: Path) -> str:

@@ -1,0 +1,115 @@
+"""Caption encodings kept on the scratch volume while every text encoder is frozen.
+
+A frozen text encoder turns the same caption into the same tensors at every step, so each
+distinct caption is encoded once per job: the outputs the model family asks for (SD: the last
+hidden state; SDXL: both encoders' penultimate hidden states, joined, and the pooled
+embedding) are stored as one entry per caption, named by a digest of its exact text. Entries
+live in one folder per model family, text encoders (config, dtype and weights) and tokenizers
+(files and max length) (`text_cache_folder`), so another model never reads them, and
+`cache_mirror` carries them to a new pod through `<output>/cache/text/<key>/`. The cache
+replaces `Components.prompts`, which is bypassed as soon as a text-encoder weight trains.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from kubetune_trainer.disk_cache import DiskEntries
+from kubetune_trainer.models import Components
+
+_LOAD_DETAILS = {"transformers_version", "torch_dtype", "dtype"}
+"""Config keys that say how a model was loaded, not what it computes (its dtype is in the weights)."""
+TOKENIZER_FOLDERS = ["tokenizer", "tokenizer_2"]
+"""Where a diffusers folder keeps the tokenizer of each text encoder, in order."""
+
+
+def text_encoders_frozen(components: Components) -> bool:
+    return not any(p.requires_grad for encoder in components.text_encoders for p in encoder.parameters())
+
+
+def _update_with_module(digest: Any, module: Any) -> None:
+    """The module's config and every weight, hashed as stored (its dtype included) without a copy on CPU."""
+    import torch
+
+    config = {k: v for k, v in module.config.to_dict().items() if k not in _LOAD_DETAILS and not k.startswith("_")}
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(module.state_dict().items()):
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(flat.view(torch.uint8).numpy().data)
+
+
+def _update_with_tokenizer(digest: Any, tokenizer: Any, folder: Path) -> None:
+    digest.update(f"{type(tokenizer).__name__}|{tokenizer.model_max_length}|{len(tokenizer)}".encode())
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []:
+        digest.update(path.relative_to(folder).as_posix().encode())
+        digest.update(path.read_bytes())
+
+
+def text_cache_folder(root: Path, components: Components) -> Path:
+    """`root/<key>`, the key a digest of the family, each text encoder and each tokenizer.
+
+    Hashing the encoders' weights reads them once (about 2 s for SDXL's two); it is what lets a
+    fine-tuned text encoder with the same config never reuse the base model's encodings.
+    """
+    digest = hashlib.sha256(components.family.name.encode())
+    pairs = zip(components.tokenizers, components.text_encoders, TOKENIZER_FOLDERS, strict=False)
+    for tokenizer, encoder, folder in pairs:
+        _update_with_tokenizer(digest, tokenizer, Path(components.path) / folder)
+        _update_with_module(digest, encoder)
+    return Path(root) / digest.hexdigest()[:16]
+
+
+class DiskTextCache(DiskEntries):
+    """One file per distinct caption under `folder`, held on `device` once read; misses are encoded together.
+
+    `lookup` has the signature of `models.PromptCache.lookup`, so it takes that cache's place.
+    """
+
+    kind = "text"
+    label = "text cache"
+
+    def __init__(self, folder: Path, device: Any = None, keep_bytes: int = 1 << 30) -> None:
+        super().__init__(folder, keep_bytes)
+        self.device = device
+
+    @staticmethod
+    def entry_name(caption: str) -> str:
+        return hashlib.sha256(caption.encode("utf-8")).hexdigest()[:32]
+
+    def placed(self, value: Any) -> Any:
+        return tuple(part.to(self.device) for part in value) if self.device is not None else value
+
+    def lookup(self, captions: list[str], encode: Callable[[list[str]], tuple[Any, ...]]) -> tuple[Any, ...]:
+        """`encode(captions)` gives tensors with one row per caption; cached captions are not encoded again."""
+        import torch
+
+        names = {caption: self.entry_name(caption) for caption in captions}
+        missing = [caption for caption, name in names.items() if not self.has(name)]
+        fresh: dict[str, tuple[Any, ...]] = {}
+        if missing:
+            outputs = encode(missing)
+            for row, caption in enumerate(missing):  # a clone, so an entry never holds the whole batch
+                fresh[caption] = tuple(output[row].detach().clone() for output in outputs)
+                self.add(names[caption], fresh[caption])
+        self.misses += len(missing)  # captions the text encoders ran on
+        self.hits += len(captions) - len(missing)
+        rows = [fresh[c] if c in fresh else self.load(names[c]) for c in captions]
+        return tuple(torch.stack([row[part] for row in rows]) for part in range(len(rows[0])))
+
+    def shard_tensors(self, name: str) -> dict[str, Any]:
+        """Part i of the entry under `<name>.<i>`."""
+        return {f"{name}.{index}": part.detach().cpu().contiguous() for index, part in enumerate(self.load(name))}
+
+    def from_shard(self, name: str, tensors: dict[str, Any]) -> bool:
+        parts = []
+        while f"{name}.{len(parts)}" in tensors:
+            parts.append(tensors[f"{name}.{len(parts)}"])
+        if not parts:
+            return False
+        self.store(name, tuple(parts))
+        return True
