@@ -64,3 +64,39 @@ def test_the_vae_encodes_each_image_once_across_epochs_and_restarts(tiny_sd: Pat
     encoded, _ = _run(other_model, squares, tmp_path / "out-2", scratch)
     assert encoded == 6  # another VAE never reads the first one's latents
     assert len(list((scratch / "latents").rglob("*.pt"))) == 12
+
+
+def _bitmaps(folder: Path, colours: list[tuple[int, int, int]]) -> Path:
+    """An imagefolder dataset of flat-colour BMPs: uncompressed, so images of one size have one byte size."""
+    import json
+
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for index, colour in enumerate(colours):
+        Image.new("RGB", (72, 72), colour).save(folder / f"img-{index}.bmp")
+        rows.append(json.dumps({"file_name": f"img-{index}.bmp", "text": f"colour {index}"}))
+    (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return folder
+
+
+def test_an_image_replaced_by_one_of_the_same_name_and_size_is_encoded_again(tiny_sd: Path,
+                                                                              tmp_path: Path) -> None:
+    import os
+
+    from PIL import Image
+
+    data = _bitmaps(tmp_path / "data", [(200, 0, 0), (0, 200, 0), (0, 0, 200), (200, 200, 0), (0, 200, 200),
+                                        (200, 0, 200)])
+    scratch = tmp_path / "scratch"
+    encoded, _ = _run(tiny_sd, data, tmp_path / "out-1", scratch)
+    assert encoded == 6
+    replaced = data / "img-2.bmp"
+    before = replaced.stat()
+    Image.new("RGB", (72, 72), (90, 90, 90)).save(replaced)
+    os.utime(replaced, ns=(before.st_atime_ns, before.st_mtime_ns))  # even the modification time is kept
+    assert replaced.stat().st_size == before.st_size
+    encoded, _ = _run(tiny_sd, data, tmp_path / "out-2", scratch)  # a re-run on the same scratch volume
+    assert encoded == 1  # the replaced image only; the other five latents came from the cache
+    assert len(list((scratch / "latents").rglob("*.pt"))) == 7

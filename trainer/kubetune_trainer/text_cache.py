@@ -53,8 +53,9 @@ def _update_with_tokenizer(digest: Any, tokenizer: Any, folder: Path) -> None:
 def text_cache_folder(root: Path, components: Components) -> Path:
     """`root/<key>`, the key a digest of the family, each text encoder and each tokenizer.
 
-    Hashing the encoders' weights reads them once (about 2 s for SDXL's two); it is what lets a
-    fine-tuned text encoder with the same config never reuse the base model's encodings.
+    Hashing the encoders' weights reads them once (SDXL's two: about 1.6 GB in bf16, 1.6 s at
+    1 GB/s); it is what keeps a fine-tuned text encoder with the same config from reusing the
+    base model's encodings.
     """
     digest = hashlib.sha256(components.family.name.encode())
     pairs = zip(components.tokenizers, components.text_encoders, TOKENIZER_FOLDERS, strict=False)
