@@ -25,6 +25,7 @@ from kubetune_trainer.config import RuntimeConfig
 from kubetune_trainer.exitcodes import EXIT_CONFIG, ConfigError, StorageUnavailable
 from kubetune_trainer.job import run_job
 from kubetune_trainer.s3 import MiB, S3Store, TransferSettings
+from kubetune_trainer.s3_ranges import RangePolicy, plan_ranges
 from kubetune_trainer.staging import Stager
 
 pytestmark = pytest.mark.integration
@@ -62,6 +63,41 @@ def test_large_object_is_fetched_in_ranges_and_verified(s3_server: Any, s3_bucke
     assert (tmp_path / "dest" / "blob.bin").read_bytes() == payload
     assert sorted(calls["GetObject"]) == sorted(f"bytes={i * MiB}-{(i + 1) * MiB - 1}" for i in range(20))
     assert len(calls["HeadObject"]) == 1  # the stored CRC32, checked per range
+
+
+class _SplitInThree(RangePolicy):
+    """A policy that always splits the rest in three, whatever the server's latency (our own seam)."""
+
+    def split(self, total: int, reached: int, latency: float, rate: float) -> list[tuple[int, int]]:
+        return plan_ranges(total, -(-(total - reached) // 3), reached)
+
+
+def test_a_large_object_is_first_one_stream_then_split_as_the_policy_says(s3_server: Any, s3_bucket: str,
+                                                                          tmp_path: Path) -> None:
+    payload = os.urandom(10 * MiB + 17)
+    s3_server.client().put_object(Bucket=s3_bucket, Key="split/blob.bin", Body=payload)
+    store = S3Store(_storage(s3_server))
+    store.ranges = _SplitInThree(streams=3, probe=2 * MiB)
+    calls = _count_calls(store)
+    sent: list[dict[str, str]] = []
+    store.getter.on_send = sent.append
+    Stager(store).stage_prefix(f"s3://{s3_bucket}/split/", tmp_path / "dest")
+    assert (tmp_path / "dest" / "blob.bin").read_bytes() == payload
+    assert [h["Range"] for h in sent[:1]] == ["bytes=0-"] and len(sent) == 3 and len(calls["HeadObject"]) == 1
+    later = sorted(tuple(int(x) for x in h["Range"].removeprefix("bytes=").split("-")) for h in sent[1:])
+    assert later[0][0] > 2 * MiB and later[0][1] + 1 == later[1][0] and later[1][1] == len(payload) - 1
+    assert all(h["If-Match"] == f'"{hashlib.md5(payload).hexdigest()}"' for h in sent[1:])
+
+
+def test_by_default_a_large_object_starts_as_one_open_ended_get_and_is_checked(
+        s3_server: Any, s3_bucket: str, tmp_path: Path) -> None:
+    payload = os.urandom(40 * MiB)
+    s3_server.client().put_object(Bucket=s3_bucket, Key="whole/blob.bin", Body=payload)
+    store = S3Store(_storage(s3_server))
+    calls = _count_calls(store)
+    Stager(store).stage_prefix(f"s3://{s3_bucket}/whole/", tmp_path / "dest")
+    assert (tmp_path / "dest" / "blob.bin").read_bytes() == payload
+    assert calls["GetObject"][0] == "bytes=0-" and len(calls["HeadObject"]) == 1
 
 
 def _count_calls(store: S3Store) -> dict[str, list[str]]:

@@ -13,7 +13,7 @@ import pytest
 
 from kubetune_trainer.exitcodes import TrainerError
 from kubetune_trainer.s3_http import Answer
-from kubetune_trainer.s3_ranges import plan_ranges, total_size
+from kubetune_trainer.s3_ranges import MiB, RangePolicy, answer_end, plan_ranges, total_size
 from kubetune_trainer.transfer_checks import OrderedMD5, RangedCRC32, crc32_combine
 
 
@@ -25,6 +25,32 @@ from kubetune_trainer.transfer_checks import OrderedMD5, RangedCRC32, crc32_comb
 ])
 def test_ranges_cover_every_byte_once(total: int, chunk: int, expected: list[tuple[int, int]]) -> None:
     assert plan_ranges(total, chunk) == expected
+
+
+@pytest.mark.parametrize(("latency", "rate", "expected"), [
+    (0.03, 90 * MiB, [(16 * MiB, 76 * MiB - 1), (76 * MiB, 136 * MiB - 1), (136 * MiB, 196 * MiB - 1),
+                      (196 * MiB, 256 * MiB - 1)]),  # S3-like: 30 ms, 90 MiB/s per stream: four ranges
+    (0.03, 800 * MiB, [(16 * MiB, 136 * MiB - 1), (136 * MiB, 256 * MiB - 1)]),  # ranges of >= 96 MiB: two
+    (0.22, 900 * MiB, []),  # moto: 0.22 s before a 256 MiB object's first byte; one stream is best
+    (0.0, 1e12, [(16 * MiB, 76 * MiB - 1), (76 * MiB, 136 * MiB - 1), (136 * MiB, 196 * MiB - 1),
+                 (196 * MiB, 256 * MiB - 1)]),  # no latency: as many streams as allowed
+])
+def test_the_rest_is_split_only_into_ranges_that_outlast_the_latency(latency: float, rate: float,
+                                                                     expected: list[tuple[int, int]]) -> None:
+    assert RangePolicy(streams=4).split(256 * MiB, 16 * MiB, latency, rate) == expected
+
+
+def test_a_short_rest_is_never_split() -> None:
+    assert RangePolicy(streams=4, min_range=8 * MiB).split(30 * MiB, 16 * MiB, 0.0, 1e12) == []
+
+
+@pytest.mark.parametrize(("content_range", "length", "end"), [
+    ("bytes 0-99/1234", 100, 100),
+    ("bytes 200-1233/1234", 1034, 1234),
+    ("", 77, 77),
+])
+def test_answer_end_is_one_past_the_last_byte_sent(content_range: str, length: int, end: int) -> None:
+    assert answer_end(Answer(206, "etag", content_range, length, body=None)) == end
 
 
 @pytest.mark.parametrize(("content_range", "length", "size"), [
@@ -91,3 +117,22 @@ def test_ranged_crc32_refuses_a_range_that_stopped_short() -> None:
     _land_in_blocks(check, payload[:900], [(0, 399), (400, 799), (800, 899)], 100, None)
     with pytest.raises(TrainerError, match="bytes 800-999 were not all written"):
         check.verify("s3://b/k")
+
+
+@pytest.mark.parametrize("kind", ["md5", "crc32"])
+def test_a_check_split_after_the_first_stream_began_covers_every_byte(tmp_path: Path, kind: str) -> None:
+    payload = os.urandom(2 * (1 << 20) + 777)
+    with (tmp_path / "f").open("w+b") as handle:
+        fd = handle.fileno()
+        whole = [(0, len(payload) - 1)]
+        check = (OrderedMD5(fd, whole, hashlib.md5(payload).hexdigest()) if kind == "md5"
+                 else RangedCRC32(whole, zlib.crc32(payload)))
+        _land_in_blocks(check, payload, [(0, 300_000 - 1)], 65536, fd)  # the first stream, before the split
+        ranges = [(0, 900_000 - 1), *plan_ranges(len(payload), 500_000, 900_000)]
+        check.split(ranges)
+        rest = [(300_000, 900_000 - 1), *ranges[1:]]
+        _land_in_blocks(check, payload, rest, 65536, fd)  # range 0 goes on, the others start
+        check.verify("s3://b/k")
+        with pytest.raises(RuntimeError, match="cannot split"):
+            check.split([(0, 100), (101, len(payload) - 1)])  # range 0 already has bytes past 100
+

@@ -1,8 +1,8 @@
 """The S3 backend of `ObjectStore`: boto3 with botocore's retries, and our own ranged downloads.
 
-A download never asks for an object's size first: its first GET asks for the first range,
-whose answer tells the total, and the other ranges go out in parallel into a preallocated
-file (`ranged_get`). Uploads go through boto3's managed transfer.
+A download never asks for an object's size first: its first GET's answer tells the total,
+and whether and how the rest is split into parallel ranges is `ranged_get`'s `RangePolicy`.
+Uploads go through boto3's managed transfer.
 
 Connection settings come from `spec.storage`; credentials only from the standard AWS
 environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, or a web
@@ -12,6 +12,7 @@ messages naming the bucket or endpoint, never the credentials.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,7 +23,7 @@ from kubetune.api.spec import StorageSpec
 from kubetune.api.uris import parse_uri
 from kubetune_trainer.exitcodes import ConfigError, StorageUnavailable
 from kubetune_trainer.s3_http import ObjectGetter
-from kubetune_trainer.s3_ranges import ranged_get
+from kubetune_trainer.s3_ranges import RangePolicy, ranged_get
 from kubetune_trainer.storage import ObjectInfo
 
 MiB = 1024 * 1024
@@ -32,14 +33,17 @@ _CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenie
 
 @dataclass(frozen=True)
 class TransferSettings:
-    """How objects are cut into ranges: one GET per `chunk_size`, up to `per_file_concurrency` at once.
+    """How objects are cut into ranges: up to `per_file_concurrency` GETs of one object at once.
 
-    Ranges are large because each is a request with its own latency (and price); 64 MiB still
-    fetches a 256 MiB file over four connections. Uploads go multipart above `multipart_threshold`.
+    Without a `chunk_size`, a download's ranges are sized from its first GET (`RangePolicy`):
+    each range must stream at least four times as long as the server takes to answer, so a
+    request's latency (and price) stays a small share. A fixed `chunk_size` cuts every object
+    the same way. Uploads go multipart above `multipart_threshold`, in parts of `chunk_size`
+    (or of `multipart_threshold` without one).
     """
 
     multipart_threshold: int = 64 * MiB
-    chunk_size: int = 64 * MiB
+    chunk_size: int | None = None
     per_file_concurrency: int = 4
 
 
@@ -61,12 +65,22 @@ def _client_config(spec: StorageSpec, transfer: TransferSettings):
     )
 
 
+@functools.cache
+def _shared_loader():
+    """botocore's loader of service models, shared by every session of this process: a session of
+    its own parses the S3 model's JSON again (about 0.2 s of CPU per store)."""
+    from botocore.loaders import create_loader
+
+    return create_loader()
+
+
 def _botocore_session():
     """A botocore session that leaves timestamps as text: nothing here reads them, and parsing
     every LastModified of a listing or a GET costs more than the rest of the response."""
     import botocore.session
 
     session = botocore.session.get_session()
+    session.register_component("data_loader", _shared_loader())
     session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=str)
     return session
 
@@ -89,9 +103,10 @@ class S3Store:
         )
         self.client = session.client("s3", endpoint_url=spec.endpoint, config=_client_config(spec, self.transfer))
         self.getter = ObjectGetter(self.client)
+        self.ranges = RangePolicy(chunk=self.transfer.chunk_size, streams=self.transfer.per_file_concurrency)
         self.transfer_config = TransferConfig(
             multipart_threshold=self.transfer.multipart_threshold,
-            multipart_chunksize=self.transfer.chunk_size,
+            multipart_chunksize=self.transfer.chunk_size or self.transfer.multipart_threshold,
             max_concurrency=self.transfer.per_file_concurrency,
             use_threads=True,
         )
@@ -111,8 +126,7 @@ class S3Store:
     def download(self, uri: str, path: Path) -> str:
         bucket, key = _split(uri)
         with self._errors(uri):
-            return ranged_get(self.getter, bucket, key, path, self.transfer.chunk_size,
-                              self.transfer.per_file_concurrency, uri)
+            return ranged_get(self.getter, bucket, key, path, self.ranges, uri)
 
     def upload(self, path: Path, uri: str) -> None:
         bucket, key = _split(uri)

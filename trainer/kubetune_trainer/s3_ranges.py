@@ -1,13 +1,20 @@
-"""Download one S3 object as parallel ranged GETs into a preallocated file, checked as it lands.
+"""Download one S3 object as ranged GETs into a preallocated file, checked as it lands.
 
-The first GET asks for the first range and its Content-Range tells the total, so an object
-up to one range long costs exactly one request (its MD5 ETag hashed as it streams). A longer
-one costs one HEAD for its stored checksum, then its other ranges are fetched by a few
-threads and written with pwrite at their offsets; they carry If-Match on the first answer's
-ETag, so a replaced object fails instead of mixing versions. The bytes are checked against
-S3's full-object CRC32 where the object has one (per range, in parallel), else against a
-single-part ETag's MD5 (`transfer_checks`). A range whose body breaks off is asked for again
-from where it stopped.
+How an object is cut is a `RangePolicy`. By default the first GET asks for the whole object
+(`bytes=0-`) and its Content-Range tells the total, so a small object costs exactly one
+request (its MD5 ETag hashed as it streams). Once the first `probe` bytes have arrived, the
+rest is split over more streams only if each range would be long enough that the server's
+time to first byte, measured on that first GET, stays a small share of the range's time: a
+server with a fixed, small cost per request (S3) gets parallel ranges, one whose cost grows
+with the object (moto reads the whole object for every range) keeps one stream per object.
+With a fixed `chunk`, the first GET asks for the first chunk and the rest follows in chunks.
+
+An object longer than the probe, or split, costs one HEAD for its stored checksum. The other
+ranges are fetched by a few threads and written with pwrite at their offsets; they carry
+If-Match on the first answer's ETag, so a replaced object fails instead of mixing versions.
+The bytes are checked against S3's full-object CRC32 where the object has one (per range, in
+parallel), else against a single-part ETag's MD5 (`transfer_checks`). A stream whose body
+breaks off is asked for again from where it stopped.
 """
 
 from __future__ import annotations
@@ -15,8 +22,10 @@ from __future__ import annotations
 import base64
 import os
 import threading
+import time
 from collections.abc import Callable
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -26,13 +35,36 @@ from kubetune_trainer.s3_http import Answer, ObjectGetter
 from kubetune_trainer.storage import is_md5_etag
 from kubetune_trainer.transfer_checks import BUFFER, OrderedMD5, RangeCheck, RangedCRC32, SizeOnly
 
+MiB = 1 << 20
 STREAM_ATTEMPTS = 3
+RANGE_TO_LATENCY = 4  # a range streams at least 4x as long as its first byte takes: latency <= 20%
 Landed = Callable[[int, memoryview], None]  # told of each block written: its offset and bytes
 
 
-def plan_ranges(total: int, chunk: int) -> list[tuple[int, int]]:
-    """Inclusive (first, last) byte ranges of at most `chunk` bytes covering `total` bytes."""
-    return [(start, min(start + chunk, total) - 1) for start in range(0, total, chunk)]
+def plan_ranges(total: int, chunk: int, start: int = 0) -> list[tuple[int, int]]:
+    """Inclusive (first, last) byte ranges of at most `chunk` bytes covering bytes start..total-1."""
+    return [(first, min(first + chunk, total) - 1) for first in range(start, total, chunk)]
+
+
+@dataclass(frozen=True)
+class RangePolicy:
+    """How one object is cut into ranged GETs, up to `streams` at once (see the module's docstring)."""
+
+    chunk: int | None = None  # fixed range size; None: decided from the first GET
+    streams: int = 4
+    probe: int = 16 * MiB  # bytes the first stream brings before the rest is planned
+    min_range: int = 8 * MiB
+
+    def split(self, total: int, reached: int, latency: float, rate: float) -> list[tuple[int, int]]:
+        """Ranges for bytes reached..total-1, the first one kept by the running stream; [] for no split.
+
+        `latency` is the first GET's time to its answer (s), `rate` its body's bytes per second.
+        """
+        shortest = max(self.min_range, int(RANGE_TO_LATENCY * latency * rate))
+        pieces = min(self.streams, (total - reached) // shortest)
+        if pieces < 2:
+            return []
+        return plan_ranges(total, -(-(total - reached) // pieces), reached)
 
 
 def total_size(answer: Answer) -> int:
@@ -40,6 +72,20 @@ def total_size(answer: Answer) -> int:
     if answer.content_range:  # "bytes 0-99/1234"
         return int(answer.content_range.rpartition("/")[2])
     return answer.content_length
+
+
+def answer_end(answer: Answer) -> int:
+    """One past the last byte a GET's answer holds."""
+    if answer.content_range:  # "bytes 0-99/1234"
+        return int(answer.content_range.partition("-")[2].partition("/")[0]) + 1
+    return answer.content_length
+
+
+class _Span:
+    """What one stream brings in: bytes from `offset` up to `end`, which may be lowered while it runs."""
+
+    def __init__(self, first: int, last: int) -> None:
+        self.offset, self.end = first, last + 1
 
 
 class _Download:
@@ -50,12 +96,13 @@ class _Download:
         self.etag = ""
         self.stop = threading.Event()
 
-    def first(self, chunk: int) -> Answer:
-        """The answer to a GET of the first `chunk` bytes (or of the whole object, when it is empty)."""
+    def first(self, chunk: int | None) -> Answer:
+        """The answer to a GET of the first `chunk` bytes, of the whole object without a chunk or
+        when it is empty."""
         from botocore.exceptions import ClientError
 
         try:
-            return self.get(0, chunk - 1)
+            return self.get(0, chunk - 1 if chunk else None)
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") != "InvalidRange":
                 raise
@@ -71,8 +118,8 @@ class _Download:
             return None
         return int.from_bytes(base64.b64decode(value), "big")
 
-    def get(self, first: int, last: int) -> Answer:
-        headers = {"Range": f"bytes={first}-{last}"}
+    def get(self, first: int, last: int | None) -> Answer:
+        headers = {"Range": f"bytes={first}-{'' if last is None else last}"}
         if self.etag:
             headers["If-Match"] = f'"{self.etag}"'
         answer = self.getter.get(self.bucket, self.key, headers)
@@ -82,99 +129,132 @@ class _Download:
                                      f"{answer.content_range or 'the whole object'}")
         return answer
 
-    def write_body(self, body: Any, offset: int, end: int, landed: Landed) -> int:
-        """Copy `body` to the file from `offset`; return the offset reached (at most `end`)."""
-        view = memoryview(bytearray(min(BUFFER, end - offset)))  # small objects need small buffers
+    def write_body(self, body: Any, span: _Span, asked_end: int, landed: Landed) -> None:
+        """Copy `body`, which holds bytes up to `asked_end`, to the file from `span.offset` until `span.end`."""
+        view = memoryview(bytearray(min(BUFFER, span.end - span.offset)))  # small objects need small buffers
         try:
-            while offset < end and not self.stop.is_set():
-                count = body.readinto(view[:min(BUFFER, end - offset)])
+            while span.offset < span.end and not self.stop.is_set():
+                count = body.readinto(view[:min(BUFFER, span.end - span.offset)])
                 if not count:
                     break
                 written = 0
                 while written < count:
-                    written += os.pwrite(self.fd, view[written:count], offset + written)
+                    written += os.pwrite(self.fd, view[written:count], span.offset + written)
+                offset = span.offset
+                span.offset += count
                 landed(offset, view[:count])
-                offset += count
         finally:
-            if offset == end:
+            if span.offset == asked_end:
                 body.release_conn()
             else:
                 body.close()  # a connection with unread bytes cannot be reused
-        return offset
 
-    def fetch(self, first: int, last: int, landed: Landed, answer: Answer | None = None) -> None:
-        """Bring bytes first..last (inclusive) into the file, re-asking from where a broken stream stopped."""
+    def fetch(self, first: int, last: int, landed: Landed, answer: Answer | None = None,
+              span: _Span | None = None) -> None:
+        """Bring bytes first..last (inclusive; `span.end` if given, which may be lowered meanwhile)
+        into the file, re-asking from where a broken stream stopped."""
         from urllib3.exceptions import ProtocolError, ReadTimeoutError
 
-        offset, end = first, last + 1
-        reached = [offset]  # bytes written and checked so far, kept when a stream breaks mid-body
-
-        def track(at: int, block: memoryview) -> None:
-            landed(at, block)
-            reached[0] = at + len(block)
-
+        span = span or _Span(first, last)
+        asked_end = answer_end(answer) if answer else span.end  # an open-ended answer runs past span.end
         for attempt in range(1, STREAM_ATTEMPTS + 1):
             try:
-                answer = answer or self.get(offset, last)
-                offset = self.write_body(answer.body, offset, end, track)
+                if answer is None:
+                    answer, asked_end = self.get(span.offset, span.end - 1), span.end
+                self.write_body(answer.body, span, asked_end, landed)
             except (ProtocolError, ReadTimeoutError) as exc:
-                offset = reached[0]
                 if attempt == STREAM_ATTEMPTS:
                     raise StorageUnavailable(f"{self.uri}: download broke off {STREAM_ATTEMPTS} times: "
                                              f"{type(exc).__name__}") from exc
             answer = None
-            if offset >= end or self.stop.is_set():
+            if span.offset >= span.end or self.stop.is_set():
                 return
-        raise StorageUnavailable(f"{self.uri}: bytes {first}-{last} arrived short {STREAM_ATTEMPTS} times "
-                                 f"({offset - first} bytes)")
+        raise StorageUnavailable(f"{self.uri}: bytes {first}-{span.end - 1} arrived short {STREAM_ATTEMPTS} "
+                                 f"times ({span.offset - first} bytes)")
 
 
-def ranged_get(getter: ObjectGetter, bucket: str, key: str, path: Path, chunk: int, streams: int, uri: str) -> str:
+def ranged_get(getter: ObjectGetter, bucket: str, key: str, path: Path, policy: RangePolicy, uri: str) -> str:
     """Download s3://bucket/key to `path`; return its ETag. The bytes are checked where they can be."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         job = _Download(getter, bucket, key, fd, uri)
-        first = job.first(chunk)
+        sent = time.monotonic()
+        first = job.first(policy.chunk)
+        latency = time.monotonic() - sent
         job.etag = first.etag
         total = total_size(first)
         os.ftruncate(fd, total)
-        ranges = plan_ranges(total, chunk) if first.content_range else [(0, total - 1)]
-        check = _choose_check(job, fd, ranges)
-        _fetch_ranges(job, ranges, first, check, streams)
+        ranges = plan_ranges(total, policy.chunk) if first.content_range and policy.chunk else [(0, total - 1)]
+        check = _choose_check(job, fd, ranges, want_crc=len(ranges) > 1 or total > policy.probe)
+        may_split = policy.chunk is None and policy.streams > 1 and bool(first.content_range)
+        _fetch_ranges(job, ranges, first, check, policy, latency if may_split and total > policy.probe else None)
         check.verify(uri)
         return job.etag
     finally:
         os.close(fd)
 
 
-def _choose_check(job: _Download, fd: int, ranges: list[tuple[int, int]]) -> RangeCheck:
-    """CRC32 per range where S3 keeps a full-object CRC32; else a single-part ETag's MD5; else sizes."""
-    if len(ranges) > 1:
+def _choose_check(job: _Download, fd: int, ranges: list[tuple[int, int]], want_crc: bool) -> RangeCheck:
+    """CRC32 per range where S3 keeps a full-object CRC32 (asked for when `want_crc`: a HEAD is
+    cheap next to the bytes); else a single-part ETag's MD5; else sizes."""
+    if want_crc:
         crc = job.full_object_crc32()
         if crc is not None:
             return RangedCRC32(ranges, crc)
     return OrderedMD5(fd, ranges, job.etag) if is_md5_etag(job.etag) else SizeOnly()
 
 
-def _fetch_ranges(job: _Download, ranges: list[tuple[int, int]], first: Answer,
-                  check: RangeCheck, streams: int) -> None:
-    """Range 0 streams on this thread, the rest on up to `streams - 1` helpers; first error wins."""
-    def fetch(index: int, response: Answer | None = None) -> None:
-        start, last = ranges[index]
-        landed = partial(check.landed, index)
-        if last >= start:
-            job.fetch(start, last, landed, response)
-        elif response is not None:
-            response.body.close()
+class _Probe:
+    """The first stream's hook when the rest may be split: after `policy.probe` bytes, measure the
+    rate, ask the policy, and if it splits, stop this stream at its new end and start the others."""
 
-    if len(ranges) == 1:
-        fetch(0, first)
+    def __init__(self, policy: RangePolicy, check: RangeCheck, span: _Span, latency: float,
+                 start: Callable[[list[tuple[int, int]]], None]) -> None:
+        self.policy, self.check, self.span, self.latency, self.start = policy, check, span, latency, start
+        self.began = time.monotonic()
+        self.decided = False
+
+    def __call__(self, offset: int, block: memoryview) -> None:
+        self.check.landed(0, offset, block)
+        reached = self.span.offset
+        if self.decided or reached < self.policy.probe:
+            return
+        self.decided = True
+        rate = reached / max(time.monotonic() - self.began, 1e-6)
+        rest = self.policy.split(self.span.end, reached, self.latency, rate)
+        if rest:
+            ranges = [(0, rest[0][1]), *rest[1:]]
+            self.check.split(ranges)
+            self.span.end = rest[0][1] + 1
+            self.start(ranges)
+
+
+def _fetch_ranges(job: _Download, ranges: list[tuple[int, int]], first: Answer, check: RangeCheck,
+                  policy: RangePolicy, latency: float | None) -> None:
+    """Range 0 streams on this thread, the rest on up to `streams - 1` helpers; first error wins.
+
+    With a `latency`, range 0 is the whole object until the probe decides whether to split it.
+    """
+    def fetch(index: int, span: _Span) -> None:
+        if span.end > span.offset:
+            job.fetch(span.offset, span.end - 1, partial(check.landed, index), span=span)
+
+    lead = _Span(*ranges[0])
+    if len(ranges) == 1 and latency is None:
+        if lead.end:
+            job.fetch(0, ranges[0][1], partial(check.landed, 0), first, lead)
+        else:
+            first.body.close()  # an empty object
         return
-    with ThreadPoolExecutor(max_workers=max(1, min(streams - 1, len(ranges) - 1)),
-                            thread_name_prefix="range") as pool:
-        futures = [pool.submit(fetch, index) for index in range(1, len(ranges))]
+    futures: list[Future[None]] = []
+    with ThreadPoolExecutor(max_workers=max(1, policy.streams - 1), thread_name_prefix="range") as pool:
+        def start(planned: list[tuple[int, int]]) -> None:
+            futures.extend(pool.submit(fetch, index, _Span(*planned[index])) for index in range(1, len(planned)))
+
+        start(ranges)
+        landed = _Probe(policy, check, lead, latency, start) if latency is not None else partial(check.landed, 0)
         try:
-            fetch(0, first)
+            job.fetch(0, ranges[0][1], landed, first, lead)
             done, _ = wait(futures, return_when=FIRST_EXCEPTION)
             for future in done:
                 future.result()

@@ -1,9 +1,11 @@
 """Checks that a file fetched as parallel ranges is the object it came from, computed as bytes land.
 
 A check sees every block as it is written (`landed`) and says at the end whether the file
-matches (`verify`). `RangedCRC32` checks S3's stored full-object CRC32: each range keeps its
-own CRC, so the work is spread over the range threads, and the CRCs are joined at the end.
-`OrderedMD5` checks a single-part object's ETag, which has to be hashed front to back.
+matches (`verify`). A download that starts as one stream and hands the rest of the object to
+other streams tells the check the new ranges first (`split`). `RangedCRC32` checks S3's
+stored full-object CRC32: each range keeps its own CRC, so the work is spread over the range
+threads, and the CRCs are joined at the end. `OrderedMD5` checks a single-part object's ETag,
+which has to be hashed front to back.
 """
 
 from __future__ import annotations
@@ -27,11 +29,17 @@ class RangeCheck(Protocol):
     def verify(self, uri: str) -> None:
         """Raise a TrainerError naming `uri` unless the file is the object."""
 
+    def split(self, ranges: list[tuple[int, int]]) -> None:
+        """Range 0, the only one landing so far, now ends at `ranges[0]`; the others follow it."""
+
 
 class SizeOnly:
     """For objects with nothing to check the bytes against (multipart ETag, no full-object checksum)."""
 
     def landed(self, index: int, offset: int, block: memoryview) -> None:
+        pass
+
+    def split(self, ranges: list[tuple[int, int]]) -> None:
         pass
 
     def verify(self, uri: str) -> None:
@@ -81,6 +89,13 @@ class RangedCRC32:
         self.crcs[index] = zlib.crc32(block, self.crcs[index])
         self.filled[index] = offset + len(block)
 
+    def split(self, ranges: list[tuple[int, int]]) -> None:
+        if ranges[0][0] != self.ranges[0][0] or self.filled[0] > ranges[0][1] + 1:
+            raise RuntimeError(f"cannot split at byte {ranges[0][1] + 1}: range 0 has landed up to {self.filled[0]}")
+        self.ranges = ranges
+        self.crcs += [0] * (len(ranges) - len(self.crcs))
+        self.filled += [first for first, _ in ranges[len(self.filled):]]
+
     def verify(self, uri: str) -> None:
         crc = 0
         for (first, last), part, filled in zip(self.ranges, self.crcs, self.filled, strict=True):
@@ -122,6 +137,13 @@ class OrderedMD5:
                 self.hashing.release()
             if not self._hashable():
                 return
+
+    def split(self, ranges: list[tuple[int, int]]) -> None:
+        with self.state:
+            if ranges[-1][1] + 1 != self.total or self.filled[0] > ranges[0][1] + 1:
+                raise RuntimeError(f"cannot split {self.ranges} into {ranges}")
+            self.ranges = ranges
+            self.filled += [first for first, _ in ranges[len(self.filled):]]
 
     def _hashable(self) -> bool:
         """Whether written bytes wait at the frontier (checked after releasing the hashing lock)."""
