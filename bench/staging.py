@@ -6,12 +6,17 @@ Two data sets: many small objects (files/s) and a few large ones (MiB/s). Each t
 `--repeats` times, in a rotating order, after one untimed warm-up pass; the median counts.
 Every run is checked for the full count and byte total before its time is kept.
 
+A "server ceiling" line per set tells how far any client could go against this server: the
+cheapest client we can write (URLs presigned beforehand, a few keep-alive connections,
+bodies read and dropped, nothing written or checked), as a multiple of the sequential loop.
+
     .venv/bin/python bench/staging.py [--small-count 1000] [--large-mib 256] [--repeats 3] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import shutil
@@ -24,6 +29,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from kubetune.api.spec import StorageSpec
 from kubetune_trainer.loopback_s3 import LoopbackS3Process
@@ -81,6 +87,52 @@ def run_sequential(endpoint: str, data: DataSet, dest: Path) -> None:
             body = client.get_object(Bucket=BUCKET, Key=item["Key"])["Body"]
             with target.open("wb") as handle:
                 shutil.copyfileobj(body, handle, 1 * MiB)
+
+
+def best_case_seconds(endpoint: str, data: DataSet, connections: int) -> float:
+    """Seconds the cheapest client takes to GET every object: URLs presigned before the clock
+    starts, `connections` keep-alive connections, each body read into one buffer and dropped."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=endpoint)
+    keys = [item["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET,
+                                                                                     Prefix=f"{data.prefix}/")
+            for item in page.get("Contents", [])]
+    paths = [urlsplit(client.generate_presigned_url("get_object", Params={"Bucket": BUCKET, "Key": key}))
+             for key in keys]
+    server = urlsplit(endpoint)
+
+    def get_all(share: list) -> int:
+        connection, buffer, received = http.client.HTTPConnection(server.hostname, server.port), bytearray(MiB), 0
+        try:
+            for path in share:
+                connection.request("GET", f"{path.path}?{path.query}")
+                answer = connection.getresponse()
+                while count := answer.readinto(buffer):
+                    received += count
+                if answer.status != 200:
+                    raise SystemExit(f"best-case client: GET {path.path} answered {answer.status}")
+        finally:
+            connection.close()
+        return received
+
+    streams = min(connections, len(paths))
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=streams) as pool:
+        received = sum(pool.map(get_all, [paths[i::streams] for i in range(streams)]))
+    elapsed = time.perf_counter() - started
+    if received != data.total:
+        raise SystemExit(f"best-case client received {received} bytes, expected {data.total}")
+    return elapsed
+
+
+def server_ceiling(endpoint: str, data: DataSet, sequential_s: float, repeats: int, connections: int) -> dict:
+    """The best-case client's median throughput, and how many times the sequential loop's it is."""
+    seconds = statistics.median(best_case_seconds(endpoint, data, connections) for _ in range(repeats))
+    print(f"  {data.name} best case: {seconds:.2f}s", file=sys.stderr, flush=True)
+    return {"connections": connections, "median_s": round(seconds, 3),
+            "files_per_s": round(data.count / seconds, 1), "mib_per_s": round(data.total / MiB / seconds, 1),
+            "x_sequential": round(sequential_s / seconds, 2)}
 
 
 def seed(endpoint: str, data: DataSet) -> None:
@@ -147,6 +199,10 @@ def print_table(data: DataSet, result: dict) -> None:
         print(f"  {name:<28}{row['median_s']:>10.2f}{row['files_per_s']:>10.1f}{row['mib_per_s']:>10.1f}")
     for name, ratio in result["ratios"].items():
         print(f"  {name}: {ratio:.2f}x")
+    best = result["ceiling"]
+    print(f"  server ceiling (best-case client, {best['connections']} keep-alive connections, presigned, bodies "
+          f"dropped): {best['files_per_s']:.1f} files/s, {best['mib_per_s']:.1f} MiB/s = "
+          f"{best['x_sequential']:.2f}x the sequential loop")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--large-mib", type=int, default=256, help="size of each large object")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per tool (median reported)")
     parser.add_argument("--s5cmd-workers", type=int, default=32, help="--numworkers of the tuned s5cmd line")
+    parser.add_argument("--ceiling-connections", type=int, default=8,
+                        help="keep-alive connections of the best-case client behind the server ceiling line")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
     args = parser.parse_args(argv)
     os.environ.update(CREDENTIALS)
@@ -171,7 +229,10 @@ def main(argv: list[str] | None = None) -> int:
         server.create_bucket(BUCKET)
         for data in sets:
             seed(server.endpoint, data)
-            results[data.name] = summarise(data, measure(server.endpoint, data, tools, args.repeats, Path(scratch)))
+            times = measure(server.endpoint, data, tools, args.repeats, Path(scratch))
+            results[data.name] = summarise(data, times)
+            results[data.name]["ceiling"] = server_ceiling(server.endpoint, data, statistics.median(times[SEQUENTIAL]),
+                                                           args.repeats, args.ceiling_connections)
     small, large = results["small"]["ratios"], results["large"]["ratios"]
     results["targets"] = {
         "small files/s >= s5cmd": small[f"ours/{S5CMD}"] >= 1.0,
@@ -179,12 +240,16 @@ def main(argv: list[str] | None = None) -> int:
         "small >= 5x sequential": small[f"ours/{SEQUENTIAL}"] >= 5.0,
         "large >= 5x sequential": large[f"ours/{SEQUENTIAL}"] >= 5.0,
     }
+    results["5x sequential reachable on this server"] = {
+        name: results[name]["ceiling"]["x_sequential"] >= 5.0 for name in ("small", "large")}
     if args.json:
         print(json.dumps(results, indent=2))
     else:
         for data in sets:
             print_table(data, results[data.name])
         print("\ntargets: " + ", ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in results["targets"].items()))
+        print("5x sequential reachable at all (server ceiling >= 5x): " + ", ".join(
+            f"{k}: {'yes' if v else 'NO'}" for k, v in results["5x sequential reachable on this server"].items()))
     return 0
 
 
