@@ -1,5 +1,6 @@
 """Two CPU processes (torchrun, gloo) with a `pvc://` output: each rank publishes the latents of
-exactly the images it encoded, in its own shards; together they cover the data once.
+exactly the images it encoded, and the encodings of exactly their captions, in its own shards;
+together they cover the data once.
 
 Observed through the trainer's trace seam (`KUBETUNE_TRAINER_TRACE`) and the published manifests.
 """
@@ -17,6 +18,7 @@ import yaml
 from trainer_support import free_port, job_document
 
 from kubetune_trainer.latent_cache import DiskLatentCache
+from kubetune_trainer.text_cache import DiskTextCache
 from kubetune_trainer.trace import TRACE_ENV
 
 pytestmark = pytest.mark.integration
@@ -47,15 +49,20 @@ def test_each_rank_publishes_only_the_latents_it_encoded(tiny_sd: Path, tmp_path
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     (remote,) = (tmp_path / "pvc" / "claim" / "out" / "cache" / "latents").iterdir()
+    (text_remote,) = (tmp_path / "pvc" / "claim" / "out" / "cache" / "text").iterdir()
+    rows = map(json.loads, (data / "metadata.jsonl").read_text().splitlines())
+    captions = {row["file_name"]: row["text"] for row in rows}
     namer = DiskLatentCache(tmp_path / "names")
     published: dict[int, set[str]] = {}
     for rank in (0, 1):
         first_epoch = [r for r in _records(tmp_path / "trace", rank, "step") if r["epochs"][0] == 0]
-        trained = {namer.entry_name(key) for record in first_epoch for key in record["keys"]}
+        keys = [key for record in first_epoch for key in record["keys"]]
         manifests = sorted(remote.glob(f"rank-{rank}-*.json"))
         published[rank] = {name for m in manifests for name in json.loads(m.read_text())["entries"]}
-        assert published[rank] == trained  # what it encoded in epoch 1; later epochs only hit the cache
+        assert published[rank] == {namer.entry_name(key) for key in keys}  # later epochs only hit the cache
+        texts = {name for m in text_remote.glob(f"rank-{rank}-*.json") for name in json.loads(m.read_text())["entries"]}
+        assert texts == {DiskTextCache.entry_name(captions[Path(key.split("|")[0]).name]) for key in keys}
         uploads = [r["uri"] for r in _records(tmp_path / "trace", rank, "upload") if "/cache/latents/" in r["uri"]]
         assert uploads and all(f"/rank-{rank}-" in uri for uri in uploads)
     assert not published[0] & published[1] and len(published[0] | published[1]) == IMAGES
-    assert all("/cache/latents/" in r["uri"] for r in _records(tmp_path / "trace", 1, "upload"))  # no checkpoints
+    assert all("/cache/" in r["uri"] for r in _records(tmp_path / "trace", 1, "upload"))  # no checkpoints
