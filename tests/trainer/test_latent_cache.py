@@ -100,3 +100,20 @@ def test_an_image_replaced_by_one_of_the_same_name_and_size_is_encoded_again(tin
     encoded, _ = _run(tiny_sd, data, tmp_path / "out-2", scratch)  # a re-run on the same scratch volume
     assert encoded == 1  # the replaced image only; the other five latents came from the cache
     assert len(list((scratch / "latents").rglob("*.pt"))) == 7
+
+
+def test_an_example_without_a_recorded_digest_gets_the_same_key(tmp_path: Path) -> None:
+    import hashlib
+    import random
+    from dataclasses import replace
+
+    from kubetune.api.spec import DataSpec
+    from kubetune_trainer.data import load_dataset, make_batch
+
+    data = _bitmaps(tmp_path / "data", [(200, 0, 0), (0, 200, 0)])
+    spec = DataSpec(uri=str(data), resolution=64)
+    examples = load_dataset(data, spec).examples
+    assert [ex.digest for ex in examples] == [hashlib.sha256(ex.image.read_bytes()).hexdigest() for ex in examples]
+    recorded = make_batch([(ex, random.Random(0)) for ex in examples], spec).keys
+    unrecorded = make_batch([(replace(ex, digest=""), random.Random(0)) for ex in examples], spec).keys  # generated
+    assert recorded == unrecorded and recorded[0] != recorded[1].replace("img-1", "img-0")
