@@ -62,10 +62,13 @@ RBAC = "rbac.authorization.k8s.io"
 
 
 def audit_policy() -> dict[str, Any]:
-    """Every completed request of the operator's user, nothing of anyone else."""
+    """Every completed request of the operator's user, and the FineTuneJob creates."""
     return {"apiVersion": "audit.k8s.io/v1", "kind": "Policy",
             "omitStages": ["RequestReceived", "ResponseStarted"],
-            "rules": [{"level": "Metadata", "users": [OPERATOR_USER]}, {"level": "None"}]}
+            "rules": [{"level": "Metadata", "users": [OPERATOR_USER]},
+                      {"level": "Metadata", "verbs": ["create"],  # when each job arrived, to split latencies
+                       "resources": [{"group": "kubetune.io", "resources": ["finetunejobs"]}]},
+                      {"level": "None"}]}
 
 
 def start_cluster(work: Path) -> kubecluster.ControlPlane:
@@ -132,6 +135,19 @@ def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.2)
     return value
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu(pids: dict[str, int]) -> dict[str, float]:
+    return {name: cpu_seconds(pid) for name, pid in pids.items()}
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -146,16 +162,25 @@ class Operator:
     port: int
     rss_samples: list[float] = field(default_factory=list)
 
+    @property
+    def pid(self) -> int:
+        """The operator's own process: under a wrapper (a profiler), the wrapper's child."""
+        pid = self.process.pid
+        children = Path(f"/proc/{pid}/task/{pid}/children")
+        while children.exists() and (found := children.read_text().split()):
+            pid = int(found[0])
+            children = Path(f"/proc/{pid}/task/{pid}/children")
+        return pid
+
     def status_kb(self, key: str) -> float:
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
             if line.startswith(key + ":"):
                 return float(line.split()[1])
         return 0.0
 
     def cpu_seconds(self) -> float:
         """User + system CPU time the operator has used so far."""
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return cpu_seconds(self.pid)
 
     def sample(self, stop: threading.Event) -> None:
         while not stop.wait(0.5) and self.process.poll() is None:
@@ -169,7 +194,7 @@ class Operator:
             return False
 
     def stop(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
+        os.kill(self.pid, signal.SIGTERM)  # a wrapper (profiler) ends with the operator and writes its output
         try:
             return self.process.wait(timeout=60)
         except subprocess.TimeoutExpired:
@@ -177,13 +202,14 @@ class Operator:
             return self.process.wait()
 
 
-def start_operator(kubeconfig: Path, resync_seconds: float, log: Path) -> Operator:
+def start_operator(kubeconfig: Path, resync_seconds: float, log: Path, wrapper: list[str]) -> Operator:
+    """`wrapper` prefixes the command (a profiler: `py-spy record -o FILE --`)."""
     port = free_port()
     env = dict(os.environ, POD_NAMESPACE=NAMESPACE, POD_NAME="bench-operator",
                KUBETUNE_RESYNC_SECONDS=str(resync_seconds))
     command = [sys.executable, "-m", "kubetune.cli", "operator", "-n", NAMESPACE, "--kubeconfig", str(kubeconfig),
                "--http-port", str(port), "--log-level", "warning", "--trainer-image", "registry.invalid/kt:bench"]
-    process = subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    process = subprocess.Popen([*wrapper, *command], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
     operator = Operator(process, port)
     wait_until(lambda: operator.ready() or process.poll() is not None, 120, "the operator to lead")
     if process.poll() is not None:
@@ -314,6 +340,31 @@ def audit_counts(log: Path, since: float, until: float) -> collections.Counter[s
     return counts
 
 
+def audit_split(log: Path, names: list[str]) -> dict[str, list[float]]:
+    """Where create -> Job goes, on the API server's own clock: from a FineTuneJob's create to
+    the operator's first request for it (the operator's reaction), and its Job create call."""
+    arrived: dict[str, float] = {}
+    first: dict[str, float] = {}
+    job_call: dict[str, float] = {}
+    for line in log.read_text().splitlines() if log.exists() else []:
+        event = json.loads(line)
+        ref, verb = event.get("objectRef") or {}, event["verb"]
+        if verb != "create" or ref.get("resource") not in ("finetunejobs", "configmaps", "services", "jobs"):
+            continue
+        received, done = (datetime.fromisoformat(event[k].replace("Z", "+00:00")).timestamp()
+                          for k in ("requestReceivedTimestamp", "stageTimestamp"))
+        name = str(ref.get("name") or "").removesuffix("-config")
+        if ref["resource"] == "finetunejobs":
+            arrived[name] = received
+        else:
+            first[name] = min(first.get(name, received), received)
+            if ref["resource"] == "jobs":
+                job_call[name] = done - received
+    wanted = [n for n in names if n in arrived and n in first]
+    return {"reaction": [first[n] - arrived[n] for n in wanted],
+            "job_create_call": [job_call[n] for n in wanted if n in job_call]}
+
+
 def summary(values: list[float]) -> dict[str, float]:
     return {"count": len(values), "p50": quantile(values, 0.5), "p99": quantile(values, 0.99),
             "max": max(values, default=math.nan)}
@@ -327,7 +378,7 @@ def measure(args: argparse.Namespace, plane: kubecluster.ControlPlane, work: Pat
     watcher = Watcher(plane)
     watcher.start()
     operator = start_operator(operator_kubeconfig(plane, work / "operator.kubeconfig"), args.resync_seconds,
-                              work / "operator.log")
+                              work / "operator.log", args.operator_wrapper.split())
     stop_sampling = threading.Event()
     threading.Thread(target=operator.sample, args=(stop_sampling,), daemon=True).start()
     try:
@@ -335,12 +386,16 @@ def measure(args: argparse.Namespace, plane: kubecluster.ControlPlane, work: Pat
         wait_until(lambda: "staging" in watcher.seen.get("warmup", {}), 120, "the warm-up job")
         idle_rss = operator.status_kb("VmRSS") / 1024
         names = [f"ftj-{i:04d}" for i in range(args.jobs)]
-        began, cpu_before = time.time(), operator.cpu_seconds()
+        pids = {**plane.processes.pids(), "operator": operator.pid, "this benchmark": os.getpid()}
+        began, cpu_before, everyone_before = time.time(), operator.cpu_seconds(), process_cpu(pids)
         created = create_all(admin_config, names, args.threads)
         create_seconds = time.time() - began
+        wait_until(lambda: watcher.count("job", names) == len(names), args.timeout, "every Job", interval=0.1)
+        jobs_seconds, everyone_at_jobs = time.time() - began, process_cpu(pids)
         wait_until(lambda: watcher.count("staging", names) == len(names), args.timeout,
                    f"{len(names)} jobs to be Staging", interval=0.5)
         started, cpu_start = time.time(), operator.cpu_seconds() - cpu_before
+        everyone = {name: cpu - everyone_before[name] for name, cpu in process_cpu(pids).items()}
         time.sleep(args.steady_seconds)
         steady_end = time.time()
         peak_rss = operator.status_kb("VmHWM") / 1024
@@ -351,6 +406,7 @@ def measure(args: argparse.Namespace, plane: kubecluster.ControlPlane, work: Pat
     audit = work / "audit.log"
     startup, steady = audit_counts(audit, began, started), audit_counts(audit, started, steady_end)
     job = latencies(watcher, created, "job")
+    split = audit_split(audit, names)
     return {
         "jobs": args.jobs, "threads": args.threads, "resync_seconds": args.resync_seconds,
         "load_average": os.getloadavg(), "cpus": os.cpu_count(), "create_seconds": create_seconds,
@@ -359,7 +415,13 @@ def measure(args: argparse.Namespace, plane: kubecluster.ControlPlane, work: Pat
         "create_to_staging": summary(latencies(watcher, created, "staging")),
         "watched_ftj_to_job": summary(latencies(watcher, created, "job", origin="finetunejob")),
         "baseline_job_to_pod": summary(latencies(watcher, created, "pod", origin="job")),
+        "audit_ftj_create_to_operator_request": summary(split["reaction"]),
+        "audit_job_create_call": summary(split["job_create_call"]),
         "operator_cpu_seconds": {"start": cpu_start, "steady": cpu_steady},
+        "cpu_seconds_while_starting": dict(sorted(everyone.items(), key=lambda kv: -kv[1])),
+        "seconds_to_every_job": jobs_seconds,
+        "cpu_seconds_to_every_job": dict(sorted(((name, cpu - everyone_before[name])
+                                                 for name, cpu in everyone_at_jobs.items()), key=lambda kv: -kv[1])),
         "rss_mb": {"idle": idle_rss, "peak": peak_rss, "sampled_max": max(operator.rss_samples, default=0.0)},
         "requests": {"start_total": sum(startup.values()), "start_per_job": sum(startup.values()) / args.jobs,
                      "start_by_verb": dict(startup.most_common()),
@@ -383,6 +445,8 @@ def print_table(result: dict[str, Any]) -> None:
             ("create returned -> pod Running", "create_to_pods_running"),
             ("create returned -> status Staging", "create_to_staging"),
             ("FTJ watched -> Job watched", "watched_ftj_to_job"),
+            ("audit: FTJ create -> operator's 1st", "audit_ftj_create_to_operator_request"),
+            ("audit: the Job create call", "audit_job_create_call"),
             ("baseline: Job -> its pod (Job ctrl)", "baseline_job_to_pod"))
     for label, key in rows:
         s = result[key]
@@ -393,6 +457,10 @@ def print_table(result: dict[str, Any]) -> None:
     cpu = result["operator_cpu_seconds"]
     print(f"operator RSS MB: idle {rss['idle']:.0f}, peak (VmHWM) {rss['peak']:.0f}; CPU seconds: "
           f"{cpu['start']:.1f} while starting, {cpu['steady']:.1f} in the steady window")
+    print(f"CPU seconds until every Job exists ({result['seconds_to_every_job']:.1f}s): " + ", ".join(
+        f"{name} {cpu:.1f}" for name, cpu in result["cpu_seconds_to_every_job"].items()))
+    print("CPU seconds while starting (creates to all Staging): " + ", ".join(
+        f"{name} {cpu:.1f}" for name, cpu in result["cpu_seconds_while_starting"].items()))
     print(f"operator API requests while starting: {req['start_total']} ({req['start_per_job']:.2f}/job) "
           f"{req['start_by_verb']}")
     print(f"steady state, {req['steady_seconds']:.0f}s: {req['steady_total']} "
@@ -410,6 +478,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="how long to count requests once every job is Staging (default 20)")
     parser.add_argument("--timeout", type=float, default=600.0, help="give up after this long (default 600)")
     parser.add_argument("--json", metavar="PATH", help="also write the result as JSON ('-': stdout)")
+    parser.add_argument("--operator-wrapper", default="", metavar="CMD",
+                        help="prefix for the operator's command, e.g. 'py-spy record -r 50 -o prof.svg --'")
     parser.add_argument("--keep", metavar="DIR", help="keep the logs (audit, operator) in DIR")
     args = parser.parse_args(argv)
     work = Path(args.keep or tempfile.mkdtemp(prefix="kubetune-scale-"))

@@ -109,6 +109,10 @@ class ProcessSet:
         argv = _cmdline(record["pid"])
         return bool(argv) and argv[0] == record["exe"]
 
+    def pids(self) -> dict[str, int]:
+        """Each component's process id."""
+        return {name: record["pid"] for name, record in self._state()["components"].items()}
+
     def liveness(self) -> dict[str, bool]:
         return {name: self._alive(name, record)
                 for name, record in self._state()["components"].items()}

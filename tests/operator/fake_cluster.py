@@ -16,7 +16,7 @@ from kubetune.operator.actions import (
     ReplaceConfigMapData,
     SetJobSuspend,
 )
-from kubetune.operator.cluster import JobRef
+from kubetune.operator.cluster import JobRef, apply_in_order
 from kubetune.operator.events import Event
 from kubetune.operator.kube import ApiError
 from kubetune.operator.observed import Observed
@@ -50,6 +50,9 @@ class FakeCluster:
             service=copy.deepcopy(self.children.get(("Service", name))),
             secret_keys=self.secret_keys,
         )
+
+    def apply_all(self, job: FineTuneJob, actions: list[Action]) -> list[str]:
+        return apply_in_order(self, job, actions)
 
     def apply(self, job: FineTuneJob, action: Action) -> None:
         if type(action) in self.fail_actions:

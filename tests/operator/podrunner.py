@@ -24,6 +24,7 @@ from typing import Any
 
 import fakegpu
 from kubernetes import client
+from kubernetes.client.exceptions import ApiException
 
 HOST_MOUNTS = ("/dev/shm", "/tmp")
 """Mount points the host already has; commands may use them as they are."""
@@ -66,8 +67,8 @@ class LocalPodRunner:
             folder = root / "volumes" / volume["name"]
             folder.mkdir(parents=True, exist_ok=True)
             if "configMap" in volume:
-                source = self.core.read_namespaced_config_map(volume["configMap"]["name"], pod["metadata"]["namespace"])
-                for key, text in (source.data or {}).items():
+                data = self._config_map(pod["metadata"]["namespace"], volume["configMap"]["name"])
+                for key, text in data.items():
                     (folder / key).write_text(text)
             elif not ({"emptyDir", "ephemeral"} & volume.keys()):
                 raise NotImplementedError(f"volume {volume['name']}: only configMap, emptyDir and ephemeral run here")
@@ -110,7 +111,17 @@ class LocalPodRunner:
         return {k: base64.b64decode(v).decode() for k, v in data.items()}
 
     def _config_map(self, namespace: str, name: str) -> dict[str, str]:
-        return dict(self.core.read_namespaced_config_map(name, namespace).data or {})
+        """A kubelet waits for a pod's ConfigMap to exist: the operator creates it alongside the Job."""
+        def read() -> tuple[dict[str, str]] | None:
+            try:
+                return (dict(self.core.read_namespaced_config_map(name, namespace).data or {}),)
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+                return None
+
+        [data] = fakegpu.wait_for(read, timeout=30, what=f"ConfigMap {namespace}/{name}")
+        return data
 
     def _set_pod_ip(self, namespace: str, name: str) -> None:
         self.core.patch_namespaced_pod_status(name, namespace, [

@@ -129,7 +129,7 @@ def test_missing_secret_then_created(kube_admin, namespace, start_operator) -> N
                     "AWS_SESSION_TOKEN": "s3-credentials"}
     configmap = client.CoreV1Api(kube_admin).read_namespaced_config_map("corgi-config", namespace)
     assert "secret" not in configmap.data["job.yaml"].replace("secretRef", "")
-    assert "SecretNotFound" in event_reasons(kube_admin, namespace)
+    fakegpu.wait_for(lambda: "SecretNotFound" in event_reasons(kube_admin, namespace), what="the warning event")
 
 
 def test_spec_the_api_server_accepts_but_the_operator_rejects(kube_admin, namespace, start_operator) -> None:

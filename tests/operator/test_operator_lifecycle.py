@@ -126,7 +126,8 @@ def test_suspending_a_running_job_and_resuming_it(kube_admin, namespace, start_o
     after = _conditions(resumed)
     assert after["Suspended"]["status"] == "False"
     assert after["Running"]["lastTransitionTime"] >= before["Running"]["lastTransitionTime"]
-    reasons = event_reasons(kube_admin, namespace)
+    reasons = fakegpu.wait_for(lambda: (r := event_reasons(kube_admin, namespace)) and "Suspended" in r
+                               and "Staging" in r[r.index("Suspended"):] and r, what="events after the resume")
     assert "Staging" in reasons[reasons.index("Suspended"):], reasons
 
 

@@ -64,6 +64,17 @@ class MemoryDiffBaseStorage(kopf.DiffBaseStorage):
     def fetch(self, *, body: Any) -> Any:
         return self._essences.get(_uid(body))
 
+    def build(self, *, body: Any, extra_fields: Any = None) -> Any:
+        """Kopf's essence, from a body without the status and system metadata it drops anyway.
+
+        Kopf deep-copies the whole body first; on every status write's echo that copied the
+        status and managedFields, a tenth of the operator's CPU at scale.
+        """
+        meta = body.get("metadata") or {}
+        slim = {k: v for k, v in body.items() if k not in ("status", "metadata")}
+        slim["metadata"] = {k: meta[k] for k in ("labels", "annotations") if k in meta}
+        return super().build(body=slim, extra_fields=extra_fields)
+
     def store(self, *, body: Any, patch: Any, essence: Any) -> None:
         self._essences[_uid(body)] = essence
 

@@ -9,9 +9,16 @@ the FineTuneJob's controller reference, so objects that merely share a name are 
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import json
+import logging
+import queue
+import threading
+import time
 import urllib.request
-from collections.abc import Mapping
+import zlib
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -32,6 +39,7 @@ from kubetune.operator.kube import ApiError, KubeApi
 from kubetune.operator.observed import Observed
 from kubetune.operator.timefmt import format_time
 
+LOG = logging.getLogger(__name__)
 EVENT_MESSAGE_LIMIT = 1024
 COMPONENT = "kubetune-operator"
 
@@ -61,11 +69,26 @@ class Cluster(Protocol):
 
     def apply(self, job: FineTuneJob, action: Action) -> None: ...
 
+    def apply_all(self, job: FineTuneJob, actions: list[Action]) -> list[str]:
+        """Carry out a pass's actions; what failed, to be retried by a later pass."""
+        ...
+
     def write_status(self, ref: JobRef, patch: dict[str, Any]) -> None: ...
 
     def post_event(self, ref: JobRef, event: Event, now: datetime) -> None: ...
 
     def read_progress(self, pod: dict[str, Any]) -> Any: ...
+
+
+def apply_in_order(cluster: Cluster, job: FineTuneJob, actions: list[Action]) -> list[str]:
+    """Each action after the one before; a failed one does not stop the rest."""
+    errors = []
+    for action in actions:
+        try:
+            cluster.apply(job, action)
+        except (ApiError, ChildConflict) as exc:  # the status is still true; retried next pass
+            errors.append(f"{type(action).__name__}: {exc}")
+    return errors
 
 
 def uid_of(job: FineTuneJob) -> str:
@@ -102,8 +125,55 @@ def _resource_path(namespace: str, name: str) -> str:
     return f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}"
 
 
+class EventPoster:
+    """Events posted by a few threads of their own, so a pass never waits for one.
+
+    Events are the story of a job, not part of its state: at scale the four a new job gets
+    would otherwise hold its pass (and the next job's) for four round trips. They also give
+    way to child creates (`quiet`, for at most `YIELD_SECONDS`), so a burst of new jobs gets
+    its Jobs first. One job's events always go through the same thread, so they keep their
+    order; each carries the time of the pass that decided it.
+    """
+
+    YIELD_SECONDS = 5.0
+
+    def __init__(self, api: KubeApi, quiet: Callable[[float], object] = lambda seconds: None,
+                 threads: int = 4) -> None:
+        self.api = api
+        self._quiet = quiet
+        self._queues: list[queue.SimpleQueue[tuple[str, dict[str, Any]] | None]] = [
+            queue.SimpleQueue() for _ in range(threads)]
+        self._threads = [threading.Thread(target=self._post_forever, args=(q,), name=f"kubetune-events-{n}",
+                                          daemon=True) for n, q in enumerate(self._queues)]
+        for thread in self._threads:
+            thread.start()
+
+    def post(self, uid: str, namespace: str, body: dict[str, Any]) -> None:
+        self._queues[zlib.crc32(uid.encode()) % len(self._queues)].put((namespace, body))
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Post what is queued (for at most `timeout` seconds), then stop."""
+        for q in self._queues:
+            q.put(None)
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def _post_forever(self, q: queue.SimpleQueue[tuple[str, dict[str, Any]] | None]) -> None:
+        while (item := q.get()) is not None:
+            namespace, body = item
+            self._quiet(self.YIELD_SECONDS)
+            try:
+                self.api.create(f"/api/v1/namespaces/{namespace}/events", body)
+            except ApiError as exc:
+                LOG.warning("event %s for %s/%s not posted: %s", body["reason"], namespace,
+                            body["involvedObject"]["name"], exc)
+
+
 class KubeCluster:
     """`Cluster` on a real API server, reading children from `caches`."""
+
+    CREATE_THREADS = 16
 
     def __init__(self, api: KubeApi, progress_port: int = 9090, progress_timeout: float = 3.0,
                  caches: Caches | None = None) -> None:
@@ -111,6 +181,30 @@ class KubeCluster:
         self.progress_port = progress_port
         self.progress_timeout = progress_timeout
         self.caches = caches or Caches()
+        self._creating = 0
+        self._created = threading.Condition()
+        self.events = EventPoster(api, quiet=self._no_creates)
+        self._creates = concurrent.futures.ThreadPoolExecutor(self.CREATE_THREADS, "kubetune-create")
+
+    def _no_creates(self, seconds: float) -> bool:
+        """Wait (at most `seconds`) until no child create is in flight."""
+        with self._created:
+            return self._created.wait_for(lambda: self._creating == 0, seconds)
+
+    @contextlib.contextmanager
+    def _creating_children(self) -> Iterator[None]:
+        with self._created:
+            self._creating += 1
+        try:
+            yield
+        finally:
+            with self._created:
+                self._creating -= 1
+                self._created.notify_all()
+
+    def close(self) -> None:
+        self.events.close()
+        self._creates.shutdown(wait=True)
 
     def observe(self, job: FineTuneJob) -> Observed:
         ns, name, uid = job.metadata.namespace or "default", job.metadata.name, uid_of(job)
@@ -151,6 +245,18 @@ class KubeCluster:
                 return {"secret_keys": None, "secret_checked": False}
             raise
         return {"secret_keys": None if secret is None else frozenset(secret.get("data") or {})}
+
+    def apply_all(self, job: FineTuneJob, actions: list[Action]) -> list[str]:
+        """A new job's children are created at once: the Job does not wait for the ConfigMap and
+        Service round trips (its pods wait for the ConfigMap, as a kubelet does). Anything
+        else runs in order: a restarted attempt must find the ConfigMap already replaced."""
+        if not any(isinstance(a, CreateChild) for a in actions):
+            return apply_in_order(self, job, actions)
+        with self._creating_children():
+            if len(actions) < 2 or not all(isinstance(a, CreateChild) for a in actions):
+                return apply_in_order(self, job, actions)
+            futures = [self._creates.submit(apply_in_order, self, job, [a]) for a in actions]
+            return [error for future in futures for error in future.result()]
 
     def apply(self, job: FineTuneJob, action: Action) -> None:
         ns = job.metadata.namespace or "default"
@@ -219,7 +325,7 @@ class KubeCluster:
             "source": {"component": COMPONENT},
             "reportingComponent": f"{GROUP}/operator",
         }
-        self.api.create(f"/api/v1/namespaces/{ns}/events", body)
+        self.events.post(ref.uid, ns, body)
 
     def read_progress(self, pod: dict[str, Any]) -> Any:
         """Rank 0's `/progress` JSON, or None when it cannot be read right now."""

@@ -137,5 +137,6 @@ def run(
         leading.clear()
         server.shutdown()
         server.server_close()
+        cluster.close()
         api.close()
     return EXIT_LOST_LEASE if lost.is_set() else 0

@@ -6,6 +6,8 @@ a restarted operator does not count a job twice: it resumes from the status it w
 
 from __future__ import annotations
 
+import threading
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from kubetune.api.status import PHASES, FineTuneJobStatus
@@ -35,7 +37,7 @@ class OperatorMetrics:
                                   registry=reg)
         self._phases: dict[str, tuple[str, str]] = {}
         self._namespaces: set[str] = set()
-        """Namespaces ever seen: their series drop to 0 instead of going stale."""
+        self._lock = threading.Lock()
 
     def observe_transition(self, uid: str, namespace: str, old: FineTuneJobStatus, new: FineTuneJobStatus) -> None:
         if old.phase is None and new.phase is not None:
@@ -45,19 +47,24 @@ class OperatorMetrics:
             if new.phase in counter:
                 counter[new.phase].labels(namespace).inc()
         if new.phase is not None:
-            self._phases[uid] = (namespace, new.phase)
-        self._refresh_phases()
+            self._count_phase(uid, (namespace, new.phase))
 
     def forget(self, uid: str) -> None:
         """The FineTuneJob was deleted: it no longer counts in any phase."""
-        self._phases.pop(uid, None)
-        self._refresh_phases()
+        self._count_phase(uid, None)
 
-    def _refresh_phases(self) -> None:
-        counts: dict[tuple[str, str], int] = {}
-        for key in self._phases.values():
-            counts[key] = counts.get(key, 0) + 1
-        self._namespaces.update(ns for ns, _ in self._phases.values())
-        for ns in self._namespaces:
-            for phase in PHASES:
-                self.jobs.labels(ns, phase).set(counts.get((ns, phase), 0))
+    def _count_phase(self, uid: str, where: tuple[str, str] | None) -> None:
+        """Move one job between the phase gauges (each pass costs O(1), not O(jobs))."""
+        with self._lock:
+            before = self._phases.pop(uid, None)
+            if where is not None:
+                self._phases[uid] = where
+                if where[0] not in self._namespaces:  # every phase series exists, at 0, from the start
+                    self._namespaces.add(where[0])
+                    for phase in PHASES:
+                        self.jobs.labels(where[0], phase)
+            if before != where:
+                if before is not None:
+                    self.jobs.labels(*before).dec()
+                if where is not None:
+                    self.jobs.labels(*where).inc()

@@ -16,9 +16,8 @@ from kubetune.api.status import FineTuneJobStatus
 from kubetune.api.validation import validate_document
 from kubetune.operator import observed as obs
 from kubetune.operator.actions import Action, DeleteFineTuneJob, plan_actions
-from kubetune.operator.cluster import ChildConflict, Cluster, JobRef
+from kubetune.operator.cluster import Cluster, JobRef
 from kubetune.operator.events import Event, events_for_transition
-from kubetune.operator.kube import ApiError
 from kubetune.operator.metrics import OperatorMetrics
 from kubetune.operator.observed import Observed
 from kubetune.operator.reports import ProgressReport, ResultReport, parse_progress, parse_result
@@ -99,11 +98,7 @@ def reconcile(body: Mapping[str, Any], cluster: Cluster, settings: OperatorSetti
     progress, result = rank0_reports(job, seen, cluster)
     new = compute_status(job, seen, now, old, progress, result)
     outcome = PassOutcome(new, plan_actions(job, seen, new, settings, now))
-    for action in outcome.actions:
-        try:
-            cluster.apply(job, action)
-        except (ApiError, ChildConflict) as exc:  # the status below is still true; retried next pass
-            outcome.errors.append(f"{type(action).__name__}: {exc}")
+    outcome.errors = cluster.apply_all(job, outcome.actions)  # the status below is true even if some failed
     if any(isinstance(a, DeleteFineTuneJob) for a in outcome.actions) and not outcome.errors:
         return outcome
     return _finish(ref, body, old, new, cluster, metrics, now, outcome)
