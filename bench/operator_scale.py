@@ -50,8 +50,11 @@ import kubecluster  # noqa: E402
 import yaml  # noqa: E402
 from kubernetes import client  # noqa: E402
 
+import scale_floor  # noqa: E402
 from kubetune.operator.permissions import CLUSTER_RULES, LEASE_RULES  # noqa: E402
+from kubetune.operator.settings import OperatorSettings  # noqa: E402
 
+PLAIN_APISERVER_ARGS = kubecluster.apiserver_args
 NAMESPACE = "kubetune-bench"
 ACCOUNT = "kubetune-operator"
 OPERATOR_USER = f"system:serviceaccount:{NAMESPACE}:{ACCOUNT}"
@@ -75,7 +78,7 @@ def start_cluster(work: Path) -> kubecluster.ControlPlane:
     """A private control plane whose API server also writes `work/audit.log`."""
     policy = work / "audit-policy.yaml"
     policy.write_text(yaml.safe_dump(audit_policy()))
-    plain = kubecluster.apiserver_args
+    plain = PLAIN_APISERVER_ARGS
 
     def with_audit(ports: dict[str, int], pki: Any) -> list[str]:
         return [*plain(ports, pki), f"--audit-policy-file={policy}", f"--audit-log-path={work / 'audit.log'}",
@@ -435,6 +438,37 @@ def measure(args: argparse.Namespace, plane: kubecluster.ControlPlane, work: Pat
     }
 
 
+def measure_floor(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """The same burst on a fresh control plane, answered by `scale_floor.FloorReactor` instead."""
+    plane = start_cluster(work)
+    try:
+        admin_config = plane.admin_client().configuration
+        client.CoreV1Api(client.ApiClient(admin_config)).create_namespace({"metadata": {"name": NAMESPACE}})
+        add_gpu_nodes(plane, math.ceil(args.jobs / GPUS_PER_NODE))
+        watcher = Watcher(plane)
+        watcher.start()
+        settings = OperatorSettings(default_image="registry.invalid/kt:bench")
+        reactor = scale_floor.FloorReactor(
+            plane.server, NAMESPACE, scale_floor.children_template(finetunejob("template"), settings),
+            (str(plane.pki.admin_cert), str(plane.pki.admin_key)), str(plane.pki.ca_cert))
+        reactor.start()
+        create_all(admin_config, ["warmup"], 1)
+        wait_until(lambda: "job" in watcher.seen.get("warmup", {}), 120, "the floor's warm-up job")
+        names = [f"ftj-{i:04d}" for i in range(args.jobs)]
+        pids = {**plane.processes.pids(), "this benchmark (with the reactor)": os.getpid()}
+        began, before = time.time(), process_cpu(pids)
+        created = create_all(admin_config, names, args.threads)
+        create_seconds = time.time() - began
+        wait_until(lambda: watcher.count("job", names) == len(names), args.timeout, "the floor's Jobs", interval=0.1)
+        seconds, after = time.time() - began, process_cpu(pids)
+        reactor.stop()
+    finally:
+        plane.stop()
+    return {"create_seconds": create_seconds, "create_to_job": summary(latencies(watcher, created, "job")),
+            "seconds_to_every_job": seconds, "errors": reactor.errors[:5],
+            "cpu_seconds_to_every_job": dict(sorted(((n, after[n] - before[n]) for n in pids), key=lambda kv: -kv[1]))}
+
+
 def print_table(result: dict[str, Any]) -> None:
     load = ", ".join(f"{x:.2f}" for x in result["load_average"])
     print(f"\nkubetune operator scale: {result['jobs']} FineTuneJobs created in {result['create_seconds']:.1f}s "
@@ -465,6 +499,15 @@ def print_table(result: dict[str, Any]) -> None:
           f"{req['start_by_verb']}")
     print(f"steady state, {req['steady_seconds']:.0f}s: {req['steady_total']} "
           f"({req['steady_per_job_per_resync']:.2f}/job/resync) {req['steady_by_verb']}")
+    if floor := result.get("floor"):
+        job, ours = floor["create_to_job"], result["create_to_job"]
+        print(f"\nfloor (fresh control plane; a reactor that only creates the 3 children): {result['jobs']} created in "
+              f"{floor['create_seconds']:.1f}s; create returned -> Job p50 {job['p50']:.3f} p99 {job['p99']:.3f} "
+              f"max {job['max']:.3f}; every Job after {floor['seconds_to_every_job']:.1f}s")
+        print("floor CPU seconds until every Job exists: " + ", ".join(
+            f"{name} {cpu:.1f}" for name, cpu in floor["cpu_seconds_to_every_job"].items()))
+        print(f"operator p99 create->Job / floor p99: {ours['p99'] / job['p99']:.2f}x"
+              + (f"; floor errors: {floor['errors']}" if floor["errors"] else ""))
     for name, ok in result["targets"].items():
         print(f"target {name}: {'PASS' if ok else 'MISS'}")
 
@@ -480,15 +523,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="PATH", help="also write the result as JSON ('-': stdout)")
     parser.add_argument("--operator-wrapper", default="", metavar="CMD",
                         help="prefix for the operator's command, e.g. 'py-spy record -r 50 -o prof.svg --'")
+    parser.add_argument("--no-floor", dest="floor", action="store_false",
+                        help="skip the floor: the same burst answered by a reactor that only creates children")
     parser.add_argument("--keep", metavar="DIR", help="keep the logs (audit, operator) in DIR")
     args = parser.parse_args(argv)
     work = Path(args.keep or tempfile.mkdtemp(prefix="kubetune-scale-"))
     work.mkdir(parents=True, exist_ok=True)
     plane = start_cluster(work)
     try:
-        result = measure(args, plane, work)
+        try:
+            result = measure(args, plane, work)
+        finally:
+            plane.stop()
+        if args.floor:
+            (work / "floor").mkdir(exist_ok=True)
+            result["floor"] = measure_floor(args, work / "floor")
     finally:
-        plane.stop()
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     print_table(result)

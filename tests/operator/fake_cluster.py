@@ -51,6 +51,9 @@ class FakeCluster:
             secret_keys=self.secret_keys,
         )
 
+    def quiet(self, seconds: float) -> bool:
+        return True
+
     def apply_all(self, job: FineTuneJob, actions: list[Action]) -> list[str]:
         return apply_in_order(self, job, actions)
 

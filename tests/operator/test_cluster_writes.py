@@ -121,3 +121,18 @@ def test_close_posts_what_is_queued() -> None:
         cluster.post_event(ref, Event("Normal", f"R{n}", "m"), now)
     cluster.close()
     assert len(api.calls) == 20
+
+
+def test_quiet_waits_for_creates_in_flight_and_no_longer_than_asked() -> None:
+    api = RecordingApi(delay=0.5)
+    cluster = KubeCluster(api)  # type: ignore[arg-type]
+    try:
+        assert cluster.quiet(0.0), "nothing in flight: quiet at once"
+        creating = threading.Thread(target=cluster.apply_all, args=(make_job().typed(), children(OperatorSettings())))
+        creating.start()
+        time.sleep(0.05)
+        assert not cluster.quiet(0.1), "a create is in flight"
+        assert cluster.quiet(2.0), "the creates end well within 2 s"
+        creating.join()
+    finally:
+        cluster.close()

@@ -79,6 +79,10 @@ class Cluster(Protocol):
 
     def read_progress(self, pod: dict[str, Any]) -> Any: ...
 
+    def quiet(self, seconds: float) -> bool:
+        """Wait (at most `seconds`) until no child create is in flight."""
+        ...
+
 
 def apply_in_order(cluster: Cluster, job: FineTuneJob, actions: list[Action]) -> list[str]:
     """Each action after the one before; a failed one does not stop the rest."""
@@ -183,11 +187,12 @@ class KubeCluster:
         self.caches = caches or Caches()
         self._creating = 0
         self._created = threading.Condition()
-        self.events = EventPoster(api, quiet=self._no_creates)
+        self.events = EventPoster(api, quiet=self.quiet)
         self._creates = concurrent.futures.ThreadPoolExecutor(self.CREATE_THREADS, "kubetune-create")
 
-    def _no_creates(self, seconds: float) -> bool:
-        """Wait (at most `seconds`) until no child create is in flight."""
+    def quiet(self, seconds: float) -> bool:
+        """Wait (at most `seconds`) until no child create is in flight: writes that can wait give way
+        to new jobs' children in a burst."""
         with self._created:
             return self._created.wait_for(lambda: self._creating == 0, seconds)
 
