@@ -219,3 +219,30 @@ def test_a_failed_queued_pass_is_retried_later_and_a_deleted_job_is_skipped() ->
     assert len(memo.queue) == 0 and memo.queue.get(timeout=0) is None  # the retry waits its delay
     assert memo.metrics.registry.get_sample_value("kubetune_operator_api_errors_total",
                                                   {"operation": "reconcile"}) == 1
+
+
+class BusyCluster(FakeCluster):
+    """Other jobs' children are being created while this pass runs."""
+
+    def quiet(self, seconds: float) -> bool:
+        return False
+
+
+def test_in_a_burst_the_status_of_a_job_just_created_waits_for_the_next_pass() -> None:
+    run = Pass(make_job("corgi").obj(), BusyCluster(S3_KEYS))
+    first = run()
+    assert first.deferred and not first.wrote_status and first.events == []
+    assert {a.obj["kind"] for a in first.actions if isinstance(a, CreateChild)} == {"ConfigMap", "Service", "Job"}
+    assert run.cluster.status_writes == [] and run.cluster.events == []
+    second = run()
+    assert not second.deferred and second.actions == [], "nothing created twice"
+    assert run.cluster.status["phase"] == "Pending"
+    assert [e.reason for e in run.cluster.events][:1] == ["ChildrenCreated"]
+
+
+def test_a_deferred_status_queues_the_next_pass() -> None:
+    cluster, queue = BusyCluster(S3_KEYS), WorkQueue()
+    doc = make_job("corgi").obj()
+    memo = kopf.Memo(cluster=cluster, settings=SETTINGS, metrics=OperatorMetrics(), locks={}, queue=queue)
+    run_pass(cluster.body(doc), memo, None)
+    assert queue.get(timeout=0) == ("team-a", "corgi")

@@ -38,6 +38,8 @@ def run_pass(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger | Any) -> 
         except ApiError as exc:
             memo.metrics.api_errors.labels("reconcile").inc()
             raise kopf.TemporaryError(f"Kubernetes API error: {exc}", delay=RETRY_DELAY_SECONDS) from exc
+    if outcome.deferred and "queue" in memo:
+        memo.queue.add((meta.get("namespace", ""), meta.get("name", "")))
     if outcome.errors:
         memo.metrics.api_errors.labels("apply").inc(len(outcome.errors))
         raise kopf.TemporaryError("; ".join(outcome.errors), delay=RETRY_DELAY_SECONDS)

@@ -15,7 +15,7 @@ from kubetune.api.resource import FineTuneJob
 from kubetune.api.status import FineTuneJobStatus
 from kubetune.api.validation import validate_document
 from kubetune.operator import observed as obs
-from kubetune.operator.actions import Action, DeleteFineTuneJob, plan_actions
+from kubetune.operator.actions import Action, CreateChild, DeleteFineTuneJob, plan_actions
 from kubetune.operator.cluster import Cluster, JobRef
 from kubetune.operator.events import Event, events_for_transition
 from kubetune.operator.metrics import OperatorMetrics
@@ -34,6 +34,8 @@ class PassOutcome:
     events: list[Event] = field(default_factory=list)
     wrote_status: bool = False
     errors: list[str] = field(default_factory=list)
+    deferred: bool = False
+    """Children were created during a burst of other creates: the status waits for the next pass."""
 
 
 def previous_status(body: Mapping[str, Any]) -> FineTuneJobStatus:
@@ -100,5 +102,8 @@ def reconcile(body: Mapping[str, Any], cluster: Cluster, settings: OperatorSetti
     outcome = PassOutcome(new, plan_actions(job, seen, new, settings, now))
     outcome.errors = cluster.apply_all(job, outcome.actions)  # the status below is true even if some failed
     if any(isinstance(a, DeleteFineTuneJob) for a in outcome.actions) and not outcome.errors:
+        return outcome
+    if any(isinstance(a, CreateChild) for a in outcome.actions) and not outcome.errors and not cluster.quiet(0):
+        outcome.deferred = True  # in a burst, other jobs' Jobs before this one's status; a queued pass writes it
         return outcome
     return _finish(ref, body, old, new, cluster, metrics, now, outcome)

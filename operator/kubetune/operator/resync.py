@@ -21,13 +21,13 @@ from kubetune.operator.informer import Key, key_of
 
 LOG = logging.getLogger(__name__)
 IDLE_SECONDS = 1.0
-YIELD_SECONDS = 2.0
+YIELD_SECONDS = 5.0
 
 
 def pass_once(key: Key, memo: kopf.Memo) -> bool:
     """Reconcile one FineTuneJob from the cache (gone: nothing to do); on an error, retry later.
 
-    A job that already has its Job waits (at most `YIELD_SECONDS`) while other jobs' children
+    A job that already has its Job waits (at most `YIELD_SECONDS`, half a resync period) while other jobs' children
     are being created: in a burst of new jobs their Jobs come first, and the status changes
     that pile up meanwhile go out as one write instead of several.
     """
