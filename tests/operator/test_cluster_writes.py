@@ -136,3 +136,19 @@ def test_quiet_waits_for_creates_in_flight_and_no_longer_than_asked() -> None:
         creating.join()
     finally:
         cluster.close()
+
+
+def test_a_poster_survives_any_error_and_posts_the_next_event() -> None:
+    class Flaky(RecordingApi):
+        def create(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+            if body.get("reason") == "Boom":
+                raise ValueError("not JSON")
+            return super().create(path, body)
+
+    api = Flaky(delay=0.0)
+    cluster = KubeCluster(api)  # type: ignore[arg-type]
+    ref, now = JobRef("team-a", "corgi", "ftj-uid-1"), datetime.now(UTC)
+    cluster.post_event(ref, Event("Normal", "Boom", "m"), now)
+    cluster.post_event(ref, Event("Normal", "After", "m"), now)
+    cluster.close()
+    assert [label for _, label, _ in api.calls] == ["Event After"]

@@ -169,7 +169,7 @@ class EventPoster:
             self._quiet(self.YIELD_SECONDS)
             try:
                 self.api.create(f"/api/v1/namespaces/{namespace}/events", body)
-            except ApiError as exc:
+            except Exception as exc:  # a poster that died would silently drop every later event
                 LOG.warning("event %s for %s/%s not posted: %s", body["reason"], namespace,
                             body["involvedObject"]["name"], exc)
 
