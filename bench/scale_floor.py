@@ -69,6 +69,9 @@ class FloorReactor:
                     *lines, pending = pending.split(b"\n")
                     for line in filter(None, lines):
                         event = json.loads(line)
+                        if event["type"] == "ERROR":  # 410 Gone: watch again from now
+                            version = ""
+                            continue
                         meta = event["object"]["metadata"]
                         version = meta.get("resourceVersion", version)
                         if event["type"] == "ADDED":

@@ -152,3 +152,18 @@ def test_a_poster_survives_any_error_and_posts_the_next_event() -> None:
     cluster.post_event(ref, Event("Normal", "After", "m"), now)
     cluster.close()
     assert [label for _, label, _ in api.calls] == ["Event After"]
+
+
+def test_closing_posts_the_backlog_without_giving_way_to_creates() -> None:
+    from kubetune.operator.cluster import EventPoster
+
+    api = RecordingApi(delay=0.0)
+    waited: list[float] = []
+    poster = EventPoster(api, quiet=lambda seconds: waited.append(seconds) or time.sleep(seconds))  # type: ignore[arg-type]
+    poster._closing.set()  # as close() does first
+    body = {"reason": "Created", "kind": "Event", "metadata": {}, "involvedObject": {"name": "corgi"}}
+    began = time.monotonic()
+    for _ in range(3):
+        poster.post("ftj-uid-1", "team-a", body)
+    poster.close(timeout=2.0)
+    assert len(api.calls) == 3 and waited == [] and time.monotonic() - began < 1.0

@@ -80,11 +80,13 @@ def test_read_progress_from_rank0_on_loopback(rank0: ThreadingHTTPServer, body: 
     _Rank0.body = body
     cluster = KubeCluster(api=None, progress_port=rank0.server_address[1], progress_timeout=2)  # type: ignore[arg-type]
     assert cluster.read_progress(make_pod().running().pod_ip("127.0.0.1").obj()) == expected
+    cluster.close()
 
 
 def test_unreachable_rank0_reads_as_nothing() -> None:
     cluster = KubeCluster(api=None, progress_port=9, progress_timeout=0.5)  # type: ignore[arg-type]
     assert cluster.read_progress(make_pod().running().pod_ip("127.0.0.1").obj()) is None
+    cluster.close()
 
 
 @pytest.mark.parametrize(("ip", "url"), [
@@ -190,3 +192,4 @@ def test_an_ended_job_is_judged_by_pods_read_from_the_server_not_the_cache() -> 
     cluster.caches.put({**batch, "metadata": {**batch["metadata"], "resourceVersion": "6"},
                         "status": {"conditions": [{"type": "Failed", "status": "True"}]}})
     assert cluster.observe(job).pods == (ended,) and api.listed == ["kubetune.io/job-name=corgi"]
+    cluster.close()

@@ -245,4 +245,19 @@ def test_a_deferred_status_queues_the_next_pass() -> None:
     doc = make_job("corgi").obj()
     memo = kopf.Memo(cluster=cluster, settings=SETTINGS, metrics=OperatorMetrics(), locks={}, queue=queue)
     run_pass(cluster.body(doc), memo, None)
-    assert queue.get(timeout=0) == ("team-a", "corgi")
+    assert queue.get(timeout=0) is None, "not at once: the operator's own cache may not hold the job yet"
+    assert queue.get(timeout=2) == ("team-a", "corgi")
+
+
+def test_a_pass_that_fails_unexpectedly_is_retried_and_the_worker_lives_on() -> None:
+    class Broken(FakeCluster):
+        def observe(self, job: Any) -> Any:
+            raise RuntimeError("a bug")
+
+    doc = make_job("corgi").obj()
+    cluster, queue, caches = Broken(S3_KEYS), WorkQueue(), Caches()
+    caches["FineTuneJob"].put(cluster.body(doc))
+    memo = kopf.Memo(cluster=cluster, settings=SETTINGS, metrics=OperatorMetrics(), locks={}, queue=queue,
+                     caches=caches)
+    assert pass_once(("team-a", "corgi"), memo) is False
+    assert queue._later, "the job is queued again, after the retry delay"

@@ -73,6 +73,10 @@ class MemoryDiffBaseStorage(kopf.DiffBaseStorage):
         meta = body.get("metadata") or {}
         slim = {k: v for k, v in body.items() if k not in ("status", "metadata")}
         slim["metadata"] = {k: meta[k] for k in ("labels", "annotations") if k in meta}
+        for path in extra_fields or ():  # a handler watching status or metadata fields still sees them
+            root = path[0] if isinstance(path, tuple | list) else str(path).split(".")[0]
+            if root in body:
+                slim[root] = body[root]
         return super().build(body=slim, extra_fields=extra_fields)
 
     def store(self, *, body: Any, patch: Any, essence: Any) -> None:

@@ -145,6 +145,7 @@ class EventPoster:
                  threads: int = 4) -> None:
         self.api = api
         self._quiet = quiet
+        self._closing = threading.Event()
         self._queues: list[queue.SimpleQueue[tuple[str, dict[str, Any]] | None]] = [
             queue.SimpleQueue() for _ in range(threads)]
         self._threads = [threading.Thread(target=self._post_forever, args=(q,), name=f"kubetune-events-{n}",
@@ -156,17 +157,22 @@ class EventPoster:
         self._queues[zlib.crc32(uid.encode()) % len(self._queues)].put((namespace, body))
 
     def close(self, timeout: float = 10.0) -> None:
-        """Post what is queued (for at most `timeout` seconds), then stop."""
+        """Post what is queued (for at most `timeout` seconds, no longer giving way), then stop."""
+        self._closing.set()
         for q in self._queues:
             q.put(None)
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+        left = sum(q.qsize() for q in self._queues) - sum(t.is_alive() for t in self._threads)
+        if left > 0:
+            LOG.warning("%d events not posted before shutting down", left)
 
     def _post_forever(self, q: queue.SimpleQueue[tuple[str, dict[str, Any]] | None]) -> None:
         while (item := q.get()) is not None:
             namespace, body = item
-            self._quiet(self.YIELD_SECONDS)
+            if not self._closing.is_set():
+                self._quiet(self.YIELD_SECONDS)
             try:
                 self.api.create(f"/api/v1/namespaces/{namespace}/events", body)
             except Exception as exc:  # a poster that died would silently drop every later event

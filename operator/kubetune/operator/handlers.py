@@ -24,6 +24,7 @@ from kubetune.operator.kube import ApiError
 from kubetune.operator.reconcile import reconcile
 
 RETRY_DELAY_SECONDS = 10.0
+DEFERRED_PASS_SECONDS = 0.5
 ANNOTATION_PREFIX = "kubetune.io"
 
 
@@ -38,8 +39,8 @@ def run_pass(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger | Any) -> 
         except ApiError as exc:
             memo.metrics.api_errors.labels("reconcile").inc()
             raise kopf.TemporaryError(f"Kubernetes API error: {exc}", delay=RETRY_DELAY_SECONDS) from exc
-    if outcome.deferred and "queue" in memo:
-        memo.queue.add((meta.get("namespace", ""), meta.get("name", "")))
+    if outcome.deferred and "queue" in memo:  # soon, not at once: our cache may not hold the job yet
+        memo.queue.add_after((meta.get("namespace", ""), meta.get("name", "")), DEFERRED_PASS_SECONDS)
     if outcome.errors:
         memo.metrics.api_errors.labels("apply").inc(len(outcome.errors))
         raise kopf.TemporaryError("; ".join(outcome.errors), delay=RETRY_DELAY_SECONDS)

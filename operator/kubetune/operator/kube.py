@@ -20,6 +20,9 @@ JSON = "application/json"
 MERGE_PATCH = "application/merge-patch+json"
 DEFAULT_TIMEOUT = 30.0
 USER_AGENT = "kubetune-operator"
+RETRIES = urllib3.Retry(total=3, redirect=0, status=0, raise_on_status=False)
+"""As the official client's pool had: a dropped idle connection is retried (a read error only for
+idempotent methods), so one blip does not cost a pass its 10 s retry delay or an event."""
 POOL_CONNECTIONS = 128
 """Kept-alive connections: Kopf's executor (64), the queue's passes, the creates, the event
 posters and the watches at once, so a burst of passes never falls back to a fresh TLS
@@ -94,7 +97,7 @@ class KubeApi:
         try:
             headers = self._headers(content_type if payload else None)
             return self._pool.request(method, url, body=payload, headers=headers, timeout=timeout,
-                                      preload_content=not stream, retries=False)
+                                      preload_content=not stream, retries=False if stream else RETRIES)
         except urllib3.exceptions.HTTPError as exc:
             raise ApiError(0, "Unreachable", str(exc)) from exc
 

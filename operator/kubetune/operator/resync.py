@@ -42,6 +42,10 @@ def pass_once(key: Key, memo: kopf.Memo) -> bool:
         LOG.warning("%s/%s: %s", *key, exc)
         memo.queue.add_after(key, exc.delay or RETRY_DELAY_SECONDS)
         return False
+    except Exception:  # a worker that died would leave the queue to fewer and fewer workers
+        LOG.exception("%s/%s: the pass failed; retrying in %.0fs", *key, RETRY_DELAY_SECONDS)
+        memo.queue.add_after(key, RETRY_DELAY_SECONDS)
+        return False
     return True
 
 
