@@ -78,6 +78,9 @@ def create_ftj(api: client.ApiClient, manifest: dict) -> dict:
         manifest)
 
 
+IGNORE_DISRUPTION = {"rules": [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}]}
+"""A node lost or drained does not count against the Job's backoffLimit."""
+
 def test_service_account_token_is_bound_by_rbac(kube_admin, namespace,
                                                service_account_client) -> None:
     core, rbac = client.CoreV1Api(kube_admin), client.RbacAuthorizationV1Api(kube_admin)
@@ -188,9 +191,7 @@ def test_pod_failure_with_chosen_exit_code_fails_job(kube_admin, namespace) -> N
 
 
 def test_disruption_target_is_not_counted_against_backoff(kube_admin, namespace) -> None:
-    policy = {"rules": [{"action": "Ignore",
-                         "onPodConditions": [{"type": "DisruptionTarget"}]}]}
-    job = trainer_job("preempted", backoffLimit=0, podFailurePolicy=policy)
+    job = trainer_job("preempted", backoffLimit=0, podFailurePolicy=IGNORE_DISRUPTION)
     client.BatchV1Api(kube_admin).create_namespaced_job(namespace, job)
     [first] = wait_job_pods(kube_admin, namespace, "preempted", 1)
 
@@ -204,9 +205,7 @@ def test_disruption_target_is_not_counted_against_backoff(kube_admin, namespace)
 
 
 def test_node_failure_evicts_pod_and_job_replaces_it(kube_admin, namespace) -> None:
-    policy = {"rules": [{"action": "Ignore",
-                         "onPodConditions": [{"type": "DisruptionTarget"}]}]}
-    job = trainer_job("node-loss", backoffLimit=0, podFailurePolicy=policy)
+    job = trainer_job("node-loss", backoffLimit=0, podFailurePolicy=IGNORE_DISRUPTION)
     client.BatchV1Api(kube_admin).create_namespaced_job(namespace, job)
     [first] = wait_job_pods(kube_admin, namespace, "node-loss", 1)
     node = first.spec.node_name

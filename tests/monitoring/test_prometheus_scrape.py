@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -20,15 +19,13 @@ import yaml
 
 from charts.dashboard import expressions
 from kubetune_trainer.tiny import build_image_dataset, build_tiny_pipeline
+from tests.tools import needs_tools
 from tests.trainer.trainer_support import free_port, job_document
 from tests.unit.test_monitoring import DCGM_EXPORTER, METRIC, _alert_rules
 
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.skipif(
-        shutil.which("prometheus") is None or shutil.which("promtool") is None,
-        reason="Debian's prometheus package is not installed (make tools installs it)",
-    ),
+    needs_tools("prometheus", "promtool"),
 ]
 
 

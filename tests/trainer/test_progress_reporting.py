@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 from pathlib import Path
-
-import pytest
 
 from kubetune_trainer.checkpoint import CheckpointRef
 from kubetune_trainer.job import RunResult, termination_message
 from kubetune_trainer.metrics import PrometheusMetrics
 from kubetune_trainer.reporting import ProgressState
 from kubetune_trainer.staging import StagingReport
+from tests.tools import needs_tools
+
+needs_promtool = needs_tools("promtool")
 
 
 def _feed(reporter: object) -> None:
@@ -44,8 +44,7 @@ def test_metrics_use_only_namespace_and_name_labels() -> None:
     assert "kubetune_trainer_staged_bytes_total" in text and "kubetune_trainer_loss" in text
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None,
-                    reason="promtool not installed (apt-get install -y prometheus provides /usr/bin/promtool)")
+@needs_promtool
 def test_metrics_pass_promtool_check() -> None:
     metrics = PrometheusMetrics("team-a", "corgi")
     _feed(metrics)
@@ -77,8 +76,7 @@ def test_loss_terms_reach_progress_and_a_term_labelled_gauge() -> None:
     assert 'kubetune_trainer_loss_term{name="corgi",namespace="team-a",term="prior"} 0.125' in text
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None,
-                    reason="promtool not installed (apt-get install -y prometheus provides /usr/bin/promtool)")
+@needs_promtool
 def test_metrics_with_loss_terms_pass_promtool_check() -> None:
     metrics = PrometheusMetrics("team-a", "corgi")
     _feed(metrics)

@@ -12,10 +12,11 @@ import pytest
 import yaml
 
 from charts.dashboard import expressions
+from tests.tools import needs_tools
 from tests.unit.test_chart import render
 
 PROMTOOL = shutil.which("promtool")
-needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (make tools installs it)")
+needs_promtool = needs_tools("promtool")
 METRIC = re.compile(r"\b(kubetune_[a-z_]+|DCGM_[A-Z_]+)\b")
 DCGM_EXPORTER = {"DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_FB_USED"}  # shown where the DCGM exporter runs
 

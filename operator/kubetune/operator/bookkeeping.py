@@ -68,7 +68,7 @@ class MemoryDiffBaseStorage(kopf.DiffBaseStorage):
         """Kopf's essence, from a body without the status and system metadata it drops anyway.
 
         Kopf deep-copies the whole body first; on every status write's echo that copied the
-        status and managedFields, a tenth of the operator's CPU at scale.
+        status and managedFields: about 9% of the operator's CPU in a burst of 200 jobs.
         """
         meta = body.get("metadata") or {}
         slim = {k: v for k, v in body.items() if k not in ("status", "metadata")}

@@ -164,7 +164,8 @@ class EventPoster:
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
-        left = sum(q.qsize() for q in self._queues) - sum(t.is_alive() for t in self._threads)
+        # a thread still running has its events and then its stop marker left in its queue
+        left = sum(q.qsize() - 1 for q, t in zip(self._queues, self._threads, strict=True) if t.is_alive())
         if left > 0:
             LOG.warning("%d events not posted before shutting down", left)
 
@@ -264,7 +265,7 @@ class KubeCluster:
         if not any(isinstance(a, CreateChild) for a in actions):
             return apply_in_order(self, job, actions)
         with self._creating_children():
-            if len(actions) < 2 or not all(isinstance(a, CreateChild) for a in actions):
+            if not all(isinstance(a, CreateChild) for a in actions):
                 return apply_in_order(self, job, actions)
             futures = [self._creates.submit(apply_in_order, self, job, [a]) for a in actions]
             return [error for future in futures for error in future.result()]

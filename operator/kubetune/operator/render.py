@@ -6,9 +6,8 @@ the handlers only create, adopt or patch what these return.
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import json
-import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,30 +23,11 @@ SAFE_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 """libyaml's emitter when PyYAML has it: the same text, ten times faster (every pass renders it)."""
 
 
-class _YamlTexts:
-    """YAML of documents already dumped, by a digest of their JSON: every pass compares the
-    ConfigMap with the rendering, and JSON in C costs a fraction of PyYAML's representer."""
-
-    LIMIT = 4096
-
-    def __init__(self) -> None:
-        self._texts: dict[bytes, str] = {}
-        self._lock = threading.Lock()
-
-    def dump(self, doc: dict[str, Any]) -> str:
-        key = hashlib.blake2b(json.dumps(doc, sort_keys=True).encode(), digest_size=16).digest()
-        with self._lock:
-            text = self._texts.get(key)
-        if text is None:
-            text = yaml.dump(doc, Dumper=SAFE_DUMPER, sort_keys=False)
-            with self._lock:
-                if len(self._texts) >= self.LIMIT:
-                    self._texts.pop(next(iter(self._texts)))  # the oldest
-                self._texts[key] = text
-        return text
-
-
-_YAML_TEXTS = _YamlTexts()
+@functools.lru_cache(maxsize=2048)
+def _yaml_of(doc_json: str) -> str:
+    """YAML of a document given as JSON: every pass compares the ConfigMap with the rendering,
+    and JSON in C costs a fraction of PyYAML's representer, so each spec is dumped once."""
+    return yaml.dump(json.loads(doc_json), Dumper=SAFE_DUMPER, sort_keys=False)
 
 
 def resolved_spec_yaml(job: FineTuneJob) -> str:
@@ -61,7 +41,7 @@ def resolved_spec_yaml(job: FineTuneJob) -> str:
         "metadata": {"name": job.metadata.name, "namespace": job.metadata.namespace},
         "spec": job.spec.model_dump(mode="json", by_alias=True, exclude_none=True),
     }
-    return _YAML_TEXTS.dump(doc)
+    return _yaml_of(json.dumps(doc))
 
 
 def render_configmap(job: FineTuneJob) -> dict[str, Any]:
