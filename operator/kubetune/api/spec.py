@@ -18,6 +18,13 @@ DREAMBOOTH_METHODS: tuple[str, ...] = ("dreambooth", "dreambooth-lora")
 FULL_METHODS: tuple[str, ...] = ("full", "dreambooth")
 
 
+class SecretKeyRef(ApiModel):
+    """One key of a Secret in the job's namespace."""
+
+    name: str = Field(min_length=1, max_length=253, description="Secret name.")
+    key: str = Field(default="HF_TOKEN", min_length=1, max_length=253, description="Key within the Secret.")
+
+
 class ModelSpec(ApiModel):
     """The base model to fine-tune."""
 
@@ -32,7 +39,17 @@ class ModelSpec(ApiModel):
     variant: str | None = Field(
         default=None,
         min_length=1,
-        description="Diffusers weight variant to load, e.g. fp16 (files named *.fp16.safetensors).",
+        description=(
+            "Diffusers weight variant to load, e.g. fp16 (files named *.fp16.safetensors); "
+            "hf:// downloads fetch only that variant's weight files."
+        ),
+    )
+    token_secret_ref: SecretKeyRef | None = Field(
+        default=None,
+        description=(
+            "Secret key holding a Hugging Face access token for gated or private hf:// repositories "
+            "(passed to the trainer as HF_TOKEN); in local mode the HF_TOKEN environment variable is used."
+        ),
     )
 
 
@@ -120,6 +137,18 @@ class DataSpec(ApiModel):
     )
     random_flip: bool = Field(default=True, description="Flip images horizontally at random.")
     center_crop: bool = Field(default=False, description="Crop to the centre instead of at random.")
+    loader_workers: int = Field(
+        default=2,
+        ge=0,
+        le=64,
+        description=(
+            "Processes per trainer process that decode and augment images ahead of the training loop, "
+            "sharing batches through /dev/shm (resources.sharedMemory); 0 = in the training process."
+        ),
+    )
+    prefetch_batches: int = Field(
+        default=2, ge=1, le=64, description="Batches each loader worker prepares ahead (with loaderWorkers > 0)."
+    )
     validation_fraction: float = Field(
         default=0.0,
         ge=0.0,
@@ -185,6 +214,12 @@ class LrSchedulerSpec(ApiModel):
         default="constant", description="Schedule shape."
     )
     warmup_steps: int = Field(default=0, ge=0, description="Linear warm-up steps.")
+    num_cycles: int = Field(
+        default=1, ge=1, le=1000, description="cosine_with_restarts: hard restarts over the training steps."
+    )
+    power: float = Field(
+        default=1.0, gt=0.0, le=10.0, description="polynomial: power of the decay (1.0 = linear decay to zero)."
+    )
 
 
 class EmaSpec(ApiModel):
@@ -305,6 +340,24 @@ class RunPolicySpec(ApiModel):
     )
     ttl_seconds_after_finished: int | None = Field(
         default=None, ge=0, description="Delete the finished FineTuneJob after this many seconds; omitted = keep."
+    )
+    termination_grace_period_seconds: int = Field(
+        default=600,
+        ge=30,
+        le=86_400,
+        description=(
+            "Seconds a stopping trainer pod (preemption, suspend, drain) gets to agree on a step with its "
+            "peers, write and upload a checkpoint and exit; the pod's terminationGracePeriodSeconds."
+        ),
+    )
+    process_group_timeout_seconds: int = Field(
+        default=3600,
+        ge=5,
+        le=86_400,
+        description=(
+            "How long a rank waits for its peers in a collective (NCCL/gloo) before failing; it must cover "
+            "rank 0 staging the model and generating DreamBooth class images while the others wait."
+        ),
     )
 
 
