@@ -27,6 +27,8 @@ def _full_job() -> Any:
         .secret("s3-creds")
         .queue("gpu-queue")
         .deadline(7200)
+        .set("spec.runPolicy.terminationGracePeriodSeconds", 900)
+        .set("spec.model.tokenSecretRef", {"name": "hub-token", "key": "token"})
         .set("spec.resources.gpuResource", "amd.com/gpu")
         .set("spec.resources.cpu", "16")
         .set("spec.resources.memory", "128Gi")
@@ -116,8 +118,11 @@ WHERE_FIELDS_LAND: list[tuple[str, Callable[[dict[str, Any]], Any], Any]] = [
     ("config error fails the Job", lambda j: j["spec"]["podFailurePolicy"]["rules"][0],
      {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In",
                                            "values": [CONFIG_ERROR_EXIT_CODE]}}),
-    ("disruption ignored", lambda j: j["spec"]["podFailurePolicy"]["rules"][1],
-     {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}),
+    ("a lost pod fails a multi-node attempt at once", lambda j: j["spec"]["podFailurePolicy"]["rules"][1],
+     {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}),
+    ("grace period from runPolicy", lambda j: _pod(j)["terminationGracePeriodSeconds"], 900),
+    ("hub token from its Secret key", lambda j: _env(j)["HF_TOKEN"],
+     {"secretKeyRef": {"name": "hub-token", "key": "token"}}),
     ("non-root", lambda j: (_pod(j)["securityContext"]["runAsNonRoot"], _pod(j)["securityContext"]["runAsUser"]),
      (True, 1000)),
     ("seccomp", lambda j: _pod(j)["securityContext"]["seccompProfile"], {"type": "RuntimeDefault"}),
@@ -145,6 +150,13 @@ DEFAULTS_TABLE: list[tuple[str, Any, Callable[[dict[str, Any]], Any], Any]] = [
     ("cpu training: no gpu resource", make_job().gpus(0),
      lambda j: sorted(_container(j)["resources"]["limits"]), ["cpu", "memory"]),
     ("no secretRef: no credentials", make_job(), lambda j: "AWS_ACCESS_KEY_ID" in _env(j), False),
+    ("no tokenSecretRef: no hub token", make_job(), lambda j: "HF_TOKEN" in _env(j), False),
+    ("hub token key defaults to HF_TOKEN", make_job().set("spec.model.tokenSecretRef", {"name": "hub"}),
+     lambda j: _env(j)["HF_TOKEN"], {"secretKeyRef": {"name": "hub", "key": "HF_TOKEN"}}),
+    ("grace period long enough for a checkpoint upload", make_job(),
+     lambda j: _pod(j)["terminationGracePeriodSeconds"], 600),
+    ("one node: a lost pod is replaced uncounted", make_job(), lambda j: j["spec"]["podFailurePolicy"]["rules"][1],
+     {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}),
     ("scratch emptyDir by default", make_job(), lambda j: _volume(j, "scratch"),
      {"name": "scratch", "emptyDir": {"sizeLimit": "100Gi"}}),
     ("no queue: not suspended", make_job(), lambda j: j["spec"]["suspend"], False),
@@ -208,3 +220,11 @@ def test_children_are_valid_kubernetes_objects(builder: Any) -> None:
     job = builder() if callable(builder) else builder.typed()
     for child in render_children(job, SETTINGS, Attempt(1, 60)):
         kubernetes_validate.validate(child, K8S_VERSION, strict=True)
+
+
+def test_credentials_are_only_ever_secret_references() -> None:
+    credentials = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "HF_TOKEN"}
+    env = [e for e in _container(render_job(_full_job(), SETTINGS))["env"] if e["name"] in credentials]
+    assert {e["name"] for e in env} == credentials
+    for entry in env:
+        assert "value" not in entry and set(entry["valueFrom"]) == {"secretKeyRef"}, entry

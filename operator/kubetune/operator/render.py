@@ -73,20 +73,23 @@ def render_service(job: FineTuneJob, settings: OperatorSettings) -> dict[str, An
     }
 
 
-POD_FAILURE_POLICY: dict[str, Any] = {
-    "rules": [
-        {
-            "action": "FailJob",
-            "onExitCodes": {
-                "containerName": naming.CONTAINER_NAME,
-                "operator": "In",
-                "values": [CONFIG_ERROR_EXIT_CODE],
-            },
-        },
-        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-    ]
+CONFIG_ERROR_RULE: dict[str, Any] = {
+    "action": "FailJob",
+    "onExitCodes": {"containerName": naming.CONTAINER_NAME, "operator": "In", "values": [CONFIG_ERROR_EXIT_CODE]},
 }
-"""A configuration error fails at once; a drained or lost node replaces the pod uncounted."""
+DISRUPTION_CONDITION: list[dict[str, Any]] = [{"type": "DisruptionTarget", "status": "True"}]
+
+
+def pod_failure_policy(nodes: int) -> dict[str, Any]:
+    """A configuration error fails the Job at once; what a lost pod does depends on the group.
+
+    One node: `Ignore`, the Job controller replaces the pod uncounted and it resumes alone from
+    the newest checkpoint. Several nodes: `FailJob`, at once, because a lone replacement cannot
+    join the others' torchrun group; the operator restarts every rank together on a new Job and
+    `restart.failure_verdict` keeps the disruption uncounted (docs/operator.md, "Retries").
+    """
+    action = "Ignore" if nodes == 1 else "FailJob"
+    return {"rules": [CONFIG_ERROR_RULE, {"action": action, "onPodConditions": DISRUPTION_CONDITION}]}
 
 
 @dataclass(frozen=True)
@@ -110,7 +113,8 @@ def render_job(
     """The Indexed batch/v1 Job: one pod per node, each with a stable hostname.
 
     `backoffLimit: 0` hands retries to the operator, which restarts the whole group from
-    the newest checkpoint (a lone replacement rank could not rejoin the others' collective).
+    the newest checkpoint (a lone replacement rank could not rejoin the others' collective);
+    see `pod_failure_policy` for what a lost pod does.
     """
     attempt = attempt or Attempt(0, job.spec.run_policy.active_deadline_seconds)
     nodes = job.spec.resources.nodes
@@ -123,7 +127,7 @@ def render_job(
         "completions": nodes,
         "parallelism": nodes,
         "backoffLimit": 0,
-        "podFailurePolicy": POD_FAILURE_POLICY,
+        "podFailurePolicy": pod_failure_policy(nodes),
         "suspend": job_suspended_at_creation(job),
         "template": pod_template(job, settings, attempt.restarts),
     }

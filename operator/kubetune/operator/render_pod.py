@@ -2,6 +2,8 @@
 
 Everything a trainer pod needs arrives here from the FineTuneJob spec; the pod itself
 holds no Kubernetes credentials and reads its configuration from the mounted ConfigMap.
+Credentials (S3 keys, the Hugging Face token) are only ever references to the user's
+Secret keys, never values.
 """
 
 from __future__ import annotations
@@ -60,6 +62,14 @@ def secret_env(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
     return out
 
 
+def hub_token_env(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
+    """The Hugging Face token for gated hf:// models, as a reference to the user's Secret key."""
+    ref = spec.model.token_secret_ref
+    if ref is None:
+        return []
+    return [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}]
+
+
 def trainer_env(job: FineTuneJob, settings: OperatorSettings) -> list[dict[str, Any]]:
     return [
         *torchrun_env(job, settings),
@@ -72,6 +82,7 @@ def trainer_env(job: FineTuneJob, settings: OperatorSettings) -> list[dict[str, 
         _value("KUBETUNE_PVC_ROOT", PVC_ROOT),
         _value("HF_HOME", f"{SCRATCH_DIR}/huggingface"),
         *secret_env(job.spec),
+        *hub_token_env(job.spec),
     ]
 
 
@@ -199,6 +210,7 @@ def pod_template(job: FineTuneJob, settings: OperatorSettings, restarts: int) ->
     }
     spec = {
         "restartPolicy": "Never",
+        "terminationGracePeriodSeconds": job.spec.run_policy.termination_grace_period_seconds,
         "subdomain": naming.service_name(name),
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,

@@ -1,16 +1,17 @@
 """Retry policy: what a failed attempt means, and whether the job gets another one.
 
 The batch Job runs with `backoffLimit: 0`, so any counted pod failure fails the attempt;
-the operator then recreates the Job and the trainer resumes from the newest checkpoint.
-Node disruptions and configuration errors are told apart from ordinary failures here,
-in one place, as pure functions of the observed children.
+the operator then recreates the Job and every rank resumes from the newest checkpoint.
+This module is the one place that reads how each pod ended (`classify_pod`, the rule
+documented in docs/operator.md, "Which exits count") and what that makes of the attempt
+(`failure_verdict`), as pure functions of the observed children.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Literal
+from typing import Any, Literal
 
 from kubetune.api.resource import FineTuneJob
 from kubetune.api.status import FineTuneJobStatus
@@ -44,39 +45,102 @@ def _short(text: str) -> str:
     return text if len(text) <= CAUSE_LIMIT else text[: CAUSE_LIMIT - 3] + "..."
 
 
+PodEnd = Literal["running", "succeeded", "config-error", "lost", "failed", "followed"]
+"""How one pod of an attempt ended, by the rule below; "running" has not ended."""
+
+STOPPED_EXIT_CODE = 143
+"""128 + SIGTERM: the trainer checkpointed and stopped (its `EXIT_INTERRUPTED`)."""
+FOLLOW_ON_EXIT_CODES = frozenset({STOPPED_EXIT_CODE})
+"""Exits that follow a cause elsewhere: stopped by SIGTERM after a checkpoint, or a peer was lost."""
+OOM_KILLED = "OOMKilled"
+ATTEMPT_ORDER: tuple[PodEnd, ...] = ("config-error", "lost", "failed", "followed")
+"""Which pod explains a failed attempt: the first kind in this order that any pod shows."""
+
+
+def classify_pod(pod: dict[str, Any]) -> PodEnd:
+    """How a pod ended, the one rule for every pod of an attempt (docs/operator.md):
+
+    - `DisruptionTarget` condition (node lost or drained, eviction, preemption): "lost", whatever
+      the exit code (137 when killed, 143 when it checkpointed in time); never counted;
+    - exit 78: "config-error", fails the job at once;
+    - exit 143 (stopped by SIGTERM after a checkpoint) or the trainer's peer-lost code: "followed",
+      the pod stopped because of something else;
+    - killed for memory (`OOMKilled`, 137) or any other non-zero exit: "failed", counted (an
+      out-of-memory kill repeats on a retry, so it must not retry forever).
+    """
+    ended = obs.terminated(pod)
+    if obs.pod_disrupted(pod):
+        return "lost"
+    if ended is None:
+        return "failed" if obs.pod_phase(pod) == "Failed" else "running"
+    code = ended.get("exitCode")
+    if code == 0:
+        return "succeeded"
+    if code == CONFIG_ERROR_EXIT_CODE:
+        return "config-error"
+    if code in FOLLOW_ON_EXIT_CODES and ended.get("reason") != OOM_KILLED:
+        return "followed"
+    return "failed"
+
+
+def _pod_cause(pod: dict[str, Any], kind: PodEnd) -> str:
+    ended = obs.terminated(pod) or {}
+    text = f"pod {obs.pod_name(pod)} exited with code {ended.get('exitCode')}"
+    if kind == "lost":
+        reason = (obs.pod_condition(pod, "DisruptionTarget") or {}).get("reason") or "DisruptionTarget"
+        text = f"pod {obs.pod_name(pod)} was lost ({reason})"
+    elif ended.get("reason"):
+        text += f" ({ended['reason']})"
+    if ended.get("message") and kind != "lost":
+        text += f": {ended['message']}"
+    return _short(text)
+
+
+def _job_failed_on_disruption(observed: Observed) -> bool:
+    """The Job's own failure names the DisruptionTarget rule: the lost pod may be gone already."""
+    failed = observed.job_condition("Failed") or {}
+    return failed.get("reason") == "PodFailurePolicy" and "DisruptionTarget" in (failed.get("message") or "")
+
+
+def attempt_end(observed: Observed) -> tuple[PodEnd, str] | None:
+    """The kind of the pod that explains a failed attempt (`ATTEMPT_ORDER`) and one line on it."""
+    ends = [(classify_pod(p), p) for p in observed.current_pods()]
+    for kind in ATTEMPT_ORDER:
+        pod = next((p for k, p in ends if k == kind), None)
+        if pod is not None:
+            return kind, _pod_cause(pod, kind)
+        if kind == "lost" and _job_failed_on_disruption(observed):
+            return "lost", _short((observed.job_condition("Failed") or {}).get("message") or "")
+    return None
+
+
 def failure_cause(observed: Observed) -> str:
-    """One line on why the attempt failed, from the first failed pod or the Job condition."""
-    for pod in observed.current_pods():
-        ended = obs.terminated(pod)
-        if obs.pod_phase(pod) == "Failed" and ended:
-            text = f"pod {obs.pod_name(pod)} exited with code {ended.get('exitCode')}"
-            if ended.get("reason"):
-                text += f" ({ended['reason']})"
-            if ended.get("message"):
-                text += f": {ended['message']}"
-            return _short(text)
+    """One line on why the attempt failed, from the pod that explains it or the Job condition."""
+    found = attempt_end(observed)
+    if found is not None:
+        return found[1]
     cond = observed.job_condition("Failed") or {}
     return _short(cond.get("message") or cond.get("reason") or "the Job failed")
 
 
-def _config_error(observed: Observed) -> bool:
-    return any(
-        (obs.terminated(p) or {}).get("exitCode") == CONFIG_ERROR_EXIT_CODE for p in observed.current_pods()
-    )
-
-
 def failure_verdict(job: FineTuneJob, observed: Observed) -> Verdict | None:
-    """None while the Job has not failed; otherwise what to do about it."""
+    """None while the Job has not failed; otherwise what to do about it.
+
+    A disruption anywhere in the attempt makes it uncounted, even when peers failed because of
+    it (a survivor's collective breaks with whatever code its library returns); a configuration
+    error fails at once; everything else counts against `runPolicy.backoffLimit`.
+    """
     failed = observed.job_condition("Failed")
     if failed is None:
         return None
     base = observed.job_restarts
-    cause = failure_cause(observed)
+    found = attempt_end(observed)
+    kind, cause = found if found is not None else ("failed", failure_cause(observed))
     if failed.get("reason") == "DeadlineExceeded":
         return Verdict("deadline", cause, base)
-    if _config_error(observed):
+    if kind == "config-error":
         return Verdict("config-error", cause, base)
-    if any(obs.pod_disrupted(p) for p in observed.current_pods()):
+    if kind == "lost":
         return Verdict("disrupted", cause, base)
     if base + 1 > job.spec.run_policy.backoff_limit:
         return Verdict("exhausted", cause, base)
