@@ -11,7 +11,8 @@ from kubetune.api.validation import validate_document
 
 
 def job_document(model_uri: str, data_uri: str, output_uri: str, **spec: Any) -> dict[str, Any]:
-    """A small valid local LoRA job; keyword sections are merged into `spec` one level deep."""
+    """A small valid local LoRA job at the API's default precision; keyword sections are merged into `spec`
+    one level deep."""
     doc: dict[str, Any] = {
         "apiVersion": "kubetune.io/v1alpha1",
         "kind": "FineTuneJob",
@@ -21,8 +22,7 @@ def job_document(model_uri: str, data_uri: str, output_uri: str, **spec: Any) ->
             "method": {"type": "lora", "lora": {"rank": 4, "alpha": 8}},
             "data": {"uri": data_uri, "resolution": 64},
             "output": {"uri": output_uri, "checkpointEvery": 2, "keepCheckpoints": 2},
-            "training": {"maxSteps": 4, "batchSize": 2, "learningRate": 1.0e-3, "mixedPrecision": "no",
-                         "seed": 11},
+            "training": {"maxSteps": 4, "batchSize": 2, "learningRate": 1.0e-3, "seed": 11},
         },
     }
     for section, values in spec.items():

@@ -81,6 +81,7 @@ def _place(components: Components, accelerator: Any, precision: str) -> Any:
             if not param.requires_grad:
                 param.data = param.data.to(weight_dtype)
     components.vae.to(dtype=torch.float32)
+    components.compute_dtype = weight_dtype  # `models.generate` runs pipelines under autocast in it
     return weight_dtype
 
 
@@ -116,12 +117,27 @@ def _stage_inputs(job: FineTuneJob, runtime: RuntimeConfig,
     return paths["model"], paths["data"], paths.get("class-data")
 
 
+def _checkpoint_activations(module: Any) -> None:
+    """Recompute `module`'s activations in the backward pass instead of keeping them (diffusers or transformers)."""
+    if hasattr(module, "enable_gradient_checkpointing"):
+        module.enable_gradient_checkpointing()
+        return
+    enable = getattr(module, "activation_checkpointing_enable", None) or module.gradient_checkpointing_enable
+    enable({"use_reentrant": False})  # adapters on a frozen encoder: its inputs need no grad
+
+
 def _prepare(method: TrainingMethod, components: Components, gradient_checkpointing: bool) -> dict[str, Any]:
-    """Let the method make its weights trainable; return the modules that now train, by name."""
+    """Let the method make its weights trainable; return the modules that now train, by name.
+
+    They run in training mode: transformers checkpoints only there, and adapter dropout applies only there.
+    """
     method.prepare(components)
-    if gradient_checkpointing:
-        components.unet.enable_gradient_checkpointing()
-    return {n: m for n, m in components.modules().items() if any(p.requires_grad for p in m.parameters())}
+    trained = {n: m for n, m in components.modules().items() if any(p.requires_grad for p in m.parameters())}
+    for module in trained.values():
+        module.train()
+        if gradient_checkpointing:
+            _checkpoint_activations(module)
+    return trained
 
 
 def _prior_examples(job: FineTuneJob, class_dir: Path | None, components: Components,

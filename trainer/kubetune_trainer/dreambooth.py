@@ -16,7 +16,7 @@ from typing import Any
 from kubetune.api.spec import DreamBoothSpec, SamplingSpec
 from kubetune_trainer.batches import BatchStream
 from kubetune_trainer.data import Batch, Example
-from kubetune_trainer.models import Components, build_pipeline
+from kubetune_trainer.models import Components, build_pipeline, generate
 
 GENERATION_BATCH = 4
 
@@ -35,9 +35,10 @@ def generate_class_images(components: Components, prompt: str, count: int, folde
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         for start in range(0, len(todo), GENERATION_BATCH):
             chunk = todo[start : start + GENERATION_BATCH]
-            images = pipe(prompt, num_inference_steps=sampling.inference_steps, guidance_scale=sampling.guidance_scale,
-                          height=resolution, width=resolution, num_images_per_prompt=len(chunk),
-                          generator=[torch.Generator().manual_seed(seed + i) for i in chunk]).images
+            images = generate(components, pipe, prompt, num_inference_steps=sampling.inference_steps,
+                              guidance_scale=sampling.guidance_scale, height=resolution, width=resolution,
+                              num_images_per_prompt=len(chunk),
+                              generator=[torch.Generator().manual_seed(seed + i) for i in chunk])
             for index, image in zip(chunk, images, strict=True):
                 tmp = paths[index].with_suffix(f".{os.getpid()}.tmp.png")
                 image.save(tmp)

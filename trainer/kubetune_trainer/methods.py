@@ -13,7 +13,7 @@ from typing import Any, Protocol
 from kubetune.api.resource import FineTuneJob
 from kubetune.api.spec import LoraSpec
 from kubetune_trainer.exitcodes import ConfigError
-from kubetune_trainer.models import Components, build_pipeline
+from kubetune_trainer.models import Components, export_pipeline
 
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
@@ -70,7 +70,7 @@ class FullMethod:
 
     def export(self, components: Components, folder: Path, job: FineTuneJob, step: int) -> dict[str, Path]:
         target = folder / "pipeline"
-        build_pipeline(components).save_pretrained(str(target))
+        export_pipeline(components, job.spec.model.variant).save_pretrained(str(target))
         return {"pipeline": target}
 
 

@@ -70,6 +70,8 @@ class Components:
     text_encoders: list[Any]
     extra: dict[str, Any] = field(default_factory=dict)
     prompts: PromptCache = field(default_factory=PromptCache)
+    compute_dtype: Any = None
+    """The dtype frozen weights run in (set by the trainer from `training.mixedPrecision`); None is float32."""
 
     def modules(self) -> dict[str, Any]:
         """Named modules, the names used for trainable-state keys and LoRA file prefixes."""
@@ -204,17 +206,77 @@ def load_components(path: Path, variant: str | None) -> Components:
     return components
 
 
+def base_scheduler(components: Components) -> Any:
+    """A fresh copy of the scheduler the base model ships (its own class and config), for inference.
+
+    Training draws noise with `noise_scheduler` (DDPM over the same betas); images are made with
+    the one the base was published with, so samples and exported pipelines behave like the base.
+    """
+    import diffusers
+
+    path = components.path
+    config = diffusers.DDPMScheduler.load_config(str(path), subfolder="scheduler", local_files_only=True)
+    kind = getattr(diffusers, str(config.get("_class_name")), None)
+    if not (isinstance(kind, type) and issubclass(kind, diffusers.SchedulerMixin)):
+        raise ConfigError(f"model {path} names scheduler class {config.get('_class_name')!r}, "
+                          "which this diffusers lacks")
+    return kind.from_config(config)
+
+
 def build_pipeline(components: Components) -> Any:
-    """A diffusers pipeline around the (possibly adapted) components, for sampling and export."""
+    """A diffusers pipeline around the (possibly adapted) components and the base's scheduler, for sampling.
+
+    Its modules keep the dtypes the trainer gave them (frozen ones in `compute_dtype`, the VAE and
+    trained weights in float32), so run it through `generate`, not by calling it.
+    """
     import diffusers
 
     pipeline_class = getattr(diffusers, components.family.pipeline_class)
-    scheduler = diffusers.DDIMScheduler.from_config(components.noise_scheduler.config)
-    kwargs = dict(components.modules(), scheduler=scheduler, tokenizer=components.tokenizers[0])
+    kwargs = dict(components.modules(), scheduler=base_scheduler(components), tokenizer=components.tokenizers[0])
     if len(components.tokenizers) > 1:
         kwargs["tokenizer_2"] = components.tokenizers[1]
     else:
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe = pipeline_class(**kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(components: Components, pipe: Any, prompt: str, **call: Any) -> list[Any]:
+    """PIL images of `prompt` from a `build_pipeline` pipeline, at any training precision.
+
+    A diffusers pipeline hands each module's output to the next without casting, but the trainer
+    mixes dtypes: frozen text encoders and UNet in `compute_dtype` (bf16/fp16), trained weights
+    and the VAE in float32 (SDXL's VAE overflows in fp16). So the pipeline only denoises, under
+    autocast in `compute_dtype` as training runs, and stops at latents; the VAE then decodes them
+    in its own dtype outside autocast, undoing the scaling the objective applies when it encodes.
+    """
+    import torch
+
+    dtype = components.compute_dtype or torch.float32
+    vae = components.vae
+    with torch.no_grad():
+        with torch.autocast(vae.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            latents = pipe(prompt, output_type="latent", **call).images
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        with torch.autocast(vae.device.type, enabled=False):
+            pixels = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift, return_dict=False)[0]
+    return pipe.image_processor.postprocess(pixels.float(), output_type="pil")
+
+
+def export_pipeline(components: Components, variant: str | None) -> Any:
+    """The base pipeline with the trained UNet, every other part (scheduler included) as the base ships it.
+
+    The frozen parts are loaded again from the base folder rather than taken from memory, where
+    they were cast to `compute_dtype`; the export is float32 throughout, as the trained UNet is.
+    """
+    import diffusers
+    import torch
+
+    pipeline_class = getattr(diffusers, components.family.pipeline_class)
+    extra = {} if len(components.tokenizers) > 1 else dict(safety_checker=None, feature_extractor=None,
+                                                           requires_safety_checker=False)
+    pipe = pipeline_class.from_pretrained(str(components.path), unet=components.unet, variant=variant,
+                                          dtype=torch.float32, local_files_only=True, **extra)
     pipe.set_progress_bar_config(disable=True)
     return pipe

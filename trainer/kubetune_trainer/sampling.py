@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.api.spec import SamplingSpec
-from kubetune_trainer.models import Components, build_pipeline
+from kubetune_trainer.models import Components, build_pipeline, generate
 from kubetune_trainer.storage import ObjectStore, join_uri
 
 
@@ -43,10 +43,10 @@ class Sampler:
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             for p_index, prompt in enumerate(self.spec.prompts):
                 generator = torch.Generator().manual_seed(self.seed + p_index)
-                images = pipe(prompt, num_inference_steps=self.spec.inference_steps,
-                              guidance_scale=self.spec.guidance_scale, height=self.resolution,
-                              width=self.resolution, num_images_per_prompt=self.spec.images_per_prompt,
-                              generator=generator).images
+                images = generate(self.components, pipe, prompt, num_inference_steps=self.spec.inference_steps,
+                                  guidance_scale=self.spec.guidance_scale, height=self.resolution,
+                                  width=self.resolution, num_images_per_prompt=self.spec.images_per_prompt,
+                                  generator=generator)
                 for i_index, image in enumerate(images):
                     name = f"step-{step}-{p_index}-{i_index}.png"
                     image.save(self.scratch / name)
