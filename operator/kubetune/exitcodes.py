@@ -12,3 +12,12 @@ FAILURE = 1
 
 CONFIG_ERROR_EXIT_CODE = 78
 """EX_CONFIG from sysexits.h: retrying cannot help; the Job fails at once."""
+
+INTERRUPTED = 143
+"""128 + SIGTERM: every rank stopped at one agreed step after a complete checkpoint (preemption,
+suspend, drain), or the pod was stopped before training began. Retryable; a disruption."""
+
+PEER_LOST = 76
+"""EX_PROTOCOL from sysexits.h: a collective failed because another rank's process is gone (its
+connections closed) or did not arrive within `runPolicy.processGroupTimeoutSeconds`. The cause is
+on another pod; retryable (the whole group restarts from the newest complete checkpoint)."""

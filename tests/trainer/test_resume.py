@@ -72,12 +72,12 @@ def test_sigterm_checkpoints_and_stops_with_a_retryable_code(tiny_sd: Path, squa
 
     from kubetune_trainer.exitcodes import EXIT_INTERRUPTED
 
-    def preempt_at_three(trainer: Any) -> None:
-        if trainer.step == 3:
+    def preempt_after_two(trainer: Any) -> None:  # a signal during step 2's hooks: the ranks agree after step 3
+        if trainer.step == 2:
             os.kill(os.getpid(), signal.SIGTERM)
 
     job = local_job(str(tiny_sd), str(squares), str(tmp_path / "out"), training={"maxSteps": 6})
-    stopped = run_job(job, RuntimeConfig(scratch=tmp_path / "s1", log_every=0), hooks=[preempt_at_three])
+    stopped = run_job(job, RuntimeConfig(scratch=tmp_path / "s1", log_every=0), hooks=[preempt_after_two])
     assert (stopped.exit_code, stopped.reason) == (EXIT_INTERRUPTED, "Interrupted")
     assert "SIGTERM after step 3" in stopped.message
     assert [c["step"] for c in stopped.progress["checkpoints"]] == [2, 3]

@@ -39,8 +39,16 @@ DTYPES = {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def build_accelerator(job: FineTuneJob) -> Any:
+    """Mixed precision, accumulation and the process group's timeout (`runPolicy.processGroupTimeoutSeconds`).
+
+    The timeout bounds how long a rank waits in a collective for a stuck or unreachable peer; its
+    default (an hour) covers rank 0 staging a model or generating class images while the others wait.
+    """
+    from datetime import timedelta
+
     import torch
     from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
 
     precision = job.spec.training.mixed_precision
     if precision == "fp16" and not torch.cuda.is_available():
@@ -48,8 +56,10 @@ def build_accelerator(job: FineTuneJob) -> Any:
     if torch.cuda.is_available():  # TF32 matmuls for what autocast leaves in float32
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    timeout = timedelta(seconds=job.spec.run_policy.process_group_timeout_seconds)
     return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(),
-                       gradient_accumulation_steps=job.spec.training.gradient_accumulation_steps)
+                       gradient_accumulation_steps=job.spec.training.gradient_accumulation_steps,
+                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)])
 
 
 def total_steps(job: FineTuneJob, per_epoch: int) -> int:

@@ -4,19 +4,29 @@ The operator decides from the exit code whether a failed pod is worth a restart:
 configuration error (bad spec, missing data, rejected credentials) fails the same way
 every time, so it is not retried; anything else may be transient and is. The codes the
 operator acts on come from `kubetune.exitcodes`, the one place both sides read.
+
+In a multi-process run every process ends with one of these codes, and so does every pod's
+launcher (see `launch`): 143 on every rank after an agreed stop (a stop signal reached any rank;
+all ranks checkpointed the same step), 76 on a rank whose collective failed because a peer is
+gone (prompt: the peer's closed connection fails the collective at once) or stayed away longer
+than the process-group timeout, 78 for a configuration error on any rank.
 """
 
 from __future__ import annotations
 
-from kubetune.exitcodes import CONFIG_ERROR_EXIT_CODE, FAILURE, OK
+from kubetune.exitcodes import CONFIG_ERROR_EXIT_CODE, FAILURE, INTERRUPTED, OK, PEER_LOST
 
 EXIT_OK = OK
 EXIT_FAILED = FAILURE
 """Unexpected error; retryable (the restarted pod resumes from the newest checkpoint)."""
 EXIT_STORAGE_UNAVAILABLE = 75
 """Storage could not be reached (EX_TEMPFAIL); retryable."""
-EXIT_INTERRUPTED = 143
-"""Stopped by SIGTERM/SIGINT (preemption, eviction, Ctrl-C) after saving a checkpoint; retryable."""
+EXIT_INTERRUPTED = INTERRUPTED
+"""Stopped by SIGTERM/SIGINT (preemption, eviction, suspend, Ctrl-C) on any rank: every rank stopped
+after the same step and a complete checkpoint of it was saved (or training had not begun); retryable."""
+EXIT_PEER_LOST = PEER_LOST
+"""A collective failed: another rank's process is gone, or did not arrive within the process-group
+timeout. The cause is on another pod; retryable from the newest complete checkpoint."""
 EXIT_CONFIG = CONFIG_ERROR_EXIT_CODE
 """The job cannot succeed as written (78, EX_CONFIG); the operator's podFailurePolicy fails the Job at once."""
 
@@ -47,3 +57,10 @@ class Interrupted(TrainerError):
 
     exit_code = EXIT_INTERRUPTED
     reason = "Interrupted"
+
+
+class PeerLost(TrainerError):
+    """A collective failed because another rank went away or kept this one waiting too long."""
+
+    exit_code = EXIT_PEER_LOST
+    reason = "PeerLost"

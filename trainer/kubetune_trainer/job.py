@@ -22,6 +22,7 @@ from typing import Any
 
 from kubetune.api.resource import FineTuneJob
 from kubetune_trainer.config import TERMINATION_LIMIT_BYTES, RuntimeConfig
+from kubetune_trainer.distributed import collective_failure
 from kubetune_trainer.exitcodes import EXIT_FAILED, EXIT_OK, ConfigError, Interrupted, TrainerError
 from kubetune_trainer.reporting import LogLines, ProgressBar, ProgressState, Reporter, Reporters
 from kubetune_trainer.trainer import StepHook, StopRequest
@@ -93,9 +94,11 @@ def _reporters(job: FineTuneJob, runtime: RuntimeConfig, progress: ProgressState
 
 @contextmanager
 def stop_on_signals(stop: StopRequest) -> Iterator[None]:
-    """SIGTERM and SIGINT ask the loop to checkpoint and stop (main thread only, as Python requires).
+    """SIGTERM and SIGINT ask every rank to checkpoint and stop (main thread only, as Python requires).
 
-    Before training starts, or on a second signal, they stop at once: staging is restartable.
+    Before training starts, or on a second signal before the ranks agreed, they stop at once:
+    staging is restartable. Once the ranks agreed to stop, further signals (a suspend signals
+    every pod, at different times) change nothing: the checkpoint is under way.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -103,9 +106,11 @@ def stop_on_signals(stop: StopRequest) -> Iterator[None]:
 
     def request(signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
-        if not stop.armed or stop.signal is not None:
+        if stop.signal is not None:
+            return
+        if not stop.armed or stop.received is not None:
             raise Interrupted(f"stopped by {name} before a checkpoint could be saved")
-        stop.signal = name
+        stop.received = name
 
     previous = {sig: signal.signal(sig, request) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -137,8 +142,10 @@ def run_job(job: FineTuneJob, runtime: RuntimeConfig, hooks: list[StepHook] | No
     except Exception as exc:  # the last line of defence: report, keep the traceback in the log
         traceback.print_exc(file=sys.stderr)
         progress.phase("Failed")
-        message = f"{type(exc).__name__}: {exc}".splitlines()[0]
-        result = RunResult("Failed", EXIT_FAILED, "TrainingFailed", message, progress.snapshot())
+        lost = collective_failure(exc, job.spec.run_policy.process_group_timeout_seconds)
+        message = str(lost) if lost else f"{type(exc).__name__}: {exc}".splitlines()[0]
+        code, reason = (lost.exit_code, lost.reason) if lost else (EXIT_FAILED, "TrainingFailed")
+        result = RunResult("Failed", code, reason, message, progress.snapshot())
     finally:
         reporter.close()
         if server is not None:

@@ -19,6 +19,7 @@ from kubetune.api.resource import FineTuneJob
 from kubetune_trainer.batches import BatchStream
 from kubetune_trainer.checkpoint import Checkpointer, CheckpointRef
 from kubetune_trainer.cpu_quota import fit_threads_to_cpu_limit
+from kubetune_trainer.distributed import agreed_signal
 from kubetune_trainer.dreambooth import PriorPreservationStream
 from kubetune_trainer.ema import Ema, NoEma
 from kubetune_trainer.exitcodes import Interrupted
@@ -37,8 +38,14 @@ StepHook = Callable[["Trainer"], None]
 
 @dataclass
 class StopRequest:
-    """Set by a signal handler; once `armed` (training started) the loop stops after the current step."""
+    """A stop asked of this process (`received`, set by its signal handler) and the one all ranks agreed on.
 
+    Once `armed` (training started), every rank learns at the end of each step whether any rank
+    received a signal (`Trainer.agree_on_stop`); if so `signal` is set on all of them and they all
+    checkpoint that step and stop.
+    """
+
+    received: str | None = None
     signal: str | None = None
     armed: bool = False
 
@@ -80,6 +87,8 @@ class Trainer:
         self.outputs: dict[str, Any] | None = None
         self.stopped_early = False
         self._trainable: list[Any] | None = None
+        self.saved_step: int | None = None
+        """The step of the last checkpoint this run saved, known on every rank (only rank 0 writes)."""
         self.early_stop_message: str | None = None
         """Why training ended before `total_steps`, for the final status; None when it did not."""
 
@@ -100,6 +109,7 @@ class Trainer:
             self.step += 1
             self.p.reporter.step(self.step, loss, self.images_per_step(), seconds, self.p.data.epoch + 1)
             self.p.reporter.loss_terms(self.step, self.p.objective.terms.take())
+            self.agree_on_stop()
             last = self.step == self.p.total_steps
             if self.p.validator.due(self.step, last):
                 self.validate()
@@ -112,13 +122,24 @@ class Trainer:
             self.stop_if_asked()
         return self.export()
 
-    def stop_if_asked(self) -> None:
-        """On SIGTERM (preemption, eviction) save what was trained and stop with a retryable code."""
+    def agree_on_stop(self) -> None:
+        """A collective at the end of every step: all ranks learn whether any rank was asked to stop."""
         if self.p.stop.signal is None:
+            self.p.stop.signal = agreed_signal(self.p.stop.received, self.p.accelerator)
+
+    def stop_if_asked(self) -> None:
+        """After an agreed stop (preemption, suspend, drain) every rank checkpoints this step and stops (143).
+
+        Rank 0 writes the checkpoint; the others wait for it, so none exits before it is complete.
+        """
+        stop = self.p.stop
+        if stop.signal is None:
             return
-        if not self.checkpoints or self.checkpoints[-1].step != self.step:
+        if self.saved_step != self.step:
             self.save_checkpoint()
-        raise Interrupted(f"stopped by {self.p.stop.signal} after step {self.step}; "
+        self.p.accelerator.wait_for_everyone()
+        where = "" if stop.received == stop.signal else " sent to another rank"
+        raise Interrupted(f"stopped by {stop.signal}{where} after step {self.step}; every rank stopped there and "
                           "a restart resumes from the checkpoint just saved")
 
     def validate(self) -> None:
@@ -203,6 +224,7 @@ class Trainer:
         from safetensors.torch import save_file
 
         self.p.accelerator.wait_for_everyone()
+        self.saved_step = self.step
         if not self.is_main:
             return
         folder = self.p.scratch / "checkpoint-out" / f"step-{self.step}"

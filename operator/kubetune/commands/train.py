@@ -19,9 +19,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="trainer pod entry point: run the FineTuneJob in --config",
         description=(
             "Run one FineTuneJob inside a trainer pod. When PET_NNODES x PET_NPROC_PER_NODE > 1 it "
-            "re-runs itself under torchrun (which reads the PET_* variables). Exit codes: 0 success, "
-            "1 failure (retryable), 75 storage unreachable (retryable), 78 configuration error "
-            "(not retryable), 143 stopped by SIGTERM after a checkpoint (retryable)."
+            "re-runs itself under torchrun (which reads the PET_* variables). Exit codes, of every process "
+            "and every pod: 0 success, 1 failure (retryable), 75 storage unreachable (retryable), 76 a peer "
+            "rank was lost or timed out in a collective (retryable), 78 configuration error (not "
+            "retryable), 143 stopped by SIGTERM after a checkpoint every rank agreed on (retryable)."
         ),
     )
     parser.add_argument("--config", required=True, type=Path, metavar="FILE",
@@ -52,12 +53,13 @@ def run(args: argparse.Namespace) -> int:
     from kubetune_trainer.config import RuntimeConfig
     from kubetune_trainer.exitcodes import ConfigError
     from kubetune_trainer.job import RunResult, load_job_file, run_job, write_result
-    from kubetune_trainer.launch import launch_workers, needs_launcher
+    from kubetune_trainer.launch import launch_workers, needs_launcher, worker_status_file
 
     main = _rank() == 0
     termination = args.termination_log if str(args.termination_log) not in ("", ".") else None
     runtime = RuntimeConfig(scratch=args.scratch, port=args.port if main else None,
-                            termination_path=termination if main else None, quiet=not main)
+                            termination_path=termination if main else None, status_file=worker_status_file(),
+                            quiet=not main)
     try:
         job = load_job_file(args.config, mode=args.mode)
     except ConfigError as exc:
@@ -65,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
         write_result(RunResult("Failed", exc.exit_code, exc.reason, str(exc)), runtime)
         return exc.exit_code
     if needs_launcher():
-        return launch_workers(_cli_args(args), termination)
+        return launch_workers(_cli_args(args), termination, args.scratch / "worker-results",
+                              job.spec.run_policy.termination_grace_period_seconds)
     result = run_job(job, runtime)
     print(f"kubetune train: {result.phase}: {result.message}", file=sys.stderr if result.exit_code else sys.stdout)
     return result.exit_code
