@@ -16,31 +16,11 @@ from typing import Any
 import pytest
 import yaml
 from cluster_support import condition, free_port, read, running_pods, wait_phase
+from e2e_support import CREDENTIALS, DATA_URI, MODEL_URI, SECRET_NAME, create_credentials, keys_under
 from kubernetes import client
 from podrunner import LocalPodRunner, PodRun
 
-from kubetune.api import uris
-from kubetune_trainer.loopback_s3 import LoopbackS3Process
-from kubetune_trainer.tiny import build_image_dataset, build_tiny_pipeline
-
 pytestmark = pytest.mark.e2e
-
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "e2e-key", "AWS_SECRET_ACCESS_KEY": "e2e-secret-value"}
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """moto's server with the tiny SD 1.x model and a small image set uploaded."""
-    work = tmp_path_factory.mktemp("e2e-s3")
-    server = LoopbackS3Process().start()
-    try:
-        for bucket in ("models", "datasets", "outputs"):
-            server.create_bucket(bucket)
-        server.upload_folder(build_tiny_pipeline(work / "model"), "models", "tiny-sd")
-        server.upload_folder(build_image_dataset(work / "data", count=8, size=64), "datasets", "squares")
-        yield server
-    finally:
-        server.stop()
 
 
 def _manifest(namespace: str, endpoint: str) -> dict[str, Any]:
@@ -48,13 +28,12 @@ def _manifest(namespace: str, endpoint: str) -> dict[str, Any]:
         "apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
         "metadata": {"name": "corgi", "namespace": namespace},
         "spec": {
-            "model": {"uri": "s3://models/tiny-sd/"},
+            "model": {"uri": MODEL_URI},
             "method": {"type": "lora", "lora": {"rank": 4, "alpha": 8}},
-            "data": {"uri": "s3://datasets/squares/", "resolution": 64},
+            "data": {"uri": DATA_URI, "resolution": 64},
             "output": {"uri": "s3://outputs/corgi/", "checkpointEvery": 10, "keepCheckpoints": 2},
-            "training": {"maxSteps": 40, "batchSize": 2, "learningRate": 1.0e-3, "mixedPrecision": "no",
-                         "seed": 3},
-            "storage": {"endpoint": endpoint, "secretRef": {"name": "s3-credentials"}},
+            "training": {"maxSteps": 40, "batchSize": 2, "learningRate": 1.0e-3, "seed": 3},
+            "storage": {"endpoint": endpoint, "secretRef": {"name": SECRET_NAME}},
             "resources": {"nodes": 1, "gpusPerNode": 1, "cpu": "2", "memory": "4Gi"},
         },
     }
@@ -72,15 +51,8 @@ def _watch_statuses(api: client.ApiClient, namespace: str, until: threading.Even
     return seen
 
 
-def _exists(s3: Any, uri: str) -> list[str]:
-    parsed = uris.parse_uri(uri)
-    listed = s3.client().list_objects_v2(Bucket=parsed.location, Prefix=parsed.path.strip("/") + "/")
-    return [o["Key"] for o in listed.get("Contents", [])]
-
-
 def test_apply_train_and_report(kube_admin, namespace, start_operator, kubectl, s3, tmp_path: Path) -> None:
-    client.CoreV1Api(kube_admin).create_namespaced_secret(namespace, {
-        "metadata": {"name": "s3-credentials"}, "stringData": CREDENTIALS})
+    create_credentials(kube_admin, namespace)
     start_operator(metrics_port=free_port(), progress_timeout_seconds=1.0)
     applied = kubectl("apply", "-f", "-", stdin=yaml.safe_dump(_manifest(namespace, s3.endpoint)))
     assert applied.returncode == 0, applied.stderr
@@ -103,9 +75,9 @@ def test_apply_train_and_report(kube_admin, namespace, start_operator, kubectl, 
     assert status["progress"]["loss"] > 0
     assert [c["step"] for c in status["checkpoints"]] == [20, 30]  # every 10 steps, newest 2; step 40 is the output
     for checkpoint in status["checkpoints"]:
-        assert _exists(s3, checkpoint["uri"]), f"{checkpoint['uri']} is listed in status but not in S3"
+        assert keys_under(s3, checkpoint["uri"]), f"{checkpoint['uri']} is listed in status but not in S3"
     assert status["outputs"]["uri"].startswith("s3://outputs/corgi/")
-    assert _exists(s3, status["outputs"]["uri"]), status["outputs"]
+    assert keys_under(s3, status["outputs"]["uri"]), status["outputs"]
     secret = CREDENTIALS["AWS_SECRET_ACCESS_KEY"]
     assert secret not in str(done) and secret not in run.termination_message
 

@@ -112,6 +112,27 @@ def test_node_disruption_is_not_counted(kube_admin, namespace, start_operator) -
     assert obj["status"]["restarts"] == 0
 
 
+def test_a_lost_node_of_a_multi_node_job_restarts_the_whole_group_uncounted(kube_admin, namespace,
+                                                                             start_operator) -> None:
+    start_operator()
+    create(kube_admin, ftj(namespace, nodes=2, runPolicy={"backoffLimit": 0}))
+    pods = running_pods(kube_admin, namespace, 2)
+    first_uid = batch_job(kube_admin, namespace).metadata.uid
+    lost = next(p for p in pods if p.metadata.annotations["batch.kubernetes.io/job-completion-index"] == "1")
+    fakegpu.add_disruption_target(kube_admin, namespace, lost.metadata.name)
+    fakegpu.finish_pod(kube_admin, namespace, lost.metadata.name, 137)
+    restarting = wait_phase(kube_admin, namespace, "Restarting")
+    assert condition(restarting, "Restarting")["reason"] == "NodeDisrupted"
+    assert f"pod {lost.metadata.name} was lost" in restarting["status"]["message"]
+    new = fakegpu.wait_for(lambda: (j := job_or_none(kube_admin, namespace)) and j.metadata.uid != first_uid and j,
+                           timeout=TIMEOUT, what="a new Job for every rank")
+    assert new.metadata.annotations["kubetune.io/restarts"] == "0"
+    running_pods(kube_admin, namespace, 2, job_uid=new.metadata.uid)
+    staged = wait_phase(kube_admin, namespace, "Staging")
+    assert staged["status"]["restarts"] == 0
+    assert "NodeDisrupted" in event_reasons(kube_admin, namespace)
+
+
 def test_missing_secret_then_created(kube_admin, namespace, start_operator) -> None:
     start_operator()
     create(kube_admin, ftj(namespace, storage={"secretRef": {"name": "s3-credentials"}}))
