@@ -1,0 +1,76 @@
+"""Images come out of the trainer's mixed-dtype modules at every precision, and a DreamBooth-LoRA job
+with generated class images runs through `kubetune run` at the API's default precision (bf16).
+
+The trainer keeps frozen modules in the compute dtype, trained weights and the VAE in float32;
+a diffusers pipeline called on such modules fails in `vae.decode` (`Input type (c10::BFloat16)
+and bias type (float)`). `models.generate` is the one way the trainer makes images.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+from trainer_support import job_document
+
+from kubetune.api.validation import validate_document
+from kubetune.cli import main
+from kubetune_trainer.assembly import _place
+from kubetune_trainer.models import build_pipeline, generate, load_components
+
+
+@pytest.mark.parametrize("unet", ["frozen", "trained"])
+@pytest.mark.parametrize("precision", ["no", "bf16", "fp16"])
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_generate_makes_images_from_modules_placed_at_each_precision(family: str, precision: str, unet: str,
+                                                                     request: pytest.FixtureRequest) -> None:
+    """fp16 trains only on CUDA, but the placement and autocast path is the same, so it runs here on CPU."""
+    import numpy as np
+    import torch
+
+    components = load_components(request.getfixturevalue(f"tiny_{family}"), None)
+    if unet == "trained":  # a full fine-tune: the UNet trains in float32 among frozen bf16/fp16 modules
+        components.unet.requires_grad_(True)
+    dtype = _place(components, SimpleNamespace(device=torch.device("cpu")), precision)
+    assert components.text_encoders[0].dtype == dtype and components.vae.dtype == torch.float32
+    assert components.unet.dtype == (torch.float32 if unet == "trained" else dtype)
+
+    images = generate(components, build_pipeline(components), "a red square", num_inference_steps=2,
+                      height=64, width=64, num_images_per_prompt=2, generator=torch.Generator().manual_seed(0))
+
+    pixels = np.stack([np.asarray(image, dtype=np.float32) for image in images])
+    assert pixels.shape == (2, 64, 64, 3)
+    assert pixels.std() > 0  # NaN latents decode to a uniform (black) image
+
+
+def test_dreambooth_lora_with_generated_class_images_through_kubetune_run(tiny_sdxl: Path, squares: Path,
+                                                                          tmp_path: Path) -> None:
+    """Issue 12's acceptance: the job `examples/dreambooth-lora-sdxl.yaml` describes, at toy size."""
+    doc = job_document(str(tiny_sdxl), str(squares), str(tmp_path / "out"),
+                       method={"type": "dreambooth-lora", "dreambooth": {
+                           "instancePrompt": "a photo of sks square", "classPrompt": "a photo of a square",
+                           "priorPreservation": True, "numClassImages": 2, "priorLossWeight": 1.0}},
+                       data={"validationFraction": 0.2},
+                       training={"maxSteps": 2},
+                       validation={"prompts": ["a photo of sks square"], "every": 2, "inferenceSteps": 2})
+    assert "mixedPrecision" not in doc["spec"]["training"]
+    job = validate_document(doc, mode="local").job
+    assert job is not None and job.spec.training.mixed_precision == "bf16"
+    path, status, scratch = tmp_path / "job.yaml", tmp_path / "status.json", tmp_path / "scratch"
+    path.write_text(yaml.safe_dump(doc), encoding="utf-8")
+
+    code = main(["run", str(path), "--status-file", str(status), "--no-progress", "--scratch", str(scratch)])
+
+    progress = json.loads(status.read_text())
+    assert (code, progress["phase"]) == (0, "Succeeded"), progress.get("message")
+    assert progress["step"] == 2
+    assert sorted(p.name for p in (scratch / "class-images").glob("*.png")) == ["class-00000.png",
+                                                                                 "class-00001.png"]
+    assert math.isfinite(progress["loss"]) and math.isfinite(progress["validationLoss"])
+    assert [Path(s["uri"]).is_file() for s in progress["samples"]] == [True]
+    lora = progress["outputs"]["lora"]
+    assert Path(lora["diffusers"]).is_file() and Path(lora["kohya"]).is_file()
