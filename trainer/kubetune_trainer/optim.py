@@ -1,4 +1,8 @@
-"""Optimizers by `training.optimizer` name and diffusers' learning-rate schedules."""
+"""Optimizers by `training.optimizer` name and diffusers' learning-rate schedules.
+
+bitsandbytes' 8-bit AdamW runs on CUDA and, since its CPU backend, on CPU; prodigyopt is plain
+PyTorch. Both come with the trainer extra; the ConfigError is for images built without them.
+"""
 
 from __future__ import annotations
 
@@ -45,5 +49,6 @@ def build_optimizer(params: list[Any], spec: TrainingSpec) -> Any:
 def build_lr_scheduler(optimizer: Any, spec: TrainingSpec, total_steps: int) -> Any:
     from diffusers.optimization import get_scheduler
 
-    return get_scheduler(spec.lr_scheduler.type, optimizer=optimizer,
-                         num_warmup_steps=spec.lr_scheduler.warmup_steps, num_training_steps=total_steps)
+    schedule = spec.lr_scheduler
+    return get_scheduler(schedule.type, optimizer=optimizer, num_warmup_steps=schedule.warmup_steps,
+                         num_training_steps=total_steps, num_cycles=schedule.num_cycles, power=schedule.power)
