@@ -121,7 +121,8 @@ def _stage_inputs(job: FineTuneJob, runtime: RuntimeConfig,
         wanted["class-data"] = dreambooth.class_data_uri
     paths: dict[str, Path] = {}
     for what, uri in wanted.items():
-        report = stage(uri, runtime.scratch / what, spec.storage, runtime.pvc_root)
+        variant = spec.model.variant if what == "model" else None
+        report = stage(uri, runtime.scratch / what, spec.storage, runtime.pvc_root, variant)
         reporter.staged(what, report)
         paths[what] = report.path
     return paths["model"], paths["data"], paths.get("class-data")

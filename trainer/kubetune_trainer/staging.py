@@ -4,14 +4,17 @@ S3 prefixes are listed page by page, fetched in parallel (one GET per small obje
 ranges for large ones), verified (size, and content against S3's stored CRC32 or a
 single-part MD5 ETag, checked by the store as the bytes land), written under a temporary
 name and renamed, and recorded by a per-file marker so that a re-run skips what is complete. Mounted and local URIs
-are used in place; hf:// goes through huggingface_hub's own cache.
+are used in place; hf:// goes through huggingface_hub's own cache, fetching only the files
+`model.variant` loads (`hub_files`), with the token in HF_TOKEN (`model.tokenSecretRef`).
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -148,26 +151,95 @@ def _stage_in_place(uri: str, dest: Path, spec: StorageSpec, pvc_root: Path) -> 
     return StagingReport(path)
 
 
-def _stage_hf(uri: str, dest: Path, spec: StorageSpec, pvc_root: Path) -> StagingReport:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
+OTHER_FRAMEWORKS = (".msgpack", ".onnx", ".onnx_data", ".h5", ".pb", ".tflite")
+"""Flax, ONNX and TensorFlow weights: the trainer loads PyTorch weights only."""
+_WEIGHT = re.compile(r"^[^.]+(?:\.(?P<variant>[^.]+?))?(?:-\d+-of-\d+)?(?P<suffix>\.[a-z_]+)$")
+_INDEX = re.compile(r"^[^.]+(?P<suffix>\.[a-z]+)\.index(?:\.(?P<variant>[^.]+))?\.json$")
 
+
+def _weight_kind(path: str) -> tuple[str, str | None] | None:
+    """(suffix, variant) of a weight or weight-index file, e.g. ('.safetensors', 'fp16'); None for other files."""
+    name = path.rsplit("/", 1)[-1]
+    found = _INDEX.match(name) or _WEIGHT.match(name)
+    if found is None or found["suffix"] not in WEIGHT_SUFFIXES:
+        return None
+    return found["suffix"], found["variant"]
+
+
+def hub_files(files: list[str], variant: str | None) -> list[str]:
+    """The files of a diffusers repository that loading it with `variant` reads.
+
+    Every non-weight file; per folder, the weights of `variant` (a folder without them keeps its
+    plain weights, as diffusers falls back to them), safetensors over pickles where both exist;
+    no single-file checkpoints beside model_index.json and no other frameworks' weights.
+    """
+    pipeline = "model_index.json" in files
+    chosen, weights = [], {}
+    for path in files:
+        kind = _weight_kind(path)
+        if path.endswith(OTHER_FRAMEWORKS) or (kind and pipeline and "/" not in path):
+            continue
+        if kind is None:
+            chosen.append(path)
+        else:
+            weights.setdefault(path.rpartition("/")[0], []).append((path, *kind))
+    for entries in weights.values():
+        variants = {v for _, _, v in entries}
+        wanted = variant if variant in variants else None
+        kept = [(path, suffix) for path, suffix, v in entries if v == wanted]
+        if any(suffix == ".safetensors" for _, suffix in kept):
+            kept = [(path, suffix) for path, suffix in kept if suffix == ".safetensors"]
+        chosen += [path for path, _ in kept]
+    return sorted(chosen)
+
+
+def _hub_access_error(uri: str, token: str | None) -> ConfigError:
+    if token:
+        return ConfigError(f"{uri}: the Hugging Face Hub refused the token from HF_TOKEN (model.tokenSecretRef): "
+                           "it lacks access to this repository (accept its terms on the Hub, or use another token)")
+    return ConfigError(f"{uri}: the Hugging Face Hub requires a token for this repository (gated or private): "
+                       "set model.tokenSecretRef to a Secret key holding an access token (in local mode, "
+                       "the HF_TOKEN environment variable)")
+
+
+def _stage_hf(uri: str, dest: Path, spec: StorageSpec, pvc_root: Path, variant: str | None = None) -> StagingReport:
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    started = time.monotonic()
     repo, _, revision = uri[len("hf://"):].strip("/").partition("@")
+    token, endpoint = os.environ.get("HF_TOKEN") or None, os.environ.get("HF_ENDPOINT") or None
     try:
-        path = snapshot_download(repo_id=repo, revision=revision or None,
+        info = HfApi(endpoint=endpoint, token=token).model_info(repo, revision=revision or None)
+        files = hub_files([sibling.rfilename for sibling in info.siblings or []], variant)
+        path = snapshot_download(repo_id=repo, revision=info.sha, endpoint=endpoint, token=token,
+                                 allow_patterns=[glob.escape(name) for name in files],
                                  cache_dir=os.environ.get("HF_HUB_CACHE") or None)
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
+    except (GatedRepoError, RepositoryNotFoundError) as exc:
+        raise _hub_access_error(uri, token) from exc
+    except HfHubHTTPError as exc:
+        if exc.response is not None and exc.response.status_code in (401, 403):
+            raise _hub_access_error(uri, token) from exc
         raise ConfigError(f"{uri}: cannot fetch from the Hugging Face Hub: {exc}".splitlines()[0]) from exc
-    return StagingReport(Path(path))
+    except (LocalEntryNotFoundError, OSError) as exc:
+        raise ConfigError(f"{uri}: cannot fetch from the Hugging Face Hub: {exc}".splitlines()[0]) from exc
+    return StagingReport(Path(path), len(files), seconds=time.monotonic() - started)
 
 
 SOURCES = {"s3": _stage_s3, "hf": _stage_hf, "pvc": _stage_in_place, "file": _stage_in_place,
            "path": _stage_in_place}
 
 
-def stage(uri: str, dest: Path, spec: StorageSpec, pvc_root: Path = Path("/mnt/pvc")) -> StagingReport:
-    """Make `uri` available as a local folder; the report's `path` is where it is."""
+def stage(uri: str, dest: Path, spec: StorageSpec, pvc_root: Path = Path("/mnt/pvc"),
+          variant: str | None = None) -> StagingReport:
+    """Make `uri` available as a local folder; the report's `path` is where it is.
+
+    `variant` (`model.variant`) limits an hf:// download to the weights that variant loads.
+    """
     scheme = parse_uri(uri).scheme
     if scheme not in SOURCES:
         raise ConfigError(f"{uri}: scheme {scheme}:// cannot be staged")
+    if scheme == "hf":
+        return _stage_hf(uri, dest, spec, pvc_root, variant)
     return SOURCES[scheme](uri, dest, spec, pvc_root)
