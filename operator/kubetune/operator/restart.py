@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from kubetune.api.resource import FineTuneJob
 from kubetune.api.status import FineTuneJobStatus
-from kubetune.exitcodes import CONFIG_ERROR_EXIT_CODE
+from kubetune.exitcodes import CONFIG_ERROR_EXIT_CODE, INTERRUPTED, PEER_LOST
 from kubetune.operator import conditions as cond
 from kubetune.operator import observed as obs
 from kubetune.operator.observed import Observed
@@ -48,9 +48,7 @@ def _short(text: str) -> str:
 PodEnd = Literal["running", "succeeded", "config-error", "lost", "failed", "followed"]
 """How one pod of an attempt ended, by the rule below; "running" has not ended."""
 
-STOPPED_EXIT_CODE = 143
-"""128 + SIGTERM: the trainer checkpointed and stopped (its `EXIT_INTERRUPTED`)."""
-FOLLOW_ON_EXIT_CODES = frozenset({STOPPED_EXIT_CODE})
+FOLLOW_ON_EXIT_CODES = frozenset({INTERRUPTED, PEER_LOST})
 """Exits that follow a cause elsewhere: stopped by SIGTERM after a checkpoint, or a peer was lost."""
 OOM_KILLED = "OOMKilled"
 ATTEMPT_ORDER: tuple[PodEnd, ...] = ("config-error", "lost", "failed", "followed")
@@ -63,7 +61,7 @@ def classify_pod(pod: dict[str, Any]) -> PodEnd:
     - `DisruptionTarget` condition (node lost or drained, eviction, preemption): "lost", whatever
       the exit code (137 when killed, 143 when it checkpointed in time); never counted;
     - exit 78: "config-error", fails the job at once;
-    - exit 143 (stopped by SIGTERM after a checkpoint) or the trainer's peer-lost code: "followed",
+    - exit 143 (stopped by SIGTERM after a checkpoint) or 76 (a peer's process is gone): "followed",
       the pod stopped because of something else;
     - killed for memory (`OOMKilled`, 137) or any other non-zero exit: "failed", counted (an
       out-of-memory kill repeats on a retry, so it must not retry forever).
