@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.api.resource import FineTuneJob
-from kubetune_trainer.batches import BatchStream
+from kubetune_trainer.batches import BatchStream, PrefetchedBatches, prefetched
 from kubetune_trainer.cache_mirror import CacheMirror, NoMirror, build_mirror
 from kubetune_trainer.checkpoint import Checkpointer
 from kubetune_trainer.config import RuntimeConfig
@@ -73,9 +73,13 @@ def total_steps(job: FineTuneJob, per_epoch: int) -> int:
 def setting_notices(job: FineTuneJob) -> list[str]:
     """Settings the user asked for whose consequences deserve a line in the log."""
     spec = job.spec
+    random_crops = spec.training.cache_latents and not spec.data.center_crop
+    dreambooth = spec.method.dreambooth is not None
     asked = [
-        (spec.training, "cache_latents", spec.training.cache_latents and not spec.data.center_crop,
-         "training.cacheLatents: crops are centred so that each image's latents can be reused"),
+        (spec.training, "cache_latents", random_crops and not dreambooth,
+         "training.cacheLatents: random crops are cut from each image's cached latents, at whole latent cells"),
+        (spec.training, "cache_latents", random_crops and dreambooth,
+         "training.cacheLatents: DreamBooth crops are centred so that each image's latents can be reused"),
     ]
     return [text for section, name, active, text in asked if active and name in section.model_fields_set]
 
@@ -164,22 +168,34 @@ def _prior_examples(job: FineTuneJob, class_dir: Path | None, components: Compon
 
 
 def _batches(job: FineTuneJob, dataset: Dataset, prior: list[Example], accelerator: Any,
-             components: Components) -> BatchStream | PriorPreservationStream:
+             components: Components) -> BatchStream | PrefetchedBatches | PriorPreservationStream:
+    """The rank's batch stream, rendered by `data.loaderWorkers` processes (split between instance and
+    class images for DreamBooth with prior preservation)."""
     spec = job.spec
-    update = {"center_crop": True} if spec.training.cache_latents else {}
+    update = {}
     if spec.method.dreambooth is not None:
         update["aspect_buckets"] = False  # instance and class images share each batch
+        if spec.training.cache_latents:
+            update["center_crop"] = True  # its batches join rendered pixels, which have no whole image to cache
     data_spec = spec.data.model_copy(update=update)
+    latent_crop = _vae_factor(components) if spec.training.cache_latents else 0
 
-    def stream(examples: Dataset, seed: int) -> BatchStream:
-        return BatchStream(examples, data_spec, spec.training.batch_size, seed, accelerator.process_index,
-                           accelerator.num_processes, size_multiple(components))
+    def stream(examples: Dataset, seed: int, workers: int) -> BatchStream | PrefetchedBatches:
+        batches = BatchStream(examples, data_spec, spec.training.batch_size, seed, accelerator.process_index,
+                              accelerator.num_processes, size_multiple(components), latent_crop)
+        return prefetched(batches, workers, spec.data.prefetch_batches)
 
+    workers = spec.data.loader_workers
     if not prior:
-        return stream(dataset, spec.training.seed)
+        return stream(dataset, spec.training.seed, workers)
     weight = spec.method.dreambooth.prior_loss_weight if spec.method.dreambooth else 1.0
-    return PriorPreservationStream(stream(dataset, spec.training.seed),
-                                   stream(Dataset(prior, 0, "class"), spec.training.seed + 1), weight)
+    return PriorPreservationStream(stream(dataset, spec.training.seed, workers - workers // 2),
+                                   stream(Dataset(prior, 0, "class"), spec.training.seed + 1, workers // 2), weight)
+
+
+def _vae_factor(components: Components) -> int:
+    """Pixels per latent cell along each side."""
+    return 2 ** (len(components.vae.config.block_out_channels) - 1)
 
 
 def _mirrored(cache: DiskEntries, job: FineTuneJob, runtime: RuntimeConfig, accelerator: Any, store: ObjectStore,

@@ -7,15 +7,24 @@ epoch and the position, so a resumed run sees exactly the batches it would have 
 Ranks take turns through one shuffled epoch (disjoint shards); the last few batches of an
 epoch that do not divide among the ranks wait for a later epoch, so every rank runs the
 same number of batches per epoch.
+
+`PrefetchedBatches` hands the decoding, resizing, cropping and flipping to loader worker
+processes (`data.loaderWorkers`), which render batches ahead (`data.prefetchBatches` each)
+and pass the pixels through shared memory (/dev/shm). The batches themselves, and so the
+order and the resume position, are still decided here in the training process: workers only
+render what they are given.
 """
 
 from __future__ import annotations
 
 import math
 import random
+import warnings
+from collections.abc import Iterator
+from typing import Any
 
 from kubetune.api.spec import DataSpec
-from kubetune_trainer.data import Batch, Dataset, make_batch
+from kubetune_trainer.data import Batch, Dataset, make_batch, rendered
 
 MAX_ASPECT = 4.0
 
@@ -54,9 +63,9 @@ class BatchStream:
     """Endless seeded batches for one rank; `state_dict()` is its position, for checkpoints."""
 
     def __init__(self, dataset: Dataset, spec: DataSpec, batch_size: int, seed: int,
-                 rank: int = 0, world_size: int = 1, multiple: int = 64) -> None:
+                 rank: int = 0, world_size: int = 1, multiple: int = 64, latent_crop: int = 0) -> None:
         self.dataset, self.spec, self.batch_size, self.seed = dataset, spec, batch_size, seed
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.latent_crop = rank, world_size, latent_crop
         self.buckets = assign_buckets(dataset, spec, multiple)
         self.epoch, self.position = 0, 0
         self._batches = self._epoch_batches()
@@ -90,7 +99,7 @@ class BatchStream:
                   random.Random(f"augment-{self.seed}-{self.epoch}-{self.position}-{slot}-{self.rank}"))
                  for slot, index in enumerate(indices)]
         self.position += 1
-        return make_batch(items, self.spec, bucket)
+        return make_batch(items, self.spec, bucket, self.latent_crop)
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position}
@@ -98,3 +107,77 @@ class BatchStream:
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self._batches = self._epoch_batches()
+
+
+class _Render:
+    """What a loader worker does with a planned batch: render its pixels."""
+
+    def __getitem__(self, planned: tuple[Batch, dict[str, int]]) -> tuple[Batch, dict[str, int]]:
+        batch, position = planned
+        return rendered(batch), position
+
+
+def _planned(stream: BatchStream) -> Iterator[tuple[Batch, dict[str, int]]]:
+    """Endless (batch, stream position after it); read in the training process, ahead of the workers."""
+    while True:
+        batch = stream.next_batch()
+        yield batch, stream.state_dict()
+
+
+def _as_is(item: Any) -> Any:
+    return item
+
+
+class PrefetchedBatches:
+    """A `BatchStream` whose batches `workers` processes render ahead, `prefetch` batches each.
+
+    Its position is that of the last batch handed out, not of the ones rendered ahead, so a
+    checkpoint resumes exactly where training was; loading a position restarts the workers there.
+    """
+
+    def __init__(self, stream: BatchStream, workers: int, prefetch: int) -> None:
+        self.stream, self.workers, self.prefetch = stream, workers, prefetch
+        self.position = stream.state_dict()
+        self._rendered: Iterator[tuple[Batch, dict[str, int]]] | None = None
+
+    def per_epoch(self) -> int:
+        return self.stream.per_epoch()
+
+    @property
+    def epoch(self) -> int:
+        return self.position["epoch"]
+
+    def next_batch(self) -> Batch:
+        if self._rendered is None:
+            self._rendered = self._start()
+        batch, self.position = next(self._rendered)
+        return batch
+
+    def _start(self) -> Iterator[tuple[Batch, dict[str, int]]]:
+        import torch
+        from torch.utils.data import DataLoader
+
+        loader = DataLoader(_Render(), sampler=_planned(self.stream), batch_size=None, collate_fn=_as_is,
+                            num_workers=self.workers, prefetch_factor=self.prefetch,
+                            generator=torch.Generator())  # its seed draw leaves the global RNG alone
+        with warnings.catch_warnings():  # workers only decode images: no thread of ours runs in them
+            warnings.filterwarnings("ignore", message=r".*use of fork\(\) may lead to deadlocks",
+                                    category=DeprecationWarning)
+            return iter(loader)
+
+    def close(self) -> None:
+        """Stop the workers: the loader's iterator stops them when it goes (and they stop when this process ends)."""
+        self._rendered = None
+
+    def state_dict(self) -> dict[str, int]:
+        return dict(self.position)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.close()
+        self.stream.load_state_dict(state)
+        self.position = self.stream.state_dict()
+
+
+def prefetched(stream: BatchStream, workers: int, prefetch: int) -> BatchStream | PrefetchedBatches:
+    """`stream` rendered by `workers` loader processes; with none, the training process renders lazily."""
+    return PrefetchedBatches(stream, workers, prefetch) if workers > 0 else stream

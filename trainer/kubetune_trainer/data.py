@@ -12,8 +12,9 @@ import functools
 import hashlib
 import io
 import json
+import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +158,17 @@ class Batch:
             return render_images([self.images[row] for row in rows])
         return self.images[rows]
 
+    def plan_of(self, row: int) -> ImagePlan | None:
+        """The row's plan while the batch still holds plans (a joined, rendered batch does not)."""
+        return self.images[row] if isinstance(self.images, list) else None
+
+
+def rendered(batch: Batch) -> Batch:
+    """The batch with every plan's pixels rendered into it (what a loader worker hands the training loop)."""
+    if not isinstance(batch.images, list):
+        return batch
+    return replace(batch, images=[replace(plan, pixels=render_image(plan)) for plan in batch.images])
+
 
 @dataclass(frozen=True)
 class ImagePlan:
@@ -169,22 +181,43 @@ class ImagePlan:
     flip: bool
     size: tuple[int, int, int, int, int, int]
     key: str
+    whole: bool = False
+    """The key names the whole resized (and flipped) image, which is what gets encoded and cached;
+    its latents are cropped to `crop` afterwards (`training.cacheLatents` with random crops)."""
+    pixels: Any = field(default=None, compare=False, repr=False)
+    """What `render_image` makes of this plan, when a loader worker rendered it ahead."""
 
 
 def plan_image(path: Path, spec: DataSpec, target: tuple[int, int], rng: random.Random,
-               original: tuple[int, int] = (0, 0), digest: str = "") -> ImagePlan:
+               original: tuple[int, int] = (0, 0), digest: str = "", latent_crop: int = 0) -> ImagePlan:
     """Resize to cover `target` (width, height), crop to it, maybe flip; `original` (w, h) and the
-    file's `digest` if known."""
+    file's `digest` if known.
+
+    With `latent_crop` (the VAE's downsampling factor), a random crop is taken at a multiple of it
+    from the whole resized image's latents: the plan's key names the whole image, not the crop.
+    """
     tw, th = target
     width, height = original if all(original) else _header_size(path)
     scale = max(tw / width, th / height)
-    resized = (max(tw, round(width * scale)), max(th, round(height * scale)))
+    step = latent_crop if latent_crop and not spec.center_crop else 1
+    resized = (_cover(width * scale, tw, step), _cover(height * scale, th, step))
     extra_w, extra_h = resized[0] - tw, resized[1] - th
-    left, top = (extra_w // 2, extra_h // 2) if spec.center_crop else (rng.randint(0, extra_w),
-                                                                      rng.randint(0, extra_h))
+    left, top = (extra_w // 2, extra_h // 2) if spec.center_crop else (rng.randint(0, extra_w // step) * step,
+                                                                      rng.randint(0, extra_h // step) * step)
     flip = spec.random_flip and rng.random() < 0.5
-    key = f"{path}|{digest or content_digest(path)}|{tw}x{th}|{left},{top}|{int(flip)}"
-    return ImagePlan(path, resized, (left, top, left + tw, top + th), flip, (height, width, top, left, th, tw), key)
+    digest = digest or content_digest(path)
+    whole = step > 1
+    where = f"{resized[0]}x{resized[1]}|whole" if whole else f"{tw}x{th}|{left},{top}"
+    key = f"{path}|{digest}|{where}|{int(flip)}"
+    return ImagePlan(path, resized, (left, top, left + tw, top + th), flip, (height, width, top, left, th, tw), key,
+                     whole)
+
+
+def _cover(scaled: float, target: int, step: int) -> int:
+    """A resized side: at least `target`; with `step` > 1 a multiple of it (so latents crop exactly)."""
+    if step == 1:
+        return max(target, round(scaled))
+    return max(target, math.ceil(round(scaled / step, 6)) * step)
 
 
 def _header_size(path: Path) -> tuple[int, int]:
@@ -195,31 +228,45 @@ def _header_size(path: Path) -> tuple[int, int]:
 
 
 def render_image(plan: ImagePlan) -> Any:
-    """The plan's pixels, (3, H, W) in [-1, 1]."""
+    """The plan's pixels, (3, H, W) in [-1, 1]: the crop, or for a `whole` plan the whole resized image."""
     import numpy as np
     import torch
     from PIL import Image
 
+    if plan.pixels is not None:
+        return plan.pixels
     with Image.open(plan.path) as opened:
         image = opened.convert("RGB")
-    image = image.resize(plan.resized, Image.Resampling.BILINEAR).crop(plan.crop)
+    image = image.resize(plan.resized, Image.Resampling.BILINEAR)
+    if not plan.whole:
+        image = image.crop(plan.crop)
     if plan.flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1)
 
 
+def training_pixels(plan: ImagePlan) -> Any:
+    """The crop the model trains on, (3, h, w); a `whole` plan's crop is in the flipped image."""
+    pixels = render_image(plan)
+    if not plan.whole:
+        return pixels
+    left, top, right, bottom = plan.crop
+    return pixels[:, top:bottom, left:right]
+
+
 def render_images(plans: list[ImagePlan]) -> Any:
     import torch
 
-    return torch.stack([render_image(plan) for plan in plans])
+    return torch.stack([training_pixels(plan) for plan in plans])
 
 
 def make_batch(items: list[tuple[Example, random.Random]], spec: DataSpec,
-               target: tuple[int, int] | None = None) -> Batch:
+               target: tuple[int, int] | None = None, latent_crop: int = 0) -> Batch:
     """Plan each example at `target` (default: square at the resolution) with its own RNG; render lazily."""
     size = target or (spec.resolution, spec.resolution)
-    plans = [plan_image(example.image, spec, size, rng, example.size, example.digest) for example, rng in items]
+    plans = [plan_image(example.image, spec, size, rng, example.size, example.digest, latent_crop)
+             for example, rng in items]
     return Batch(plans, [ex.caption for ex, _ in items], [plan.size for plan in plans],
                  [plan.key for plan in plans], [1 / len(items)] * len(items))
 

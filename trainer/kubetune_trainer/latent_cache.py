@@ -2,8 +2,12 @@
 
 The cache stores the encoder's distribution parameters per prepared image (file, content
 digest, size, crop, flip), so a cached step samples exactly the latents an uncached step would,
-and an image replaced under the same name is encoded again. Crops are centred when caching
-(see `assembly`), so each image has at most two entries: flipped or not.
+and an image replaced under the same name is encoded again. With centred crops each image has
+at most two entries: flipped or not. With random crops (`data.centerCrop: false`) the entry is
+the whole resized image's, and each step crops its latents at the plan's offset, a multiple of
+the VAE's downsampling factor: still two entries per image, and a new crop every epoch. (Near
+the crop's edges such latents differ slightly from encoding the crop alone: the encoder sees the
+pixels around it.)
 Entries live in one folder per VAE encoder (config and weights), data URI and resolution
 (`cache_folder`), so a restart or re-run with the same model and data on the same scratch
 volume encodes nothing again, and a changed model never reads stale latents. Entry names do
@@ -19,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kubetune_trainer.data import Batch
+from kubetune_trainer.data import Batch, ImagePlan, render_image
 from kubetune_trainer.disk_cache import DiskEntries
 
 Encoder = Callable[[Any], Any]
@@ -73,12 +77,30 @@ class DiskLatentCache(DiskEntries):
 
         names = [self.entry_name(key) for key in batch.keys]
         missing = [i for i, name in enumerate(names) if not self.has(name)]
+        whole = [i for i in missing if _whole(batch, i)]
+        cropped = [i for i in missing if i not in whole]
         fresh = {}
-        if missing:
-            encoded = encode(batch.pixels_of(missing)).detach().cpu()  # hits are never decoded
-            for row, index in enumerate(missing):
-                fresh[index] = encoded[row].clone()
-                self.add(names[index], fresh[index])
+        if cropped:
+            encoded = encode(batch.pixels_of(cropped)).detach().cpu()  # hits are never decoded
+            fresh.update({index: encoded[row].clone() for row, index in enumerate(cropped)})
+        for index in whole:  # whole images differ in size: one at a time
+            fresh[index] = encode(render_image(batch.plan_of(index))[None]).detach().cpu()[0].clone()
+        for index in missing:
+            self.add(names[index], fresh[index])
         self.hits += len(names) - len(missing)
         self.misses += len(missing)
-        return torch.stack([fresh[i] if i in fresh else self.load(name) for i, name in enumerate(names)])
+        found = [fresh[i] if i in fresh else self.load(name) for i, name in enumerate(names)]
+        return torch.stack([_cropped(batch.plan_of(i), entry) if _whole(batch, i) else entry
+                            for i, entry in enumerate(found)])
+
+
+def _whole(batch: Batch, row: int) -> bool:
+    plan = batch.plan_of(row)
+    return plan is not None and plan.whole
+
+
+def _cropped(plan: ImagePlan, moments: Any) -> Any:
+    """The latents of the plan's crop, cut from those of its whole resized image."""
+    factor = plan.resized[0] // moments.shape[-1]
+    left, top, right, bottom = (edge // factor for edge in plan.crop)
+    return moments[:, top:bottom, left:right]
