@@ -4,6 +4,8 @@
 #   make demo    run the LoRA demo (tiny model, embedded S3, CPU, no network)
 #   make test    lint + every CPU test tier (unit, integration, e2e); CI runs this
 #   make unit    the fast unit tier only
+#   make gpu-wheels  the wheel folder a GPU host without a registry installs from (.gpu-wheels)
+#   make gpu-check   the GPU tier (pytest -m gpu) and the GPU benchmark; needs CUDA
 
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
@@ -14,7 +16,7 @@ SYNCED := $(VENV)/.synced
 RUN := $(UV) run --frozen --no-sync
 PYTEST := $(RUN) pytest
 
-.PHONY: help venv demo test unit integration lint crd chart tools cluster-build cluster-up cluster-down cluster-status clean
+.PHONY: help venv demo test unit integration lint crd chart tools gpu-wheels gpu-check cluster-build cluster-up cluster-down cluster-status clean
 
 help:
 	@grep -E '^#   make' Makefile | sed 's/^#   //'
@@ -63,6 +65,15 @@ crd: $(SYNCED)
 # manifests/operator.yaml rendered from the chart (tests fail when these drift).
 chart: crd
 	$(RUN) python charts/generate.py
+
+# The GPU tier runs where CUDA is: on a GPU host with its own Python 3.12 + torch and no registry
+# (docs/development.md, GPU tier), from the working tree plus the wheels prepared here beforehand.
+# Neither target needs .venv: gpu-wheels uses this Python's pip, gpu-check the host's Python.
+gpu-wheels:
+	$(PYTHON) bench/gpu_wheels.py
+
+gpu-check:
+	bash bench/gpu_check.sh
 
 cluster-build: $(SYNCED)
 	$(RUN) python tests/cluster/kubecluster.py build
