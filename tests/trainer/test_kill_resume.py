@@ -71,4 +71,4 @@ def test_sigkilled_run_resumes_and_matches_an_uninterrupted_run(tiny_sd: Path, s
                        RuntimeConfig(scratch=tmp_path / "scratch-3", log_every=0))
     want, got = _adapter(straight), _adapter(resumed)
     for key in want:
-        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)  # bf16 on CPU is deterministic

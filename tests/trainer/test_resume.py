@@ -63,7 +63,7 @@ def test_resume_after_second_checkpoint_matches_an_uninterrupted_run(
     want, got = _adapter(straight), _adapter(resumed)
     assert want.keys() == got.keys()
     for key in want:
-        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)  # bf16 on CPU is deterministic
 
 
 def test_sigterm_checkpoints_and_stops_with_a_retryable_code(tiny_sd: Path, squares: Path, tmp_path: Path) -> None:

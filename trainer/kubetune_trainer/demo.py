@@ -35,7 +35,7 @@ def demo_document(endpoint: str, steps: int, family: str) -> dict[str, Any]:
                         "maxConcurrency": 8},
             "output": {"uri": f"s3://outputs/demo-{family}-lora/", "checkpointEvery": max(1, steps // 4),
                        "keepCheckpoints": 2},
-            "training": {"maxSteps": steps, "batchSize": 2, "learningRate": 1.0e-3, "mixedPrecision": "no",
+            "training": {"maxSteps": steps, "batchSize": 2, "learningRate": 1.0e-3,  # default precision: bf16
                          "lrScheduler": {"type": "constant_with_warmup", "warmupSteps": 2}, "seed": 7},
             "validation": {"prompts": ["a red square"], "every": steps, "inferenceSteps": 2},
             "resources": {"gpusPerNode": 0},
