@@ -205,16 +205,26 @@ def _hub_access_error(uri: str, token: str | None) -> ConfigError:
 
 def _stage_hf(uri: str, dest: Path, spec: StorageSpec, pvc_root: Path, variant: str | None = None) -> StagingReport:
     from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+    )
 
     started = time.monotonic()
     repo, _, revision = uri[len("hf://"):].strip("/").partition("@")
     token, endpoint = os.environ.get("HF_TOKEN") or None, os.environ.get("HF_ENDPOINT") or None
     try:
-        info = HfApi(endpoint=endpoint, token=token).model_info(repo, revision=revision or None)
-        files = hub_files([sibling.rfilename for sibling in info.siblings or []], variant)
-        path = snapshot_download(repo_id=repo, revision=info.sha, endpoint=endpoint, token=token,
-                                 allow_patterns=[glob.escape(name) for name in files],
+        try:
+            info = HfApi(endpoint=endpoint, token=token).model_info(repo, revision=revision or None)
+            files: list[str] | None = hub_files([sibling.rfilename for sibling in info.siblings or []], variant)
+            revision = info.sha or revision
+        except OfflineModeIsEnabled:  # HF_HUB_OFFLINE: what the cache holds
+            files = None
+        path = snapshot_download(repo_id=repo, revision=revision or None, endpoint=endpoint, token=token,
+                                 allow_patterns=None if files is None else [glob.escape(name) for name in files],
                                  cache_dir=os.environ.get("HF_HUB_CACHE") or None)
     except (GatedRepoError, RepositoryNotFoundError) as exc:
         raise _hub_access_error(uri, token) from exc
@@ -224,7 +234,7 @@ def _stage_hf(uri: str, dest: Path, spec: StorageSpec, pvc_root: Path, variant: 
         raise ConfigError(f"{uri}: cannot fetch from the Hugging Face Hub: {exc}".splitlines()[0]) from exc
     except (LocalEntryNotFoundError, OSError) as exc:
         raise ConfigError(f"{uri}: cannot fetch from the Hugging Face Hub: {exc}".splitlines()[0]) from exc
-    return StagingReport(Path(path), len(files), seconds=time.monotonic() - started)
+    return StagingReport(Path(path), len(files or []), seconds=time.monotonic() - started)
 
 
 SOURCES = {"s3": _stage_s3, "hf": _stage_hf, "pvc": _stage_in_place, "file": _stage_in_place,
