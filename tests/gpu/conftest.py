@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Iterator
 
@@ -32,8 +33,12 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
 def _fresh_accelerate_state() -> Iterator[None]:
     """accelerate keeps one process-wide state that refuses a second mixed-precision setting; a trainer pod
     runs one job per process, these tests several (bf16, then fp16) in one."""
+    import torch
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
+    gc.collect()  # the last run's models, before the next test builds its own (SDXL full: ~30 GB on the GPU)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

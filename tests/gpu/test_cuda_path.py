@@ -33,6 +33,8 @@ from kubetune_trainer.job import RunResult, run_job
 COMPUTE_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 STEPS = 2
 """Optimizer steps of a test's job (gpu_support.job_document): enough to see weights move."""
+FP16_STEPS = 6
+"""fp16 starts at a loss scale of 65536 and skips each step that overflows, halving the scale: room for five."""
 
 
 class Watch:
@@ -97,6 +99,17 @@ def lora_b_norm(result: RunResult) -> float:
                          or "lora.up" in k))
 
 
+def base_tensor(folder: Path, name: str) -> Any:
+    """Tensor `name` of the model as saved (any shard), in float32."""
+    from safetensors import safe_open
+
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as weights:
+            if name in weights.keys():  # noqa: SIM118 (safe_open has keys(), not __contains__)
+                return weights.get_tensor(name).float()
+    raise AssertionError(f"{name} is in no safetensors file of {folder}")
+
+
 def assert_trained_on_device(watch: Watch, steps: int) -> None:
     assert watch.steps == list(range(1, steps + 1))
     assert watch.first["device"] == device()
@@ -109,7 +122,8 @@ def assert_trained_on_device(watch: Watch, steps: int) -> None:
     size_param("sd15", "bf16"), size_param("sd15", "fp16"), size_param("sdxl", "bf16"),
 ])
 def test_lora_at_mixed_precision(size: ModelSize, precision: str, models: Models, tmp_path: Path) -> None:
-    job = local_job(models, size, tmp_path / "out", training={"mixedPrecision": precision})
+    steps = FP16_STEPS if precision == "fp16" else STEPS
+    job = local_job(models, size, tmp_path / "out", training={"mixedPrecision": precision, "maxSteps": steps})
     watch = Watch()
     result = train(job, tmp_path / "scratch", [watch])
     if precision == "fp16" and device() == "cpu":
@@ -117,11 +131,11 @@ def test_lora_at_mixed_precision(size: ModelSize, precision: str, models: Models
         assert "fp16 needs a GPU" in result.message
         return
     assert result.exit_code == 0, result.message
-    assert_trained_on_device(watch, STEPS)
+    assert_trained_on_device(watch, steps)
     assert watch.first["trained_dtypes"] == {"torch.float32"}, "adapters train in float32 under autocast"
     assert watch.first["frozen_dtypes"] == {f"torch.{COMPUTE_DTYPES[precision]}"}
     if precision == "fp16":  # gradient scaling: a GradScaler whose scale stays finite
-        assert len(watch.scales) == STEPS and all(0 < s < math.inf for s in watch.scales), watch.scales
+        assert len(watch.scales) == steps and all(0 < s < math.inf for s in watch.scales), watch.scales
     else:
         assert watch.scales == []
     assert math.isfinite(result.progress["loss"])
@@ -131,8 +145,6 @@ def test_lora_at_mixed_precision(size: ModelSize, precision: str, models: Models
 @pytest.mark.parametrize("size", [size_param("toy-sd"), size_param("toy-sdxl"), size_param("sd15"),
                                   size_param("sdxl")])
 def test_full_fine_tune_with_8bit_adam(size: ModelSize, models: Models, tmp_path: Path) -> None:
-    from safetensors import safe_open
-
     job = local_job(models, size, tmp_path / "out", method={"type": "full"},
                     training={"optimizer": "adamw8bit", "mixedPrecision": "bf16"})
     watch = Watch()
@@ -142,8 +154,7 @@ def test_full_fine_tune_with_8bit_adam(size: ModelSize, models: Models, tmp_path
     assert watch.first["optimizer"] == "bitsandbytes.optim.adamw.AdamW8bit"
     assert watch.first["state_dtypes"]["state1"] == "torch.uint8", watch.first["state_dtypes"]
     assert watch.first["trained_dtypes"] == {"torch.float32"}
-    with safe_open(str(models.model(size) / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as base:
-        before = base.get_tensor("conv_in.weight").float()
+    before = base_tensor(models.model(size) / "unet", "conv_in.weight")
     assert not before.equal(watch.last_weights["conv_in.weight"]), "the UNet's weights did not change"
     assert math.isfinite(result.progress["loss"])
     assert (Path(result.progress["outputs"]["pipeline"]) / "model_index.json").is_file()
