@@ -207,8 +207,7 @@ def plan_image(path: Path, spec: DataSpec, target: tuple[int, int], rng: random.
     flip = spec.random_flip and rng.random() < 0.5
     digest = digest or content_digest(path)
     whole = step > 1
-    where = f"{resized[0]}x{resized[1]}|whole" if whole else f"{tw}x{th}|{left},{top}"
-    key = f"{path}|{digest}|{where}|{int(flip)}"
+    key = f"{path}|{digest}|{tw}x{th}|{'whole' if whole else f'{left},{top}'}|{int(flip)}"
     return ImagePlan(path, resized, (left, top, left + tw, top + th), flip, (height, width, top, left, th, tw), key,
                      whole)
 
