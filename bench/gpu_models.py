@@ -82,7 +82,7 @@ def build_model(folder: Path, size: ModelSize, device: str = "cuda", dtype: str 
 
     with torch.device(device):
         torch.manual_seed(0)
-        pipe = _real_pipeline(Path(folder), size).to(dtype=getattr(torch, dtype))
+        pipe = real_pipeline(Path(folder), size).to(dtype=getattr(torch, dtype))
     pipe.save_pretrained(str(folder))
     del pipe
     if device == "cuda":
@@ -90,7 +90,8 @@ def build_model(folder: Path, size: ModelSize, device: str = "cuda", dtype: str 
     return Path(folder)
 
 
-def _real_pipeline(folder: Path, size: ModelSize) -> Any:
+def real_pipeline(folder: Path, size: ModelSize) -> Any:
+    """The pipeline of a real size, with random weights on the current default device (`meta` builds none)."""
     import diffusers
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
