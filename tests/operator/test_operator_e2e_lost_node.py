@@ -91,8 +91,8 @@ def uninterrupted(s3: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str
         command = [sys.executable, "-m", "kubetune.cli", "train", "--config", str(root / "job.yaml"),
                    "--port", "0", "--termination-log", str(root / f"termination-{rank}"),
                    "--scratch", str(root / f"scratch-{rank}")]
-        log = (root / f"log-{rank}").open("wb")
-        ranks.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT))
+        with (root / f"log-{rank}").open("wb") as log:
+            ranks.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT))
     codes = [p.wait(timeout=600) for p in ranks]
     assert codes == [0, 0], (root / "log-0").read_text()[-3000:] + (root / "log-1").read_text()[-3000:]
     return _lora_weights(s3, doc["spec"]["output"]["uri"])

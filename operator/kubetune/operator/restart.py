@@ -82,14 +82,15 @@ def classify_pod(pod: dict[str, Any]) -> PodEnd:
 
 
 def _pod_cause(pod: dict[str, Any], kind: PodEnd) -> str:
-    ended = obs.terminated(pod) or {}
-    text = f"pod {obs.pod_name(pod)} exited with code {ended.get('exitCode')}"
+    name = obs.pod_name(pod)
     if kind == "lost":
         reason = (obs.pod_condition(pod, "DisruptionTarget") or {}).get("reason") or "DisruptionTarget"
-        text = f"pod {obs.pod_name(pod)} was lost ({reason})"
-    elif ended.get("reason"):
+        return f"pod {name} was lost ({reason})"
+    ended = obs.terminated(pod) or {}
+    text = f"pod {name} exited with code {ended.get('exitCode')}"
+    if ended.get("reason"):
         text += f" ({ended['reason']})"
-    if ended.get("message") and kind != "lost":
+    if ended.get("message"):
         text += f": {ended['message']}"
     return _short(text)
 
@@ -124,9 +125,9 @@ def failure_cause(observed: Observed) -> str:
 def failure_verdict(job: FineTuneJob, observed: Observed) -> Verdict | None:
     """None while the Job has not failed; otherwise what to do about it.
 
-    A disruption anywhere in the attempt makes it uncounted, even when peers failed because of
-    it (a survivor's collective breaks with whatever code its library returns); a configuration
-    error fails at once; everything else counts against `runPolicy.backoffLimit`.
+    A disruption anywhere in the attempt makes it uncounted, whatever its peers exited with when
+    they lost it; a configuration error fails at once; everything else counts against
+    `runPolicy.backoffLimit`.
     """
     failed = observed.job_condition("Failed")
     if failed is None:
