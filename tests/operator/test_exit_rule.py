@@ -1,7 +1,8 @@
 """The one rule that classifies how each pod of an attempt ended, and what that makes of the attempt.
 
 docs/operator.md ("Which exits count") states the same table; a disruption is never counted, a
-configuration error fails at once, an out-of-memory kill is counted.
+configuration error fails at once, an out-of-memory kill is counted, and so is a stall that no
+pod explains.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ POD_ENDS: list[tuple[str, Any, str]] = [
     ("drained: checkpointed in time", make_pod().failed(143).disrupted(), "lost"),
     ("lost before its container ended", make_pod().running().disrupted(), "lost"),
     ("configuration error", make_pod().failed(78), "config-error"),
-    ("stopped by SIGTERM after a checkpoint", make_pod().failed(143), "followed"),
-    ("a peer's process is gone", make_pod().failed(76), "followed"),
+    ("stopped by SIGTERM after a checkpoint", make_pod().failed(143), "stopped"),
+    ("a peer's process is gone", make_pod().failed(76), "peer-lost"),
     ("out of memory", make_pod().failed(137, reason="OOMKilled"), "failed"),
     ("killed, no disruption", make_pod().failed(137), "failed"),
     ("trainer failure", make_pod().failed(1), "failed"),
@@ -53,12 +54,14 @@ ATTEMPTS: list[tuple[str, Any, tuple[Any, ...], str, int]] = [
      (make_pod().failed(78), make_pod(index=1).failed(137).disrupted()), "config-error", 0),
     ("out of memory, peer lost it", make_batch_job().failed(),
      (make_pod().failed(76), make_pod(index=1).failed(137, reason="OOMKilled")), "restart", 1),
-    ("a failure explains the peer's stop", make_batch_job().failed(),
+    ("a failure explains the peer's stop (the Job's deletion)", make_batch_job().failed(),
      (make_pod().failed(143), make_pod(index=1).failed(1)), "restart", 1),
-    ("only stops, nothing lost: counted", make_batch_job().failed(),
-     (make_pod().failed(143), make_pod(index=1).failed(143)), "restart", 1),
-    ("a peer lost and no pod to blame: counted", make_batch_job().failed(),
-     (make_pod().failed(76),), "restart", 1),
+    ("a stop from outside, no failure: not counted", make_batch_job().failed(),
+     (make_pod().failed(143), make_pod(index=1).failed(143)), "disrupted", 0),
+    ("a stop beside a peer that lost it: not counted", make_batch_job().failed(),
+     (make_pod().failed(76), make_pod(index=1).failed(143)), "disrupted", 0),
+    ("peers lost each other, no other cause (a stall): counted", make_batch_job().failed(),
+     (make_pod().failed(76), make_pod(index=1).failed(76)), "restart", 1),
     ("counted retries run out", make_batch_job().restarts(2).failed(),
      (make_pod().failed(1), make_pod(index=1).failed(143)), "exhausted", 2),
     ("a disruption is free even with no retries left", make_batch_job().restarts(2).failed(),

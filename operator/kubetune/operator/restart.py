@@ -45,30 +45,30 @@ def _short(text: str) -> str:
     return text if len(text) <= CAUSE_LIMIT else text[: CAUSE_LIMIT - 3] + "..."
 
 
-PodEnd = Literal["running", "succeeded", "config-error", "lost", "failed", "followed"]
+PodEnd = Literal["running", "succeeded", "config-error", "lost", "failed", "stopped", "peer-lost"]
 """How one pod of an attempt ended, by the rule below; "running" has not ended."""
 
-FOLLOW_ON_EXIT_CODES = frozenset({INTERRUPTED, PEER_LOST})
-"""Exits that follow a cause elsewhere: stopped by SIGTERM after a checkpoint, or a peer was lost."""
 OOM_KILLED = "OOMKilled"
-ATTEMPT_ORDER: tuple[PodEnd, ...] = ("config-error", "lost", "failed", "followed")
+ATTEMPT_ORDER: tuple[PodEnd, ...] = ("config-error", "lost", "failed", "stopped", "peer-lost")
 """Which pod explains a failed attempt: the first kind in this order that any pod shows."""
+UNCOUNTED: frozenset[PodEnd] = frozenset({"lost", "stopped"})
+"""Attempts explained by these are disruptions: restarted at once, never counted."""
 
 
 def classify_pod(pod: dict[str, Any]) -> PodEnd:
     """How a pod ended, the one rule for every pod of an attempt (docs/operator.md):
 
     - `DisruptionTarget` condition (node lost or drained, eviction, preemption): "lost", whatever
-      the exit code (137 when killed, 143 when it checkpointed in time); never counted;
+      the exit code (137 when killed, 143 when it checkpointed in time);
     - exit 78: "config-error", fails the job at once;
-    - exit 143 (stopped by SIGTERM after a checkpoint) or 76 (a peer's process is gone): "followed",
-      the pod stopped because of something else;
-    - killed for memory (`OOMKilled`, 137) or any other non-zero exit: "failed", counted (an
-      out-of-memory kill repeats on a retry, so it must not retry forever).
+    - killed for memory (`OOMKilled`) or any other exit but 0, 143 and 76: "failed", counted (an
+      out-of-memory kill repeats on a retry, so it must not retry forever);
+    - exit 143: "stopped", every rank stopped at one agreed step after a SIGTERM from outside;
+    - exit 76 (`PEER_LOST`): "peer-lost", another pod's process went away or stalled.
     """
-    ended = obs.terminated(pod)
     if obs.pod_disrupted(pod):
         return "lost"
+    ended = obs.terminated(pod)
     if ended is None:
         return "failed" if obs.pod_phase(pod) == "Failed" else "running"
     code = ended.get("exitCode")
@@ -76,9 +76,9 @@ def classify_pod(pod: dict[str, Any]) -> PodEnd:
         return "succeeded"
     if code == CONFIG_ERROR_EXIT_CODE:
         return "config-error"
-    if code in FOLLOW_ON_EXIT_CODES and ended.get("reason") != OOM_KILLED:
-        return "followed"
-    return "failed"
+    if ended.get("reason") == OOM_KILLED:
+        return "failed"
+    return {INTERRUPTED: "stopped", PEER_LOST: "peer-lost"}.get(code, "failed")
 
 
 def _pod_cause(pod: dict[str, Any], kind: PodEnd) -> str:
@@ -125,9 +125,10 @@ def failure_cause(observed: Observed) -> str:
 def failure_verdict(job: FineTuneJob, observed: Observed) -> Verdict | None:
     """None while the Job has not failed; otherwise what to do about it.
 
-    A disruption anywhere in the attempt makes it uncounted, whatever its peers exited with when
-    they lost it; a configuration error fails at once; everything else counts against
-    `runPolicy.backoffLimit`.
+    A lost pod anywhere in the attempt makes it uncounted, whatever its peers exited with when
+    they lost it, and so does a stop from outside (143) that no failure explains; a configuration
+    error fails at once; a failure, or peers that lost each other with no other cause, count
+    against `runPolicy.backoffLimit`.
     """
     failed = observed.job_condition("Failed")
     if failed is None:
@@ -139,7 +140,7 @@ def failure_verdict(job: FineTuneJob, observed: Observed) -> Verdict | None:
         return Verdict("deadline", cause, base)
     if kind == "config-error":
         return Verdict("config-error", cause, base)
-    if kind == "lost":
+    if kind in UNCOUNTED:
         return Verdict("disrupted", cause, base)
     if base + 1 > job.spec.run_policy.backoff_limit:
         return Verdict("exhausted", cause, base)
