@@ -18,7 +18,8 @@ Networking, so that several pods of one job run side by side on one host:
   where the subdomain is a headless Service of the namespace, is replaced by that pod's
   address before the command starts, as the pod's resolver would answer it. That is how
   `PET_MASTER_ADDR` (`<job>-0.<service>`) reaches rank 0's address. The host's /etc/hosts
-  and resolver are never touched.
+  and resolver are never touched. (The EndpointSlice controller refuses loopback addresses and
+  says so in Warning events; nothing reads those slices here.)
 
 Lifecycle, as a kubelet and the node lifecycle controller drive it:
 
