@@ -5,11 +5,14 @@ PET_MASTER_ADDR, PET_MASTER_PORT), which torchrun reads as its own flags. When t
 more than one process and this process was not started by torchrun, `launch_workers` starts
 torchrun with the same arguments and stays as the pod's first process:
 
-- It forwards the first SIGTERM or SIGINT to torchrun (which sends it on to its workers; each
-  worker tells its peers through the per-step stop agreement, see `distributed`). torchrun
-  runs in its own session, so a Ctrl-C reaches the workers once, not twice, and torchrun gives
-  them the pod's grace period less a margin (`--shutdown-timeout`) before it kills them,
-  instead of its default 30 s: time to checkpoint and upload.
+- It passes the first SIGTERM or SIGINT to torchrun's workers, each worker process alone (each
+  then tells its peers through the per-step stop agreement, see `distributed`). Not through
+  torchrun: torchrun signals each worker's whole process group, which holds the worker's data
+  loader processes, and they would die before the worker could checkpoint; and after 30 s it
+  kills the workers. Only before the workers exist does torchrun get the signal itself. torchrun
+  runs in its own session, so a Ctrl-C reaches the workers once, from here, and when torchrun is
+  signalled some other way it gives them the pod's grace period less a margin
+  (`--shutdown-timeout`), not 30 s.
 - It exits with one code for the pod, from the result every local worker writes (torchrun
   itself reports any worker failure as 1, and the operator must see 78 for a configuration
   error and 143 after a stop on every pod, not only on rank 0's): see `pod_exit_code`.
@@ -25,6 +28,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -105,12 +109,43 @@ def _write_termination(result: dict[str, Any], path: Path | None) -> None:
     write_result(run, RuntimeConfig(scratch=path.parent, termination_path=path))
 
 
+def _children(pid: int) -> list[int]:
+    """The processes `pid` started (torchrun's workers), from /proc; none where there is no /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
+
+
 def _die_with_parent() -> None:
     """In the child before exec: SIGTERM when the launcher dies, so torchrun never outlives it."""
     import ctypes
 
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+@contextlib.contextmanager
+def passing_stops_to_workers(torchrun: subprocess.Popen) -> Iterator[list[str]]:
+    """Meanwhile the first SIGTERM or SIGINT goes to each of torchrun's workers (to torchrun itself
+    while it has none yet); yields the names of the signals passed on."""
+    stopped: list[str] = []
+
+    def forward(signum: int, frame: object) -> None:
+        if not stopped:  # once: a second signal would cut a graceful shutdown short
+            stopped.append(signal.Signals(signum).name)
+            for pid in _children(torchrun.pid) or [torchrun.pid]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stopped
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def launch_workers(cli_args: list[str], termination: Path | None, results_dir: Path, grace_seconds: int) -> int:
@@ -125,19 +160,8 @@ def launch_workers(cli_args: list[str], termination: Path | None, results_dir: P
     env = {**os.environ, WORKER_RESULTS_ENV: str(results_dir)}
     env.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")  # NCCL errors raise in the worker, see `distributed`
     proc = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=_die_with_parent)
-    stopped: list[str] = []
-
-    def forward(signum: int, frame: object) -> None:
-        if not stopped:  # a second signal would cut torchrun's graceful shutdown short
-            stopped.append(signal.Signals(signum).name)
-            proc.send_signal(signum)
-
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
+    with passing_stops_to_workers(proc) as stopped:
         torchrun_code = proc.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
     results = recorded_results(results_dir, int(os.environ.get("PET_NPROC_PER_NODE", "1")))
     code = pod_exit_code(results, bool(stopped))
     _write_termination(_pod_result(results, code, stopped[0] if stopped else None, torchrun_code), termination)

@@ -2,7 +2,9 @@
 
 Everything it uses arrives built (see `assembly.build_trainer`): components, method,
 objective, data stream, optimizer, checkpointer, sampler, reporter. It resumes from the
-newest complete checkpoint by itself, so a restarted pod simply runs `train()` again.
+newest complete checkpoint by itself, so a restarted pod simply runs `train()` again. A stop
+signal to any rank stops every rank after the same step, with a checkpoint of it (see
+`distributed`).
 """
 
 from __future__ import annotations

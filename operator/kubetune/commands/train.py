@@ -55,18 +55,18 @@ def run(args: argparse.Namespace) -> int:
     from kubetune_trainer.job import RunResult, load_job_file, run_job, write_result
     from kubetune_trainer.launch import launch_workers, needs_launcher, worker_status_file
 
-    main = _rank() == 0
+    main, launcher = _rank() == 0, needs_launcher()
     termination = args.termination_log if str(args.termination_log) not in ("", ".") else None
     runtime = RuntimeConfig(scratch=args.scratch, port=args.port if main else None,
-                            termination_path=termination if main else None, status_file=worker_status_file(),
-                            quiet=not main)
+                            termination_path=termination if main or launcher else None,
+                            status_file=worker_status_file(), quiet=not main)
     try:
         job = load_job_file(args.config, mode=args.mode)
     except ConfigError as exc:
         print(f"kubetune train: {exc}", file=sys.stderr)
         write_result(RunResult("Failed", exc.exit_code, exc.reason, str(exc)), runtime)
         return exc.exit_code
-    if needs_launcher():
+    if launcher:
         return launch_workers(_cli_args(args), termination, args.scratch / "worker-results",
                               job.spec.run_policy.termination_grace_period_seconds)
     result = run_job(job, runtime)
