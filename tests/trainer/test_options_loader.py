@@ -4,7 +4,9 @@ the training loop, and hand out exactly the batches, order and resume positions 
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +63,10 @@ def test_workers_decode_in_their_own_processes(images: Path, tmp_path: Path, mon
     assert len(deciders) == 2
     assert len(list(tmp_path.iterdir())) >= 8
     assert all(p.shape == (2, 3, 64, 64) for p in pixels)
+    for pid in deciders:  # a stop sent to the process group is the training process's to handle
+        os.kill(pid, signal.SIGTERM)
+    time.sleep(0.5)
+    assert [stream.next_batch().pixels.shape for _ in range(4)] == [(2, 3, 64, 64)] * 4
     stream.close()
 
 

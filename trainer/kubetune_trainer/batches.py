@@ -128,6 +128,15 @@ def _as_is(item: Any) -> Any:
     return item
 
 
+def _leave_stops_to_the_trainer(worker_id: int) -> None:
+    """A stop signal sent to the whole process group is the training process's to handle (it checkpoints,
+    then its workers end with it); a worker that died of it would make the DataLoader fail the step."""
+    import signal
+
+    for stop in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop, signal.SIG_IGN)
+
+
 class PrefetchedBatches:
     """A `BatchStream` whose batches `workers` processes render ahead, `prefetch` batches each.
 
@@ -159,6 +168,7 @@ class PrefetchedBatches:
 
         loader = DataLoader(_Render(), sampler=_planned(self.stream), batch_size=None, collate_fn=_as_is,
                             num_workers=self.workers, prefetch_factor=self.prefetch,
+                            worker_init_fn=_leave_stops_to_the_trainer,
                             generator=torch.Generator())  # its seed draw leaves the global RNG alone
         with warnings.catch_warnings():  # workers only decode images: no thread of ours runs in them
             warnings.filterwarnings("ignore", message=r".*use of fork\(\) may lead to deadlocks",
