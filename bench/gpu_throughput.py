@@ -44,13 +44,12 @@ def example_script(explicit: Path | None, version: str) -> tuple[Path | None, st
 
 
 def meta_unet(model: Path) -> Any:
-    """The model's UNet on the meta device in bf16: shapes without weights, enough to count FLOP."""
+    """The model's UNet on the meta device: shapes without weights, enough to count FLOP (any dtype counts alike)."""
     import torch
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(model / "unet")))
-    return unet.to(torch.bfloat16)
+        return UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(model / "unet")))
 
 
 def matmul_tflops(size: int = 8192, repeats: int = 20) -> float:
@@ -73,6 +72,8 @@ def matmul_tflops(size: int = 8192, repeats: int = 20) -> float:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="sd15",
+                        help="sd15 (512², the benchmark); a toy size runs the same wiring on CPU as a smoke test")
     parser.add_argument("--methods", default="lora,full")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=40)
@@ -84,11 +85,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def device_line(cuda: bool, peak_override: float | None) -> tuple[float | None, float | None, str]:
+    """Datasheet peak, measured matmul rate and the device's name (no rates on CPU)."""
+    if not cuda:
+        return None, None, "CPU (a smoke run of the benchmark's wiring: no MFU)"
+    peak, name = throughput.gpu_peak_tflops(peak_override)
+    return peak, matmul_tflops(), name
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
-    if not torch.cuda.is_available():
+    size, cuda = SIZES[args.size], torch.cuda.is_available()
+    if size.real and not cuda:
         print("gpu benchmark: no CUDA device is visible to this Python (torch "
               f"{torch.__version__}); nothing was measured")
         return 2
@@ -98,35 +108,35 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     root = args.workdir or Path(tempfile.mkdtemp(prefix="kubetune-gpu-bench-"))
-    size = SIZES["sd15"]
-    model = build_model(root / "model", size, device="cuda", dtype="bfloat16")
+    model = build_model(root / "model", size, device="cuda" if cuda else "cpu", dtype="bfloat16")
     data = build_image_dataset(root / "data", count=args.images, size=size.resolution)
-    fixture = throughput.Fixture(model, data, sd15_sized=True)
-    peak, name = throughput.gpu_peak_tflops(args.peak_tflops)
-    ceiling = matmul_tflops()
+    fixture = throughput.Fixture(model, data, sd15_sized=size.name == "sd15")
+    peak, ceiling, name = device_line(cuda, args.peak_tflops)
     script, why_not = example_script(args.diffusers_script, diffusers.__version__)
-    print(f"device: {name}; torch {torch.__version__}, diffusers {diffusers.__version__}; datasheet dense bf16 "
-          f"{peak or '?'} TFLOP/s, measured 8192³ bf16 matmul {ceiling:.0f} TFLOP/s")
-    print(f"model: random weights in SD 1.5's shapes (UNet 860M parameters), {size.resolution}², built in "
-          f"{time.perf_counter() - started:.0f} s")
+    rates = f"datasheet dense bf16 {peak or '?'} TFLOP/s, measured 8192³ bf16 matmul {ceiling:.0f} TFLOP/s; " \
+        if ceiling else ""
+    print(f"device: {name}; {rates}torch {torch.__version__}, diffusers {diffusers.__version__}")
+    print(f"model: {size.label}, random weights, built in {time.perf_counter() - started:.0f} s")
     print(f"comparison: {script}" if script else f"comparison skipped: {why_not}")
     for method in args.methods.split(","):
         flop = unet_flop_per_image(meta_unet(model), method, size.resolution)
         settings = throughput.Settings(
-            device="cuda", method=method, resolution=size.resolution, batch_size=args.batch_size, rank=4,
-            learning_rate=1e-4, seed=0, precision="bf16", random_flip=True, steps=args.steps, warmup=args.warmup,
-            repeats=1)
+            device="cuda" if cuda else "cpu", method=method, resolution=size.resolution, batch_size=args.batch_size,
+            rank=4, learning_rate=1e-4, seed=0, precision="bf16", random_flip=True, steps=args.steps,
+            warmup=args.warmup, repeats=1)
         runners = {"kubetune": lambda work, s=settings: throughput.our_command(s, fixture, work)}
         if method == "lora" and script:
             runners["diffusers"] = lambda work, s=settings: throughput.example_command(script, s, fixture, work)
         runs = throughput.measure(runners, settings, root)
         throughput.report(runs, settings, fixture, peak)  # its MFU column uses ANCHORS.md's FLOP per image
         ours = max(run.images_per_second(settings) for run in runs["kubetune"])
-        print(f"  FLOP per image (UNet fwd+bwd, {method}): measured {flop / 1e9:,.0f} GFLOP, "
-              f"ANCHORS.md {throughput.SD15_UNET_GFLOP[method]:,.0f} GFLOP")
+        anchors = f", ANCHORS.md {throughput.SD15_UNET_GFLOP[method]:,.0f} GFLOP" if size.name == "sd15" else ""
+        counted = f"{flop / 1e9:,.0f} GFLOP" if flop >= 1e10 else f"{flop / 1e6:,.1f} MFLOP"
+        print(f"  FLOP per image (UNet fwd+bwd, {method}): measured {counted}{anchors}")
         mfu = [f"{100 * ours * flop / (rate * 1e12):.1f}% of {label}" for label, rate in
                (("the datasheet peak", peak), ("the measured matmul rate", ceiling)) if rate]
-        print(f"  MFU of kubetune with the measured FLOP: {', '.join(mfu)}")
+        if mfu:
+            print(f"  MFU of kubetune with the measured FLOP: {', '.join(mfu)}")
     print(f"gpu benchmark: {time.perf_counter() - started:.0f} s")
     if args.workdir is None:
         shutil.rmtree(root, ignore_errors=True)

@@ -65,11 +65,11 @@ def locked_versions(lock: Path = REPO / "uv.lock") -> dict[str, str]:
         return {package["name"]: package["version"] for package in tomllib.load(handle)["package"]}
 
 
-def download(specs: list[str], folder: Path, python: str) -> None:
-    """`pip download` of exactly these wheels (no dependencies) for CPython 3.12 on manylinux x86_64."""
+def download(specs: list[str], folder: Path, python: str, version: str) -> None:
+    """`pip download` of exactly these wheels (no dependencies) for CPython `version` on manylinux x86_64."""
     platforms = [arg for platform in PLATFORMS for arg in ("--platform", platform)]
     command = [python, "-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--no-deps",
-               "--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp", *platforms,
+               "--only-binary=:all:", "--python-version", version, "--implementation", "cp", *platforms,
                "--dest", str(folder), *specs]
     subprocess.run(command, check=True)
 
@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cuda", default="130", help="the CUDA build of bitsandbytes to keep (torch.version.cuda "
                                                       "without the dot on the host; 130 for torch 2.11+cu130)")
     parser.add_argument("--python", default=sys.executable, help="the Python whose pip downloads")
+    parser.add_argument("--python-version", default="3.12", help="the GPU host's Python (3.12 on nvidia-h200)")
     parser.add_argument("--no-example", action="store_true", help="never fetch diffusers' example script")
     args = parser.parse_args(argv)
 
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                                             or fetch_example(versions["diffusers"]))
     names = CARRIED + (EXAMPLE_NEEDS if example else [])
     assert not HOST_HAS.intersection(names), HOST_HAS.intersection(names)
-    download([f"{name}=={versions[name]}" for name in names], args.dest, args.python)
+    download([f"{name}=={versions[name]}" for name in names], args.dest, args.python, args.python_version)
     cut_bitsandbytes(next(args.dest.glob("bitsandbytes-*.whl")), args.cuda)
     if example:
         copy = args.dest / "examples" / versions["diffusers"] / EXAMPLE_NAME
