@@ -39,6 +39,16 @@ def _offline_and_fake_credentials() -> Iterator[None]:
             os.environ[key] = value
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state() -> Iterator[None]:
+    """accelerate keeps one process-wide state that refuses a second `mixed_precision`; a trainer pod runs
+    one job per process, this session many, so a test about float32 may follow ones at the default bf16."""
+    state = sys.modules.get("accelerate.state")  # nothing to reset before the first run imports it
+    if state is not None:
+        state.AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+
+
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from kubetune_trainer.tiny import build_tiny_pipeline

@@ -1,4 +1,5 @@
-"""Images come out of the trainer's mixed-dtype modules at every precision, and a DreamBooth-LoRA job
+"""Each module runs in the dtype the job's precision gives it, images come out of the trainer's
+mixed-dtype modules at every precision, and a DreamBooth-LoRA job
 with generated class images runs through `kubetune run` at the API's default precision (bf16).
 
 The trainer keeps frozen modules in the compute dtype, trained weights and the VAE in float32;
@@ -12,14 +13,17 @@ import json
 import math
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import yaml
-from trainer_support import job_document
+from trainer_support import job_document, local_job
 
 from kubetune.api.validation import validate_document
 from kubetune.cli import main
 from kubetune_trainer.assembly import _place
+from kubetune_trainer.config import RuntimeConfig
+from kubetune_trainer.job import run_job
 from kubetune_trainer.models import build_pipeline, generate, load_components
 
 
@@ -46,6 +50,25 @@ def test_generate_makes_images_from_modules_placed_at_each_precision(family: str
     assert pixels.shape == (2, 64, 64, 3)
     assert pixels.std() > 0  # NaN latents decode to a uniform (black) image
 
+
+
+@pytest.mark.parametrize(("precision", "frozen"), [("no", "float32"), ("bf16", "bfloat16")])
+def test_frozen_modules_run_in_the_job_precision_and_trained_weights_in_float32(
+        precision: str, frozen: str, tiny_sd: Path, squares: Path, tmp_path: Path) -> None:
+    """Both in one process: a float32 job may follow a bf16 one (see conftest's accelerate reset)."""
+    seen: list[dict[str, set[str]]] = []
+
+    def dtypes(trainer: Any) -> None:
+        components = trainer.p.components
+        seen.append({"frozen": {str(p.dtype) for p in components.text_encoders[0].parameters()},
+                     "trained": {str(p.dtype) for p in components.unet.parameters() if p.requires_grad},
+                     "vae": {str(p.dtype) for p in components.vae.parameters()}})
+
+    job = local_job(str(tiny_sd), str(squares), str(tmp_path / "out"), training={"maxSteps": 1,
+                                                                                  "mixedPrecision": precision})
+    result = run_job(job, RuntimeConfig(scratch=tmp_path / "s", log_every=0), hooks=[dtypes])
+    assert result.exit_code == 0, result.message
+    assert seen == [{"frozen": {f"torch.{frozen}"}, "trained": {"torch.float32"}, "vae": {"torch.float32"}}]
 
 def test_dreambooth_lora_with_generated_class_images_through_kubetune_run(tiny_sdxl: Path, squares: Path,
                                                                           tmp_path: Path) -> None:
