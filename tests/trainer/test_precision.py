@@ -1,6 +1,6 @@
 """Each module runs in the dtype the job's precision gives it, images come out of the trainer's
-mixed-dtype modules at every precision, and a DreamBooth-LoRA job
-with generated class images runs through `kubetune run` at the API's default precision (bf16).
+mixed-dtype modules at every precision, and a DreamBooth-LoRA job with generated class images
+runs through `kubetune run` at the API's default precision (bf16).
 
 The trainer keeps frozen modules in the compute dtype, trained weights and the VAE in float32;
 a diffusers pipeline called on such modules fails in `vae.decode` (`Input type (c10::BFloat16)
