@@ -52,9 +52,11 @@ def uninterrupted(tiny_sd: Path, squares: Path, tmp_path_factory: pytest.TempPat
     return _adapter(folder / "out")
 
 
-@pytest.mark.parametrize("signalled", [0, 1], ids=["rank-0-pod", "rank-1-pod"])
-def test_sigterm_to_one_launcher_stops_every_rank_at_one_step(signalled: int, tiny_sd: Path, squares: Path,
-                                                              tmp_path: Path, uninterrupted: dict[str, Any]) -> None:
+@pytest.mark.parametrize("signalled", [(0,), (1,), (1, 0)], ids=["rank-0-pod", "rank-1-pod", "suspend"])
+def test_sigterm_to_one_launcher_stops_every_rank_at_one_step(signalled: tuple[int, ...], tiny_sd: Path,
+                                                              squares: Path, tmp_path: Path,
+                                                              uninterrupted: dict[str, Any]) -> None:
+    """`suspend`: the operator deletes both pods, so both launchers get SIGTERM, half a second apart."""
     import torch
 
     output, trace = tmp_path / "out", tmp_path / "trace"
@@ -62,8 +64,10 @@ def test_sigterm_to_one_launcher_stops_every_rank_at_one_step(signalled: int, ti
     nodes = start_nodes(doc, tmp_path / "stopped", trace)
     try:
         wait_for_step(trace, nodes)
-        nodes[signalled].proc.send_signal(signal.SIGTERM)
         sent = time.monotonic()
+        for rank in signalled:
+            nodes[rank].proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
         codes = [node.wait(timeout=30) for node in nodes]
         assert time.monotonic() - sent < 30
     finally:
@@ -73,8 +77,8 @@ def test_sigterm_to_one_launcher_stops_every_rank_at_one_step(signalled: int, ti
     stopped_at = results[0]["step"]
     assert [r["exitCode"] for r in results] == [EXIT_INTERRUPTED] * 2 and results[1]["step"] == stopped_at
     assert [r["reason"] for r in results] == ["Interrupted"] * 2
-    assert f"after step {stopped_at}" in results[1 - signalled]["message"]
-    assert "sent to another rank" in results[1 - signalled]["message"]
+    assert all(f"after step {stopped_at}" in r["message"] for r in results)
+    assert all("sent to another rank" in results[rank]["message"] for rank in {0, 1} - set(signalled))
     assert 1 <= stopped_at < MAX_STEPS and traced_steps(trace, 0) == traced_steps(trace, 1) == stopped_at
     assert checkpoint_folders(output) == {stopped_at: True}  # complete, and nothing incomplete beside it
 
