@@ -9,7 +9,8 @@ frozen, each caption's encoding is computed once and kept (`PromptCache`).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -72,6 +73,23 @@ class Components:
     prompts: PromptCache = field(default_factory=PromptCache)
     compute_dtype: Any = None
     """The dtype frozen weights run in (set by the trainer from `training.mixedPrecision`); None is float32."""
+
+    @contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """Every module in eval mode for a while (sampling, validation), then as it was.
+
+        Trained modules run in training mode, where adapter dropout applies; an image or a
+        validation loss must not depend on dropout's draw.
+        """
+        modules = list(self.modules().values())
+        modes = [module.training for module in modules]
+        for module in modules:
+            module.eval()
+        try:
+            yield
+        finally:
+            for module, mode in zip(modules, modes, strict=True):
+                module.train(mode)
 
     def modules(self) -> dict[str, Any]:
         """Named modules, the names used for trainable-state keys and LoRA file prefixes."""
@@ -255,7 +273,7 @@ def generate(components: Components, pipe: Any, prompt: str, **call: Any) -> lis
 
     dtype = components.compute_dtype or torch.float32
     vae = components.vae
-    with torch.no_grad():
+    with torch.no_grad(), components.evaluating():
         with torch.autocast(vae.device.type, dtype=dtype, enabled=dtype != torch.float32):
             latents = pipe(prompt, output_type="latent", **call).images
         shift = getattr(vae.config, "shift_factor", None) or 0.0

@@ -36,16 +36,14 @@ class LossValidator:
     def evaluate(self, unet: Any) -> float:
         import torch
 
-        losses, was_training = [], unet.training
-        unet.eval()
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        losses = []
+        with torch.no_grad(), torch.random.fork_rng(devices=[]), self.objective.components.evaluating():
             for start in range(0, len(self.examples), self.batch_size):
                 chunk = self.examples[start : start + self.batch_size]
                 items = [(ex, random.Random(f"val-{self.seed}-{start + i}")) for i, ex in enumerate(chunk)]
                 generator = torch.Generator().manual_seed(self.seed + start)
                 loss = self.objective.loss(make_batch(items, self.spec), generator)
                 losses.append(float(loss) * len(chunk))
-        unet.train(was_training)
         return sum(losses) / len(self.examples)
 
 
