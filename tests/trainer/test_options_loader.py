@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -63,11 +65,26 @@ def test_workers_decode_in_their_own_processes(images: Path, tmp_path: Path, mon
     assert len(deciders) == 2
     assert len(list(tmp_path.iterdir())) >= 8
     assert all(p.shape == (2, 3, 64, 64) for p in pixels)
-    for pid in deciders:  # a stop sent to the process group is the training process's to handle
-        os.kill(pid, signal.SIGTERM)
-    time.sleep(0.5)
+    for pid in deciders:  # a stop sent to the trainer's process group is the training process's to handle
+        assert os.getpgid(pid) == pid != os.getpgid(0)
+    os.killpg(os.getpgid(0), signal.SIGWINCH)  # harmless, but it reaches every process of the trainer's group
     assert [stream.next_batch().pixels.shape for _ in range(4)] == [(2, 3, 64, 64)] * 4
     stream.close()
+
+
+def test_a_process_that_leaves_its_workers_running_still_exits(images: Path) -> None:
+    """multiprocessing ends daemonic children at exit with SIGTERM; a worker deaf to it hung the exit."""
+    script = (f"from tests.trainer.test_options_loader import _stream\n"
+              f"from kubetune_trainer.batches import PrefetchedBatches\n"
+              f"from pathlib import Path\n"
+              f"KEEP = PrefetchedBatches(_stream(Path({str(images)!r})), workers=2, prefetch=2)\n"
+              f"print(KEEP.next_batch().pixels.shape, flush=True)\n")
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "torch.Size([2, 3, 64, 64])" in done.stdout
+    assert time.monotonic() - started < 45
 
 
 @pytest.mark.parametrize("rank", [0, 1])

@@ -128,13 +128,15 @@ def _as_is(item: Any) -> Any:
     return item
 
 
-def _leave_stops_to_the_trainer(worker_id: int) -> None:
-    """A stop signal sent to the whole process group is the training process's to handle (it checkpoints,
-    then its workers end with it); a worker that died of it would make the DataLoader fail the step."""
-    import signal
+def _own_process_group(worker_id: int) -> None:
+    """A stop signal sent to the trainer's process group (a terminal's Ctrl-C, torchrun stopping its
+    workers) is the training process's to handle: it checkpoints, then its loader workers end with it;
+    a worker that died of it would make the DataLoader fail the step. So each worker leaves the group.
+    A signal sent to the worker itself still ends it, as multiprocessing's clean-up at exit relies on
+    (a worker that ignored SIGTERM would hang its parent's exit)."""
+    import os
 
-    for stop in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(stop, signal.SIG_IGN)
+    os.setpgid(0, 0)
 
 
 class PrefetchedBatches:
@@ -168,7 +170,7 @@ class PrefetchedBatches:
 
         loader = DataLoader(_Render(), sampler=_planned(self.stream), batch_size=None, collate_fn=_as_is,
                             num_workers=self.workers, prefetch_factor=self.prefetch,
-                            worker_init_fn=_leave_stops_to_the_trainer,
+                            worker_init_fn=_own_process_group,
                             generator=torch.Generator())  # its seed draw leaves the global RNG alone
         with warnings.catch_warnings():  # workers only decode images: no thread of ours runs in them
             warnings.filterwarnings("ignore", message=r".*use of fork\(\) may lead to deadlocks",
