@@ -101,6 +101,9 @@ class BatchStream:
         self.position += 1
         return make_batch(items, self.spec, bucket, self.latent_crop)
 
+    def close(self) -> None:
+        """Nothing to stop: this stream renders in the training process."""
+
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position}
 

@@ -79,6 +79,10 @@ class PriorPreservationStream:
                      a.keys + b.keys, a.weights + [w * self.weight for w in b.weights],
                      terms=["instance"] * len(a.keys) + ["prior"] * len(b.keys))
 
+    def close(self) -> None:
+        self.instance.close()
+        self.prior.close()
+
     def state_dict(self) -> dict[str, Any]:
         return {"instance": self.instance.state_dict(), "prior": self.prior.state_dict()}
 

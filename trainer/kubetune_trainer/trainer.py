@@ -106,23 +106,30 @@ class Trainer:
         self.p.reporter.phase("Training")
         self.p.reporter.started(self.step, self.p.total_steps)
         self.p.stop.armed = True
-        while self.step < self.p.total_steps and not self.stopped_early:
-            loss, seconds = self.train_step()
-            self.step += 1
-            self.p.reporter.step(self.step, loss, self.images_per_step(), seconds, self.p.data.epoch + 1)
-            self.p.reporter.loss_terms(self.step, self.p.objective.terms.take())
-            self.agree_on_stop()
-            last = self.step == self.p.total_steps
-            if self.p.validator.due(self.step, last):
-                self.validate()
-            if self.p.checkpointer.due(self.step) and not last and not self.stopped_early:
-                self.save_checkpoint()
-            if self.p.sampler.due(self.step, last or self.stopped_early):
-                self.sample()
-            for hook in self.p.hooks:
-                hook(self)
-            self.stop_if_asked()
+        try:
+            while self.step < self.p.total_steps and not self.stopped_early:
+                self.run_step()
+        finally:
+            self.p.data.close()  # loader workers end now, not whenever the garbage collector reaches them
         return self.export()
+
+    def run_step(self) -> None:
+        """One optimizer step and what follows it: report, agree on a stop, validate, checkpoint, sample."""
+        loss, seconds = self.train_step()
+        self.step += 1
+        self.p.reporter.step(self.step, loss, self.images_per_step(), seconds, self.p.data.epoch + 1)
+        self.p.reporter.loss_terms(self.step, self.p.objective.terms.take())
+        self.agree_on_stop()
+        last = self.step == self.p.total_steps
+        if self.p.validator.due(self.step, last):
+            self.validate()
+        if self.p.checkpointer.due(self.step) and not last and not self.stopped_early:
+            self.save_checkpoint()
+        if self.p.sampler.due(self.step, last or self.stopped_early):
+            self.sample()
+        for hook in self.p.hooks:
+            hook(self)
+        self.stop_if_asked()
 
     def agree_on_stop(self) -> None:
         """A collective at the end of every step: all ranks learn whether any rank was asked to stop."""
