@@ -5,7 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from kubetune_trainer.exitcodes import EXIT_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_PEER_LOST
+from kubetune_trainer.exitcodes import (
+    EXIT_CONFIG,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_PEER_LOST,
+    EXIT_STORAGE_UNAVAILABLE,
+)
 from kubetune_trainer.launch import needs_launcher, pod_exit_code, recorded_results, worker_status_file
 
 
@@ -28,6 +34,17 @@ def test_the_pod_code_names_a_cause_on_this_pod_before_a_lost_peer() -> None:
     assert pod_exit_code([None], stopped=True) == EXIT_INTERRUPTED
     assert pod_exit_code([_result(EXIT_PEER_LOST), None], stopped=False) == EXIT_FAILED
     assert pod_exit_code([_result(EXIT_PEER_LOST)], stopped=False) == EXIT_PEER_LOST
+
+
+def test_a_worker_failure_is_not_hidden_by_the_stops_torchrun_sends_its_peers() -> None:
+    """Unsignalled, a 143 beside a failure is torchrun stopping the failed worker's local peers: the pod
+    failed (counted), it was not disrupted (uncounted, retried forever)."""
+    assert pod_exit_code([_result(EXIT_FAILED), _result(EXIT_INTERRUPTED)], stopped=False) == EXIT_FAILED
+    assert pod_exit_code([None, _result(EXIT_INTERRUPTED)], stopped=False) == EXIT_FAILED
+    assert pod_exit_code([_result(EXIT_STORAGE_UNAVAILABLE), _result(EXIT_INTERRUPTED)],
+                         stopped=False) == EXIT_STORAGE_UNAVAILABLE
+    assert pod_exit_code([_result(EXIT_INTERRUPTED), _result(EXIT_INTERRUPTED)], stopped=False) == EXIT_INTERRUPTED
+    assert pod_exit_code([_result(EXIT_FAILED), _result(EXIT_INTERRUPTED)], stopped=True) == EXIT_INTERRUPTED
 
 
 def test_recorded_results_count_the_workers_that_wrote_none(tmp_path: Path) -> None:

@@ -101,3 +101,25 @@ def test_prefetched_batches_equal_the_in_process_ones_and_resume_the_same(images
     _same(_take(resumed, STEPS - 3), straight[3:])
     prefetched.close()
     resumed.close()
+
+
+def test_a_worker_ends_on_a_sigterm_sent_to_it_whatever_the_trainer_handles(images: Path) -> None:
+    """Workers fork from a trainer whose SIGTERM handler only asks the loop to stop; inherited, that
+    handler would keep a worker alive through the SIGTERM multiprocessing ends it with at exit."""
+    import multiprocessing
+
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)  # as job.stop_on_signals does
+    try:
+        before = set(multiprocessing.active_children())
+        stream = PrefetchedBatches(_stream(images), workers=1, prefetch=1)
+        stream.next_batch()
+        [worker] = set(multiprocessing.active_children()) - before
+        os.kill(worker.pid, signal.SIGTERM)
+        with pytest.raises(RuntimeError, match="killed by signal: Terminated"):  # torch's SIGCHLD handler
+            worker.join(timeout=10)
+            time.sleep(5)
+        worker.join(timeout=10)
+        assert worker.exitcode == -signal.SIGTERM
+        stream._rendered = None  # the loader notices its dead worker on the next batch; none is asked
+    finally:
+        signal.signal(signal.SIGTERM, previous)

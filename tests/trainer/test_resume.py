@@ -76,11 +76,13 @@ def test_sigterm_checkpoints_and_stops_with_a_retryable_code(tiny_sd: Path, squa
         if trainer.step == 2:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    job = local_job(str(tiny_sd), str(squares), str(tmp_path / "out"), training={"maxSteps": 6})
+    job = local_job(str(tiny_sd), str(squares), str(tmp_path / "out"), training={"maxSteps": 6},
+                    validation={"prompts": ["a red square"], "every": 1, "inferenceSteps": 1})
     stopped = run_job(job, RuntimeConfig(scratch=tmp_path / "s1", log_every=0), hooks=[preempt_after_two])
     assert (stopped.exit_code, stopped.reason) == (EXIT_INTERRUPTED, "Interrupted")
     assert "SIGTERM after step 3" in stopped.message
     assert [c["step"] for c in stopped.progress["checkpoints"]] == [2, 3]
+    assert [s["step"] for s in stopped.progress["samples"]] == [1, 2]  # the grace period goes to the checkpoint
     steps: list[int] = []
     resumed = run_job(job, RuntimeConfig(scratch=tmp_path / "s2", log_every=0), hooks=[_record(steps)])
     assert resumed.exit_code == 0 and steps == [4, 5, 6]

@@ -136,10 +136,14 @@ def _own_process_group(worker_id: int) -> None:
     workers) is the training process's to handle: it checkpoints, then its loader workers end with it;
     a worker that died of it would make the DataLoader fail the step. So each worker leaves the group.
     A signal sent to the worker itself still ends it, as multiprocessing's clean-up at exit relies on
-    (a worker that ignored SIGTERM would hang its parent's exit)."""
+    (a worker that ignored SIGTERM would hang its parent's exit): the trainer's own stop handlers,
+    inherited through fork, give way to the defaults."""
     import os
+    import signal
 
     os.setpgid(0, 0)
+    for stop in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop, signal.SIG_DFL)
 
 
 class PrefetchedBatches:

@@ -39,8 +39,14 @@ WORKER_RESULTS_ENV = "KUBETUNE_WORKER_RESULTS"
 SHUTDOWN_MARGIN_SECONDS = 10
 """Of the pod's grace period, what torchrun leaves for itself and the launcher after the workers."""
 PRECEDENCE = (ec.EXIT_CONFIG, ec.EXIT_INTERRUPTED, ec.EXIT_FAILED, ec.EXIT_STORAGE_UNAVAILABLE, ec.EXIT_PEER_LOST)
-"""The pod's code is the first of these any local worker ended with: a cause on this pod before a
-symptom of another pod's (peer lost); a worker that wrote no result counts as a failure."""
+"""When this pod was signalled, its code is the first of these any local worker ended with: a cause
+on this pod before a symptom of another pod's (peer lost); a worker that wrote no result counts as
+a failure."""
+UNSIGNALLED_PRECEDENCE = (ec.EXIT_CONFIG, ec.EXIT_FAILED, ec.EXIT_STORAGE_UNAVAILABLE, ec.EXIT_INTERRUPTED,
+                          ec.EXIT_PEER_LOST)
+"""When it was not, a local worker's failure comes before 143: torchrun stops a failed worker's
+local peers with SIGTERM, and a stop that lost work to a failure must count as that failure, not
+pass for a disruption (which the operator would retry uncounted, forever)."""
 
 
 def requested_processes(env: dict[str, str] | None = None) -> int:
@@ -76,13 +82,15 @@ def recorded_results(folder: Path, workers: int) -> list[dict[str, Any] | None]:
 
 def pod_exit_code(results: list[dict[str, Any] | None], stopped: bool) -> int:
     """The pod's code: 0 when every worker succeeded; else 78 if any worker found a configuration
-    error, 143 if this pod or a worker was stopped, then a failure here, then storage, then 76."""
+    error; then, when this pod was stopped, 143, a failure here, storage, 76; when it was not, a
+    failure here, storage, 143 (a stop agreed with another pod), 76."""
     codes = {ec.EXIT_FAILED if result is None else result["exitCode"] for result in results}
     if codes <= {ec.EXIT_OK}:
         return ec.EXIT_OK
     if stopped:
         codes.add(ec.EXIT_INTERRUPTED)
-    return next((code for code in PRECEDENCE if code in codes), max(codes))
+    order = PRECEDENCE if stopped else UNSIGNALLED_PRECEDENCE
+    return next((code for code in order if code in codes), max(codes))
 
 
 def _pod_result(results: list[dict[str, Any] | None], code: int, stopped: str | None,

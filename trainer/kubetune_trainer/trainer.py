@@ -121,11 +121,12 @@ class Trainer:
         self.p.reporter.loss_terms(self.step, self.p.objective.terms.take())
         self.agree_on_stop()
         last = self.step == self.p.total_steps
-        if self.p.validator.due(self.step, last):
+        stopping = self.p.stop.signal is not None  # the grace period is for the checkpoint, not for samples
+        if self.p.validator.due(self.step, last) and not stopping:
             self.validate()
         if self.p.checkpointer.due(self.step) and not last and not self.stopped_early:
             self.save_checkpoint()
-        if self.p.sampler.due(self.step, last or self.stopped_early):
+        if self.p.sampler.due(self.step, last or self.stopped_early) and not stopping:
             self.sample()
         for hook in self.p.hooks:
             hook(self)
