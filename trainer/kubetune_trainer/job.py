@@ -106,7 +106,7 @@ def stop_on_signals(stop: StopRequest) -> Iterator[None]:
 
     def request(signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
-        if stop.signal is not None:
+        if stop.signal is not None or stop.ended:
             return
         if not stop.armed or stop.received is not None:
             raise Interrupted(f"stopped by {name} before a checkpoint could be saved")
@@ -123,15 +123,23 @@ def stop_on_signals(stop: StopRequest) -> Iterator[None]:
 def run_job(job: FineTuneJob, runtime: RuntimeConfig, hooks: list[StepHook] | None = None) -> RunResult:
     """Train `job` on this process; never raises for a failed run, returns how it ended."""
     quiet_libraries()
+    progress, stop = ProgressState(), StopRequest()
+    with stop_on_signals(stop):
+        result = _run(job, runtime, hooks, progress, stop)
+        stop.ended = True
+        write_result(result, runtime)
+    return result
+
+
+def _run(job: FineTuneJob, runtime: RuntimeConfig, hooks: list[StepHook] | None, progress: ProgressState,
+         stop: StopRequest) -> RunResult:
     from kubetune_trainer.assembly import build_trainer
 
-    progress, stop = ProgressState(), StopRequest()
     reporter, server = Reporter(), None
     try:
         reporter, server = _reporters(job, runtime, progress)
-        with stop_on_signals(stop):
-            trainer = build_trainer(job, runtime, reporter, hooks, stop)
-            trainer.train()
+        trainer = build_trainer(job, runtime, reporter, hooks, stop)
+        trainer.train()
         progress.phase("Succeeded")
         reason, message = ("EarlyStopped", trainer.early_stop_message) if trainer.early_stop_message else (
             "Completed", "training finished")
@@ -150,7 +158,6 @@ def run_job(job: FineTuneJob, runtime: RuntimeConfig, hooks: list[StepHook] | No
         reporter.close()
         if server is not None:
             server.close()
-    write_result(result, runtime)
     return result
 
 

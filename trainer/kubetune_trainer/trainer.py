@@ -50,6 +50,8 @@ class StopRequest:
     received: str | None = None
     signal: str | None = None
     armed: bool = False
+    ended: bool = False
+    """The run has ended: a late signal (a suspend reaches pods at different times) waits for the result."""
 
 
 @dataclass
