@@ -9,6 +9,7 @@ import json
 from typing import Any
 
 from kubetune.api.crd import openapi_schema
+from kubetune.api.identity import WEIGHT_FIELDS
 
 
 def _type_of(node: dict[str, Any]) -> str:
@@ -71,6 +72,19 @@ def render_reference() -> str:
             "## Cross-field rules",
             "",
             *_rules(spec, "spec"),
+            "",
+            "## Output ownership",
+            "",
+            "Every checkpoint manifest under `output.uri` records the job that wrote it: its namespace, its",
+            "name (`kubetune run` uses the document's `metadata`, namespace `default` when none is given) and",
+            "a digest of the fields below, the ones that shape the weights. A job resumes from, prunes and",
+            "overwrites only what its own identity wrote; finding another owner's checkpoints it exits 78",
+            "naming that owner and touches nothing. Every other field may change between runs of one job:",
+            "nodes, GPUs, image, scheduling, storage connection, precision, loader settings, sampling,",
+            "checkpoint cadence, and `training.maxSteps`/`training.epochs` (so a finished run can be extended).",
+            "On a cluster the operator also refuses a job whose `output.uri` overlaps a live job's.",
+            "",
+            *[f"- `spec.{path}`" for path in WEIGHT_FIELDS],
             "",
         ]
     )

@@ -149,6 +149,15 @@ class DataSpec(ApiModel):
     prefetch_batches: int = Field(
         default=2, ge=1, le=64, description="Batches each loader worker prepares ahead (with loaderWorkers > 0)."
     )
+    max_skipped: int = Field(
+        default=0,
+        ge=0,
+        le=10_000_000,
+        description=(
+            "Images that may be skipped as unreadable, missing or badly captioned before the job fails "
+            "(exit 78, naming them); skipped images are counted and named in the log and the status."
+        ),
+    )
     validation_fraction: float = Field(
         default=0.0,
         ge=0.0,

@@ -76,6 +76,24 @@ class LoraOutputs(StatusModel):
     kohya: str | None = Field(default=None, description="Single-file kohya LoRA for A1111/ComfyUI.")
 
 
+class SkippedFile(StatusModel):
+    """One image left out of training, and why."""
+
+    file: str = Field(description="The file as named in the dataset (key relative to data.uri).")
+    reason: str = Field(description="Why it was skipped, e.g. truncated image, missing file, caption not UTF-8.")
+
+
+class DataReport(StatusModel):
+    """What the trainer made of the dataset: images used and images skipped (data.maxSkipped)."""
+
+    images: int = Field(default=0, description="Images used for training and validation.")
+    skipped: int = Field(default=0, description="Images skipped as unreadable, missing or badly captioned.")
+    max_skipped: int = Field(default=0, description="data.maxSkipped: more skipped images fail the job.")
+    skipped_files: list[SkippedFile] = Field(
+        default_factory=list, description="The first few skipped files with reasons (the log names all)."
+    )
+
+
 class Outputs(StatusModel):
     """Final results, filled when the job succeeds."""
 
@@ -102,3 +120,4 @@ class FineTuneJobStatus(StatusModel):
     checkpoints: list[CheckpointRef] = Field(default_factory=list, description="Complete checkpoints, newest last.")
     outputs: Outputs | None = Field(default=None, description="Final results.")
     samples: list[SampleRef] = Field(default_factory=list, description="Latest validation images.")
+    data: DataReport | None = Field(default=None, description="Images used and skipped, once the data is read.")

@@ -92,3 +92,8 @@ def is_within(inner: str, outer: str) -> bool:
         return False
     a_path, b_path = a.path.strip("/"), b.path.strip("/")
     return not b_path or a_path == b_path or a_path.startswith(b_path + "/")
+
+
+def overlaps(a: str, b: str) -> bool:
+    """True when two prefixes share any object: one is the other or lies under it."""
+    return is_within(a, b) or is_within(b, a)
