@@ -177,14 +177,14 @@ def write_result(result: RunResult, runtime: RuntimeConfig) -> None:
 
 def load_job_file(path: Path, mode: str) -> FineTuneJob:
     """The one FineTuneJob in a YAML or JSON file, validated for `mode`; ConfigError otherwise."""
-    from kubetune.api.validation import load_documents, validate_document
+    from kubetune.api.validation import load_documents, validate_document, yaml_problem
 
     try:
         docs = load_documents(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read: {exc}") from exc
     except Exception as exc:  # yaml.YAMLError carries the position
-        raise ConfigError(f"{path}: not valid YAML: {exc}".splitlines()[0]) from exc
+        raise ConfigError(f"{path}: not valid YAML: {yaml_problem(exc)}") from exc
     if len(docs) != 1:
         raise ConfigError(f"{path}: expected one FineTuneJob document, found {len(docs)}")
     validated = validate_document(docs[0], mode=mode)

@@ -46,8 +46,30 @@ class Validated:
         return not self.problems
 
 
+class DuplicateKeyError(yaml.MarkedYAMLError):
+    """A mapping names the same key twice: YAML parsers differ on which one wins, so refuse both."""
+
+
 class _Yaml12Loader(yaml.SafeLoader):
-    """SafeLoader that reads `1e-4` as a number, as kubectl does (YAML 1.2 floats)."""
+    """SafeLoader that reads `1e-4` as a number, as kubectl does (YAML 1.2 floats), and refuses
+    duplicate keys (PyYAML silently keeps the last one; kubectl refuses them too)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: let SafeLoader report it as it does
+                continue
+            if first is not None:
+                raise DuplicateKeyError(
+                    "while reading a mapping", node.start_mark,
+                    f"duplicate key {key!r} (first on line {first.start_mark.line + 1}); keep only one",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
 
 
 _Yaml12Loader.add_implicit_resolver(
@@ -55,6 +77,14 @@ _Yaml12Loader.add_implicit_resolver(
     re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
     list("-+0123456789."),
 )
+
+
+def yaml_problem(exc: Exception) -> str:
+    """A YAML error on one line: where (line, column) and what, without PyYAML's source excerpt."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        return f"line {mark.line + 1}, column {mark.column + 1}: {exc.problem}"
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def load_documents(text: str) -> list[Any]:

@@ -34,7 +34,7 @@ def _read(name: str) -> str:
 
 
 def _check_file(name: str, mode: str, quiet: bool) -> int:
-    from kubetune.api.validation import load_documents, validate_document
+    from kubetune.api.validation import load_documents, validate_document, yaml_problem
 
     try:
         docs = load_documents(_read(name))
@@ -42,7 +42,7 @@ def _check_file(name: str, mode: str, quiet: bool) -> int:
         print(f"{name}: cannot read: {exc}", file=sys.stderr)
         return EXIT_UNREADABLE
     except Exception as exc:  # yaml.YAMLError and its subclasses carry the position
-        print(f"{name}: not valid YAML: {exc}", file=sys.stderr)
+        print(f"{name}: not valid YAML: {yaml_problem(exc)}", file=sys.stderr)
         return EXIT_INVALID
     if not docs:
         print(f"{name}: no YAML documents found", file=sys.stderr)
@@ -60,7 +60,8 @@ def _check_file(name: str, mode: str, quiet: bool) -> int:
 
 
 def _label(name: str, index: int, doc: object, count: int) -> str:
-    job = doc.get("metadata", {}).get("name") if isinstance(doc, dict) else None
+    metadata = doc.get("metadata") if isinstance(doc, dict) else None
+    job = metadata.get("name") if isinstance(metadata, dict) else None
     where = f"{name}#{index + 1}" if count > 1 else name
     return f"{where} ({job})" if isinstance(job, str) else where
 
