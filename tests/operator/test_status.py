@@ -225,3 +225,34 @@ def test_an_early_stop_is_the_reason_of_success() -> None:
     plain = compute_status(make_job().typed(), seen, NOW, previous("Running"), None,
                            parse_result('{"phase": "Succeeded", "reason": "Completed", "message": "done"}'))
     assert primary_reason(plain) == "Succeeded"
+
+
+def test_skipped_images_become_status_data_and_a_condition() -> None:
+    data = {"images": 118, "skipped": 7, "maxSkipped": 10,
+            "skippedFiles": [{"file": f"img-{i}.jpg", "reason": "truncated image"} for i in range(6)]}
+    report = parse_progress({"stage": "training", "step": 3, "totalSteps": 10, "data": data})
+    assert report is not None and report.progress is not None and report.progress.step == 3
+    status = compute_status(make_job().typed(), observed(RUNNING, (make_pod().running(),)), NOW, previous("Running"),
+                            report)
+    assert status.data is not None and status.data.skipped == 7
+    skipped = cond.find(status.conditions, "DataSkipped")
+    assert skipped is not None and skipped.status == "True" and skipped.reason == "ImagesSkipped"
+    assert skipped.message.startswith("7 of 125 image(s) skipped (spec.data.maxSkipped is 10): img-0.jpg")
+    assert "img-4.jpg (truncated image) and 2 more" in skipped.message and "img-5" not in skipped.message
+    from kubetune.operator.events import events_for_transition
+    assert "ImagesSkipped" in [e.reason for e in events_for_transition(previous("Running"), status)]
+    later = compute_status(make_job().typed(), observed(RUNNING, (make_pod().running(),)), NOW, status, None)
+    assert later.data == status.data  # kept between reads
+
+
+def test_no_skipped_images_is_a_false_condition_and_a_failed_run_reports_its_data() -> None:
+    result = parse_result('{"phase": "Failed", "exitCode": 78, "reason": "InvalidConfiguration", '
+                          '"message": "3 images skipped", "data": {"images": 2, "skipped": 3, "maxSkipped": 0, '
+                          '"skippedFiles": [{"file": "a.png", "reason": "not an image"}]}}')
+    assert result is not None and result.progress is not None and result.progress.data is not None
+    assert result.progress.data.skipped_files[0].file == "a.png"
+    clean = parse_progress({"stage": "training", "data": {"images": 5, "skipped": 0}})
+    status = compute_status(make_job().typed(), observed(RUNNING, (make_pod().running(),)), NOW, previous("Running"),
+                            clean)
+    skipped = cond.find(status.conditions, "DataSkipped")
+    assert skipped is not None and skipped.status == "False" and skipped.message == "all 5 image(s) are used"

@@ -20,7 +20,9 @@ CONDITION_TYPES: tuple[str, ...] = ("Created", "Running", "Restarting", "Suspend
 class Condition(StatusModel):
     """A standard metav1.Condition."""
 
-    type: str = Field(description="Created, Running, Restarting, Suspended, Succeeded or Failed.")
+    type: str = Field(
+        description="Created, Running, Restarting, Suspended, Succeeded, Failed; DataSkipped: images left out."
+    )
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
     reason: str = Field(default="", description="CamelCase reason for the last transition.")
     message: str = Field(default="", description="Human-readable details.")

@@ -232,6 +232,7 @@ class KubeCluster:
             pods=tuple(pods),
             configmap=mine("ConfigMap", naming.configmap_name(name)),
             service=mine("Service", naming.service_name(name)),
+            peers=tuple(p for p in self.caches["FineTuneJob"].items() if p.get("metadata", {}).get("uid") != uid),
             # only a new attempt waits for the Secret: with a Job, the pods report on it
             **(self._secret_check(job) if batch_job is None else {"secret_checked": False}),
         )

@@ -69,6 +69,19 @@ DEADLINE_EXCEEDED = Reason(
     "ran longer than spec.runPolicy.activeDeadlineSeconds ({seconds}s)",
     warning=True,
 )
+OUTPUT_CONFLICT = Reason(
+    "OutputConflict",
+    "spec.output.uri {uri} overlaps {other_uri}, the output of FineTuneJob {other} ({other_phase}): two jobs "
+    "writing one prefix would resume from, prune and overwrite each other's checkpoints; choose another "
+    "spec.output.uri, or delete {other} first and re-create this job",
+    warning=True,
+)
+DATA_SKIPPED = Reason(
+    "ImagesSkipped",
+    "{skipped} of {total} image(s) skipped (spec.data.maxSkipped is {limit}): {files}",
+    warning=True,
+)
+NO_DATA_SKIPPED = Reason("NoImagesSkipped", "all {images} image(s) are used")
 NOT_STARTED = Reason("NotStarted", "")
 NOT_FINISHED = Reason("NotFinished", "")
 

@@ -48,6 +48,9 @@ def events_for_transition(old: FineTuneJobStatus | None, new: FineTuneJobStatus)
     reason = primary_reason(new)
     if reason and (old.phase, primary_reason(old), old.restarts) != (new.phase, reason, new.restarts):
         out.append(_event(reason, new.message))
+    was_skipping, skipping = cond.find(old.conditions, "DataSkipped"), cond.find(new.conditions, "DataSkipped")
+    if skipping and skipping.status == "True" and not (was_skipping and was_skipping.status == "True"):
+        out.append(_event(skipping.reason, skipping.message))
     known = {c.step for c in old.checkpoints}
     fresh = [c for c in new.checkpoints if c.step not in known]
     if fresh:

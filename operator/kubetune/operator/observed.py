@@ -29,6 +29,8 @@ class Observed:
     """Keys of the referenced Secret; None when it does not exist or none is referenced."""
     secret_checked: bool = True
     """False when the operator may not read Secrets: then the pods report a missing one."""
+    peers: tuple[dict[str, Any], ...] = ()
+    """The other FineTuneJobs the operator watches, for output ownership (`output_claims`)."""
 
     def job_condition(self, type_: str) -> dict[str, Any] | None:
         """A True condition of the batch Job."""

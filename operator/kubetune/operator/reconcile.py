@@ -93,7 +93,7 @@ def reconcile(body: Mapping[str, Any], cluster: Cluster, settings: OperatorSetti
         new = invalid_status([str(p) for p in validated.problems], generation, now, old)
         return _finish(ref, body, old, new, cluster, metrics, now, PassOutcome(new))
     job = validated.job
-    if is_final(old) and job.spec.run_policy.ttl_seconds_after_finished is None:
+    if is_final(old, generation) and job.spec.run_policy.ttl_seconds_after_finished is None:
         new = old.model_copy(update={"observed_generation": generation})
         return _finish(ref, body, old, new, cluster, metrics, now, PassOutcome(new))
     seen = cluster.observe(job)

@@ -8,7 +8,9 @@ a piece of status and the operator merges it. The trainer's own shape
                           "step": 1200, "totalSteps": 2000, "loss": 0.083,
                           "imagesPerSecond": 41.5, "etaSeconds": 310,
                           "checkpoints": [{"step": 1000, "uri": "s3://...", "createdAt": "..."}],
-                          "samples": [{"step": 1000, "prompt": "...", "uri": "s3://..."}]}
+                          "samples": [{"step": 1000, "prompt": "...", "uri": "s3://..."}],
+                          "data": {"images": 118, "skipped": 2, "maxSkipped": 5,
+                                   "skippedFiles": [{"file": "a.jpg", "reason": "truncated image"}]}}
     termination message  the same fields at the top level, plus "phase" ("Succeeded" | "Failed"),
                           "exitCode", "reason" ("Completed", "EarlyStopped", ...), "message" and
                           "outputs": {"uri": ..., "lora": {...}}
@@ -25,7 +27,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from kubetune.api.status import CheckpointRef, Outputs, Progress, SampleRef
+from kubetune.api.status import CheckpointRef, DataReport, Outputs, Progress, SampleRef
 
 STAGE_OF = {
     "starting": "staging", "staging": "staging", "loading": "staging", "resuming": "staging",
@@ -46,6 +48,8 @@ class ProgressReport:
     progress: Progress | None
     checkpoints: tuple[CheckpointRef, ...] = ()
     samples: tuple[SampleRef, ...] = ()
+    data: DataReport | None = None
+    """Images used and skipped, once the trainer has read the dataset."""
 
 
 @dataclass(frozen=True)
@@ -85,13 +89,13 @@ def parse_progress(doc: Any) -> ProgressReport | None:
     """A `/progress` document (already decoded), or None when it is not one."""
     if not isinstance(doc, dict):
         return None
-    fields = {k: v for k, v in doc.items() if k not in ("stage", "phase", "checkpoints", "samples", "outputs")}
+    fields = {k: v for k, v in doc.items() if k not in ("stage", "phase", "checkpoints", "samples", "outputs", "data")}
     progress = _model(Progress, fields)
     stage = STAGE_OF.get(str(doc.get("stage") or doc.get("phase") or "").lower())
     if progress is not None:
         progress = _with_percent(progress)
     return ProgressReport(stage, progress, _models(CheckpointRef, doc.get("checkpoints")),
-                          _models(SampleRef, doc.get("samples")))
+                          _models(SampleRef, doc.get("samples")), _model(DataReport, doc.get("data")))
 
 
 def parse_result(message: str | None) -> ResultReport | None:
@@ -108,7 +112,7 @@ def parse_result(message: str | None) -> ResultReport | None:
         nested = dict(doc["progress"])
     else:
         nested = {k: doc[k] for k in PROGRESS_KEYS if doc.get(k) is not None}
-    nested.update({k: doc[k] for k in ("checkpoints", "samples", "phase") if k in doc})
+    nested.update({k: doc[k] for k in ("checkpoints", "samples", "phase", "data") if k in doc})
     message = doc.get("message")
     early_stop = message if doc.get("reason") == EARLY_STOPPED and isinstance(message, str) else None
     return ResultReport(_model(Outputs, doc.get("outputs")), parse_progress(nested) if nested else None,

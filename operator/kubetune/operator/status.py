@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from kubetune.api.resource import FineTuneJob
-from kubetune.api.status import CheckpointRef, FineTuneJobStatus, Workers
+from kubetune.api.status import CheckpointRef, Condition, DataReport, FineTuneJobStatus, Workers
 from kubetune.operator import conditions as cond
 from kubetune.operator import naming
 from kubetune.operator import observed as obs
 from kubetune.operator.observed import Observed
+from kubetune.operator.output_claims import holder
 from kubetune.operator.reports import ProgressReport, ResultReport
 from kubetune.operator.restart import Verdict, failure_verdict
 from kubetune.operator.timefmt import format_time
@@ -38,12 +39,30 @@ def _view(phase: str, reason: cond.Reason, **fields: object) -> PhaseView:
     return PhaseView(phase, *reason.say(**fields))
 
 
-def is_final(status: FineTuneJobStatus) -> bool:
-    """Succeeded or Failed for good: a fixed spec may re-run an invalid job, nothing else."""
+def is_final(status: FineTuneJobStatus, generation: int | None = None) -> bool:
+    """Succeeded or Failed for good: a fixed spec may re-run an invalid job, and a changed spec
+    (`generation` past the one refused) a job refused for its output prefix; nothing else."""
     if status.phase not in TERMINAL:
         return False
     failed = cond.find(status.conditions, "Failed")
-    return not (failed and failed.status == "True" and failed.reason == cond.INVALID_SPEC.reason)
+    if not (failed and failed.status == "True"):
+        return True
+    if failed.reason == cond.INVALID_SPEC.reason:
+        return False
+    if failed.reason == cond.OUTPUT_CONFLICT.reason:
+        return generation is None or generation == failed.observed_generation
+    return True
+
+
+def output_view(job: FineTuneJob, observed: Observed, previous: FineTuneJobStatus) -> PhaseView | None:
+    """Failed before it starts when a live job holds an overlapping output prefix (see `output_claims`)."""
+    if previous.start_time is not None or observed.job is not None:
+        return None  # a job that has started keeps its prefix; the trainer guards the rest
+    claim = holder(job, observed.peers)
+    if claim is None:
+        return None
+    return _view("Failed", cond.OUTPUT_CONFLICT, uri=job.spec.output.uri, other_uri=claim.uri, other=claim.job,
+                 other_phase=claim.phase)
 
 
 def secret_view(job: FineTuneJob, observed: Observed) -> PhaseView | None:
@@ -103,6 +122,8 @@ def _training(report: ProgressReport | None, previous: FineTuneJobStatus) -> boo
 def decide_phase(job: FineTuneJob, observed: Observed, previous: FineTuneJobStatus,
                  report: ProgressReport | None = None, result: ResultReport | None = None) -> PhaseView:
     """The phase of a valid, not yet final job."""
+    if (view := output_view(job, observed, previous)) is not None:
+        return view
     if observed.job is None and (view := secret_view(job, observed)) is not None:
         return view  # a running attempt already has its credentials; only a new one waits
     waiting = "Restarting" if previous.phase == "Restarting" else "Pending"
@@ -192,7 +213,7 @@ def compute_status(
     previous = previous or FineTuneJobStatus()
     generation = (job.metadata.model_extra or {}).get("generation")
     stamp = format_time(now)
-    if is_final(previous):
+    if is_final(previous, generation):
         return previous.model_copy(update={"observed_generation": generation})
     view = decide_phase(job, observed, previous, progress, result)
     report = _reports(progress, result)
@@ -204,12 +225,14 @@ def compute_status(
     outputs = previous.outputs
     if view.phase == "Succeeded" and result is not None and result.outputs is not None:
         outputs = result.outputs
+    data = (report.data if report is not None else None) or previous.data
     return FineTuneJobStatus(
         phase=view.phase,
         message=view.message,
         observed_generation=generation,
         conditions=cond.phase_conditions(previous.conditions, view.phase, view.reason, view.message,
-                                         created, stamp, generation),
+                                         created, stamp, generation) + _data_condition(previous, data, stamp,
+                                                                                       generation),
         start_time=start,
         completion_time=end,
         restarts=_restarts(job, observed, previous),
@@ -219,7 +242,32 @@ def compute_status(
                                       job.spec.output.keep_checkpoints),
         outputs=outputs,
         samples=list(report.samples) if report and report.samples else previous.samples,
+        data=data,
     )
+
+
+DATA_SKIPPED_CONDITION = "DataSkipped"
+SKIPPED_SHOWN = 5
+"""Skipped files a condition message names; the trainer's log names every one."""
+
+
+def _data_condition(previous: FineTuneJobStatus, data: DataReport | None, now: str,
+                    generation: int | None) -> list[Condition]:
+    """DataSkipped: True naming the first few skipped images, False when every image is used."""
+    if data is None:
+        return []
+    if data.skipped:
+        shown = ", ".join(f"{f.file} ({f.reason})" for f in data.skipped_files[:SKIPPED_SHOWN])
+        more = data.skipped - min(data.skipped, SKIPPED_SHOWN, len(data.skipped_files))
+        files = shown + (f" and {more} more (see the trainer's log)" if more else "")
+        reason, message = cond.DATA_SKIPPED.say(skipped=data.skipped, total=data.images + data.skipped,
+                                                limit=data.max_skipped, files=files)
+        status = "True"
+    else:
+        (reason, message), status = cond.NO_DATA_SKIPPED.say(images=data.images), "False"
+    old = cond.find(previous.conditions, DATA_SKIPPED_CONDITION)
+    return [cond.updated(old, DATA_SKIPPED_CONDITION, status, reason, message, now, generation)]
+
 
 
 def invalid_status(problems: list[str], generation: int | None, now: datetime,
