@@ -26,6 +26,7 @@ from kubetune_trainer.methods import TrainingMethod, build_method
 from kubetune_trainer.models import Components, load_components
 from kubetune_trainer.objective import DiffusionObjective
 from kubetune_trainer.optim import build_lr_scheduler, build_optimizer
+from kubetune_trainer.ownership import claim_output
 from kubetune_trainer.reporting import Reporter
 from kubetune_trainer.sampling import build_sampler
 from kubetune_trainer.staging import stage
@@ -241,6 +242,7 @@ def build_trainer(job: FineTuneJob, runtime: RuntimeConfig, reporter: Reporter,
     set_seed(spec.training.seed)
     for text in setting_notices(job):
         reporter.notice(text)
+    claim = claim_output(job, runtime, reporter)  # another job's output: stop before anything is staged or written
     with accelerator.local_main_process_first():  # one download per pod; the others find it staged
         model_dir, data_dir, class_dir = _stage_inputs(job, runtime, reporter)
     reporter.phase("Loading")
@@ -267,7 +269,7 @@ def build_trainer(job: FineTuneJob, runtime: RuntimeConfig, reporter: Reporter,
         objective=objective, validator=_validator(job, held_out, objective),
         stopper=EarlyStopper(spec.training.early_stopping), ema=build_ema(spec.training.ema, params),
         data=data, optimizer=optimizer, lr_scheduler=lr_scheduler,
-        checkpointer=Checkpointer(store, spec.output, runtime.scratch / "tmp"),
+        checkpointer=Checkpointer(store, spec.output, runtime.scratch / "tmp", claim),
         sampler=build_sampler(spec.validation, components=components, store=store, output_uri=spec.output.uri,
                               resolution=spec.data.resolution, seed=spec.training.seed,
                               scratch=runtime.scratch / "samples"),

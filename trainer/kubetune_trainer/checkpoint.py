@@ -1,24 +1,44 @@
 """Resumable checkpoints under `<output.uri>/checkpoints/step-N/`, through the storage interface.
 
 A checkpoint is its files plus `manifest.json`, uploaded last: a folder without a manifest
-was interrupted and is ignored and cleaned. Which checkpoints to keep is decided by one pure
-function, `checkpoints_to_delete()`.
+was interrupted and is ignored and cleaned. The manifest records the job that wrote it
+(`owner`, see `ownership`) and each file's size and sha256, hashed while the file uploads.
+Loading checks both, so a damaged checkpoint (a listed file missing, truncated or altered, an
+unreadable manifest) raises `CheckpointDamaged` and the trainer falls back to an older one.
+
+A damaged checkpoint is never reported as complete and never counts toward `keepCheckpoints`;
+its folder is left as found (for inspection) until pruning passes it (it is older than the
+oldest checkpoint kept) or the run saves that step again, which replaces it. Which checkpoints
+to delete is decided by one pure function, `checkpoints_to_delete()`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import time
-from dataclasses import asdict, dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from kubetune.api.identity import JobIdentity
 from kubetune.api.spec import OutputSpec
 from kubetune_trainer.storage import ObjectInfo, ObjectStore, as_prefix, join_uri, read_text, write_text
 
+if TYPE_CHECKING:
+    from kubetune_trainer.ownership import OutputClaim
+
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
+_HASH_BLOCK = 4 << 20
+
+
+class CheckpointDamaged(Exception):
+    """A checkpoint that cannot be trusted, with why in a few words: skipped, never fatal by itself."""
 
 
 @dataclass(frozen=True)
@@ -33,10 +53,85 @@ class CheckpointRef:
         return asdict(self)
 
 
-def checkpoints_to_delete(steps: list[int], keep: int) -> list[int]:
-    """The steps of complete checkpoints to delete so that the newest `keep` remain."""
-    ordered = sorted(set(steps))
-    return ordered[: max(0, len(ordered) - keep)]
+@dataclass(frozen=True)
+class FileEntry:
+    """One file a manifest lists; `sha256` is None in manifests written before digests were recorded."""
+
+    size: int
+    sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What `manifest.json` says: the only description of a checkpoint that loading trusts."""
+
+    step: int
+    created_at: str
+    files: dict[str, FileEntry]
+    owner: JobIdentity | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Manifest:
+        """The manifest in `text`; `CheckpointDamaged` when it is not one (truncated, garbage, unsafe names)."""
+        try:
+            raw = json.loads(text)
+            files = {str(name): _entry(value) for name, value in dict(raw["files"]).items()}
+            manifest = cls(int(raw["step"]), str(raw.get("createdAt", "")), files,
+                           JobIdentity.from_dict(raw.get("owner")))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointDamaged(f"its {MANIFEST} is unreadable ({type(exc).__name__})") from exc
+        unsafe = [name for name in files if not _FILE_NAME.match(name) or name == MANIFEST]
+        if unsafe or not files:
+            raise CheckpointDamaged(f"its {MANIFEST} lists {'unsafe names ' + str(unsafe) if unsafe else 'no files'}")
+        return manifest
+
+    def text(self) -> str:
+        doc: dict[str, Any] = {"step": self.step, "createdAt": self.created_at,
+                               "files": {name: asdict(entry) for name, entry in self.files.items()}}
+        if self.owner is not None:
+            doc["owner"] = self.owner.as_dict()
+        return json.dumps(doc)
+
+
+def _entry(value: Any) -> FileEntry:
+    """A file's entry: `{"size", "sha256"}`, or a bare size in manifests written before digests."""
+    if isinstance(value, dict):
+        digest = value.get("sha256")
+        return FileEntry(int(value["size"]), str(digest) if digest else None)
+    if isinstance(value, bool):
+        raise TypeError("a size, not a boolean")
+    return FileEntry(int(value))
+
+
+def file_sha256(path: Path) -> str:
+    """hashlib releases the GIL on large blocks, so this runs beside an upload or download."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as source:
+        for block in iter(lambda: source.read(_HASH_BLOCK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoints_to_delete(steps: list[int], keep: int, damaged: list[int] | tuple[int, ...] = ()) -> list[int]:
+    """The steps to delete so that the newest `keep` good checkpoints remain.
+
+    Damaged checkpoints never count toward `keep` (so they cannot push out the last good one);
+    they go once they are older than the oldest good checkpoint kept.
+    """
+    bad = set(damaged)
+    good = sorted(set(steps) - bad)
+    dropped, kept = good[: max(0, len(good) - keep)], good[max(0, len(good) - keep):]
+    stale = [step for step in bad if kept and step < kept[0]]
+    return sorted(dropped + stale)
+
+
+@dataclass
+class _Scan:
+    """The checkpoint folders under the root, by step, and what their manifests say."""
+
+    objects: dict[int, list[ObjectInfo]] = field(default_factory=dict)
+    manifests: dict[int, Manifest] = field(default_factory=dict)
+    unreadable: dict[int, str] = field(default_factory=dict)
 
 
 def _group_by_step(objects: list[ObjectInfo]) -> dict[int, list[ObjectInfo]]:
@@ -50,11 +145,19 @@ def _group_by_step(objects: list[ObjectInfo]) -> dict[int, list[ObjectInfo]]:
 
 
 class Checkpointer:
-    """Saves, finds, loads and prunes checkpoints for one output URI."""
+    """Saves, finds, verifies, loads and prunes checkpoints for one output URI.
 
-    def __init__(self, store: ObjectStore, output: OutputSpec, scratch: Path) -> None:
-        self.store, self.output, self.scratch = store, output, Path(scratch)
+    With a `claim`, manifests record its identity, and checkpoints another identity wrote are
+    never listed, loaded, pruned or overwritten.
+    """
+
+    def __init__(self, store: ObjectStore, output: OutputSpec, scratch: Path,
+                 claim: OutputClaim | None = None) -> None:
+        self.store, self.output, self.scratch, self.claim = store, output, Path(scratch), claim
         self.root = join_uri(output.uri, "checkpoints")
+        self.owner = claim.identity if claim is not None else None
+        self.damaged: dict[int, str] = {}
+        """Steps found damaged in this run, with why; neither complete nor counted."""
 
     def due(self, step: int) -> bool:
         return step % self.output.checkpoint_every == 0
@@ -62,62 +165,129 @@ class Checkpointer:
     def uri_of(self, step: int) -> str:
         return as_prefix(join_uri(self.root, f"step-{step}"))
 
-    def _scan(self) -> tuple[dict[int, list[ObjectInfo]], set[int]]:
-        groups = _group_by_step(self.store.list(as_prefix(self.root)))
-        complete = {step for step, objs in groups.items() if any(o.relative.endswith("/" + MANIFEST)
-                                                                 for o in objs)}
-        return groups, complete
+    def _scan(self) -> _Scan:
+        scan = _Scan(_group_by_step(self.store.list(as_prefix(self.root))))
+        for step, objs in scan.objects.items():
+            if not any(o.relative == f"step-{step}/{MANIFEST}" for o in objs):
+                continue
+            try:
+                scan.manifests[step] = Manifest.parse(read_text(self.store, self.uri_of(step) + MANIFEST,
+                                                                self.scratch))
+            except CheckpointDamaged as exc:
+                scan.unreadable[step] = str(exc)
+            except FileNotFoundError:
+                continue  # deleted since the listing: a prune in another process
+        return scan
+
+    def _mine(self, manifest: Manifest) -> bool:
+        """Written by this job, or before owners were recorded (adopted with the prefix, see `ownership`)."""
+        return manifest.owner is None or self.owner is None or manifest.owner == self.owner
+
+    def _good(self, scan: _Scan) -> list[int]:
+        return sorted(step for step, m in scan.manifests.items() if self._mine(m) and step not in self.damaged)
 
     def complete(self) -> list[CheckpointRef]:
-        """Complete checkpoints, oldest first."""
-        _, complete = self._scan()
-        return [self._ref(step) for step in sorted(complete)]
-
-    def _ref(self, step: int) -> CheckpointRef:
-        manifest = json.loads(read_text(self.store, self.uri_of(step) + MANIFEST, self.scratch))
-        return CheckpointRef(step, self.uri_of(step), manifest.get("createdAt", ""))
+        """Complete checkpoints not known to be damaged, oldest first; unreadable manifests are noted as damaged."""
+        scan = self._scan()
+        self.damaged.update(scan.unreadable)
+        return [CheckpointRef(step, self.uri_of(step), scan.manifests[step].created_at) for step in self._good(scan)]
 
     def check_writable(self) -> None:
-        """Write and delete a tiny object, so that an unwritable output fails before training, not after."""
+        """Write and delete a tiny object, so that an unwritable output fails before training, not after;
+        then record this job as the prefix's owner (the run's first lasting write)."""
         probe = join_uri(self.root, ".write-probe")
         write_text(self.store, probe, "kubetune", self.scratch)
         self.store.delete(probe)
+        self.confirm_owner()
+
+    def confirm_owner(self) -> None:
+        """Before final outputs are written over: the prefix still names this job as its owner."""
+        if self.claim is not None:
+            self.claim.confirm()
 
     def clean_incomplete(self) -> list[int]:
         """Delete folders that never got a manifest (an upload cut short); return their steps."""
-        groups, complete = self._scan()
-        broken = sorted(set(groups) - complete)
+        scan = self._scan()
+        broken = sorted(set(scan.objects) - set(scan.manifests) - set(scan.unreadable))
         for step in broken:
-            for obj in groups[step]:
-                self.store.delete(obj.uri)
+            self._delete(scan.objects[step])
         return broken
 
     def save(self, step: int, files: dict[str, Path]) -> tuple[CheckpointRef, float]:
-        """Upload `files` then the manifest; prune old ones. Returns the ref and upload seconds."""
+        """Upload `files` (hashed as they upload) then the manifest; prune old ones. Returns the ref and seconds."""
         started = time.monotonic()
+        self.confirm_owner()
+        scan = self._scan()
+        self._refuse_foreign(scan)
+        self._delete(scan.objects.get(step, []))  # a damaged or stale folder of this step is replaced
+        self.damaged.pop(step, None)
         prefix = self.uri_of(step)
-        for name, path in files.items():
-            self.store.upload(path, prefix + name)
+        entries = self._upload(prefix, files)
         created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        manifest = {"step": step, "createdAt": created,
-                    "files": {name: path.stat().st_size for name, path in files.items()}}
-        write_text(self.store, prefix + MANIFEST, json.dumps(manifest), self.scratch)
+        write_text(self.store, prefix + MANIFEST, Manifest(step, created, entries, self.owner).text(), self.scratch)
         seconds = time.monotonic() - started
         self.prune()
         return CheckpointRef(step, prefix, created), seconds
 
+    def _upload(self, prefix: str, files: dict[str, Path]) -> dict[str, FileEntry]:
+        """Each file's upload with its sha256 computed beside it, on another thread, from the same page cache."""
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-sha256") as hasher:
+            digests = {name: hasher.submit(file_sha256, path) for name, path in files.items()}
+            for name, path in files.items():
+                self.store.upload(path, prefix + name)
+            return {name: FileEntry(path.stat().st_size, digests[name].result()) for name, path in files.items()}
+
+    def _refuse_foreign(self, scan: _Scan) -> None:
+        """Another identity's manifest here means another job writes to this prefix now: stop before overwriting."""
+        foreign = [m.owner for m in scan.manifests.values() if m.owner is not None and not self._mine(m)]
+        if foreign and self.claim is not None:
+            raise self.claim.refuse(foreign[0])
+
+    def _delete(self, objects: list[ObjectInfo]) -> None:
+        """Manifest first, so that a delete cut short leaves an incomplete folder, not a damaged one."""
+        for obj in sorted(objects, key=lambda o: o.relative.endswith("/" + MANIFEST), reverse=True):
+            self.store.delete(obj.uri)
+
     def prune(self) -> None:
-        groups, complete = self._scan()
-        for step in checkpoints_to_delete(sorted(complete), self.output.keep_checkpoints):
-            for obj in sorted(groups[step], key=lambda o: o.relative.endswith(MANIFEST), reverse=True):
-                self.store.delete(obj.uri)
+        scan = self._scan()
+        self.damaged.update(scan.unreadable)
+        good = self._good(scan)
+        bad = [step for step in self.damaged if step in scan.objects]
+        for step in checkpoints_to_delete(good, self.output.keep_checkpoints, bad):
+            self._delete(scan.objects[step])
+            self.damaged.pop(step, None)
 
     def load(self, ref: CheckpointRef, dest: Path) -> dict[str, Path]:
-        """Download a checkpoint's files into `dest`."""
-        manifest = json.loads(read_text(self.store, ref.uri + MANIFEST, self.scratch))
+        """Download a checkpoint's files into `dest`, each checked against its manifest's size and sha256.
+
+        Raises `CheckpointDamaged` saying what is wrong; storage errors propagate (they are retryable).
+        """
+        try:
+            manifest = Manifest.parse(read_text(self.store, ref.uri + MANIFEST, self.scratch))
+        except FileNotFoundError as exc:
+            raise CheckpointDamaged(f"its {MANIFEST} is gone") from exc
+        if not self._mine(manifest):
+            raise CheckpointDamaged(f"it belongs to {manifest.owner}")
+        stored = {obj.relative: obj for obj in self.store.list(ref.uri)}
+        for name, entry in manifest.files.items():
+            if name not in stored:
+                raise CheckpointDamaged(f"{name} is listed in its {MANIFEST} but missing")
+            if stored[name].size != entry.size:
+                raise CheckpointDamaged(f"{name} is {stored[name].size} bytes, its {MANIFEST} says {entry.size}")
         dest.mkdir(parents=True, exist_ok=True)
-        paths = {}
-        for name in manifest["files"]:
-            paths[name] = dest / name
-            self.store.download(ref.uri + name, paths[name])
+        paths = {name: dest / name for name in manifest.files}
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-sha256") as hasher:
+            digests: dict[str, Future[str]] = {}
+            for name, path in paths.items():
+                try:
+                    self.store.download(ref.uri + name, path)
+                except FileNotFoundError as exc:
+                    raise CheckpointDamaged(f"{name} is listed in its {MANIFEST} but missing") from exc
+                if path.stat().st_size != manifest.files[name].size:
+                    raise CheckpointDamaged(f"{name} changed while it was downloaded")
+                if manifest.files[name].sha256:
+                    digests[name] = hasher.submit(file_sha256, path)
+            for name, digest in digests.items():
+                if digest.result() != manifest.files[name].sha256:
+                    raise CheckpointDamaged(f"{name} does not match the sha256 in its {MANIFEST}")
         return paths

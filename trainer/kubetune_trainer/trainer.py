@@ -19,12 +19,12 @@ from typing import Any
 
 from kubetune.api.resource import FineTuneJob
 from kubetune_trainer.batches import BatchStream
-from kubetune_trainer.checkpoint import Checkpointer, CheckpointRef
+from kubetune_trainer.checkpoint import CheckpointDamaged, Checkpointer, CheckpointRef
 from kubetune_trainer.cpu_quota import fit_threads_to_cpu_limit
 from kubetune_trainer.distributed import agreed_signal
 from kubetune_trainer.dreambooth import PriorPreservationStream
 from kubetune_trainer.ema import Ema, NoEma
-from kubetune_trainer.exitcodes import Interrupted
+from kubetune_trainer.exitcodes import Interrupted, StorageUnavailable
 from kubetune_trainer.methods import TrainingMethod
 from kubetune_trainer.models import Components
 from kubetune_trainer.objective import DiffusionObjective
@@ -250,29 +250,94 @@ class Trainer:
         self.p.reporter.checkpoints(self.checkpoints, seconds)
 
     def resume(self) -> None:
-        if self.is_main:
-            self.p.checkpointer.check_writable()
-            self.p.checkpointer.clean_incomplete()
-        self.p.accelerator.wait_for_everyone()
-        self.checkpoints = self.p.checkpointer.complete()
-        self.p.reporter.checkpoints(self.checkpoints, None)
-        if self.checkpoints:
-            self.p.reporter.phase("Resuming")
-            self.restore(self.checkpoints[-1])
+        """Continue from the newest checkpoint that verifies and loads; each newer one is skipped with why.
 
-    def restore(self, ref: CheckpointRef) -> None:
-        import numpy as np
+        Every rank verifies for itself, then the ranks check they restored the same step. With none
+        usable, training starts at step 0 (and saves over the damaged folders as it reaches their steps).
+        """
+        checkpointer = self.p.checkpointer
+        if self.is_main:
+            checkpointer.check_writable()
+            checkpointer.clean_incomplete()
+        self.p.accelerator.wait_for_everyone()
+        candidates = checkpointer.complete()
+        if candidates:
+            self.p.reporter.phase("Resuming")
+        restored = None
+        for ref in reversed(candidates):
+            try:
+                self.restore(ref)
+            except CheckpointDamaged as exc:
+                checkpointer.damaged[ref.step] = str(exc)
+                continue
+            restored = ref.step
+            break
+        self.agree_on_resume(restored)
+        self.report_damaged(restored)
+        self.checkpoints = checkpointer.complete()
+        self.p.reporter.checkpoints(self.checkpoints, None)
+
+    def report_damaged(self, restored: int | None) -> None:
+        damaged = self.p.checkpointer.damaged
+        for step, why in sorted(damaged.items(), reverse=True):
+            self.p.reporter.notice(f"checkpoint step-{step} skipped: {why}; it is left in place, ignored, "
+                                   "and replaced if this run saves that step again")
+        if damaged:
+            where = f"step {restored}, the newest that verified" if restored is not None else "step 0: none verified"
+            self.p.reporter.notice(f"resuming from {where}")
+
+    def agree_on_resume(self, restored: int | None) -> None:
+        """A collective: every rank must have restored the same checkpoint, or their weights would differ."""
+        if self.p.accelerator.num_processes == 1:
+            return
+        import torch
+        import torch.distributed as dist
+
+        step = -1 if restored is None else restored
+        bounds = torch.tensor([step, -step], dtype=torch.int64, device=self.p.accelerator.device)
+        dist.all_reduce(bounds, op=dist.ReduceOp.MAX)
+        highest, lowest = int(bounds[0].item()), -int(bounds[1].item())
+        if highest != lowest:
+            raise StorageUnavailable(f"the ranks found different checkpoints usable (steps {lowest} to {highest}; "
+                                     "-1 is none): the output changed while they read it; a restart checks again")
+
+    def read_checkpoint(self, ref: CheckpointRef) -> tuple[dict[str, Any], dict[str, Any]]:
+        """A checkpoint's weights and state, verified and loaded but not yet applied: `CheckpointDamaged` if
+        any of it is unusable, so a damaged checkpoint changes nothing."""
         import torch
         from safetensors.torch import load_file
 
         files = self.p.checkpointer.load(ref, self.p.scratch / "resume" / f"step-{ref.step}")
-        weights = load_file(str(files[TRAINABLE_FILE]))
+        loaders = {TRAINABLE_FILE: lambda path: load_file(str(path)),
+                   STATE_FILE: lambda path: torch.load(path, weights_only=True)}
+        loaded = {}
+        for name, loader in loaders.items():
+            if name not in files:
+                raise CheckpointDamaged(f"its manifest does not list {name}")
+            try:
+                loaded[name] = loader(files[name])
+            except Exception as exc:  # whatever the bytes make the loader raise
+                raise CheckpointDamaged(f"{name} does not load: {type(exc).__name__}: {exc}".splitlines()[0]) from exc
+        weights, state = loaded[TRAINABLE_FILE], loaded[STATE_FILE]
+        wanted = {f"{name}.{key}": tuple(param.shape) for name, module in self.p.trained.items()
+                  for key, param in module.named_parameters() if param.requires_grad}
+        if {k: tuple(v.shape) for k, v in weights.items()} != wanted:
+            raise CheckpointDamaged(f"{TRAINABLE_FILE} holds other tensors than this job trains")
+        missing = {"step", "optimizer", "lr_scheduler", "data", "rng"} - set(state if isinstance(state, dict) else ())
+        if missing:
+            raise CheckpointDamaged(f"{STATE_FILE} lacks {', '.join(sorted(missing))}")
+        return weights, state
+
+    def restore(self, ref: CheckpointRef) -> None:
+        import numpy as np
+        import torch
+
+        weights, state = self.read_checkpoint(ref)
         with torch.no_grad():
             for name, module in self.p.trained.items():
                 for key, param in module.named_parameters():
                     if param.requires_grad:
                         param.copy_(weights[f"{name}.{key}"])
-        state = torch.load(files[STATE_FILE], weights_only=True)
         self.p.optimizer.load_state_dict(state["optimizer"])
         self.p.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.p.data.load_state_dict(state["data"])
@@ -297,6 +362,7 @@ class Trainer:
         if not self.is_main:
             return {}
         self.p.reporter.phase("Exporting")
+        self.p.checkpointer.confirm_owner()  # final outputs are overwritten only on the owner's prefix
         folder = self.p.scratch / "final"
         shutil.rmtree(folder, ignore_errors=True)
         with self.p.ema.applied(self.trainable_parameters()):

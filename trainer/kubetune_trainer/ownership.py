@@ -1,0 +1,219 @@
+"""Which job an output prefix belongs to, checked before a run stages, downloads or writes anything.
+
+Two jobs given the same `output.uri` would otherwise resume from, prune and overwrite each
+other's checkpoints and final weights. A job's identity is `JobIdentity.of(job)`: namespace/name
+plus a digest of the weight-shaping fields. The prefix records its owner twice:
+
+- `kubetune-owner.json` at its root, written by the owner's first write (before its first
+  training step), so that a prefix holding only final weights, samples or caches is claimed too;
+- `owner` in every checkpoint manifest (see `checkpoint`).
+
+Before staging, every rank reads both. Another identity there is a `ConfigError` (exit 78) that
+names it and the way out, and nothing is written. A prefix whose contents record no owner at
+all (written before owners were recorded) is adopted by the first job that runs there, with a
+notice. While the job runs, each checkpoint and the export confirm the record still names it, so
+a second job started at the same moment cannot silently interleave with the first.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from kubetune.api.identity import WEIGHT_FIELDS, JobIdentity
+from kubetune.api.resource import FineTuneJob
+from kubetune.api.spec import FineTuneJobSpec
+from kubetune_trainer.config import RuntimeConfig
+from kubetune_trainer.exitcodes import ConfigError
+from kubetune_trainer.reporting import Reporter
+from kubetune_trainer.storage import ObjectStore, as_prefix, open_store, read_text, write_text
+
+OWNER_RECORD = "kubetune-owner.json"
+_MANIFEST = "manifest.json"
+_CHECKPOINTS = "checkpoints/"
+
+
+def weight_fields(spec: FineTuneJobSpec) -> dict[str, Any]:
+    """The values the identity's digest covers, kept in the owner record so a refusal can say which differ."""
+    doc = spec.model_dump(mode="json", by_alias=True)
+    picked: dict[str, Any] = {}
+    for path in WEIGHT_FIELDS:
+        value: Any = doc
+        for part in path.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        picked[path] = value
+    return picked
+
+
+@dataclass(frozen=True)
+class OwnerRecord:
+    """The content of `kubetune-owner.json`."""
+
+    owner: JobIdentity
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, text: str) -> OwnerRecord | None:
+        """The record in `text`, or None when it is not one."""
+        try:
+            raw = json.loads(text)
+        except ValueError:
+            return None
+        owner = JobIdentity.from_dict(raw.get("owner")) if isinstance(raw, dict) else None
+        if owner is None:
+            return None
+        fields = raw.get("weightFields")
+        return cls(owner, fields if isinstance(fields, dict) else {})
+
+    def text(self) -> str:
+        claimed = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return json.dumps({"owner": self.owner.as_dict(), "claimedAt": claimed, "weightFields": self.fields},
+                          indent=2, sort_keys=True) + "\n"
+
+
+@dataclass
+class Survey:
+    """What an output prefix holds, as far as ownership goes."""
+
+    record: OwnerRecord | None = None
+    record_problem: str | None = None
+    manifest_owners: dict[int, JobIdentity | None] = field(default_factory=dict)
+    """The owner each readable checkpoint manifest records (None: written before owners were recorded)."""
+    objects: int = 0
+
+    def foreign(self, ours: JobIdentity) -> JobIdentity | None:
+        """Another identity the prefix records, the owner record's first; None when there is none."""
+        if self.record is not None and self.record.owner != ours:
+            return self.record.owner
+        return next((owner for _, owner in sorted(self.manifest_owners.items(), reverse=True)
+                     if owner is not None and owner != ours), None)
+
+    def unowned(self) -> str | None:
+        """What the prefix holds without any recorded owner, in words; None when nothing or owned."""
+        if self.record is not None or not self.objects or any(self.manifest_owners.values()):
+            return None
+        steps = sorted(self.manifest_owners)
+        if steps:
+            return f"checkpoints (steps {', '.join(map(str, steps))}) written before kubetune recorded their owner"
+        return f"{self.objects} objects that record no owner"
+
+
+def _step_of(relative: str) -> int | None:
+    """The step of `checkpoints/step-N/manifest.json`, else None."""
+    parts = relative.split("/")
+    if len(parts) != 3 or parts[0] + "/" != _CHECKPOINTS or parts[2] != _MANIFEST:
+        return None
+    number = parts[1].removeprefix("step-")
+    return int(number) if parts[1].startswith("step-") and number.isdigit() else None
+
+
+def survey_output(store: ObjectStore, uri: str, scratch: Path) -> Survey:
+    """Read the owner record and every checkpoint manifest's owner under `uri`; writes nothing."""
+    prefix = as_prefix(uri)
+    survey = Survey()
+    for obj in store.list(prefix):
+        survey.objects += 1
+        if obj.relative == OWNER_RECORD:
+            survey.record = OwnerRecord.parse(read_text(store, obj.uri, scratch))
+            survey.record_problem = None if survey.record else f"{obj.uri} is not a kubetune owner record"
+            continue
+        step = _step_of(obj.relative)
+        if step is None:
+            continue
+        try:
+            raw = json.loads(read_text(store, obj.uri, scratch))
+        except ValueError:
+            continue  # an unreadable manifest names no owner; the checkpointer skips it as damaged
+        survey.manifest_owners[step] = JobIdentity.from_dict(raw.get("owner")) if isinstance(raw, dict) else None
+    return survey
+
+
+def _differences(theirs: dict[str, Any], ours: dict[str, Any]) -> list[str]:
+    return [f"{path} {json.dumps(theirs[path])} there, {json.dumps(ours.get(path))} here"
+            for path in WEIGHT_FIELDS if path in theirs and theirs[path] != ours.get(path)]
+
+
+def refusal(uri: str, theirs: JobIdentity, ours: JobIdentity, their_fields: dict[str, Any],
+            our_fields: dict[str, Any]) -> ConfigError:
+    """The one-line error for an output prefix that belongs to another job: who owns it, and the way out."""
+    where = as_prefix(uri)
+    if theirs.same_job(ours):
+        diff = _differences(their_fields, our_fields)[:3] or [f"spec {theirs.spec_digest} there, "
+                                                               f"{ours.spec_digest} here"]
+        who = (f"{where} holds the output of {theirs.namespace}/{theirs.name} trained with different "
+               f"weight-shaping fields ({'; '.join(diff)})")
+    else:
+        who = (f"{where} holds the output of job {theirs.namespace}/{theirs.name} (spec {theirs.spec_digest}), "
+               f"not of {ours.namespace}/{ours.name}")
+    return ConfigError(f"{who}; nothing was changed there. Give this job a new spec.output.uri, or delete "
+                       f"everything under {where} (its checkpoints and final weights) to start over there")
+
+
+class OutputClaim:
+    """This job's claim on its output prefix: checked before staging, recorded on the first write."""
+
+    def __init__(self, store: ObjectStore, uri: str, identity: JobIdentity, fields: dict[str, Any],
+                 scratch: Path) -> None:
+        self.store, self.uri, self.scratch = store, as_prefix(uri), scratch
+        self.identity, self.fields = identity, fields
+
+    @property
+    def record_uri(self) -> str:
+        return self.uri + OWNER_RECORD
+
+    def check(self, survey: Survey) -> str | None:
+        """Raise `ConfigError` if the prefix belongs to another identity; return a notice when adopting."""
+        if survey.record_problem:
+            raise ConfigError(f"{survey.record_problem}, so whose output {self.uri} holds is unknown; nothing "
+                              f"was changed there. Give this job a new spec.output.uri, or delete "
+                              f"{self.record_uri} if {self.uri} is this job's output")
+        theirs = survey.foreign(self.identity)
+        if theirs is not None:
+            fields = survey.record.fields if survey.record and survey.record.owner == theirs else {}
+            raise refusal(self.uri, theirs, self.identity, fields, self.fields)
+        unowned = survey.unowned()
+        if unowned is None:
+            return None
+        return (f"{self.uri} holds {unowned}; {self.identity.namespace}/{self.identity.name} adopts them (resumes "
+                "from them, replaces final outputs). If they belong to another job, stop this one and give it a "
+                "new spec.output.uri")
+
+    def refuse(self, theirs: JobIdentity) -> ConfigError:
+        return refusal(self.uri, theirs, self.identity, {}, self.fields)
+
+    def confirm(self) -> None:
+        """Before writing: the owner record names this job (written now if absent); `ConfigError` if not.
+
+        Called on the first write of a run and before every checkpoint and export, so a job that
+        started beside this one on the same prefix is found before either overwrites the other.
+        """
+        try:
+            text: str | None = read_text(self.store, self.record_uri, self.scratch)
+        except FileNotFoundError:
+            text = None
+        record = OwnerRecord.parse(text) if text is not None else None
+        if text is not None and record is None:
+            raise ConfigError(f"{self.record_uri} is not a kubetune owner record; delete it if {self.uri} "
+                              "is this job's output, or give this job a new spec.output.uri")
+        if record is None:
+            write_text(self.store, self.record_uri, OwnerRecord(self.identity, self.fields).text(), self.scratch)
+        elif record.owner != self.identity:
+            raise refusal(self.uri, record.owner, self.identity, record.fields, self.fields)
+
+
+def claim_output(job: FineTuneJob, runtime: RuntimeConfig, reporter: Reporter) -> OutputClaim:
+    """Check, before anything is staged or written, that `spec.output.uri` is this job's to use.
+
+    Every rank checks (so all of them stop alike); none writes here: the record is written by
+    `OutputClaim.confirm` on the run's first write.
+    """
+    spec = job.spec
+    store = open_store(spec.output.uri, spec.storage, runtime.pvc_root)
+    claim = OutputClaim(store, spec.output.uri, JobIdentity.of(job), weight_fields(spec), runtime.scratch / "tmp")
+    notice = claim.check(survey_output(store, spec.output.uri, claim.scratch))
+    if notice:
+        reporter.notice(notice)
+    return claim
