@@ -1,4 +1,4 @@
-"""Checkpoint retention policy and the complete/incomplete rules, on the local store."""
+"""Checkpoint retention policy, the complete/incomplete rules and integrity checks, on the local store."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from kubetune.api.spec import OutputSpec
-from kubetune_trainer.checkpoint import MANIFEST, Checkpointer, checkpoints_to_delete
+from kubetune_trainer.checkpoint import MANIFEST, CheckpointDamaged, Checkpointer, Manifest, checkpoints_to_delete
 from kubetune_trainer.storage import LocalStore
 
 
@@ -64,3 +64,102 @@ def test_load_returns_the_saved_files(tmp_path: Path) -> None:
     files = ckpt.load(ref, tmp_path / "restored")
     assert files["weights.bin"].read_bytes() == bytes([8]) * 10
     assert seconds >= 0
+
+
+@pytest.mark.parametrize(
+    ("steps", "keep", "damaged", "deleted"),
+    [
+        ([2, 4], 2, [6], []),  # a damaged newest one does not push out the older good one
+        ([2, 4], 1, [6], [2]),
+        ([4, 8], 2, [6], []),  # between the kept ones: left for inspection
+        ([6, 8, 10], 2, [4], [4, 6]),  # older than the oldest kept: pruned with it
+        ([], 2, [2, 4], []),  # nothing good: nothing goes
+        ([2, 4, 6], 3, [6], []),  # a step both listed and damaged counts as damaged
+    ],
+)
+def test_damaged_checkpoints_never_count_toward_keep(steps: list[int], keep: int, damaged: list[int],
+                                                     deleted: list[int]) -> None:
+    assert checkpoints_to_delete(steps, keep, damaged) == deleted
+
+
+def test_the_manifest_lists_each_files_size_and_sha256(tmp_path: Path) -> None:
+    import hashlib
+    import json
+
+    ckpt = _checkpointer(tmp_path)
+    ckpt.save(2, _payload(tmp_path, 2))
+    manifest = json.loads((tmp_path / "out" / "checkpoints" / "step-2" / MANIFEST).read_text())
+    assert manifest["files"] == {"weights.bin": {"size": 10, "sha256": hashlib.sha256(bytes([2]) * 10).hexdigest()}}
+    assert "owner" not in manifest  # no claim: a bare checkpointer records no owner
+
+
+def _damage(folder: Path, how: str) -> None:
+    target = folder / "weights.bin"
+    if how == "missing":
+        target.unlink()
+    elif how == "same-size garbage":
+        target.write_bytes(b"\xff" * target.stat().st_size)
+    elif how == "truncated":
+        target.write_bytes(target.read_bytes()[:3])
+    else:
+        (folder / MANIFEST).write_text('{"step": 6, "files": {"weights.b')
+
+
+@pytest.mark.parametrize(("how", "why"), [
+    ("missing", "weights.bin is listed in its manifest.json but missing"),
+    ("same-size garbage", "weights.bin does not match the sha256 in its manifest.json"),
+    ("truncated", "weights.bin is 3 bytes, its manifest.json says 10"),
+    ("unreadable manifest", "its manifest.json is unreadable"),
+])
+def test_a_damaged_checkpoint_is_refused_with_why(tmp_path: Path, how: str, why: str) -> None:
+    ckpt = _checkpointer(tmp_path)
+    for step in (4, 6):
+        ckpt.save(step, _payload(tmp_path, step))
+    newest = ckpt.complete()[-1]
+    _damage(tmp_path / "out" / "checkpoints" / "step-6", how)
+    if how == "unreadable manifest":  # found while listing: never offered as complete
+        assert [ref.step for ref in ckpt.complete()] == [4] and why in ckpt.damaged[6]
+    else:
+        with pytest.raises(CheckpointDamaged, match=why):
+            ckpt.load(newest, tmp_path / "restored")
+    files = ckpt.load(ckpt.complete()[0], tmp_path / "older")
+    assert files["weights.bin"].read_bytes() == bytes([4]) * 10
+
+
+def test_a_damaged_checkpoint_is_left_until_saved_again_and_never_costs_the_last_good_one(tmp_path: Path) -> None:
+    ckpt = _checkpointer(tmp_path, keep=2)
+    for step in (4, 6, 8):
+        ckpt.save(step, _payload(tmp_path, step))
+    _damage(tmp_path / "out" / "checkpoints" / "step-8", "same-size garbage")
+    ckpt = _checkpointer(tmp_path, keep=2)  # the next run
+    with pytest.raises(CheckpointDamaged):
+        ckpt.load(ckpt.complete()[-1], tmp_path / "r")
+    ckpt.damaged[8] = "garbage"  # what the trainer records when it skips one
+    ckpt.prune()
+    assert [ref.step for ref in ckpt.complete()] == [6]  # not complete, and not counted: 6 stays
+    assert (tmp_path / "out" / "checkpoints" / "step-8" / "weights.bin").is_file()  # left for inspection
+    ckpt.save(8, _payload(tmp_path, 8))  # training reaches step 8 again: the folder is replaced
+    assert [ref.step for ref in ckpt.complete()] == [6, 8] and 8 not in ckpt.damaged
+    assert ckpt.load(ckpt.complete()[-1], tmp_path / "r2")["weights.bin"].read_bytes() == bytes([8]) * 10
+
+
+def test_a_manifest_without_digests_still_loads_and_is_size_checked(tmp_path: Path) -> None:
+    import json
+
+    folder = tmp_path / "out" / "checkpoints" / "step-2"
+    folder.mkdir(parents=True)
+    (folder / "weights.bin").write_bytes(b"0123456789")
+    (folder / MANIFEST).write_text(json.dumps({"step": 2, "createdAt": "x", "files": {"weights.bin": 10}}))
+    ckpt = _checkpointer(tmp_path)
+    assert ckpt.load(ckpt.complete()[0], tmp_path / "r")["weights.bin"].read_bytes() == b"0123456789"
+    (folder / "weights.bin").write_bytes(b"01234")
+    with pytest.raises(CheckpointDamaged, match="5 bytes"):
+        ckpt.load(ckpt.complete()[0], tmp_path / "r2")
+
+
+@pytest.mark.parametrize("files", [{"../escape": 1}, {}, {"manifest.json": 1}, {"a": True}, "10"])
+def test_a_manifest_naming_unsafe_or_no_files_is_damaged(files: object) -> None:
+    import json
+
+    with pytest.raises(CheckpointDamaged):
+        Manifest.parse(json.dumps({"step": 2, "files": files}))
