@@ -17,7 +17,7 @@ from pydantic import BaseModel
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from charts.dashboard import render_dashboard
 from charts.values_model import ChartValues
-from kubetune.operator.permissions import CLUSTER_RULES, LEASE_RULES
+from kubetune.operator.permissions import CLUSTER_READ_RULES, LEASE_RULES, NAMESPACED_RULES
 from tests.cluster.clusterbuild import helm_path
 
 CHART = Path(__file__).resolve().parent / "kubetune"
@@ -75,23 +75,18 @@ def render_plain_install() -> str:
     return header + rendered
 
 
-CLUSTER_SCOPED = {"namespaces", "customresourcedefinitions"}
-
-
-def _rules_yaml(rules: list[dict[str, Any]]) -> str:
+def _rules_yaml(rules: tuple[dict[str, Any], ...]) -> str:
     return "# Generated from kubetune.operator.permissions by `make chart`.\n" + yaml.safe_dump(
         [dict(r) for r in rules], sort_keys=False, default_flow_style=None)
 
 
 def rule_files() -> dict[Path, str]:
-    """The operator's permissions, split by where the chart grants them."""
-    scoped = [r for r in CLUSTER_RULES if not set(r["resources"]) & CLUSTER_SCOPED]
-    cluster = [r for r in CLUSTER_RULES if set(r["resources"]) <= CLUSTER_SCOPED]
-    assert len(scoped) + len(cluster) == len(CLUSTER_RULES), "a rule mixes scopes"
+    """The operator's permissions, split by where the chart grants them: in each watched
+    namespace (or cluster-wide with rbac.clusterWide), cluster-wide reads, the leader Lease."""
     return {
-        CHART / "files" / "rules-namespaced.yaml": _rules_yaml(scoped),
-        CHART / "files" / "rules-cluster.yaml": _rules_yaml(cluster),
-        CHART / "files" / "rules-lease.yaml": _rules_yaml(list(LEASE_RULES)),
+        CHART / "files" / "rules-namespaced.yaml": _rules_yaml(NAMESPACED_RULES),
+        CHART / "files" / "rules-cluster.yaml": _rules_yaml(CLUSTER_READ_RULES),
+        CHART / "files" / "rules-lease.yaml": _rules_yaml(LEASE_RULES),
     }
 
 

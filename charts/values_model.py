@@ -7,9 +7,9 @@ schema Helm checks can never disagree; a test fails when the committed files dri
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from pydantic.alias_generators import to_camel
 
 
@@ -106,12 +106,48 @@ class Monitoring(Values):
     dashboard: Dashboard = Field(default_factory=Dashboard, description="Grafana dashboard.")
 
 
+Namespace = Annotated[str, StringConstraints(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)]
+
+
+class Rbac(Values):
+    """Where the operator may write."""
+
+    cluster_wide: bool = Field(
+        default=False,
+        description=(
+            "Watch every namespace, with write rights cluster-wide (ClusterRole); leave watchNamespaces empty. "
+            "Off: Roles only in the release namespace and watchNamespaces."
+        ),
+    )
+
+
+class AdmissionPolicy(Values):
+    """ValidatingAdmissionPolicy on what the operator's ServiceAccount creates and updates."""
+
+    enabled: bool = Field(
+        default=True,
+        description=(
+            "Let the operator's ServiceAccount create and update only labelled, FineTuneJob-owned children: "
+            "non-root, unprivileged Jobs without host namespaces or hostPath, headless Services (Kubernetes 1.30+)."
+        ),
+    )
+    validation_actions: list[Literal["Deny", "Warn", "Audit"]] = Field(
+        default_factory=lambda: ["Deny"],
+        min_length=1,
+        description="What a violation does: Deny refuses the request; Warn and Audit only report it.",
+    )
+
+
 class ChartValues(Values):
     """Values of the kubetune chart."""
 
-    watch_namespaces: list[str] = Field(
+    watch_namespaces: list[Namespace] = Field(
         default_factory=list,
-        description="Namespaces to watch; empty = all (cluster-wide RBAC); set = Roles in those namespaces only.",
+        description="Namespaces the operator watches and writes in besides the release namespace (a Role in each).",
+    )
+    rbac: Rbac = Field(default_factory=Rbac, description="The operator's RBAC.")
+    admission_policy: AdmissionPolicy = Field(
+        default_factory=AdmissionPolicy, description="Admission policy on the operator's writes."
     )
     operator: Operator = Field(default_factory=Operator, description="The operator Deployment.")
     trainer: Trainer = Field(default_factory=Trainer, description="Trainer pod defaults.")

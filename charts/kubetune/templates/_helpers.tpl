@@ -25,3 +25,23 @@ app.kubernetes.io/component: operator
 {{- define "kubetune.rules" -}}
 {{ .Files.Get "files/rules-namespaced.yaml" }}
 {{- end -}}
+
+{{/* The operator's ServiceAccount as the API server names it in request.userInfo.username. */}}
+{{- define "kubetune.serviceAccountUser" -}}
+{{- printf "system:serviceaccount:%s:%s" .Release.Namespace (include "kubetune.fullname" .) -}}
+{{- end -}}
+
+{{/*
+The namespaces the operator watches and holds write rights in, as a JSON list: the release
+namespace, then watchNamespaces. Empty with rbac.clusterWide (every namespace).
+*/}}
+{{- define "kubetune.watchNamespaces" -}}
+{{- if .Values.rbac.clusterWide -}}
+{{- if .Values.watchNamespaces -}}
+{{- fail "rbac.clusterWide watches every namespace: leave watchNamespaces empty, or set rbac.clusterWide=false to watch only the release namespace and watchNamespaces" -}}
+{{- end -}}
+[]
+{{- else -}}
+{{- prepend .Values.watchNamespaces .Release.Namespace | uniq | toJson -}}
+{{- end -}}
+{{- end -}}
