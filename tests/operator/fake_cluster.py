@@ -81,7 +81,7 @@ class FakeCluster:
     def post_event(self, ref: JobRef, event: Event, now: datetime) -> None:
         self.events.append(event)
 
-    def read_progress(self, pod: dict[str, Any]) -> Any:
+    def take_progress(self, job: FineTuneJob, pod: dict[str, Any]) -> Any:
         return self.progress
 
     # What the Job controller and the kubelet would do, driven by the test.

@@ -1,5 +1,6 @@
-"""The operator's edges on loopback: the probes/metrics endpoint, reading rank 0's progress,
-the Lease decisions, operator metrics and the `kubetune operator` command line."""
+"""The operator's edges on loopback: the probes/metrics endpoint and its liveness, reading rank 0's
+progress through the cluster seam, the Lease decisions, operator metrics and the `kubetune operator`
+command line. (The progress reader's defences: `test_progress_reader.py`.)"""
 
 from __future__ import annotations
 
@@ -12,15 +13,19 @@ from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import fakegpu
 import pytest
 from ftj_builders import NOW, make_pod
 
 from kubetune.api.status import FineTuneJobStatus
 from kubetune.cli import build_parser
-from kubetune.operator.cluster import KubeCluster, progress_url
+from kubetune.operator.cluster import KubeCluster
 from kubetune.operator.leader import lease_decision, micro_time, next_lease_spec
+from kubetune.operator.liveness import PassClock, stuck_reason
 from kubetune.operator.metrics import OperatorMetrics
 from kubetune.operator.probes import serve_probes
+from kubetune.operator.progress_reader import ProgressReader, progress_url
+from kubetune.operator.workqueue import WorkQueue
 
 
 def _get(url: str) -> tuple[int, str]:
@@ -76,17 +81,35 @@ def rank0() -> Iterator[ThreadingHTTPServer]:
     (json.dumps({"stage": "training", "step": 3}).encode(), {"stage": "training", "step": 3}),
     (b"not json", None),
 ])
-def test_read_progress_from_rank0_on_loopback(rank0: ThreadingHTTPServer, body: bytes, expected: Any) -> None:
+def test_take_progress_from_rank0_on_loopback(rank0: ThreadingHTTPServer, body: bytes, expected: Any) -> None:
+    from ftj_builders import make_job
+
+    from kubetune.api.validation import validate_document
+
     _Rank0.body = body
-    cluster = KubeCluster(api=None, progress_port=rank0.server_address[1], progress_timeout=2)  # type: ignore[arg-type]
-    assert cluster.read_progress(make_pod().running().pod_ip("127.0.0.1").obj()) == expected
-    cluster.close()
+    job = validate_document(make_job("corgi").obj()).job
+    reader = ProgressReader(rank0.server_address[1], deadline=2)
+    cluster = KubeCluster(api=None, progress=reader)  # type: ignore[arg-type]
+    pod = make_pod().running().pod_ip("127.0.0.1").obj()
+    try:
+        assert cluster.take_progress(job, pod) is None, "the pass never waits: the read starts now"
+        state = fakegpu.wait_for(lambda: (s := reader.state(("team-a", "corgi"))) and not s.in_flight and s,
+                                 what="the read")
+        assert cluster.take_progress(job, pod) == expected and (state.failures == 0) == (expected is not None)
+    finally:
+        cluster.close()
+        reader.close()
 
 
 def test_unreachable_rank0_reads_as_nothing() -> None:
-    cluster = KubeCluster(api=None, progress_port=9, progress_timeout=0.5)  # type: ignore[arg-type]
-    assert cluster.read_progress(make_pod().running().pod_ip("127.0.0.1").obj()) is None
-    cluster.close()
+    reader = ProgressReader(9, deadline=0.5)
+    pod = make_pod().running().pod_ip("127.0.0.1").obj()
+    try:
+        reader.take("k", pod)
+        state = fakegpu.wait_for(lambda: (s := reader.state("k")) and s.failures and s, what="the read to fail")
+        assert "ClientConnectorError" in state.error and reader.take("k", pod) is None
+    finally:
+        reader.close()
 
 
 @pytest.mark.parametrize(("ip", "url"), [
@@ -94,11 +117,62 @@ def test_unreachable_rank0_reads_as_nothing() -> None:
     ("10.1.2.3", "http://10.1.2.3:9090/progress"),
     ("fd00::5", "http://[fd00::5]:9090/progress"),
 ])
-def test_progress_url(ip: str | None, url: str | None) -> None:
+def test_progress_url(ip: str | None, url: str | None) -> None:  # non-IP hosts: test_progress_reader.py
     pod = make_pod().running()
     if ip:
         pod.pod_ip(ip)
     assert progress_url(pod.obj(), 9090) == url
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_liveness_fails_on_a_long_pass_or_unattended_queue_and_recovers() -> None:
+    clock = _Clock()
+    passes, queue = PassClock(clock), WorkQueue(clock)
+    assert stuck_reason(passes, queue, 60) is None
+    with passes.running(("ns", "slow")):
+        clock.now += 30
+        with passes.running(("ns", "quick")):
+            assert stuck_reason(passes, queue, 60) is None
+        clock.now += 31
+        assert stuck_reason(passes, queue, 60) == "the reconcile pass of ns/slow has run for 61s (limit 60s)"
+    assert stuck_reason(passes, queue, 60) is None
+    queue.add("a")
+    clock.now += 59
+    queue.add("b")
+    assert queue.get(timeout=0) == "a"
+    clock.now += 59  # a key is taken every minute: busy, not stuck
+    assert stuck_reason(passes, queue, 60) is None
+    clock.now += 2
+    assert stuck_reason(passes, queue, 60) == "queued reconcile passes have waited 61s for a worker (limit 60s)"
+    assert queue.get(timeout=0) == "b"
+    assert stuck_reason(passes, queue, 60) is None
+    clock.now += 600  # idle for long, then new work: it has not waited yet
+    queue.add("c")
+    assert queue.waiting_seconds() == 0 and stuck_reason(passes, queue, 60) is None
+
+
+def test_healthz_fails_while_the_operator_is_stuck() -> None:
+    reason: list[str] = []
+    server = serve_probes(OperatorMetrics().registry, 0, lambda: True, host="127.0.0.1",
+                          stuck=lambda: reason[0] if reason else None)
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        assert _get(f"{base}/healthz") == (200, "ok\n")
+        reason.append("the reconcile pass of ns/a has run for 200s (limit 180s)")
+        assert _get(f"{base}/healthz") == (503, "stuck: the reconcile pass of ns/a has run for 200s (limit 180s)\n")
+        assert _get(f"{base}/readyz")[0] == 200
+        reason.clear()
+        assert _get(f"{base}/healthz")[0] == 200
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 FRESH = micro_time(NOW - timedelta(seconds=5))

@@ -1,5 +1,5 @@
 """The operator's one seam to the cluster: read a job's children, carry out actions,
-write status, post events, and read rank 0's `/progress`.
+write status, post events, and take what rank 0's `/progress` said.
 
 `Cluster` is the interface the reconcile pass uses; `KubeCluster` implements it on the
 API server (reading children from the informers' caches, and putting what its own writes
@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import json
 import logging
 import queue
 import threading
 import time
-import urllib.request
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -77,7 +75,13 @@ class Cluster(Protocol):
 
     def post_event(self, ref: JobRef, event: Event, now: datetime) -> None: ...
 
-    def read_progress(self, pod: dict[str, Any]) -> Any: ...
+    def take_progress(self, job: FineTuneJob, pod: dict[str, Any]) -> Any:
+        """What rank 0 (`pod`) reported on `/progress` since the last pass took it (None: nothing new).
+
+        Never waits for the pod: reads happen in the background, and a reading with news asks
+        for the job's next pass.
+        """
+        ...
 
     def quiet(self, seconds: float) -> bool:
         """Wait (at most `seconds`) until no child create is in flight."""
@@ -110,13 +114,22 @@ def job_ended(batch_job: dict[str, Any] | None) -> bool:
     return any(c.get("type") in ("Complete", "Failed") and c.get("status") == "True" for c in conditions)
 
 
-def progress_url(pod: dict[str, Any], port: int) -> str | None:
-    """Where rank 0 serves its progress; None until the pod has an IP."""
-    ip = (pod.get("status") or {}).get("podIP")
-    if not ip:
+def job_key(job: FineTuneJob) -> tuple[str, str]:
+    """(namespace, name): how the work queue names a FineTuneJob."""
+    return job.metadata.namespace or "default", job.metadata.name
+
+
+class ProgressSource(Protocol):
+    """Where `KubeCluster` takes rank 0's readings from (`progress_reader.ProgressReader`)."""
+
+    def take(self, key: tuple[str, str], pod: dict[str, Any]) -> Any: ...
+
+
+class NoProgress:
+    """Reads nothing: a cluster built without a reader (tests of its other parts)."""
+
+    def take(self, key: tuple[str, str], pod: dict[str, Any]) -> Any:
         return None
-    host = f"[{ip}]" if ":" in ip else ip
-    return f"http://{host}:{port}/progress"
 
 
 def _collection(kind: str, namespace: str) -> str:
@@ -186,12 +199,10 @@ class KubeCluster:
 
     CREATE_THREADS = 16
 
-    def __init__(self, api: KubeApi, progress_port: int = 9090, progress_timeout: float = 3.0,
-                 caches: Caches | None = None) -> None:
+    def __init__(self, api: KubeApi, caches: Caches | None = None, progress: ProgressSource | None = None) -> None:
         self.api = api
-        self.progress_port = progress_port
-        self.progress_timeout = progress_timeout
         self.caches = caches or Caches()
+        self.progress = progress or NoProgress()
         self._creating = 0
         self._created = threading.Condition()
         self.events = EventPoster(api, quiet=self.quiet)
@@ -340,13 +351,5 @@ class KubeCluster:
         }
         self.events.post(ref.uid, ns, body)
 
-    def read_progress(self, pod: dict[str, Any]) -> Any:
-        """Rank 0's `/progress` JSON, or None when it cannot be read right now."""
-        url = progress_url(pod, self.progress_port)
-        if url is None:
-            return None
-        try:
-            with urllib.request.urlopen(url, timeout=self.progress_timeout) as response:
-                return json.loads(response.read(1_000_000))
-        except (OSError, ValueError):
-            return None
+    def take_progress(self, job: FineTuneJob, pod: dict[str, Any]) -> Any:
+        return self.progress.take(job_key(job), pod)

@@ -21,17 +21,23 @@ from kubetune.api.resource import GROUP, PLURAL, VERSION
 from kubetune.operator.bookkeeping import MemoryDiffBaseStorage, MemoryProgressStorage
 from kubetune.operator.informer import newest
 from kubetune.operator.kube import ApiError
+from kubetune.operator.liveness import PassClock
 from kubetune.operator.reconcile import reconcile
 
 RETRY_DELAY_SECONDS = 10.0
 DEFERRED_PASS_SECONDS = 0.5
 ANNOTATION_PREFIX = "kubetune.io"
+_UNWATCHED = PassClock()
+"""Times the passes of a memo without `passes` (tests); nothing asks it."""
 
 
 def run_pass(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger | Any) -> None:
-    """One reconcile pass, serialised per FineTuneJob (handlers and timer may overlap)."""
+    """One reconcile pass, serialised per FineTuneJob (handlers and timer may overlap), timed from the start
+    (waiting for the lock included) for liveness."""
     meta = body.get("metadata", {})
-    with memo.locks.setdefault(meta.get("uid", ""), threading.Lock()), memo.metrics.reconcile_duration.time():
+    key = (meta.get("namespace", ""), meta.get("name", ""))
+    with memo.get("passes", _UNWATCHED).running(key), memo.locks.setdefault(meta.get("uid", ""), threading.Lock()), \
+            memo.metrics.reconcile_duration.time():
         if "caches" in memo:  # the copy our last status write returned may be newer than Kopf's
             body = newest(body, memo.caches["FineTuneJob"].get(meta.get("namespace", ""), meta.get("name", "")))
         try:
@@ -40,7 +46,7 @@ def run_pass(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger | Any) -> 
             memo.metrics.api_errors.labels("reconcile").inc()
             raise kopf.TemporaryError(f"Kubernetes API error: {exc}", delay=RETRY_DELAY_SECONDS) from exc
     if outcome.deferred and "queue" in memo:  # soon, not at once: our cache may not hold the job yet
-        memo.queue.add_after((meta.get("namespace", ""), meta.get("name", "")), DEFERRED_PASS_SECONDS)
+        memo.queue.add_after(key, DEFERRED_PASS_SECONDS)
     if outcome.errors:
         memo.metrics.api_errors.labels("apply").inc(len(outcome.errors))
         raise kopf.TemporaryError("; ".join(outcome.errors), delay=RETRY_DELAY_SECONDS)
@@ -52,8 +58,10 @@ def on_change(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any
     run_pass(body, memo, logger)
 
 
-def on_event(type: str | None, uid: str, memo: kopf.Memo, **_: Any) -> None:
-    """A FineTuneJob is gone: its children go by owner reference; only our own bookkeeping is left.
+def on_event(type: str | None, uid: str, memo: kopf.Memo, namespace: str | None = None, name: str | None = None,
+             **_: Any) -> None:
+    """A FineTuneJob is gone: its children go by owner reference; only our own bookkeeping is left
+    (and rank 0's last readings).
 
     The raw DELETED event, not `kopf.on.delete`: without a finalizer Kopf never calls delete
     handlers for an object that is already gone.
@@ -62,6 +70,8 @@ def on_event(type: str | None, uid: str, memo: kopf.Memo, **_: Any) -> None:
         return
     memo.metrics.forget(uid)
     memo.locks.pop(uid, None)
+    if "progress" in memo:
+        memo.progress.forget((namespace or "", name or ""))
     for storage in memo.get("bookkeeping", ()):
         storage.forget(uid)
 

@@ -1,4 +1,9 @@
-"""`kubetune operator`: start the HTTP probes, win the Lease, fill the caches, then run Kopf until stopped."""
+"""`kubetune operator`: start the HTTP probes, win the Lease, fill the caches, then run Kopf until stopped.
+
+Beside Kopf run threads of the operator's own: the informers, the work queue's workers and
+resync loop, the event posters, the progress reader (rank 0's `/progress`, whose news queues
+a pass) and the probes, whose `/healthz` watches the passes.
+"""
 
 from __future__ import annotations
 
@@ -19,8 +24,10 @@ from kubetune.operator.handlers import build_registry
 from kubetune.operator.informer import Informer, start_informers
 from kubetune.operator.kube import KubeApi, load_configuration
 from kubetune.operator.leader import LeaderElector
+from kubetune.operator.liveness import PassClock, stuck_reason
 from kubetune.operator.metrics import OperatorMetrics
 from kubetune.operator.probes import serve_probes
+from kubetune.operator.progress_reader import ProgressReader
 from kubetune.operator.resync import start_passes
 from kubetune.operator.settings import OperatorSettings
 from kubetune.operator.workqueue import WorkQueue
@@ -114,10 +121,12 @@ def run(
     configuration = configuration or load_configuration(kubeconfig)
     api = KubeApi(configuration)
     metrics = OperatorMetrics()
-    server = serve_probes(metrics.registry, http_port, leading.is_set)
-    caches, queue = Caches(), WorkQueue()
+    caches, queue, passes = Caches(), WorkQueue(), PassClock()
+    server = serve_probes(metrics.registry, http_port, leading.is_set,
+                          stuck=lambda: stuck_reason(passes, queue, settings.stuck_pass_seconds))
     informers = caches.informers(api, namespaces, queue.add)
-    cluster = KubeCluster(api, settings.metrics_port, settings.progress_timeout_seconds, caches)
+    reader = ProgressReader.from_settings(settings, on_news=queue.add)
+    cluster = KubeCluster(api, caches, reader)
     try:
         if leader_election and not _lead(api, identity, lease, lease_seconds, stop, lost):
             return 0
@@ -125,7 +134,7 @@ def run(
             return 0
         leading.set()
         memo = kopf.Memo(api=api, cluster=cluster, settings=settings, metrics=metrics, locks={}, caches=caches,
-                         queue=queue)
+                         queue=queue, passes=passes, progress=reader)
         start_passes(memo, stop)
         asyncio.run(_operate(stop, registry=build_registry(configuration), memo=memo, standalone=True,
                              clusterwide=not namespaces, namespaces=namespaces or (), ready_flag=ready))
@@ -138,5 +147,6 @@ def run(
         server.shutdown()
         server.server_close()
         cluster.close()
+        reader.close()
         api.close()
     return EXIT_LOST_LEASE if lost.is_set() else 0

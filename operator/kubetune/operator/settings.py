@@ -27,12 +27,26 @@ class OperatorSettings:
     resync_seconds: float = 10.0
     """How often each job is reconciled and rank 0's progress is read."""
     progress_timeout_seconds: float = 3.0
+    """The whole of one `/progress` read (connect, headers, body): a pod that drips bytes is cut off here."""
+    progress_max_bytes: int = 1 << 20
+    """A `/progress` answer longer than this is refused unread."""
+    progress_backoff_max_seconds: float = 60.0
+    """A job whose reads keep failing waits longer before each next one (doubling), at most this."""
+    stuck_pass_seconds: float = 180.0
+    """`/healthz` fails once a reconcile pass has run this long, or queued work has waited this long for a
+    worker: the kubelet then restarts the operator. Six times the API client's 30 s request timeout."""
     resync_workers: int = 8
     """FineTuneJobs reconciled at once from the work queue (child events, retries, the resync)."""
     pass_workers: int = 64
     """FineTuneJobs reconciled at once by Kopf's create, update and resume handlers."""
     restart_backoff_seconds: float = 10.0
     """Wait before a retried attempt: this, doubled per counted restart, capped at five minutes."""
+
+    @property
+    def progress_interval_seconds(self) -> float:
+        """Rank 0 is read at most this often: half a resync period, so every resync pass finds the read it
+        asked for done and asks for the next one."""
+        return self.resync_seconds / 2
 
     @classmethod
     def from_env(cls, **overrides: object) -> OperatorSettings:
@@ -42,5 +56,7 @@ class OperatorSettings:
             values["default_image"] = image
         if resync := os.environ.get("KUBETUNE_RESYNC_SECONDS"):
             values["resync_seconds"] = float(resync)
+        if stuck := os.environ.get("KUBETUNE_STUCK_PASS_SECONDS"):
+            values["stuck_pass_seconds"] = float(stuck)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]

@@ -5,6 +5,9 @@ pods start) or a resync round arriving while a pass is queued asks for no extra 
 the one queued pass will read the newest state. A key whose pass is running is marked
 and queued once more when that pass ends, so no change goes unseen, and two passes of
 one job never run at once.
+
+`waiting_seconds` tells liveness how long ready work has gone without any worker taking
+it: a busy pool keeps taking keys, a stuck one does not.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ class WorkQueue:
         self._later: list[tuple[float, int, Hashable]] = []
         self._count = 0
         self._closed = False
+        self._taken_at = clock()
+        """When a worker last took a key, or the ready keys last went from none to some."""
         self._cond = threading.Condition()
 
     def add(self, key: Hashable) -> None:
@@ -38,6 +43,8 @@ class WorkQueue:
         if key in self._active:
             self._again.add(key)
         elif key not in self._queued:
+            if not self._ready:
+                self._taken_at = self._clock()
             self._queued.add(key)
             self._ready.append(key)
             self._cond.notify()
@@ -59,6 +66,7 @@ class WorkQueue:
                     return None
                 if self._ready:
                     key = self._ready.popleft()
+                    self._taken_at = self._clock()
                     self._queued.discard(key)
                     self._active.add(key)
                     return key
@@ -78,6 +86,12 @@ class WorkQueue:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+
+    def waiting_seconds(self) -> float:
+        """How long ready keys have waited with no worker taking any (0 when none is ready)."""
+        with self._cond:
+            self._release_due()
+            return self._clock() - self._taken_at if self._ready else 0.0
 
     def __len__(self) -> int:
         with self._cond:

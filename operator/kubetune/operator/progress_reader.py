@@ -1,0 +1,225 @@
+"""Rank 0's `/progress`, read in the background: a reconcile pass never waits for a pod.
+
+The user picks the trainer image, so rank 0 may answer anything: a redirect to a service
+inside the cluster, one byte every few seconds, a gigabyte, JSON nested ten thousand deep.
+A pass used to read `/progress` itself, so eight such pods held every reconcile worker and
+other jobs' status stood still. Here each read:
+
+- goes only to the pod's own `status.podIP` (an IP literal; a name is never resolved) and
+  the configured port, and never follows a redirect (any answer but 200 is a failed read);
+- ends within one overall deadline (connect, headers and body together, not per socket
+  read) and is refused once its body passes a size cap;
+- runs on an event loop of its own thread, at most one per job at a time; a job whose reads
+  keep failing waits longer before the next (doubling, capped), so a hostile pod costs a
+  bounded share of one coroutine and never another job's time.
+
+A pass takes what was read since the last pass (`take`, never blocking) and so asks for a
+fresh read; when a read brings news, `on_news(key)` asks for the job's next pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from kubetune.operator.settings import OperatorSettings
+
+LOG = logging.getLogger(__name__)
+
+
+class ReadFailed(Exception):
+    """Rank 0's answer was not a `/progress` document the operator accepts."""
+
+
+def progress_url(pod: dict[str, Any], port: int) -> str | None:
+    """Where rank 0 serves its progress: its own IP literal and `port`; None until it has an IP, or
+    when `status.podIP` is not an IP (never resolved as a name)."""
+    ip = (pod.get("status") or {}).get("podIP")
+    if not ip or not isinstance(ip, str):
+        return None
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return None
+    if address.is_unspecified or address.is_multicast or getattr(address, "scope_id", None):
+        return None
+    host = f"[{address}]" if address.version == 6 else str(address)
+    return f"http://{host}:{port}/progress"
+
+
+def decode(body: bytes) -> Any:
+    """The JSON document of a body; nesting too deep for the parser is a failed read, not a crash."""
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise ReadFailed(f"not JSON: {type(exc).__name__}") from None
+
+
+async def fetch(session: aiohttp.ClientSession, url: str, deadline: float, max_bytes: int) -> Any:
+    """One GET of `url`, all of it within `deadline` seconds: the decoded document, or ReadFailed."""
+    try:
+        async with asyncio.timeout(deadline):
+            async with session.get(url, allow_redirects=False) as response:
+                if response.status != 200:
+                    raise ReadFailed(f"HTTP {response.status} (redirects are not followed)"
+                                     if 300 <= response.status < 400 else f"HTTP {response.status}")
+                if (response.content_length or 0) > max_bytes:
+                    raise ReadFailed(f"{response.content_length} bytes, more than {max_bytes}")
+                body = bytearray()
+                async for chunk in response.content.iter_any():
+                    body += chunk
+                    if len(body) > max_bytes:
+                        raise ReadFailed(f"more than {max_bytes} bytes")
+    except TimeoutError:
+        raise ReadFailed(f"no whole answer within {deadline:g}s") from None
+    except (aiohttp.ClientError, OSError) as exc:
+        raise ReadFailed(f"{type(exc).__name__}: {exc}") from None
+    return decode(bytes(body))
+
+
+@dataclass(frozen=True)
+class ReadState:
+    """One job's reads as they stand (for tests and logs)."""
+
+    in_flight: bool
+    failures: int
+    """Reads failed in a row."""
+    next_read_in: float
+    """Seconds until a pass may start the next read (0: now)."""
+    error: str | None
+    """Why the last read failed (None: it did not)."""
+
+
+@dataclass
+class _Job:
+    pod: tuple[str, str]
+    """(uid, podIP) of the rank 0 pod these readings are of: a new pod starts afresh."""
+    reading: Any = None
+    fresh: bool = False
+    last: Any = None
+    in_flight: bool = False
+    next_read: float = 0.0
+    failures: int = 0
+    error: str | None = None
+
+
+class ProgressReader:
+    """Reads rank 0's `/progress` on a thread of its own; `take` hands each reading to one pass."""
+
+    def __init__(self, port: int, on_news: Callable[[Hashable], object] = lambda key: None, *,
+                 deadline: float = 3.0, max_bytes: int = 1 << 20, interval: float = 5.0,
+                 max_backoff: float = 60.0, max_reads: int = 64,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.port, self.deadline, self.max_bytes = port, deadline, max_bytes
+        self.interval, self.max_backoff = interval, max(max_backoff, interval)
+        self._on_news, self._clock = on_news, clock
+        self._jobs: dict[Hashable, _Job] = {}
+        self._lock = threading.Lock()
+        self._loop = asyncio.new_event_loop()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._serve(max_reads),),
+                                        name="kubetune-progress", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+
+    @classmethod
+    def from_settings(cls, settings: OperatorSettings, on_news: Callable[[Any], object]) -> ProgressReader:
+        return cls(settings.metrics_port, on_news, deadline=settings.progress_timeout_seconds,
+                   max_bytes=settings.progress_max_bytes, interval=settings.progress_interval_seconds,
+                   max_backoff=settings.progress_backoff_max_seconds)
+
+    def take(self, key: Hashable, pod: dict[str, Any]) -> Any:
+        """The document read from `pod` since the last take (None: nothing new); never waits.
+
+        Starts the next read when the job's budget allows: none in flight, and the interval (or,
+        after failures, the back-off) since the last one ended has passed.
+        """
+        url = progress_url(pod, self.port)
+        identity = ((pod.get("metadata") or {}).get("uid") or "", (pod.get("status") or {}).get("podIP") or "")
+        with self._lock:
+            job = self._jobs.get(key)
+            if job is None or job.pod != identity:
+                job = self._jobs[key] = _Job(identity)
+            reading, job.reading, fresh, job.fresh = job.reading, None, job.fresh, False
+            if url is not None and not job.in_flight and self._clock() >= job.next_read and not self._closed:
+                job.in_flight = True
+                self._loop.call_soon_threadsafe(self._start, key, job, url)
+        return reading if fresh else None
+
+    def state(self, key: Hashable) -> ReadState | None:
+        with self._lock:
+            job = self._jobs.get(key)
+            if job is None:
+                return None
+            return ReadState(job.in_flight, job.failures, max(0.0, job.next_read - self._clock()), job.error)
+
+    def forget(self, key: Hashable) -> None:
+        """The job is gone: drop its readings (a read in flight ends unheard)."""
+        with self._lock:
+            self._jobs.pop(key, None)
+
+    def close(self) -> None:
+        """Cancel the reads in flight and stop the thread."""
+        with contextlib.suppress(RuntimeError):  # the loop has already ended
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+    @property
+    def _closed(self) -> bool:
+        return self._stop.is_set()
+
+    async def _serve(self, max_reads: int) -> None:
+        self._stop, self._slots = asyncio.Event(), asyncio.Semaphore(max_reads)
+        connector = aiohttp.TCPConnector(force_close=True, limit=max_reads)
+        async with aiohttp.ClientSession(connector=connector, auto_decompress=False, trust_env=False,
+                                         headers={"Accept": "application/json", "Accept-Encoding": "identity"},
+                                         timeout=aiohttp.ClientTimeout(total=None)) as session:
+            self._session = session
+            self._ready.set()
+            await self._stop.wait()
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _start(self, key: Hashable, job: _Job, url: str) -> None:
+        task = self._loop.create_task(self._read(key, job, url))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _read(self, key: Hashable, job: _Job, url: str) -> None:
+        async with self._slots:  # the deadline is the pod's; waiting for a slot is not
+            try:
+                doc, error = await fetch(self._session, url, self.deadline, self.max_bytes), None
+            except ReadFailed as exc:
+                doc, error = None, str(exc)
+        if self._finish(key, job, doc, error):
+            self._on_news(key)
+
+    def _finish(self, key: Hashable, job: _Job, doc: Any, error: str | None) -> bool:
+        """Record a read's end; True when it brought a document unlike the last one."""
+        with self._lock:
+            job.in_flight, job.error = False, error
+            if error is not None:
+                job.failures += 1
+                job.next_read = self._clock() + min(self.max_backoff, self.interval * 2 ** job.failures)
+                log = LOG.info if job.failures == 1 else LOG.debug
+                log("%s: rank 0's /progress not read: %s; next try in %.0fs", key, error,
+                    job.next_read - self._clock())
+                return False
+            job.failures, job.next_read = 0, self._clock() + self.interval
+            news = doc != job.last
+            job.reading, job.fresh, job.last = doc, True, doc
+            return news and self._jobs.get(key) is job
