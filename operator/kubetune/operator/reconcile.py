@@ -58,7 +58,7 @@ def status_patch(old: Mapping[str, Any] | None, new: FineTuneJobStatus) -> dict[
 
 def rank0_reports(job: FineTuneJob, seen: Observed, cluster: Cluster) -> tuple[ProgressReport | None,
                                                                                ResultReport | None]:
-    """Live progress from a running rank 0, or its last words once it has ended."""
+    """Progress a running rank 0 reported since the last pass, or its last words once it has ended."""
     pod = seen.rank0_pod()
     if pod is None:
         return None, None
@@ -66,7 +66,7 @@ def rank0_reports(job: FineTuneJob, seen: Observed, cluster: Cluster) -> tuple[P
     if ended is not None:
         return None, parse_result(ended.get("message"))
     if obs.pod_phase(pod) == "Running":
-        return parse_progress(cluster.read_progress(pod)), None
+        return parse_progress(cluster.take_progress(job, pod)), None
     return None, None
 
 
