@@ -242,7 +242,7 @@ def build_trainer(job: FineTuneJob, runtime: RuntimeConfig, reporter: Reporter,
     set_seed(spec.training.seed)
     for text in setting_notices(job):
         reporter.notice(text)
-    claim = None  # claim_output(job, runtime, reporter)  # another job's output: stop before anything is staged or written
+    claim = claim_output(job, runtime, reporter)  # another job's output: stop before anything is staged or written
     with accelerator.local_main_process_first():  # one download per pod; the others find it staged
         model_dir, data_dir, class_dir = _stage_inputs(job, runtime, reporter)
     reporter.phase("Loading")
