@@ -1,0 +1,191 @@
+"""An output prefix belongs to one job: another job is refused before it stages or writes anything.
+
+The claim's rules on the local store first (owner record, manifest owners, prefixes written
+before owners were recorded), then whole runs: a different job refused with exit 78 and every
+file untouched, the same job resuming. The same runs against a real S3 server on loopback are
+in `test_ownership_s3.py`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from trainer_support import job_document
+
+from kubetune.api.identity import JobIdentity
+from kubetune.api.validation import validate_document
+from kubetune_trainer.checkpoint import MANIFEST, Checkpointer
+from kubetune_trainer.config import RuntimeConfig
+from kubetune_trainer.exitcodes import EXIT_CONFIG, EXIT_FAILED, ConfigError
+from kubetune_trainer.job import run_job
+from kubetune_trainer.ownership import OWNER_RECORD, OutputClaim, survey_output, weight_fields
+from kubetune_trainer.storage import LocalStore
+
+
+def _job(output: str, name: str = "test-lora", model: str = "model", data: str = "data", **spec: Any) -> Any:
+    doc = job_document(model, data, output, **spec)
+    doc["metadata"]["name"] = name
+    result = validate_document(doc, mode="local")
+    assert result.job is not None, result.problems
+    return result.job
+
+
+def _claim(job: Any, tmp_path: Path) -> OutputClaim:
+    return OutputClaim(LocalStore(), job.spec.output.uri, JobIdentity.of(job), weight_fields(job.spec),
+                       tmp_path / "scratch")
+
+
+def _check(job: Any, tmp_path: Path) -> str | None:
+    claim = _claim(job, tmp_path)
+    return claim.check(survey_output(claim.store, claim.uri, claim.scratch))
+
+
+def _contents(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _owned_prefix(tmp_path: Path, job: Any, checkpoints: tuple[int, ...] = (2,)) -> Path:
+    """A prefix as a run of `job` leaves it: owner record, checkpoints, final weights."""
+    out = Path(job.spec.output.uri)
+    claim = _claim(job, tmp_path)
+    ckpt = Checkpointer(claim.store, job.spec.output, tmp_path / "scratch", claim)
+    ckpt.check_writable()
+    payload = tmp_path / "payload.bin"
+    payload.write_bytes(b"weights")
+    for step in checkpoints:
+        ckpt.save(step, {"w.bin": payload})
+    (out / "final").mkdir(parents=True, exist_ok=True)
+    (out / "final" / "pytorch_lora_weights.safetensors").write_bytes(b"final")
+    return out
+
+
+def test_an_empty_prefix_is_claimed_on_the_first_write_only(tmp_path: Path) -> None:
+    job = _job(str(tmp_path / "out"))
+    assert _check(job, tmp_path) is None
+    assert not (tmp_path / "out").exists()  # checking writes nothing
+    _owned_prefix(tmp_path, job)
+    record = json.loads((tmp_path / "out" / OWNER_RECORD).read_text())
+    assert record["owner"] == {"namespace": "tests", "name": "test-lora", "specDigest": JobIdentity.of(job).spec_digest}
+    manifest = json.loads((tmp_path / "out" / "checkpoints" / "step-2" / MANIFEST).read_text())
+    assert manifest["owner"] == record["owner"]
+    assert _check(job, tmp_path) is None  # the same job again: its own output
+
+
+def test_another_job_is_refused_naming_the_owner_and_the_fix(tmp_path: Path) -> None:
+    out = _owned_prefix(tmp_path, _job(str(tmp_path / "out")))
+    before = _contents(out)
+    with pytest.raises(ConfigError) as refused:
+        _check(_job(str(out), name="other-lora"), tmp_path)
+    message = str(refused.value)
+    assert f"{out}/ holds the output of job tests/test-lora" in message
+    assert "not of tests/other-lora" in message
+    assert "new spec.output.uri" in message and f"delete everything under {out}/" in message
+    assert _contents(out) == before
+
+
+def test_the_same_name_with_other_weight_fields_is_refused_naming_the_fields(tmp_path: Path) -> None:
+    out = _owned_prefix(tmp_path, _job(str(tmp_path / "out")))
+    with pytest.raises(ConfigError, match=r"test-lora trained with different weight-shaping fields "
+                                          r"\(training.learningRate 0.001 there, 0.0005 here\)"):
+        _check(_job(str(out), training={"learningRate": 5e-4}), tmp_path)
+
+
+def test_fields_that_do_not_shape_the_weights_may_change(tmp_path: Path) -> None:
+    out = _owned_prefix(tmp_path, _job(str(tmp_path / "out")))
+    assert _check(_job(str(out), training={"maxSteps": 40, "mixedPrecision": "no"}), tmp_path) is None
+
+
+def test_a_prefix_holding_only_final_weights_is_claimed_by_its_record(tmp_path: Path) -> None:
+    out = _owned_prefix(tmp_path, _job(str(tmp_path / "out")), checkpoints=())
+    assert not (out / "checkpoints").exists()
+    with pytest.raises(ConfigError, match="tests/test-lora"):
+        _check(_job(str(out), name="other-lora"), tmp_path)
+
+
+def test_checkpoints_of_another_job_are_refused_even_without_a_record(tmp_path: Path) -> None:
+    out = _owned_prefix(tmp_path, _job(str(tmp_path / "out")))
+    (out / OWNER_RECORD).unlink()
+    with pytest.raises(ConfigError, match="tests/test-lora"):
+        _check(_job(str(out), name="other-lora"), tmp_path)
+
+
+def test_a_prefix_written_before_owners_were_recorded_is_adopted_with_a_notice(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    for step in (2, 4):
+        folder = out / "checkpoints" / f"step-{step}"
+        folder.mkdir(parents=True)
+        (folder / "w.bin").write_bytes(b"old")
+        (folder / MANIFEST).write_text(json.dumps({"step": step, "createdAt": "x", "files": {"w.bin": 3}}))
+    job = _job(str(out))
+    notice = _check(job, tmp_path)
+    assert notice is not None
+    assert "checkpoints (steps 2, 4) written before kubetune recorded their owner" in notice
+    assert "tests/test-lora adopts them" in notice
+    claim = _claim(job, tmp_path)
+    ckpt = Checkpointer(claim.store, job.spec.output, tmp_path / "scratch", claim)
+    ckpt.check_writable()
+    assert [ref.step for ref in ckpt.complete()] == [2, 4]  # resumable by the adopter
+    assert json.loads((out / OWNER_RECORD).read_text())["owner"]["name"] == "test-lora"
+    with pytest.raises(ConfigError, match="tests/test-lora"):  # and now it is the adopter's
+        _check(_job(str(out), name="other-lora"), tmp_path)
+
+
+def test_an_unreadable_owner_record_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / OWNER_RECORD).write_text("{not json")
+    with pytest.raises(ConfigError, match=f"{OWNER_RECORD} is not a kubetune owner record"):
+        _check(_job(str(tmp_path / "out")), tmp_path)
+
+
+def test_a_job_started_beside_this_one_is_found_before_either_overwrites_the_other(tmp_path: Path) -> None:
+    mine, theirs = _job(str(tmp_path / "out")), _job(str(tmp_path / "out"), name="other-lora")
+    assert _check(mine, tmp_path) is None and _check(theirs, tmp_path) is None  # both start on an empty prefix
+    _owned_prefix(tmp_path, theirs)  # the other one writes first
+    claim = _claim(mine, tmp_path)
+    ckpt = Checkpointer(claim.store, mine.spec.output, tmp_path / "scratch", claim)
+    before = _contents(tmp_path / "out")
+    with pytest.raises(ConfigError, match="tests/other-lora"):
+        ckpt.check_writable()
+    payload = tmp_path / "p.bin"
+    payload.write_bytes(b"mine")
+    with pytest.raises(ConfigError, match="tests/other-lora"):
+        ckpt.save(2, {"w.bin": payload})
+    assert _contents(tmp_path / "out") == before
+    assert ckpt.complete() == []  # their checkpoints are never offered to this job
+
+
+def _record(steps: list[int]) -> Any:
+    return lambda trainer: steps.append(trainer.step)
+
+
+def _crash_after(step: int) -> Any:
+    def hook(trainer: Any) -> None:
+        if trainer.step == step:
+            raise RuntimeError(f"killed after step {step}")
+
+    return hook
+
+
+def test_runs_another_job_refused_untouched_the_same_job_resumes(tiny_sd: Path, squares: Path,
+                                                                  tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    job = _job(str(out), model=str(tiny_sd), data=str(squares), training={"maxSteps": 6})
+    crashed = run_job(job, RuntimeConfig(scratch=tmp_path / "s1", log_every=0), hooks=[_crash_after(4)])
+    assert crashed.exit_code == EXIT_FAILED and [c["step"] for c in crashed.progress["checkpoints"]] == [2, 4]
+    before = _contents(out)
+    missing_data = str(tmp_path / "no-such-data")  # refused before staging, which would fail on it
+    for other in (_job(str(out), name="other-lora", model=str(tiny_sd), data=missing_data),
+                  _job(str(out), model=str(tiny_sd), data=str(squares), training={"learningRate": 5e-4})):
+        trained: list[int] = []
+        refused = run_job(other, RuntimeConfig(scratch=tmp_path / "s2", log_every=0), hooks=[_record(trained)])
+        assert (refused.exit_code, refused.phase, trained) == (EXIT_CONFIG, "Failed", [])
+        assert f"{out}/ holds the output of" in refused.message and "tests/test-lora" in refused.message
+        assert _contents(out) == before
+    steps: list[int] = []
+    resumed = run_job(job, RuntimeConfig(scratch=tmp_path / "s3", log_every=0), hooks=[_record(steps)])
+    assert resumed.exit_code == 0 and steps == [5, 6], resumed.message
