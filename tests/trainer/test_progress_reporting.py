@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import subprocess
 from pathlib import Path
 
+from kubetune.api.status import DataReport, SkippedFile
 from kubetune_trainer.checkpoint import CheckpointRef
 from kubetune_trainer.job import RunResult, termination_message
 from kubetune_trainer.metrics import PrometheusMetrics
-from kubetune_trainer.reporting import ProgressState
+from kubetune_trainer.reporting import REPORTED_SKIPPED_FILES, LogLines, ProgressState
 from kubetune_trainer.staging import StagingReport
 from tests.tools import needs_tools
 
@@ -84,3 +86,43 @@ def test_metrics_with_loss_terms_pass_promtool_check() -> None:
     done = subprocess.run(["promtool", "check", "metrics"], input=metrics.exposition(), capture_output=True,
                           timeout=60, check=False)
     assert done.returncode == 0, done.stdout.decode() + done.stderr.decode()
+
+
+def _data_report(skipped: int, name_length: int = 20) -> DataReport:
+    files = [SkippedFile(file=f"{i:04d}-{'x' * name_length}.jpg", reason="truncated image") for i in range(skipped)]
+    return DataReport(images=100, skipped=skipped, max_skipped=skipped, skipped_files=files)
+
+
+def test_progress_carries_the_data_block_with_the_first_few_skipped_files() -> None:
+    progress = ProgressState()
+    assert progress.snapshot()["data"] is None
+    progress.data(_data_report(25))
+    data = progress.snapshot()["data"]
+    assert set(data) == {"images", "skipped", "maxSkipped", "skippedFiles"}
+    assert (data["images"], data["skipped"], data["maxSkipped"]) == (100, 25, 25)
+    assert [f["file"][:4] for f in data["skippedFiles"]] == [f"{i:04d}" for i in range(REPORTED_SKIPPED_FILES)]
+    assert DataReport.model_validate(data).skipped_files[0].reason == "truncated image"
+
+
+def test_termination_message_keeps_the_counts_and_drops_the_last_skipped_names_first() -> None:
+    progress = ProgressState()
+    progress.data(_data_report(25, name_length=600))
+    checkpoints = [{"step": 1, "uri": "s3://b/out/checkpoints/step-1/", "createdAt": "2026-01-01T00:00:00Z"}]
+    result = RunResult("Failed", 78, "TooManySkippedImages", "m" * 500, {**progress.snapshot(),
+                                                                         "checkpoints": checkpoints})
+    text = termination_message(result)
+    body = json.loads(text)
+    assert len(text.encode()) <= 4096
+    assert (body["data"]["skipped"], body["data"]["maxSkipped"]) == (25, 25)
+    assert 1 <= len(body["data"]["skippedFiles"]) < REPORTED_SKIPPED_FILES
+    assert body["data"]["skippedFiles"][0]["file"].startswith("0000-")
+    assert body["checkpoints"] == checkpoints and body["message"] == "m" * 500
+    assert len(result.as_dict()["data"]["skippedFiles"]) == REPORTED_SKIPPED_FILES  # the status file keeps them
+
+
+def test_log_lines_name_every_skipped_file() -> None:
+    stream = io.StringIO()
+    LogLines(stream=stream).data(_data_report(25))
+    lines = [line.split(" ", 2)[2] for line in stream.getvalue().splitlines()]
+    assert lines[0] == "data: 100 images, 25 skipped (data.maxSkipped 25)"
+    assert lines[1:] == [f"skipped {i:04d}-{'x' * 20}.jpg: truncated image" for i in range(25)]
