@@ -1,5 +1,6 @@
 """The chart's rendered objects are accepted by a real API server (server-side dry-run apply),
-for a cluster-wide and a namespaced install."""
+for each install shape: the default (the release namespace only), more watched namespaces, and
+cluster-wide; the admission policy included."""
 
 from __future__ import annotations
 
@@ -11,11 +12,16 @@ from tests.unit.test_chart import CHART, PROMETHEUS_OPERATOR_KINDS, helm
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.parametrize("watch_own_namespace", [False, True], ids=["cluster-wide", "namespaced"])
-def test_rendered_chart_passes_server_side_dry_run(
-    kubectl, namespace: str, finetunejob_crd: str, watch_own_namespace: bool
-) -> None:
-    extra = ["--set", f"watchNamespaces={{{namespace}}}"] if watch_own_namespace else []
+SHAPES = {
+    "default": [],
+    "watch-namespaces": ["--set", "watchNamespaces={default}"],
+    "cluster-wide": ["--set", "rbac.clusterWide=true"],
+}
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_rendered_chart_passes_server_side_dry_run(kubectl, namespace: str, finetunejob_crd: str, shape: str) -> None:
+    extra = SHAPES[shape]
     out = helm(
         "template",
         "kt",
@@ -42,4 +48,5 @@ def test_rendered_chart_passes_server_side_dry_run(
     assert applied.returncode == 0, applied.stderr
     kinds = {d["kind"] for d in docs}
     assert {"Deployment", "ServiceAccount", "Service", "ConfigMap", "CustomResourceDefinition"} <= kinds
+    assert {"ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"} <= kinds
     assert applied.stdout.count("(server dry run)") == len(docs)
