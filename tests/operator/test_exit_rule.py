@@ -64,6 +64,11 @@ ATTEMPTS: list[tuple[str, Any, tuple[Any, ...], str, int]] = [
      (make_pod().failed(76), make_pod(index=1).failed(76)), "restart", 1),
     ("counted retries run out", make_batch_job().restarts(2).failed(),
      (make_pod().failed(1), make_pod(index=1).failed(143)), "exhausted", 2),
+    ("one node: a lost pod replaced in the same Job, then the replacement crashes: counted",
+     make_batch_job().failed(),
+     (make_pod().failed(137).disrupted(), make_pod().created("2026-11-21T11:05:00Z").failed(1)), "restart", 1),
+    ("one node: replaced in the same second, the replacement crashes: counted", make_batch_job().failed(),
+     (make_pod().failed(1), make_pod().failed(137).disrupted()), "restart", 1),
     ("a disruption is free even with no retries left", make_batch_job().restarts(2).failed(),
      (make_pod().failed(1), make_pod(index=1).failed(137).disrupted()), "disrupted", 2),
 ]

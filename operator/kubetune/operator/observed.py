@@ -61,10 +61,28 @@ class Observed:
         pods = [p for p in self.pods if uid is None or _owner_uid(p) in (uid, None)]
         return sorted(pods, key=completion_index)
 
+    def latest_pods(self) -> list[dict[str, Any]]:
+        """The newest pod of each completion index of the current Job, by index.
+
+        With one node a lost pod is replaced within the same Job (its podFailurePolicy ignores
+        disruptions), so the pod that ended the attempt is the replacement, not the lost one.
+        Between two pods created in the same second, the one not marked disrupted is the newer.
+        """
+        newest: dict[int, dict[str, Any]] = {}
+        for pod in self.current_pods():
+            index, held = completion_index(pod), newest.get(completion_index(pod))
+            if held is None or _age_key(pod) >= _age_key(held):
+                newest[index] = pod
+        return [newest[i] for i in sorted(newest)]
+
     def rank0_pod(self) -> dict[str, Any] | None:
         """The newest pod with completion index 0 (the one that reports progress)."""
         rank0 = [p for p in self.current_pods() if completion_index(p) == 0]
         return max(rank0, key=lambda p: p.get("metadata", {}).get("creationTimestamp") or "", default=None)
+
+
+def _age_key(pod: dict[str, Any]) -> tuple[str, bool]:
+    return pod.get("metadata", {}).get("creationTimestamp") or "", not pod_disrupted(pod)
 
 
 def _owner_uid(pod: dict[str, Any]) -> str | None:

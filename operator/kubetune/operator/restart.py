@@ -102,8 +102,11 @@ def _job_failed_on_disruption(observed: Observed) -> bool:
 
 
 def attempt_end(observed: Observed) -> tuple[PodEnd, str] | None:
-    """The kind of the pod that explains a failed attempt (`ATTEMPT_ORDER`) and one line on it."""
-    ends = [(classify_pod(p), p) for p in observed.current_pods()]
+    """The kind of the pod that explains a failed attempt (`ATTEMPT_ORDER`) and one line on it.
+
+    Only each rank's newest pod counts: a lost pod the Job already replaced did not end the attempt.
+    """
+    ends = [(classify_pod(p), p) for p in observed.latest_pods()]
     for kind in ATTEMPT_ORDER:
         pod = next((p for k, p in ends if k == kind), None)
         if pod is not None:
