@@ -182,7 +182,7 @@ def test_no_usable_images_names_what_was_skipped(tmp_path: Path) -> None:
     ("{not json", r"metadata\.jsonl line 4 is not JSON"),
     ('["a.png", "caption"]', r"metadata\.jsonl line 4 is a JSON list, not an object"),
     (json.dumps({"file_name": 7, "text": "x"}), r"metadata\.jsonl line 4: file_name must be a non-empty string"),
-])
+], ids=["absolute", "dot-dot", "dot-dot inside", "symlink out", "not JSON", "not an object", "not a string"])
 def test_a_metadata_row_that_cannot_be_right_is_a_config_error(tmp_path: Path, row: str, message: str) -> None:
     (tmp_path / "outside.png").write_bytes(small_jpeg())
     root = _imagefolder(tmp_path, [row])

@@ -22,7 +22,7 @@ from typing import Any
 from kubetune.api.spec import DataSpec
 from kubetune.api.status import DataReport
 from kubetune_trainer.data_policy import Skipped, check_images, data_report, enforce_max_skipped, named
-from kubetune_trainer.dataset_layouts import detect_layout, list_dataset
+from kubetune_trainer.dataset_layouts import Folder, as_is, detect_layout, list_dataset
 from kubetune_trainer.exitcodes import ConfigError
 
 
@@ -59,6 +59,15 @@ def content_digest(path: Path) -> str:
     return _file_digest(path, stat.st_size, stat.st_mtime_ns)
 
 
+def local_names(uri: str) -> Callable[[str], str]:
+    """How a file name in the dataset (a key relative to data.uri) becomes a path in the local folder.
+
+    SEAM: S3 data is staged under names staging derives from the keys (over-long ones shortened);
+    until staging exposes that mapping, names are used as they are.
+    """
+    return as_is
+
+
 def load_dataset(root: Path, spec: DataSpec, caption: str | None = None,
                  on_report: Callable[[DataReport], None] | None = None) -> Dataset:
     """Every usable example under `root`, each image decoded once; `caption` replaces every caption
@@ -68,7 +77,8 @@ def load_dataset(root: Path, spec: DataSpec, caption: str | None = None,
     images fail the load (exit 78), so the failure's report names them too.
     """
     layout = detect_layout(Path(root), spec.format, plain_ok=caption is not None)
-    listing = list_dataset(layout, Path(root), spec.uri, spec.caption_column, captions=caption is None)
+    folder = Folder(Path(root), spec.uri.rstrip("/") + "/", local_names(spec.uri))
+    listing = list_dataset(layout, folder, spec.caption_column, captions=caption is None)
     usable, skipped = [], list(listing.skipped)
     for listed, check in zip(listing.files, check_images([item.path for item in listing.files]), strict=True):
         if check.problem:

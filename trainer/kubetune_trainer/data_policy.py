@@ -8,8 +8,10 @@ log and, the first few, in the trainer's report (`data`, the status model `DataR
 than `data.maxSkipped` of them (default 0) fails the job with exit 78 before training: a retry
 would stage the same files and fail the same way, and nothing is left out without a word.
 
-JPEGs decode at 1/8 scale: the entropy decoder still reads every byte, so a truncated file
-fails as it would in full, for about 80% of a full decode's time.
+JPEGs decode at 1/8 scale: the entropy decoder still reads every byte, so a truncated file fails
+as it does in full, in about two thirds of the time; images decode on a few threads. Measured on
+two busy cores: 1,000 JPEGs of 512x512 (130 KB) take 1.2 s on one thread (a full decode 1.9 s),
+0.7 s on two; 1,000 PNGs of 64x64, 0.06 s; a 2048x1536 JPEG (0.8 MB), 13 ms (full: 21 ms).
 """
 
 from __future__ import annotations

@@ -46,14 +46,24 @@ class Listing:
     skipped: list[Skipped] = field(default_factory=list)
 
 
-def staged_name(key: str) -> str:
-    """The local path, relative to the staged folder, of the object `key` (relative to data.uri).
+def as_is(name: str) -> str:
+    """A file name on a dataset used in place (pvc://, a local folder) is its local name."""
+    return name
 
-    SEAM: staging maps S3 keys to safe local names (over-long segments shortened); metadata.jsonl
-    names the key, so it must go through the same mapping to find the staged file. Identity until
-    staging exposes that function.
-    """
-    return key
+
+@dataclass(frozen=True)
+class Folder:
+    """A dataset folder, the URI its files are named under, and how a name becomes a local path."""
+
+    root: Path
+    source: str
+    """data.uri ending in `/`: errors name files as source + name."""
+    local_name: Callable[[str], str] = as_is
+    """Key relative to data.uri -> path relative to `root`: staging's mapping where the data was staged
+    (over-long names are shortened there), `as_is` where it is used in place."""
+
+    def where(self, name: str) -> str:
+        return f"{self.source}{name}"
 
 
 def _visible_images(root: Path) -> list[Path]:
@@ -83,15 +93,19 @@ def inside(root: Path, path: Path, where: str) -> Path:
     return path
 
 
-def confined(root: Path, name: str, where: str) -> Path:
-    """The local path of a metadata.jsonl `file_name`: relative, no `..`, and inside `root` once resolved."""
+def confined(folder: Folder, name: str, where: str) -> Path:
+    """The local path of a metadata.jsonl `file_name`: relative, no `..`, and inside the folder once resolved."""
     if name.startswith("/") or PurePosixPath(name).is_absolute():
         raise ConfigError(f"{where}: file_name {name!r} is an absolute path; file names are relative to the "
                           "dataset folder (data.uri)")
     if ".." in PurePosixPath(name).parts:
         raise ConfigError(f"{where}: file_name {name!r} contains '..'; file names are relative to the dataset "
                           "folder (data.uri) and stay inside it")
-    return inside(root, root / staged_name(name), f"{where}: file_name {name!r}")
+    try:
+        local = folder.local_name(name)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: file_name {name!r} cannot name a staged file: {exc}") from exc
+    return inside(folder.root, folder.root / local, f"{where}: file_name {name!r}")
 
 
 def _is_utf8(text: str) -> bool:
@@ -103,18 +117,18 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
-def _metadata_rows(root: Path, source: str) -> Iterator[tuple[int, dict[str, Any]]]:
+def _metadata_rows(folder: Folder) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, row) for each non-blank line of metadata.jsonl; bytes that are not UTF-8 are kept as
     surrogates so that the row can be judged by the field they are in."""
     try:
-        raw = (root / METADATA).read_bytes()
+        raw = (folder.root / METADATA).read_bytes()
     except OSError as exc:
-        raise ConfigError(f"{source}{METADATA}: cannot read: {exc.strerror or exc}") from exc
+        raise ConfigError(f"{folder.where(METADATA)}: cannot read: {exc.strerror or exc}") from exc
     if raw.startswith(codecs.BOM_UTF8):
         raw = raw[len(codecs.BOM_UTF8):]
     for number, line in enumerate(raw.split(b"\n"), start=1):
         text = line.decode("utf-8", "surrogateescape").strip()
-        where = f"{source}{METADATA} line {number}"
+        where = f"{folder.where(METADATA)} line {number}"
         if not text:
             continue
         try:
@@ -147,12 +161,12 @@ def _row_caption(value: Any) -> tuple[str, str]:
     return text, "" if text else "empty caption"
 
 
-def _imagefolder(root: Path, source: str, column: str, captions: bool) -> Listing:
+def _imagefolder(folder: Folder, column: str, captions: bool) -> Listing:
     listing = Listing()
-    for number, row in _metadata_rows(root, source):
-        where = f"{source}{METADATA} line {number}"
+    for number, row in _metadata_rows(folder):
+        where = f"{folder.where(METADATA)} line {number}"
         name = _file_name(row, where, column if captions else None)
-        path = confined(root, name, where)
+        path = confined(folder, name, where)
         caption, problem = _row_caption(row[column]) if captions else ("", "")
         if not path.is_file():
             listing.skipped.append(Skipped(name, f"missing file (named by {METADATA} line {number})"))
@@ -176,11 +190,11 @@ def _caption_file(path: Path, name: str) -> tuple[str, str]:
     return text, "" if text else f"caption {name} is empty"
 
 
-def _captions(root: Path, source: str, column: str, captions: bool) -> Listing:
-    listing = Listing()
+def _captions(folder: Folder, column: str, captions: bool) -> Listing:
+    listing, root = Listing(), folder.root
     for path in _visible_images(root):
         name = path.relative_to(root).as_posix()
-        inside(root, path, f"{source}{name}")
+        inside(root, path, folder.where(name))
         if not captions:
             listing.files.append(Listed(name, path, ""))
             continue
@@ -189,7 +203,7 @@ def _captions(root: Path, source: str, column: str, captions: bool) -> Listing:
         if not text_path.is_file():
             listing.skipped.append(Skipped(name, f"no caption file {text_name}"))
             continue
-        caption, problem = _caption_file(inside(root, text_path, f"{source}{text_name}"), text_name)
+        caption, problem = _caption_file(inside(root, text_path, folder.where(text_name)), text_name)
         if problem:
             listing.skipped.append(Skipped(name, problem))
         else:
@@ -197,18 +211,16 @@ def _captions(root: Path, source: str, column: str, captions: bool) -> Listing:
     return listing
 
 
-def _plain_images(root: Path, source: str, column: str, captions: bool) -> Listing:
-    files = [Listed(p.relative_to(root).as_posix(), inside(root, p, f"{source}{p.relative_to(root).as_posix()}"), "")
-             for p in _visible_images(root)]
-    return Listing(files)
+def _plain_images(folder: Folder, column: str, captions: bool) -> Listing:
+    names = [(p.relative_to(folder.root).as_posix(), p) for p in _visible_images(folder.root)]
+    return Listing([Listed(name, inside(folder.root, path, folder.where(name)), "") for name, path in names])
 
 
-LAYOUTS: dict[str, Callable[[Path, str, str, bool], Listing]] = {
+LAYOUTS: dict[str, Callable[[Folder, str, bool], Listing]] = {
     "imagefolder": _imagefolder, "captions": _captions, "images": _plain_images}
 
 
-def list_dataset(layout: str, root: Path, source: str, column: str, captions: bool) -> Listing:
-    """The layout's images under `root` and what it skipped; `source` (data.uri) prefixes the files errors name,
-    `captions` says whether captions are needed (not where one prompt replaces them all)."""
-    prefix = source if source.endswith("/") else source + "/"
-    return LAYOUTS[layout](Path(root), prefix, column, captions)
+def list_dataset(layout: str, folder: Folder, column: str, captions: bool) -> Listing:
+    """The layout's images in `folder` and what it skipped; `captions` says whether captions are needed
+    (not where one prompt replaces them all)."""
+    return LAYOUTS[layout](folder, column, captions)
