@@ -1,6 +1,6 @@
 """Helpers for the operator's tests on the real control plane: an in-process operator that
-acts as its own ServiceAccount, bound to the RBAC shipped in `manifests/operator.yaml`, and
-small readers for FineTuneJobs, their children and their events.
+acts as its own ServiceAccount, bound to the RBAC shipped in `manifests/operator.yaml` and under
+its admission policy, and small readers for FineTuneJobs, their children and their events.
 """
 
 from __future__ import annotations
@@ -76,6 +76,22 @@ def shipped_rbac() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     return cluster_roles, roles
 
 
+def shipped_admission_policy(namespace: str) -> list[dict[str, Any]]:
+    """The admission policies and bindings `manifests/operator.yaml` installs, for the operator's
+    ServiceAccount in `namespace` (named `<name>-<namespace>`)."""
+    docs = [d for d in yaml.safe_load_all(MANIFEST.read_text()) if d]
+    shipped = [d for d in docs if d["kind"].startswith("ValidatingAdmissionPolicy")]
+    assert shipped, f"{MANIFEST} has no ValidatingAdmissionPolicy"
+    text = yaml.safe_dump(shipped).replace(
+        f"system:serviceaccount:kubetune-system:{OPERATOR_SA}", f"system:serviceaccount:{namespace}:{OPERATOR_SA}")
+    out = yaml.safe_load(text)
+    for doc in out:
+        doc["metadata"] = {"name": f"{doc['metadata']['name']}-{namespace}"}
+        if doc["kind"] == "ValidatingAdmissionPolicyBinding":
+            doc["spec"]["policyName"] += f"-{namespace}"
+    return out
+
+
 def _ensure_cluster_role(rbac: client.RbacAuthorizationV1Api, role: dict[str, Any]) -> None:
     body = {"metadata": {"name": role["metadata"]["name"]}, "rules": role["rules"]}
     try:
@@ -87,7 +103,8 @@ def _ensure_cluster_role(rbac: client.RbacAuthorizationV1Api, role: dict[str, An
 
 
 def grant_operator_rights(api: client.ApiClient, namespace: str, extra_rules: list[dict[str, Any]]) -> None:
-    """Bind a ServiceAccount in `namespace` to the shipped ClusterRoles and leader Role.
+    """Bind a ServiceAccount in `namespace` to the shipped ClusterRoles and Roles, under the
+    shipped admission policy.
 
     `extra_rules` (for example the optional Secret check) go into a ClusterRole of their own,
     so the shipped ones are never widened.
@@ -113,6 +130,12 @@ def grant_operator_rights(api: client.ApiClient, namespace: str, extra_rules: li
         rbac.create_namespaced_role_binding(namespace, {
             "metadata": {"name": name}, "subjects": subject,
             "roleRef": {"apiGroup": RBAC, "kind": "Role", "name": name}})
+    admission = client.AdmissionregistrationV1Api(api)
+    for doc in shipped_admission_policy(namespace):
+        if doc["kind"] == "ValidatingAdmissionPolicy":
+            admission.create_validating_admission_policy(doc)
+        else:
+            admission.create_validating_admission_policy_binding(doc)
 
 
 def revoke_operator_rights(api: client.ApiClient, namespace: str) -> None:
@@ -123,6 +146,12 @@ def revoke_operator_rights(api: client.ApiClient, namespace: str) -> None:
     for role in rbac.list_cluster_role().items:
         if role.metadata.name == f"kubetune-extra-{namespace}":
             rbac.delete_cluster_role(role.metadata.name)
+    admission = client.AdmissionregistrationV1Api(api)
+    for doc in shipped_admission_policy(namespace):
+        if doc["kind"] == "ValidatingAdmissionPolicy":
+            admission.delete_validating_admission_policy(doc["metadata"]["name"])
+        else:
+            admission.delete_validating_admission_policy_binding(doc["metadata"]["name"])
 
 
 def can_list_jobs(api: client.ApiClient, namespace: str) -> bool:
