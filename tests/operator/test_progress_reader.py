@@ -4,118 +4,21 @@ slowly, with a redirect, too much, or not at all."""
 from __future__ import annotations
 
 import gzip
-import itertools
 import json
-import random
 import threading
 import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import fakegpu
 import pytest
 from ftj_builders import make_pod
+from rank0_servers import Rank0, drip, endless_body, rank0_servers, reply, silent
 
 from kubetune.operator.progress_reader import ProgressReader, progress_url
 
 KEY = ("team-a", "corgi")
 DOC = {"stage": "training", "step": 3}
-
-
-class Rank0(ThreadingHTTPServer):
-    """A loopback server whose every GET is answered by `answer(handler)`; it counts requests."""
-
-    daemon_threads = True
-
-    def __init__(self, address: tuple[str, int], answer: Callable[[BaseHTTPRequestHandler], None]) -> None:
-        super().__init__(address, _Handler)
-        self.answer = answer
-        self.requests: list[str] = []
-        self.hung_up = threading.Event()
-        self.stopping = threading.Event()
-
-    @property
-    def ip(self) -> str:
-        return self.server_address[0]
-
-    @property
-    def port(self) -> int:
-        return self.server_address[1]
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: Rank0
-
-    def do_GET(self) -> None:
-        self.server.requests.append(self.path)
-        try:
-            self.server.answer(self)
-        except (BrokenPipeError, ConnectionResetError):
-            self.server.hung_up.set()
-
-    def log_message(self, format: str, *args: object) -> None:
-        return
-
-
-def reply(body: bytes, status: int = 200, headers: dict[str, str] | None = None,
-          length: bool = True) -> Callable[[BaseHTTPRequestHandler], None]:
-    def answer(handler: BaseHTTPRequestHandler) -> None:
-        handler.send_response(status)
-        for name, value in (headers or {}).items():
-            handler.send_header(name, value)
-        if length:
-            handler.send_header("Content-Length", str(len(body)))
-        handler.end_headers()
-        handler.wfile.write(body)
-    return answer
-
-
-def drip(handler: BaseHTTPRequestHandler) -> None:
-    """One byte every 0.1 s from the very first, never finishing (a per-read timeout never fires)."""
-    server: Rank0 = handler.server  # type: ignore[assignment]
-    for byte in itertools.chain(b"HTTP/1.0 200 OK\r\nX-Drip: ", itertools.repeat(ord("a"))):
-        if server.stopping.wait(0.1):
-            return
-        handler.wfile.write(bytes([byte]))
-        handler.wfile.flush()
-
-
-def endless_body(handler: BaseHTTPRequestHandler) -> None:
-    """200 with no Content-Length and a body that never ends, sent as fast as it goes."""
-    handler.send_response(200)
-    handler.end_headers()
-    server: Rank0 = handler.server  # type: ignore[assignment]
-    while not server.stopping.is_set():
-        handler.wfile.write(b" " * 65536)
-
-
-def silent(handler: BaseHTTPRequestHandler) -> None:
-    handler.server.stopping.wait(30)  # type: ignore[attr-defined]
-
-
-@pytest.fixture
-def serve() -> Iterator[Callable[..., Rank0]]:
-    """`serve(answer, port=0)`: a Rank0 on its own loopback address (all on one port when `port` is given)."""
-    servers: list[Rank0] = []
-
-    def start(answer: Callable[[BaseHTTPRequestHandler], None], port: int = 0) -> Rank0:
-        for _ in range(20):
-            ip = "127.0.0.1" if not port else ".".join(["127", *(str(random.randint(64, 250)) for _ in range(3))])
-            try:
-                server = Rank0((ip, port), answer)
-                break
-            except OSError:
-                continue
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.stopping.set()
-        server.shutdown()
-        server.server_close()
 
 
 class News:
@@ -128,6 +31,12 @@ class News:
     def __call__(self, key: Any) -> None:
         self.keys.append(key)
         self.arrived.set()
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., Rank0]]:
+    with rank0_servers() as start:
+        yield start
 
 
 @pytest.fixture
@@ -204,7 +113,7 @@ def test_a_redirect_is_not_followed(serve, reader_for) -> None:
 
 
 def test_a_pod_that_drips_bytes_is_cut_off_at_the_deadline(serve, reader_for) -> None:
-    rank0 = serve(drip)
+    rank0 = serve(drip(0.1))
     reader = reader_for(rank0.port, deadline=0.5)
     reader.take(KEY, pod_at(rank0.ip))
     assert "no whole answer within 0.5s" in failed_once(reader)
