@@ -279,3 +279,27 @@ def test_run_skips_and_counts_within_max_skipped(tmp_path: Path, squares: Path, 
         {"file": "latin.png", "reason": "caption is not UTF-8 (metadata.jsonl line 9)"}]}
     assert "data: 6 images, 4 skipped (data.maxSkipped 4)" in out
     assert "skipped cut.jpg: truncated image" in out and "skipped huge.png: image too large" in out
+
+
+@pytest.mark.parametrize(("row", "named"), [
+    (_row("/etc/hostname"), "metadata.jsonl line 7: file_name '/etc/hostname' is an absolute path"),
+    (_row("../../job.yaml"), "metadata.jsonl line 7: file_name '../../job.yaml' contains '..'"),
+    ('{"file_name": "img-000.png", "text": "unterminated}', "metadata.jsonl line 7 is not JSON"),
+], ids=["absolute", "dot-dot", "not JSON"])
+def test_run_ends_with_78_naming_the_metadata_line(tmp_path: Path, squares: Path, tiny_sd: Path, row: str,
+                                                   named: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from kubetune.cli import main
+
+    root = tmp_path / "data"
+    shutil.copytree(squares, root)
+    with (root / "metadata.jsonl").open("a", encoding="utf-8") as metadata:
+        metadata.write(row + "\n")
+    doc = job_document(str(tiny_sd), str(root), str(tmp_path / "out"), data={"maxSkipped": 100})
+    status = tmp_path / "status.json"
+    code = main(["run", str(_write_job(tmp_path, doc)), "--status-file", str(status), "--no-progress",
+                 "--scratch", str(tmp_path / "scratch")])
+    err = capsys.readouterr().err
+    result = json.loads(status.read_text())
+    assert code == EXIT_CONFIG and "Traceback" not in err
+    assert f"{root}/{named}" in err.splitlines()[-1] and f"{root}/{named}" in result["message"]
+    assert (result["reason"], result["data"]) == ("InvalidConfiguration", None)  # nothing was counted
