@@ -182,6 +182,20 @@ def test_one_read_per_job_and_a_failing_job_backs_off(serve, reader_for) -> None
     assert len(rank0.requests) == 6
 
 
+def test_a_pod_not_listening_yet_is_tried_again_at_the_usual_interval(serve, reader_for) -> None:
+    rank0 = serve(reply(json.dumps(DOC).encode()))
+    rank0.shutdown()
+    rank0.server_close()  # the trainer's server is not up yet: connections are refused
+    clock = Clock()
+    reader = reader_for(rank0.port, interval=1.0, clock=clock)
+    for failures in (1, 2, 3):
+        reader.take(KEY, pod_at(rank0.ip))
+        fakegpu.wait_for(lambda f=failures: reader.state(KEY).failures == f, what="the read to fail")
+        state = reader.state(KEY)
+        assert "Connect" in state.error and state.next_read_in == 1.0
+        clock.now += 1.0
+
+
 def test_a_silent_pod_does_not_delay_another_jobs_reading(serve, reader_for) -> None:
     hostile = serve(silent)
     friendly = serve(reply(json.dumps(DOC).encode()), port=hostile.port)

@@ -11,7 +11,9 @@ other jobs' status stood still. Here each read:
   read) and is refused once its body passes a size cap;
 - runs on an event loop of its own thread, at most one per job at a time; a job whose reads
   keep failing waits longer before the next (doubling, capped), so a hostile pod costs a
-  bounded share of one coroutine and never another job's time.
+  bounded share of one coroutine and never another job's time. A refused connection costs
+  nothing and is the usual answer while the trainer starts, so it is tried again at the
+  usual interval.
 
 A pass takes what was read since the last pass (`take`, never blocking) and so asks for a
 fresh read; when a read brings news, `on_news(key)` asks for the job's next pass.
@@ -39,6 +41,11 @@ LOG = logging.getLogger(__name__)
 
 class ReadFailed(Exception):
     """Rank 0's answer was not a `/progress` document the operator accepts."""
+
+    def __init__(self, message: str, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
+        """Nothing listened on the port (the trainer's server not up yet): not the pod's fault."""
 
 
 def progress_url(pod: dict[str, Any], port: int) -> str | None:
@@ -83,7 +90,9 @@ async def fetch(session: aiohttp.ClientSession, url: str, deadline: float, max_b
     except TimeoutError:
         raise ReadFailed(f"no whole answer within {deadline:g}s") from None
     except (aiohttp.ClientError, OSError) as exc:
-        raise ReadFailed(f"{type(exc).__name__}: {exc}") from None
+        refused = isinstance(exc, ConnectionRefusedError) or isinstance(getattr(exc, "os_error", None),
+                                                                       ConnectionRefusedError)
+        raise ReadFailed(f"{type(exc).__name__}: {exc}", refused) from None
     return decode(bytes(body))
 
 
@@ -127,7 +136,7 @@ class ProgressReader:
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._ready = threading.Event()
+        self._ready, self._closing = threading.Event(), threading.Event()
         self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._serve(max_reads),),
                                         name="kubetune-progress", daemon=True)
         self._thread.start()
@@ -152,9 +161,10 @@ class ProgressReader:
             if job is None or job.pod != identity:
                 job = self._jobs[key] = _Job(identity)
             reading, job.reading, fresh, job.fresh = job.reading, None, job.fresh, False
-            if url is not None and not job.in_flight and self._clock() >= job.next_read and not self._closed:
+            if url is not None and not job.in_flight and self._clock() >= job.next_read and not self._closing.is_set():
                 job.in_flight = True
-                self._loop.call_soon_threadsafe(self._start, key, job, url)
+                with contextlib.suppress(RuntimeError):  # closed meanwhile: no more reads
+                    self._loop.call_soon_threadsafe(self._start, key, job, url)
         return reading if fresh else None
 
     def state(self, key: Hashable) -> ReadState | None:
@@ -171,15 +181,12 @@ class ProgressReader:
 
     def close(self) -> None:
         """Cancel the reads in flight and stop the thread."""
+        self._closing.set()
         with contextlib.suppress(RuntimeError):  # the loop has already ended
             self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(10)
         if not self._thread.is_alive():
             self._loop.close()
-
-    @property
-    def _closed(self) -> bool:
-        return self._stop.is_set()
 
     async def _serve(self, max_reads: int) -> None:
         self._stop, self._slots = asyncio.Event(), asyncio.Semaphore(max_reads)
@@ -195,6 +202,8 @@ class ProgressReader:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def _start(self, key: Hashable, job: _Job, url: str) -> None:
+        if self._stop.is_set():
+            return
         task = self._loop.create_task(self._read(key, job, url))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -202,21 +211,28 @@ class ProgressReader:
     async def _read(self, key: Hashable, job: _Job, url: str) -> None:
         async with self._slots:  # the deadline is the pod's; waiting for a slot is not
             try:
-                doc, error = await fetch(self._session, url, self.deadline, self.max_bytes), None
+                doc, failed = await fetch(self._session, url, self.deadline, self.max_bytes), None
             except ReadFailed as exc:
-                doc, error = None, str(exc)
-        if self._finish(key, job, doc, error):
-            self._on_news(key)
+                doc, failed = None, exc
+            except Exception as exc:  # whatever happens, the job's next read must not wait forever
+                LOG.warning("%s: reading rank 0's /progress failed unexpectedly", key, exc_info=True)
+                doc, failed = None, ReadFailed(f"{type(exc).__name__}: {exc}")
+        if self._finish(key, job, doc, failed):
+            try:
+                self._on_news(key)
+            except Exception:
+                LOG.exception("%s: asking for a pass after rank 0's news failed", key)
 
-    def _finish(self, key: Hashable, job: _Job, doc: Any, error: str | None) -> bool:
+    def _finish(self, key: Hashable, job: _Job, doc: Any, failed: ReadFailed | None) -> bool:
         """Record a read's end; True when it brought a document unlike the last one."""
         with self._lock:
-            job.in_flight, job.error = False, error
-            if error is not None:
+            job.in_flight, job.error = False, None if failed is None else str(failed)
+            if failed is not None:
                 job.failures += 1
-                job.next_read = self._clock() + min(self.max_backoff, self.interval * 2 ** job.failures)
+                wait = self.interval if failed.refused else self.interval * 2 ** job.failures
+                job.next_read = self._clock() + min(self.max_backoff, wait)
                 log = LOG.info if job.failures == 1 else LOG.debug
-                log("%s: rank 0's /progress not read: %s; next try in %.0fs", key, error,
+                log("%s: rank 0's /progress not read: %s; next try in %.0fs", key, failed,
                     job.next_read - self._clock())
                 return False
             job.failures, job.next_read = 0, self._clock() + self.interval
