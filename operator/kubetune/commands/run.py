@@ -14,8 +14,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="train a FineTuneJob on this machine (no cluster needed)",
         description=(
             "Validate JOB as a local job (file:// and plain paths allowed), stage its model and data, "
-            "train with a progress bar, and print the final status. Re-running resumes from the newest "
-            "checkpoint under spec.output.uri. Exit code 0 only on success; 78 for a configuration error."
+            "train with a progress bar, and print the final status. Re-running the same job (same name and "
+            "weight-shaping fields) resumes from the newest checkpoint under spec.output.uri that verifies; "
+            "an output another job wrote is refused, untouched. Exit code 0 only on success; 78 for a "
+            "configuration error."
         ),
     )
     parser.add_argument("job", metavar="JOB", type=Path, help="FineTuneJob YAML or JSON file")
