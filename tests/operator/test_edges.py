@@ -267,3 +267,46 @@ def test_an_ended_job_is_judged_by_pods_read_from_the_server_not_the_cache() -> 
                         "status": {"conditions": [{"type": "Failed", "status": "True"}]}})
     assert cluster.observe(job).pods == (ended,) and api.listed == ["kubetune.io/job-name=corgi"]
     cluster.close()
+
+
+def test_a_worker_pool_stuck_in_a_pass_fails_healthz_until_the_pass_ends() -> None:
+    """Real queue workers and probes; the seam faked is the project's own Cluster, whose reads hang."""
+    import kopf
+    from fake_cluster import FakeCluster
+    from ftj_builders import S3_KEYS, make_job
+
+    from kubetune.operator.caches import Caches
+    from kubetune.operator.resync import work
+    from kubetune.operator.settings import OperatorSettings
+
+    release = threading.Event()
+
+    class Hanging(FakeCluster):
+        def observe(self, job: Any) -> Any:
+            release.wait(30)
+            return super().observe(job)
+
+    caches, queue, passes, stop = Caches(), WorkQueue(), PassClock(), threading.Event()
+    caches["FineTuneJob"].put(make_job("corgi").obj())
+    memo = kopf.Memo(cluster=Hanging(S3_KEYS), settings=OperatorSettings(), metrics=OperatorMetrics(), locks={},
+                     caches=caches, queue=queue, passes=passes)
+    workers = [threading.Thread(target=work, args=(memo, stop), daemon=True) for _ in range(2)]
+    server = serve_probes(memo.metrics.registry, 0, lambda: True, host="127.0.0.1",
+                          stuck=lambda: stuck_reason(passes, queue, 0.3))
+    healthz = f"http://127.0.0.1:{server.server_address[1]}/healthz"
+    try:
+        for worker in workers:
+            worker.start()
+        assert _get(healthz)[0] == 200
+        queue.add(("team-a", "corgi"))
+        code, text = fakegpu.wait_for(lambda: (r := _get(healthz))[0] != 200 and r, what="/healthz to fail")
+        assert code == 503 and "the reconcile pass of team-a/corgi has run for" in text
+        release.set()
+        fakegpu.wait_for(lambda: _get(healthz)[0] == 200, what="/healthz to recover")
+        assert memo.cluster.status["phase"] == "Pending", "the pass ended and wrote its status"
+    finally:
+        release.set()
+        stop.set()
+        queue.close()
+        server.shutdown()
+        server.server_close()
