@@ -303,3 +303,13 @@ def test_run_ends_with_78_naming_the_metadata_line(tmp_path: Path, squares: Path
     assert code == EXIT_CONFIG and "Traceback" not in err
     assert f"{root}/{named}" in err.splitlines()[-1] and f"{root}/{named}" in result["message"]
     assert (result["reason"], result["data"]) == ("InvalidConfiguration", None)  # nothing was counted
+
+
+def test_a_file_name_that_is_not_utf8_is_named_printably(tmp_path: Path) -> None:
+    root = build_image_dataset(tmp_path / "data", count=1, layout="captions")
+    latin = root / "caf\udce9.png"  # the bytes b"caf\xe9.png" on disk
+    latin.write_bytes(b"junk")
+    latin.with_suffix(".txt").write_text("a broken image")
+    dataset = load_dataset(root, _spec(root, max_skipped=1))
+    assert [s.file for s in dataset.skipped_files] == ["caf\\xe9.png"]
+    json.dumps(dataset.skipped_files[0].file).encode("utf-8")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -64,6 +65,12 @@ class Folder:
 
     def where(self, name: str) -> str:
         return f"{self.source}{name}"
+
+
+def disk_name(root: Path, path: Path) -> str:
+    """`path` relative to `root` as text that prints and serializes: bytes of a file name that are not
+    UTF-8 are shown as backslash escapes."""
+    return os.fsencode(path.relative_to(root).as_posix()).decode("utf-8", "backslashreplace")
 
 
 def _visible_images(root: Path) -> list[Path]:
@@ -193,13 +200,13 @@ def _caption_file(path: Path, name: str) -> tuple[str, str]:
 def _captions(folder: Folder, column: str, captions: bool) -> Listing:
     listing, root = Listing(), folder.root
     for path in _visible_images(root):
-        name = path.relative_to(root).as_posix()
+        name = disk_name(root, path)
         inside(root, path, folder.where(name))
         if not captions:
             listing.files.append(Listed(name, path, ""))
             continue
         text_path = path.with_suffix(".txt")
-        text_name = text_path.relative_to(root).as_posix()
+        text_name = disk_name(root, text_path)
         if not text_path.is_file():
             listing.skipped.append(Skipped(name, f"no caption file {text_name}"))
             continue
@@ -212,7 +219,7 @@ def _captions(folder: Folder, column: str, captions: bool) -> Listing:
 
 
 def _plain_images(folder: Folder, column: str, captions: bool) -> Listing:
-    names = [(p.relative_to(folder.root).as_posix(), p) for p in _visible_images(folder.root)]
+    names = [(disk_name(folder.root, p), p) for p in _visible_images(folder.root)]
     return Listing([Listed(name, inside(folder.root, path, folder.where(name)), "") for name, path in names])
 
 
