@@ -1,16 +1,27 @@
-"""Staging through the project's own storage seam: traversal refusal, markers, re-runs, pvc and hf."""
+"""Staging through the project's own storage seam: traversal refusal, local names and their
+collisions, markers, re-runs, retries of corrupt transfers, pvc and hf."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import pytest
 
 from kubetune.api.spec import StorageSpec
-from kubetune_trainer.exitcodes import ConfigError, TrainerError
-from kubetune_trainer.staging import MARKER_DIR, Stager, stage
-from kubetune_trainer.storage import LocalStore, ObjectInfo
+from kubetune_trainer.exitcodes import EXIT_CONFIG, EXIT_STORAGE_UNAVAILABLE, ConfigError, StorageUnavailable
+from kubetune_trainer.staging import (
+    MARKER_DIR,
+    MAX_SEGMENT_BYTES,
+    OBJECT_ATTEMPTS,
+    Stager,
+    local_plan,
+    local_relative,
+    stage,
+)
+from kubetune_trainer.storage import Fetched, LocalStore, ObjectInfo, ObjectReplaced
+from kubetune_trainer.transfer_checks import CorruptTransfer
 
 
 class ListingStore(LocalStore):
@@ -20,7 +31,7 @@ class ListingStore(LocalStore):
         super().__init__()
         self.extra = extra
 
-    def list(self, prefix_uri: str) -> list[ObjectInfo]:
+    def list(self, prefix_uri: str, limit: int | None = None) -> list[ObjectInfo]:
         return [*super().list(prefix_uri), ObjectInfo(prefix_uri + self.extra, self.extra, 1)]
 
 
@@ -104,9 +115,9 @@ def test_a_failed_download_leaves_no_staged_file_and_no_marker(tmp_path: Path) -
 class ReplacingStore(LocalStore):
     """Reports that the bytes it fetched were checked against a newer ETag than the one listed."""
 
-    def download(self, uri: str, path: Path) -> str:
+    def download(self, uri: str, path: Path) -> Fetched:
         super().download(uri, path)
-        return "0" * 32
+        return Fetched("0" * 32, "md5")
 
 
 def test_an_object_replaced_after_listing_is_not_staged(tmp_path: Path) -> None:
@@ -115,9 +126,145 @@ def test_an_object_replaced_after_listing_is_not_staged(tmp_path: Path) -> None:
     (source / "a.bin").write_bytes(b"abc")
 
     class Listing(ReplacingStore):
-        def list(self, prefix_uri: str) -> list[ObjectInfo]:
+        def list(self, prefix_uri: str, limit: int | None = None) -> list[ObjectInfo]:
             return [ObjectInfo(prefix_uri.rstrip("/") + "/a.bin", "a.bin", 3, "f" * 32)]
 
-    with pytest.raises(TrainerError, match=r"a\.bin was replaced after it was listed"):
+    with pytest.raises(ObjectReplaced, match=r"a\.bin was replaced after it was listed") as raised:
         Stager(Listing()).stage_prefix(str(source), tmp_path / "dest")
-    assert not (tmp_path / "dest" / "a.bin").exists()
+    assert not (tmp_path / "dest" / "a.bin").exists() and raised.value.exit_code == EXIT_STORAGE_UNAVAILABLE
+
+
+LONG = "x" * 246 + ".png"  # 250 bytes: with the temporary file's prefix and suffix, over NAME_MAX
+
+
+@pytest.mark.parametrize(("key", "local"), [
+    ("a/b.txt", "a/b.txt"),
+    ("./x", "x"),
+    ("a/./b", "a/b"),
+    ("ü/ñ.txt", "ü/ñ.txt"),
+    ("y" * MAX_SEGMENT_BYTES, "y" * MAX_SEGMENT_BYTES),
+])
+def test_keys_map_to_the_same_local_names_except_dots(key: str, local: str) -> None:
+    assert local_relative(key) == local
+
+
+def test_an_over_long_segment_is_cut_with_a_hash_keeping_its_extension() -> None:
+    local = local_relative(f"images/{LONG}")
+    folder, name = local.split("/")
+    digest = hashlib.sha256(LONG.encode()).hexdigest()[:12]
+    assert folder == "images" and name == f"{'x' * (MAX_SEGMENT_BYTES - 4 - 13)}~{digest}.png"
+    assert len(name.encode()) == MAX_SEGMENT_BYTES
+    assert local_relative(f"images/{LONG}") == local  # deterministic
+    assert local_relative("x" * 245 + "y.png") != local_relative(LONG)  # the hash tells apart names with one head
+    many_bytes = "é" * 150 + ".jpg"  # 304 bytes: the cut never splits a character
+    assert local_relative(many_bytes).encode().decode() == local_relative(many_bytes)
+    assert len(local_relative(many_bytes).encode()) <= MAX_SEGMENT_BYTES
+
+
+def test_mapping_a_path_equals_joining_its_mapped_segments() -> None:
+    """The data loader maps metadata.jsonl file_name values relative to a subfolder; it must agree."""
+    key = f"sub/{LONG}/{LONG}"
+    assert local_relative(key) == "/".join(local_relative(part) for part in key.split("/"))
+
+
+@pytest.mark.parametrize("key", ["../escape.txt", "a//b", "/abs", ".", f"{MARKER_DIR}/x.json", "a/\0b"])
+def test_unstageable_keys_are_config_errors_naming_the_key(key: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        local_relative(key)
+    assert raised.value.exit_code == EXIT_CONFIG and repr(key) in str(raised.value)
+
+
+def _objects(*keys: str) -> list[ObjectInfo]:
+    return [ObjectInfo(f"s3://b/data/{key}", key, 1) for key in keys]
+
+
+@pytest.mark.parametrize(("keys", "named"), [
+    (["./x", "x"], ["s3://b/data/./x", "s3://b/data/x"]),
+    (["a", "a/b"], ["s3://b/data/a", "s3://b/data/a/b"]),
+    (["a/b/c", "a/b"], ["s3://b/data/a/b", "s3://b/data/a/b/c"]),
+    ([LONG, "y/z", local_relative(LONG)], [f"s3://b/data/{LONG}", f"s3://b/data/{local_relative(LONG)}"]),
+])
+def test_keys_that_collide_locally_are_refused_naming_both(keys: list[str], named: list[str]) -> None:
+    with pytest.raises(ConfigError) as raised:
+        local_plan(_objects(*keys), "s3://b/data/")
+    assert raised.value.exit_code == EXIT_CONFIG
+    assert all(uri in str(raised.value) for uri in named), str(raised.value)
+
+
+def test_a_file_and_a_folder_of_one_name_fail_before_anything_is_fetched(tmp_path: Path) -> None:
+    class Listing(LocalStore):
+        def list(self, prefix_uri: str, limit: int | None = None) -> list[ObjectInfo]:
+            return [ObjectInfo(prefix_uri + "a", "a", 1), ObjectInfo(prefix_uri + "a/b", "a/b", 1)]
+
+        def download(self, uri: str, path: Path) -> Fetched:
+            raise AssertionError("nothing may be fetched")
+
+    with pytest.raises(ConfigError, match=r"is a file but .* needs a folder of the same name") as raised:
+        Stager(Listing()).stage_prefix(str(tmp_path / "src") + "/", tmp_path / "dest")
+    assert raised.value.exit_code == EXIT_CONFIG and f"{tmp_path}/src/a/b" in str(raised.value)
+
+
+def test_an_over_long_name_is_staged_under_its_local_name(tmp_path: Path) -> None:
+    class Listing(LocalStore):
+        def list(self, prefix_uri: str, limit: int | None = None) -> list[ObjectInfo]:
+            return [ObjectInfo(f"{prefix_uri}short.txt", LONG, 5)]
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "short.txt").write_text("hello")
+    report = Stager(Listing()).stage_prefix(str(tmp_path / "src") + "/", tmp_path / "dest")
+    assert report.downloaded == 1
+    assert (tmp_path / "dest" / local_relative(LONG)).read_text() == "hello"
+    assert report.unverified == 1 and report.unverified_keys == (f"{tmp_path}/src/short.txt",)
+
+
+class CorruptingStore(LocalStore):
+    """Delivers each object with a flipped byte its first `bad` times (a checked transfer that failed)."""
+
+    def __init__(self, bad: int) -> None:
+        super().__init__()
+        self.bad, self.calls = bad, {}
+
+    def download(self, uri: str, path: Path) -> Fetched:
+        super().download(uri, path)
+        self.calls[uri] = self.calls.get(uri, 0) + 1
+        if self.calls[uri] <= self.bad:
+            data = bytearray(path.read_bytes())
+            data[len(data) // 2] ^= 0x01
+            path.write_bytes(data)
+            raise CorruptTransfer(f"{uri}: the parts' MD5s do not match the multipart ETag")
+        return Fetched("", "multipart-md5")
+
+
+def test_a_corrupt_transfer_is_fetched_again_and_never_staged_as_good(tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "model.bin").write_bytes(bytes(range(256)) * 64)
+    store = CorruptingStore(bad=OBJECT_ATTEMPTS - 1)
+    report = Stager(store).stage_prefix(str(source), tmp_path / "dest")
+    assert (tmp_path / "dest" / "model.bin").read_bytes() == (source / "model.bin").read_bytes()
+    assert (report.retried, report.unverified) == (OBJECT_ATTEMPTS - 1, 0)
+    assert store.calls[f"{source}/model.bin"] == OBJECT_ATTEMPTS
+    assert not list((tmp_path / "dest").glob(".*.part-*"))
+
+
+def test_an_object_corrupt_every_time_fails_retryably_and_is_not_staged(tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "model.bin").write_bytes(b"x" * 1000)
+    failed = rf"model\.bin: {OBJECT_ATTEMPTS} transfers failed; last: .*multipart ETag"
+    with pytest.raises(StorageUnavailable, match=failed) as raised:
+        Stager(CorruptingStore(bad=99)).stage_prefix(str(source), tmp_path / "dest")
+    assert raised.value.exit_code == EXIT_STORAGE_UNAVAILABLE
+    assert [p.name for p in (tmp_path / "dest").rglob("*")] == []
+
+
+def test_the_retry_budget_of_a_pass_stops_a_path_that_corrupts_everything(tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    source.mkdir()
+    for index in range(40):
+        (source / f"{index}.bin").write_bytes(b"x" * 10)
+    store = CorruptingStore(bad=1)  # each object would pass on its second transfer
+    with pytest.raises(StorageUnavailable, match="retry budget of this pass"):
+        Stager(store, concurrency=1).stage_prefix(str(source), tmp_path / "dest")
+    calls = sum(store.calls.values())  # the budget's objects twice, one more that found it spent, one begun meanwhile
+    assert 2 * Stager.retry_budget(40) + 1 <= calls <= 2 * Stager.retry_budget(40) + 2 < 2 * 40

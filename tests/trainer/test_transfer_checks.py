@@ -1,4 +1,5 @@
-"""The checks behind ranged downloads: ranges planned, CRCs joined, MD5 advanced over blocks landing in any order."""
+"""The checks behind ranged downloads: ranges planned, CRCs joined, MD5 advanced over blocks landing in
+any order, and cut at part boundaries for a multipart ETag."""
 
 from __future__ import annotations
 
@@ -11,10 +12,18 @@ from pathlib import Path
 
 import pytest
 
-from kubetune_trainer.exitcodes import TrainerError
+from kubetune_trainer.exitcodes import EXIT_STORAGE_UNAVAILABLE, TrainerError
 from kubetune_trainer.s3_http import Answer
 from kubetune_trainer.s3_ranges import MiB, RangePolicy, answer_end, plan_ranges, total_size
-from kubetune_trainer.transfer_checks import OrderedMD5, RangedCRC32, crc32_combine
+from kubetune_trainer.transfer_checks import (
+    CorruptTransfer,
+    OrderedMD5,
+    RangedCRC32,
+    crc32_combine,
+    file_etag,
+    multipart_etag,
+    uniform_parts,
+)
 
 
 @pytest.mark.parametrize(("total", "chunk", "expected"), [
@@ -136,3 +145,64 @@ def test_a_check_split_after_the_first_stream_began_covers_every_byte(tmp_path: 
         with pytest.raises(RuntimeError, match="cannot split"):
             check.split([(0, 100), (101, len(payload) - 1)])  # range 0 already has bytes past 100
 
+
+
+@pytest.mark.parametrize(("total", "first", "count", "parts"), [
+    (40, 8, 5, [8, 8, 8, 8, 8]),
+    (37, 8, 5, [8, 8, 8, 8, 5]),
+    (8, 8, 1, [8]),
+    (33, 8, 5, [8, 8, 8, 8, 1]),
+    (32, 8, 5, None),  # the last part would be empty: not cut this way
+    (41, 8, 5, None),  # the last part would be longer than the others
+])
+def test_uniform_parts_are_the_cut_every_common_uploader_makes(total: int, first: int, count: int,
+                                                               parts: list[int] | None) -> None:
+    assert uniform_parts(total, first, count) == parts
+
+
+def _s3_etag(payload: bytes, parts: list[int]) -> str:
+    """The ETag S3 computes for `payload` uploaded in `parts` (written out here, independently)."""
+    offsets = [sum(parts[:i]) for i in range(len(parts))]
+    digests = b"".join(hashlib.md5(payload[o:o + n]).digest() for o, n in zip(offsets, parts, strict=True))
+    return f"{hashlib.md5(digests).hexdigest()}-{len(parts)}"
+
+
+@pytest.mark.parametrize("range_size", [100_000, 262_144, 1 << 20])
+def test_a_multipart_etag_is_checked_whatever_order_ranges_land_in(tmp_path: Path, range_size: int) -> None:
+    payload = os.urandom(5 * 262_144 + 999)
+    parts = uniform_parts(len(payload), 262_144, 6)
+    etag = _s3_etag(payload, parts)
+    ranges = plan_ranges(len(payload), range_size)  # range ends fall inside parts, before or after their ends
+    with (tmp_path / "f").open("w+b") as handle:
+        check = OrderedMD5(handle.fileno(), ranges, etag, parts)
+        _land_in_blocks(check, payload, ranges, 65536, handle.fileno())
+        check.verify("s3://b/k")
+        assert file_etag(handle.fileno(), parts) == etag == multipart_etag(
+            [hashlib.md5(payload[i:i + 262_144]).digest() for i in range(0, len(payload), 262_144)])
+
+
+def test_a_flipped_byte_in_a_multipart_object_is_corrupt_and_retryable(tmp_path: Path) -> None:
+    payload = os.urandom(3 * 100_000)
+    parts = [100_000] * 3
+    corrupt = bytearray(payload)
+    corrupt[150_000] ^= 0x10
+    ranges = plan_ranges(len(payload), 70_000)
+    asked: list[str] = []
+    with (tmp_path / "f").open("w+b") as handle:
+        check = OrderedMD5(handle.fileno(), ranges, _s3_etag(payload, parts), parts,
+                           exact_parts=lambda: asked.append("sizes") or parts)
+        _land_in_blocks(check, bytes(corrupt), ranges, 8192, handle.fileno())
+        with pytest.raises(CorruptTransfer, match="s3://b/k: the parts' MD5s do not match") as raised:
+            check.verify("s3://b/k")
+    assert raised.value.exit_code == EXIT_STORAGE_UNAVAILABLE and asked == ["sizes"]
+
+
+def test_parts_cut_unevenly_are_found_before_the_bytes_are_called_corrupt(tmp_path: Path) -> None:
+    payload = os.urandom(300_000)
+    real = [100_000, 60_000, 140_000]  # an uploader of its own ways: first and last alone do not tell
+    guess = uniform_parts(len(payload), 100_000, 3)
+    ranges = plan_ranges(len(payload), 64_000)
+    with (tmp_path / "f").open("w+b") as handle:
+        check = OrderedMD5(handle.fileno(), ranges, _s3_etag(payload, real), guess, exact_parts=lambda: real)
+        _land_in_blocks(check, payload, ranges, 8192, handle.fileno())
+        check.verify("s3://b/k")

@@ -24,7 +24,7 @@ from kubetune.api.uris import parse_uri
 from kubetune_trainer.exitcodes import ConfigError, StorageUnavailable
 from kubetune_trainer.s3_http import ObjectGetter
 from kubetune_trainer.s3_ranges import RangePolicy, ranged_get
-from kubetune_trainer.storage import ObjectInfo
+from kubetune_trainer.storage import Fetched, ObjectInfo, ObjectReplaced
 
 MiB = 1024 * 1024
 _CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken",
@@ -59,7 +59,7 @@ def _client_config(spec: StorageSpec, transfer: TransferSettings):
         max_pool_connections=max(10, spec.max_concurrency * transfer.per_file_concurrency),
         connect_timeout=10,
         read_timeout=60,
-        # Downloads are checked against the ETag's MD5 (ranges carry no checksum anyway).
+        # Downloads are checked by `s3_ranges` against the ETag or the stored CRC32 (ranges carry none).
         response_checksum_validation="when_required",
         parameter_validation=False,  # parameters are built here, never taken from users
     )
@@ -111,11 +111,13 @@ class S3Store:
             use_threads=True,
         )
 
-    def list(self, prefix_uri: str) -> list[ObjectInfo]:
+    def list(self, prefix_uri: str, limit: int | None = None) -> list[ObjectInfo]:
         bucket, prefix = _split(prefix_uri)
-        found = []
+        found: list[ObjectInfo] = []
+        paging = {} if limit is None else {"MaxItems": limit, "PageSize": min(limit, 1000)}
         with self._errors(prefix_uri):
-            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix,
+                                                                          PaginationConfig=paging)
             for page in pages:
                 for item in page.get("Contents", []):
                     key = item["Key"]
@@ -123,7 +125,7 @@ class S3Store:
                                             item.get("ETag", "").strip('"')))
         return found
 
-    def download(self, uri: str, path: Path) -> str:
+    def download(self, uri: str, path: Path) -> Fetched:
         bucket, key = _split(uri)
         with self._errors(uri):
             return ranged_get(self.getter, bucket, key, path, self.ranges, uri)
@@ -174,11 +176,11 @@ def _client_error(exc, uri: str) -> Exception:
         return ConfigError(f"S3 refused access to s3://{bucket} ({code}): check the credentials "
                            "in AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (storage.secretRef)")
     if code == "NoSuchBucket":
-        return ConfigError(f"S3 bucket {bucket!r} does not exist (from {uri})")
+        return ConfigError(f"S3 bucket {bucket!r} does not exist (from {uri}): create it or fix the URI")
     if code in ("404", "NoSuchKey"):
         return FileNotFoundError(f"{uri} does not exist")
     if code in ("412", "PreconditionFailed"):
-        return StorageUnavailable(f"{uri} was replaced while it was being downloaded; run again")
+        return ObjectReplaced(f"{uri} was replaced while it was being downloaded; run again")
     return StorageUnavailable(f"S3 error on {uri}: {code} {error.get('Message', '')}".strip())
 
 

@@ -23,6 +23,7 @@ RETRY_STATUS = frozenset({500, 502, 503, 504})
 RETRY_CODES = frozenset({"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "Throttling",
                          "ThrottlingException"})
 URL_LIFETIME_S = 3600
+_KEYED_ENCRYPTION = ("aws:kms", "aws:kms:dsse")
 _ERROR_FIELD = re.compile(rb"<(Code|Message)>([^<]*)</\1>")
 
 
@@ -35,6 +36,8 @@ class Answer:
     content_range: str
     content_length: int
     body: Any
+    encrypted: bool = False
+    """Encrypted with a key S3 does not own (SSE-KMS, SSE-C): its ETag is not an MD5 of the bytes."""
 
 
 class ObjectGetter:
@@ -81,12 +84,19 @@ class ObjectGetter:
             if response.status_code < 300:
                 return Answer(response.status_code, response.headers.get("ETag", "").strip('"'),
                               response.headers.get("Content-Range", ""),
-                              int(response.headers.get("Content-Length", 0)), response.raw)
+                              int(response.headers.get("Content-Length", 0)), response.raw,
+                              _keyed_encryption(response.headers))
             error = _client_error(response.status_code, response.content)
             if attempt == self.attempts or not _retryable(response.status_code, error):
                 raise error
             _back_off(attempt)
         raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def _keyed_encryption(headers: Any) -> bool:
+    """Whether the answer's object is encrypted so that its ETag is no MD5 of its bytes."""
+    return (headers.get("x-amz-server-side-encryption", "").lower() in _KEYED_ENCRYPTION
+            or bool(headers.get("x-amz-server-side-encryption-customer-algorithm")))
 
 
 def _client_error(status: int, body: bytes) -> Exception:

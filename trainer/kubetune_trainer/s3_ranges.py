@@ -12,9 +12,14 @@ With a fixed `chunk`, the first GET asks for the first chunk and the rest follow
 An object longer than the probe, or split, costs one HEAD for its stored checksum. The other
 ranges are fetched by a few threads and written with pwrite at their offsets; they carry
 If-Match on the first answer's ETag, so a replaced object fails instead of mixing versions.
-The bytes are checked against S3's full-object CRC32 where the object has one (per range, in
-parallel), else against a single-part ETag's MD5 (`transfer_checks`). A stream whose body
-breaks off is asked for again from where it stopped.
+A stream whose body breaks off is asked for again from where it stopped.
+
+Every byte is checked where the object carries a digest (`transfer_checks`), chosen by
+`_choose_check`: a multipart object against its ETag (the MD5 of its parts' MD5s; one HEAD of
+part 1 tells the part size), a single-part object against S3's full-object CRC32 (per range,
+in parallel) when it is long enough to be worth a HEAD, else against its ETag's MD5. An object
+encrypted with SSE-KMS or SSE-C has an ETag that is no MD5: it is checked against a stored
+full-object CRC32 if it has one, and otherwise arrives unchecked (`Fetched.digest` empty).
 """
 
 from __future__ import annotations
@@ -32,11 +37,12 @@ from typing import Any
 
 from kubetune_trainer.exitcodes import StorageUnavailable
 from kubetune_trainer.s3_http import Answer, ObjectGetter
-from kubetune_trainer.storage import is_md5_etag
-from kubetune_trainer.transfer_checks import BUFFER, OrderedMD5, RangeCheck, RangedCRC32, SizeOnly
+from kubetune_trainer.storage import Fetched, is_md5_etag, is_multipart_etag
+from kubetune_trainer.transfer_checks import BUFFER, OrderedMD5, RangeCheck, RangedCRC32, SizeOnly, uniform_parts
 
 MiB = 1 << 20
 STREAM_ATTEMPTS = 3
+PART_HEADS = 8  # HEADs at once when a multipart object's exact part sizes are needed
 RANGE_TO_LATENCY = 4  # a range streams at least 4x as long as its first byte takes: latency <= 20%
 Landed = Callable[[int, memoryview], None]  # told of each block written: its offset and bytes
 
@@ -113,10 +119,38 @@ class _Download:
         head = self.getter.client.head_object(Bucket=self.bucket, Key=self.key, ChecksumMode="ENABLED",
                                               IfMatch=f'"{self.etag}"')
         value, kind = head.get("ChecksumCRC32") or "", head.get("ChecksumType")
-        full_object = kind == "FULL_OBJECT" or (kind is None and is_md5_etag(self.etag))
+        full_object = kind == "FULL_OBJECT" or (kind is None and not is_multipart_etag(self.etag))
         if not value or "-" in value or not full_object:
             return None
         return int.from_bytes(base64.b64decode(value), "big")
+
+    def part(self, number: int) -> tuple[int, int]:
+        """(size of part `number`, number of parts) from a part-numbered HEAD. No If-Match: some servers
+        (moto) compare it with the part's own ETag; a replaced object fails its ranges' If-Match anyway."""
+        head = self.getter.client.head_object(Bucket=self.bucket, Key=self.key, PartNumber=number)
+        return int(head["ContentLength"]), int(head.get("PartsCount") or 0)
+
+    def likely_parts(self, total: int) -> list[int] | None:
+        """The part sizes a multipart object most likely has: all as long as part 1 but the last
+        (one HEAD); its exact sizes where that cut cannot give `total`; None where the server
+        does not tell part sizes."""
+        from botocore.exceptions import ClientError
+
+        count = int(self.etag.rpartition("-")[2])
+        try:
+            first, told = self.part(1)
+        except ClientError as exc:
+            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (400, 501):
+                return None  # no part-numbered HEADs here
+            raise
+        if told not in (0, count):
+            return None
+        return uniform_parts(total, first, count) or self.exact_parts(count)
+
+    def exact_parts(self, count: int) -> list[int]:
+        """Every part's size, one HEAD each: asked for only when the likely cut does not fit."""
+        with ThreadPoolExecutor(max_workers=PART_HEADS, thread_name_prefix="part-head") as pool:
+            return [size for size, _ in pool.map(self.part, range(1, count + 1))]
 
     def get(self, first: int, last: int | None) -> Answer:
         headers = {"Range": f"bytes={first}-{'' if last is None else last}"}
@@ -173,8 +207,8 @@ class _Download:
                                  f"times ({span.offset - first} bytes)")
 
 
-def ranged_get(getter: ObjectGetter, bucket: str, key: str, path: Path, policy: RangePolicy, uri: str) -> str:
-    """Download s3://bucket/key to `path`; return its ETag. The bytes are checked where they can be."""
+def ranged_get(getter: ObjectGetter, bucket: str, key: str, path: Path, policy: RangePolicy, uri: str) -> Fetched:
+    """Download s3://bucket/key to `path`: its ETag and the digest its bytes were checked against."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         job = _Download(getter, bucket, key, fd, uri)
@@ -185,23 +219,40 @@ def ranged_get(getter: ObjectGetter, bucket: str, key: str, path: Path, policy: 
         total = total_size(first)
         os.ftruncate(fd, total)
         ranges = plan_ranges(total, policy.chunk) if first.content_range and policy.chunk else [(0, total - 1)]
-        check = _choose_check(job, fd, ranges, want_crc=len(ranges) > 1 or total > policy.probe)
+        check, digest = _choose_check(job, fd, ranges, total, first.encrypted,
+                                      want_crc=len(ranges) > 1 or total > policy.probe)
         may_split = policy.chunk is None and policy.streams > 1 and bool(first.content_range)
         _fetch_ranges(job, ranges, first, check, policy, latency if may_split and total > policy.probe else None)
         check.verify(uri)
-        return job.etag
+        return Fetched(job.etag, digest)
     finally:
         os.close(fd)
 
 
-def _choose_check(job: _Download, fd: int, ranges: list[tuple[int, int]], want_crc: bool) -> RangeCheck:
-    """CRC32 per range where S3 keeps a full-object CRC32 (asked for when `want_crc`: a HEAD is
-    cheap next to the bytes); else a single-part ETag's MD5; else sizes."""
-    if want_crc:
+def _choose_check(job: _Download, fd: int, ranges: list[tuple[int, int]], total: int, encrypted: bool,
+                  want_crc: bool) -> tuple[RangeCheck, str]:
+    """The check for this object and its name (see the module's docstring); (SizeOnly(), "") when
+    the object carries no digest we can compute.
+
+    A full-object CRC32 is asked for first when `want_crc` (a HEAD is cheap next to the bytes, and
+    CRCs are computed per range in parallel where an ETag is hashed front to back), or when the
+    ETag is of no use (encrypted, or a server of its own ways).
+    """
+    single = not encrypted and is_md5_etag(job.etag)
+    multipart = not encrypted and is_multipart_etag(job.etag)
+    asked = want_crc or not (single or multipart)
+    if asked:
         crc = job.full_object_crc32()
         if crc is not None:
-            return RangedCRC32(ranges, crc)
-    return OrderedMD5(fd, ranges, job.etag) if is_md5_etag(job.etag) else SizeOnly()
+            return RangedCRC32(ranges, crc), "crc32"
+    if multipart:
+        parts = job.likely_parts(total)
+        if parts is not None:
+            return OrderedMD5(fd, ranges, job.etag, parts, partial(job.exact_parts, len(parts))), "multipart-md5"
+        crc = None if asked else job.full_object_crc32()
+        if crc is not None:
+            return RangedCRC32(ranges, crc), "crc32"
+    return (OrderedMD5(fd, ranges, job.etag), "md5") if single else (SizeOnly(), "")
 
 
 class _Probe:

@@ -8,6 +8,7 @@ or talk to a real S3-compatible server; nothing patches a library.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Callable
@@ -17,9 +18,10 @@ from typing import Protocol
 
 from kubetune.api.spec import StorageSpec
 from kubetune.api.uris import parse_uri
-from kubetune_trainer.exitcodes import ConfigError
+from kubetune_trainer.exitcodes import ConfigError, StorageUnavailable
 
 _MD5_ETAG_LENGTH = 32
+_MULTIPART_ETAG = re.compile(r"^[0-9a-f]{32}-[1-9][0-9]*$")
 
 
 @dataclass(frozen=True)
@@ -32,15 +34,28 @@ class ObjectInfo:
     etag: str = ""
 
 
+@dataclass(frozen=True)
+class Fetched:
+    """What a download brought: the ETag of the version fetched, and the digest its bytes were
+    checked against as they landed ("md5", "multipart-md5", "crc32"), "" when nothing was checked."""
+
+    etag: str = ""
+    digest: str = ""
+
+
+class ObjectReplaced(StorageUnavailable):
+    """The object changed while it was being fetched: fetching it again would not agree with its listing."""
+
+
 class ObjectStore(Protocol):
     """Where objects live. URIs are full (`s3://bucket/key`, `/abs/path`)."""
 
-    def list(self, prefix_uri: str) -> list[ObjectInfo]:
-        """Every object under `prefix_uri` (recursively)."""
+    def list(self, prefix_uri: str, limit: int | None = None) -> list[ObjectInfo]:
+        """Every object under `prefix_uri` (recursively); the first `limit` only, if given."""
 
-    def download(self, uri: str, path: Path) -> str:
-        """Copy one object to a local file; return the ETag of what was fetched, its bytes checked
-        wherever the object allows (stored CRC32, single-part MD5), or "" if nothing was checked."""
+    def download(self, uri: str, path: Path) -> Fetched:
+        """Copy one object to a local file, its bytes checked wherever the object allows (single-part
+        MD5 or multipart ETag, stored full-object CRC32); a mismatch raises `CorruptTransfer`."""
 
     def upload(self, path: Path, uri: str) -> None:
         """Copy a local file to `uri`, replacing what is there."""
@@ -53,6 +68,11 @@ def is_md5_etag(etag: str) -> bool:
     """Whether `etag` is the MD5 of the content (a single-part upload), not a multipart digest."""
     etag = etag.strip('"').lower()
     return len(etag) == _MD5_ETAG_LENGTH and "-" not in etag
+
+
+def is_multipart_etag(etag: str) -> bool:
+    """Whether `etag` has the multipart form: the MD5 of the parts' MD5s, a dash, the part count."""
+    return bool(_MULTIPART_ETAG.match(etag.strip('"').lower()))
 
 
 def join_uri(base: str, *parts: str) -> str:
@@ -102,22 +122,25 @@ class LocalStore:
             return self.pvc_root / parsed.location / parsed.path
         return Path(parsed.path)
 
-    def list(self, prefix_uri: str) -> list[ObjectInfo]:
+    def list(self, prefix_uri: str, limit: int | None = None) -> list[ObjectInfo]:
         root = self.path_of(prefix_uri)
         if not root.is_dir():
             return []
         found = []
-        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        files = (p for p in root.rglob("*") if p.is_file())
+        for path in files if limit is not None else sorted(files):  # a few need no sorted walk of the tree
             rel = path.relative_to(root).as_posix()
             found.append(ObjectInfo(join_uri(prefix_uri, rel), rel, path.stat().st_size))
+            if limit is not None and len(found) >= limit:
+                break
         return found
 
-    def download(self, uri: str, path: Path) -> str:
+    def download(self, uri: str, path: Path) -> Fetched:
         source = self.path_of(uri)
         if not source.is_file():
             raise FileNotFoundError(f"{uri} does not exist")
         shutil.copyfile(source, path)
-        return ""
+        return Fetched()
 
     def upload(self, path: Path, uri: str) -> None:
         target = self.path_of(uri)

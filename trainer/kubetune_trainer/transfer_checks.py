@@ -4,8 +4,12 @@ A check sees every block as it is written (`landed`) and says at the end whether
 matches (`verify`). A download that starts as one stream and hands the rest of the object to
 other streams tells the check the new ranges first (`split`). `RangedCRC32` checks S3's
 stored full-object CRC32: each range keeps its own CRC, so the work is spread over the range
-threads, and the CRCs are joined at the end. `OrderedMD5` checks a single-part object's ETag,
-which has to be hashed front to back.
+threads, and the CRCs are joined at the end. `OrderedMD5` checks an object's ETag, which has
+to be hashed front to back: a single-part object's is the MD5 of its bytes, a multipart
+object's (`<hex>-<N>`) the MD5 of its N parts' MD5s, so the hash is cut at each part boundary.
+
+A mismatch raises `CorruptTransfer`, a `StorageUnavailable`: the object itself is fine, the
+bytes that arrived were not; fetching it again is the remedy.
 """
 
 from __future__ import annotations
@@ -14,12 +18,47 @@ import hashlib
 import os
 import threading
 import zlib
+from collections.abc import Callable
+from itertools import accumulate
 from typing import Protocol
 
-from kubetune_trainer.exitcodes import TrainerError
+from kubetune_trainer.exitcodes import StorageUnavailable
 
 BUFFER = 1 << 20
 _REFLECTED_CRC32 = 0xEDB88320
+
+
+class CorruptTransfer(StorageUnavailable):
+    """The bytes fetched do not match the object's stored digest; a new transfer may succeed."""
+
+
+def uniform_parts(total: int, first: int, count: int) -> list[int] | None:
+    """Part sizes of a `total`-byte object uploaded in `count` parts of `first` bytes but the last
+    (how boto3, the AWS CLI, s5cmd, rclone and mc cut files); None when no such cut gives `total`."""
+    last = total - first * (count - 1)
+    if count < 1 or first < 1 or not 0 < last <= first:
+        return None
+    return [first] * (count - 1) + [last]
+
+
+def multipart_etag(digests: list[bytes]) -> str:
+    """The ETag S3 gives an object uploaded in parts with these MD5 digests."""
+    return f"{hashlib.md5(b''.join(digests), usedforsecurity=False).hexdigest()}-{len(digests)}"
+
+
+def file_etag(fd: int, parts: list[int]) -> str:
+    """The multipart ETag of the file open as `fd`, cut into `parts` (sizes in bytes)."""
+    digests, offset = [], 0
+    for size in parts:
+        md5, end = hashlib.md5(usedforsecurity=False), offset + size
+        while offset < end:
+            block = os.pread(fd, min(BUFFER, end - offset), offset)
+            if not block:
+                raise CorruptTransfer(f"file ends at byte {offset}, before part end {end}")
+            md5.update(block)
+            offset += len(block)
+        digests.append(md5.digest())
+    return multipart_etag(digests)
 
 
 class RangeCheck(Protocol):
@@ -34,7 +73,8 @@ class RangeCheck(Protocol):
 
 
 class SizeOnly:
-    """For objects with nothing to check the bytes against (multipart ETag, no full-object checksum)."""
+    """For objects with nothing to check the bytes against (an encrypted object's ETag, no full-object
+    checksum); the stager counts them and names them in its report."""
 
     def landed(self, index: int, offset: int, block: memoryview) -> None:
         pass
@@ -100,24 +140,33 @@ class RangedCRC32:
         crc = 0
         for (first, last), part, filled in zip(self.ranges, self.crcs, self.filled, strict=True):
             if filled != last + 1:
-                raise TrainerError(f"{uri}: bytes {first}-{last} were not all written")
+                raise CorruptTransfer(f"{uri}: bytes {first}-{last} were not all written")
             crc = crc32_combine(crc, part, last + 1 - first)
         if crc != self.expected:
-            raise TrainerError(f"{uri}: CRC32 does not match the stored checksum; the download is corrupt")
+            raise CorruptTransfer(f"{uri}: CRC32 does not match the stored checksum; the download is corrupt")
 
 
 class OrderedMD5:
-    """A single-part object's ETag check: the MD5 of the file, advanced over the contiguous prefix.
+    """An ETag check: the MD5 of the file, advanced over the contiguous prefix, cut at `parts`.
 
     Each range reports every block it writes. A block that extends the hashed prefix is hashed
     straight from memory; blocks ahead of it are read back from the file once the prefix
     reaches them. One thread hashes at a time; the others leave their blocks to it, and it
     looks again before it stops, so nothing is missed.
+
+    With `parts` (sizes, for a multipart ETag), a digest is closed at each part's end. They
+    are only the likely cut (`uniform_parts`); if the ETag then differs, `exact_parts` is asked
+    for the sizes S3 recorded and, where they differ, the file is hashed again with them
+    before the bytes are called corrupt.
     """
 
-    def __init__(self, fd: int, ranges: list[tuple[int, int]], etag: str) -> None:
+    def __init__(self, fd: int, ranges: list[tuple[int, int]], etag: str, parts: list[int] | None = None,
+                 exact_parts: Callable[[], list[int]] | None = None) -> None:
         self.fd, self.ranges, self.etag = fd, ranges, etag.strip('"').lower()
+        self.parts, self.exact_parts = parts, exact_parts
         self.md5 = hashlib.md5(usedforsecurity=False)
+        self.digests: list[bytes] = []
+        self.cuts = list(accumulate(parts or []))[::-1]  # part ends, the next one last
         self.filled = [first for first, _ in ranges]  # each range's next unwritten offset
         self.frontier, self.current = 0, 0  # bytes hashed; the range they end in
         self.total = ranges[-1][1] + 1 if ranges else 0
@@ -130,8 +179,7 @@ class OrderedMD5:
         while self.hashing.acquire(blocking=False):
             try:
                 if self.frontier == offset:
-                    self.md5.update(block)
-                    self.frontier += len(block)
+                    self._feed(block)
                 self._catch_up()
             finally:
                 self.hashing.release()
@@ -144,6 +192,20 @@ class OrderedMD5:
                 raise RuntimeError(f"cannot split {self.ranges} into {ranges}")
             self.ranges = ranges
             self.filled += [first for first, _ in ranges[len(self.filled):]]
+
+    def _feed(self, data: bytes | memoryview) -> None:
+        """Hash `data`, the bytes at the frontier, closing a part's digest at each part end."""
+        while True:
+            while self.cuts and self.frontier == self.cuts[-1]:
+                self.digests.append(self.md5.digest())
+                self.md5 = hashlib.md5(usedforsecurity=False)
+                self.cuts.pop()
+            if not data:
+                return
+            take = min(len(data), self.cuts[-1] - self.frontier) if self.cuts else len(data)
+            self.md5.update(data[:take])
+            self.frontier += take
+            data = data[take:]
 
     def _hashable(self) -> bool:
         """Whether written bytes wait at the frontier (checked after releasing the hashing lock)."""
@@ -160,15 +222,24 @@ class OrderedMD5:
                 self.current += 1
                 continue
             size = min(BUFFER, filled - self.frontier)
-            self.md5.update(os.pread(self.fd, size, self.frontier))
-            self.frontier += size
+            self._feed(os.pread(self.fd, size, self.frontier))
 
     def hexdigest(self) -> str:
+        """The ETag of the bytes hashed: plain MD5, or the multipart form with `parts`."""
         self._catch_up()  # moves past empty ranges
         if self.frontier != self.total:
-            raise RuntimeError(f"digest asked for at byte {self.frontier} of {self.total}")
-        return self.md5.hexdigest()
+            raise CorruptTransfer(f"digest asked for at byte {self.frontier} of {self.total}")
+        if self.parts is None:
+            return self.md5.hexdigest()
+        self._feed(b"")  # closes the last part
+        return multipart_etag(self.digests)
 
     def verify(self, uri: str) -> None:
-        if self.hexdigest() != self.etag:
-            raise TrainerError(f"{uri}: MD5 does not match the ETag; the download is corrupt")
+        if self.hexdigest() == self.etag:
+            return
+        if self.parts is None:
+            raise CorruptTransfer(f"{uri}: MD5 does not match the ETag; the download is corrupt")
+        exact = self.exact_parts() if self.exact_parts else self.parts
+        if exact == self.parts or file_etag(self.fd, exact) != self.etag:
+            raise CorruptTransfer(f"{uri}: the parts' MD5s do not match the multipart ETag {self.etag}; "
+                                  "the download is corrupt")
