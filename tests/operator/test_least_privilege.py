@@ -129,6 +129,13 @@ def _path(obj: dict[str, Any]) -> str:
     return f"{collection_path(obj['kind'], obj['metadata']['namespace'])}/{obj['metadata']['name']}"
 
 
+def _assert_refused_by_policy(error: ApiError | None, install: Install, kind: str, fragment: str) -> None:
+    assert error is not None, "admitted"
+    policy = f"{install.fullname}-{RESOURCES[kind]}"
+    assert error.status == 422 and f"ValidatingAdmissionPolicy '{policy}'" in error.message, error
+    assert fragment in " ".join(error.message.split()), error.message
+
+
 def test_outside_the_watched_namespaces_the_operator_may_not_write(install: Install, kube_cluster) -> None:
     def allowed(verb: str, resource: str, namespace: str, group: str = "") -> bool:
         review = {"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
@@ -156,6 +163,11 @@ def test_outside_the_watched_namespaces_the_operator_may_not_write(install: Inst
                             dry_run=True)
     assert error is not None and error.forbidden, error
     assert 'cannot create resource "jobs"' in error.message
+    # Where RBAC lets it write, the admission policy refuses the same Job: it is no child of a FineTuneJob.
+    error = install.refusal("POST", collection_path("Job", install.watched),
+                            {**PRIVILEGED_JOB, "metadata": {"name": "node-shell", "namespace": install.watched}},
+                            dry_run=True)
+    _assert_refused_by_policy(error, install, "Job", "labels kubetune.io/job-name")
 
 
 def _container(job: dict[str, Any]) -> dict[str, Any]:
@@ -220,13 +232,6 @@ def _bad_child(children: list[dict[str, Any]], name: str, kind: str,
     obj["metadata"]["name"] = name
     mutate(obj)
     return obj
-
-
-def _assert_refused_by_policy(error: ApiError | None, install: Install, kind: str, fragment: str) -> None:
-    assert error is not None, "admitted"
-    policy = f"{install.fullname}-{RESOURCES[kind]}"
-    assert error.status == 422 and f"ValidatingAdmissionPolicy '{policy}'" in error.message, error
-    assert fragment in " ".join(error.message.split()), error.message
 
 
 @pytest.mark.parametrize(("name", "kind", "mutate", "fragment"), REFUSED, ids=[case[0] for case in REFUSED])
