@@ -10,20 +10,24 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import struct
 import zlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
-from trainer_support import job_document
+from trainer_support import job_document, local_job
 
 from kubetune.api.spec import DataSpec
 from kubetune.api.status import DataReport
+from kubetune_trainer.config import RuntimeConfig
 from kubetune_trainer.data import load_dataset
 from kubetune_trainer.data_policy import TooManySkipped, check_image
 from kubetune_trainer.exitcodes import EXIT_CONFIG, ConfigError
+from kubetune_trainer.job import run_job
 from kubetune_trainer.tiny import build_image_dataset
 
 MEGAPIXELS_180 = (15000, 12000)
@@ -313,3 +317,54 @@ def test_a_file_name_that_is_not_utf8_is_named_printably(tmp_path: Path) -> None
     dataset = load_dataset(root, _spec(root, max_skipped=1))
     assert [s.file for s in dataset.skipped_files] == ["caf\\xe9.png"]
     json.dumps(dataset.skipped_files[0].file).encode("utf-8")
+
+
+# --- staged names: metadata.jsonl names the S3 key, staging may have shortened it -----------------------------
+
+LONG_NAME = "a-very-long-photo-name-" + "x" * 210 + ".png"
+"""Too long for staging to keep (over 200 bytes, with room for its temporary names), short enough for a disk."""
+
+
+def test_a_long_name_finds_its_staged_file_for_s3_data(tmp_path: Path) -> None:
+    from kubetune_trainer.staging import local_relative
+
+    root = _imagefolder(tmp_path, [_row(f"sub/{LONG_NAME}")])
+    staged = root / local_relative(f"sub/{LONG_NAME}")
+    assert staged.name != LONG_NAME
+    staged.parent.mkdir()
+    shutil.copy(root / "img-000.png", staged)
+    dataset = load_dataset(root, _spec(root, max_skipped=0).model_copy(update={"uri": "s3://bucket/set/"}))
+    assert staged in [e.image for e in dataset.examples]
+
+
+def test_a_long_name_is_its_own_file_for_data_used_in_place(tmp_path: Path) -> None:
+    root = _imagefolder(tmp_path, [_row(LONG_NAME)])
+    shutil.copy(root / "img-000.png", root / LONG_NAME)
+    assert root / LONG_NAME in [e.image for e in load_dataset(root, _spec(root)).examples]
+
+
+@pytest.mark.parametrize("name", ["sub//a.png", ".kubetune-staged/img-000.png.json"], ids=["empty segment", "marker"])
+def test_a_name_staging_never_writes_is_a_config_error_for_s3_data(tmp_path: Path, name: str) -> None:
+    root = _imagefolder(tmp_path, [_row(name)])
+    with pytest.raises(ConfigError, match=rf"^s3://bucket/set/metadata\.jsonl line 4: file_name '{re.escape(name)}' "
+                                          "cannot name a staged file"):
+        load_dataset(root, _spec(root).model_copy(update={"uri": "s3://bucket/set/"}))
+
+
+@pytest.mark.integration
+def test_s3_data_with_a_long_name_trains_and_reports_each_skip(s3_server: Any, s3_bucket: str, tiny_sd: Path,
+                                                               squares: Path, tmp_path: Path) -> None:
+    s3_server.upload_folder(tiny_sd, s3_bucket, "model")
+    s3_server.upload_folder(squares, s3_bucket, "data")
+    client = s3_server.client()
+    client.put_object(Bucket=s3_bucket, Key=f"data/{LONG_NAME}", Body=(squares / "img-000.png").read_bytes())
+    client.put_object(Bucket=s3_bucket, Key="data/cut.jpg", Body=truncated_jpeg())
+    rows = (squares / "metadata.jsonl").read_text() + _row(LONG_NAME) + "\n" + _row("cut.jpg") + "\n"
+    client.put_object(Bucket=s3_bucket, Key="data/metadata.jsonl", Body=rows.encode())
+    job = local_job(f"s3://{s3_bucket}/model/", f"s3://{s3_bucket}/data/", f"s3://{s3_bucket}/out/",
+                    storage={"endpoint": s3_server.endpoint, "addressingStyle": "path"},
+                    data={"maxSkipped": 1}, training={"maxSteps": 1})
+    result = run_job(job, RuntimeConfig(scratch=tmp_path / "s", status_file=tmp_path / "status.json", log_every=0))
+    assert result.exit_code == 0, result.message
+    data = json.loads((tmp_path / "status.json").read_text())["data"]
+    assert (data["images"], data["skipped"], [f["file"] for f in data["skippedFiles"]]) == (7, 1, ["cut.jpg"])

@@ -21,6 +21,7 @@ from typing import Any
 
 from kubetune.api.spec import DataSpec
 from kubetune.api.status import DataReport
+from kubetune.api.uris import parse_uri
 from kubetune_trainer.data_policy import Skipped, check_images, data_report, enforce_max_skipped, named
 from kubetune_trainer.dataset_layouts import Folder, as_is, detect_layout, list_dataset
 from kubetune_trainer.exitcodes import ConfigError
@@ -60,12 +61,12 @@ def content_digest(path: Path) -> str:
 
 
 def local_names(uri: str) -> Callable[[str], str]:
-    """How a file name in the dataset (a key relative to data.uri) becomes a path in the local folder.
+    """How a file name in the dataset (a key relative to data.uri) becomes a path in the local folder:
+    S3 data was staged under the names staging derives from the keys (over-long ones shortened), data
+    used in place keeps its own."""
+    from kubetune_trainer.staging import local_relative
 
-    SEAM: S3 data is staged under names staging derives from the keys (over-long ones shortened);
-    until staging exposes that mapping, names are used as they are.
-    """
-    return as_is
+    return local_relative if parse_uri(uri).scheme == "s3" else as_is
 
 
 def load_dataset(root: Path, spec: DataSpec, caption: str | None = None,
