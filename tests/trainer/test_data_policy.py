@@ -71,6 +71,15 @@ def truncated_jpeg() -> bytes:
     return whole[: len(whole) // 2]
 
 
+def truncated_png() -> bytes:
+    import numpy as np
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(np.random.default_rng(2).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(out, format="PNG")
+    return out.getvalue()[: out.tell() // 2]
+
+
 def _imagefolder(tmp_path: Path, extra_rows: list[str], count: int = 3) -> Path:
     """`count` good images in the imagefolder layout, with `extra_rows` (raw lines) appended to metadata.jsonl."""
     root = build_image_dataset(tmp_path / "data", count=count)
@@ -90,8 +99,9 @@ def _row(name: str, caption: str = "a caption") -> str:
     (huge_png(), "image too large to decode safely (Image size (180000000 pixels) exceeds limit"),
     (huge_jpeg(), "image too large to decode safely (Image size (180000000 pixels) exceeds limit"),
     (truncated_jpeg(), "truncated image"),
+    (truncated_png(), "truncated image"),
     (b"<html>not an image</html>", "not an image"),
-], ids=["180MP PNG", "180MP JPEG", "truncated JPEG", "not an image"])
+], ids=["180MP PNG", "180MP JPEG", "truncated JPEG", "truncated PNG", "not an image"])
 def test_an_unusable_image_is_named_with_its_reason(tmp_path: Path, content: bytes, reason: str) -> None:
     from PIL import Image
 
