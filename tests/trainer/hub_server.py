@@ -24,6 +24,8 @@ class HubRepo:
     token: str | None = None
     """The token a request must carry; None for a public repository."""
     sha: str = "0123456789abcdef0123456789abcdef01234567"
+    fail_with: int | None = None
+    """A status (429, 503, ...) every request for this repository is answered with, as a busy Hub does."""
 
 
 @dataclass
@@ -77,6 +79,8 @@ class LoopbackHub:
         if route is None:
             return _reply(handler, 404, {"X-Error-Code": "EntryNotFound"}, b'{"error": "not found"}', body)
         repo, kind, rest = route
+        if repo.fail_with is not None:
+            return _reply(handler, repo.fail_with, {"Retry-After": "0"}, b'{"error": "try again later"}', body)
         if repo.token is not None and handler.headers.get("Authorization") != f"Bearer {repo.token}":
             message = "Access to this model is restricted: you must be authenticated to access it."
             return _reply(handler, 401, {"X-Error-Code": "GatedRepo", "X-Error-Message": message},

@@ -92,3 +92,20 @@ def test_a_gated_repository_without_a_token_exits_78_naming_the_secret(tmp_path:
     status = json.loads((tmp_path / "status.json").read_text(encoding="utf-8"))
     assert "model.tokenSecretRef" in status["message"] and "gated or private" in status["message"]
     assert hub.fetched() == set()
+
+
+@pytest.mark.parametrize("status", [429, 500, 503])
+def test_a_busy_hub_exits_75_to_be_retried(tmp_path: Path, squares: Path, status: int) -> None:
+    """Rate limits and server errors pass: the pod is restarted (75), not the job failed for good (78)."""
+    document = job_document("hf://org/busy", str(squares), str(tmp_path / "out"))
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(document), encoding="utf-8")
+    kubetune = Path(sys.executable).parent / "kubetune"
+    with LoopbackHub({"org/busy": HubRepo({"model_index.json": b"{}"}, fail_with=status)}) as hub:
+        done = subprocess.run([str(kubetune), "run", str(tmp_path / "job.yaml"), "--no-progress",
+                               "--scratch", str(tmp_path / "scratch"), "--status-file", str(tmp_path / "status.json")],
+                              env=_env(hub, tmp_path, None), capture_output=True, text=True, timeout=300,
+                              check=False)
+    assert done.returncode == 75, done.stdout + done.stderr
+    status_file = json.loads((tmp_path / "status.json").read_text(encoding="utf-8"))
+    assert status_file["message"].startswith("hf://org/busy: cannot fetch from the Hugging Face Hub")
+    assert hub.fetched() == set()
