@@ -10,6 +10,10 @@ A "server ceiling" line per set tells how far any client could go against this s
 cheapest client we can write (URLs presigned beforehand, a few keep-alive connections,
 bodies read and dropped, nothing written or checked), as a multiple of the sequential loop.
 
+A third set, the large objects uploaded in 8 MiB parts as boto3 and the AWS CLI do by default,
+measures what checking every byte costs: ours against ours with the checks off (size only,
+which is what multipart objects got before their ETag was checked), same run, ratio.
+
     .venv/bin/python bench/staging.py [--small-count 1000] [--large-mib 256] [--repeats 3] [--json]
 """
 
@@ -40,6 +44,8 @@ BUCKET = "bench"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "kubetune-bench", "AWS_SECRET_ACCESS_KEY": "kubetune-bench-secret",
                "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1"}
 OURS, S5CMD, SEQUENTIAL = "kubetune", "s5cmd (defaults)", "sequential boto3"
+SIZE_ONLY = "kubetune, size check only"
+PART = 8 * MiB  # boto3's and the AWS CLI's default part size and multipart threshold
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,19 @@ Tool = Callable[[str, DataSet, Path], None]
 def run_ours(endpoint: str, data: DataSet, dest: Path) -> None:
     """The trainer's own path: `stage()` with the job's default storage settings."""
     stage(f"s3://{BUCKET}/{data.prefix}/", dest, StorageSpec(endpoint=endpoint, addressing_style="path"))
+
+
+def run_size_only(endpoint: str, data: DataSet, dest: Path) -> None:
+    """`run_ours` with no byte checked (no HEAD either): the baseline for the checks' cost."""
+    from kubetune_trainer import s3_ranges
+    from kubetune_trainer.transfer_checks import SizeOnly
+
+    choose = s3_ranges._choose_check
+    s3_ranges._choose_check = lambda *args, **kwargs: (SizeOnly(), "")
+    try:
+        run_ours(endpoint, data, dest)
+    finally:
+        s3_ranges._choose_check = choose
 
 
 def s5cmd_tool(*global_flags: str, cp_flags: tuple[str, ...] = ()) -> Tool:
@@ -135,17 +154,27 @@ def server_ceiling(endpoint: str, data: DataSet, sequential_s: float, repeats: i
             "x_sequential": round(sequential_s / seconds, 2)}
 
 
-def seed(endpoint: str, data: DataSet) -> None:
-    """Upload distinct pseudo-random objects (single PUTs, so each ETag is the object's MD5)."""
+def seed(endpoint: str, data: DataSet, scratch: Path, multipart: bool = False) -> None:
+    """Upload distinct pseudo-random objects: single PUTs (each ETag the object's MD5), or files in
+    8 MiB parts as boto3's `upload_file` cuts them by default (ETags `<md5>-<parts>`)."""
     import boto3
+    from boto3.s3.transfer import TransferConfig
     from botocore.config import Config
 
     client = boto3.client("s3", endpoint_url=endpoint, config=Config(max_pool_connections=16))
     block = os.urandom(data.size)
+    parts = TransferConfig(multipart_threshold=PART, multipart_chunksize=PART)
 
     def put(index: int) -> None:
         body = index.to_bytes(8, "big") + block[8:]
-        client.put_object(Bucket=BUCKET, Key=f"{data.prefix}/{index // 100:02d}/object-{index:05d}.bin", Body=body)
+        key = f"{data.prefix}/{index // 100:02d}/object-{index:05d}.bin"
+        if not multipart:
+            client.put_object(Bucket=BUCKET, Key=key, Body=body)
+            return
+        upload = scratch / f"upload-{index}"
+        upload.write_bytes(body)
+        client.upload_file(str(upload), BUCKET, key, Config=parts)
+        upload.unlink()
 
     with ThreadPoolExecutor(max_workers=8 if data.size < 8 * MiB else 2) as pool:
         list(pool.map(put, range(data.count)))
@@ -191,6 +220,15 @@ def summarise(data: DataSet, times: dict[str, list[float]]) -> dict:
     return {"objects": data.count, "object_bytes": data.size, "tools": tools, "ratios": ratios}
 
 
+def print_check_cost(data: DataSet, result: dict) -> None:
+    print(f"\n{data.name}: {data.count} x {data.size // MiB} MiB in {PART // MiB} MiB parts")
+    print(f"  {'tool':<28}{'median s':>10}{'MiB/s':>10}")
+    for name, row in result["tools"].items():
+        print(f"  {name:<28}{row['median_s']:>10.2f}{row['mib_per_s']:>10.1f}")
+    print(f"  every byte checked against the multipart ETag: {result['ratios'][f'ours/{SIZE_ONLY}']:.2f}x "
+          "the throughput of the size check alone")
+
+
 def print_table(data: DataSet, result: dict) -> None:
     size = f"{data.size // KiB} KiB" if data.size < MiB else f"{data.size // MiB} MiB"
     print(f"\n{data.name}: {data.count} x {size}")
@@ -215,24 +253,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--s5cmd-workers", type=int, default=32, help="--numworkers of the tuned s5cmd line")
     parser.add_argument("--ceiling-connections", type=int, default=8,
                         help="keep-alive connections of the best-case client behind the server ceiling line")
+    parser.add_argument("--check-cost-only", action="store_true",
+                        help="run only the multipart set: ours against ours with the byte checks off")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
     args = parser.parse_args(argv)
     os.environ.update(CREDENTIALS)
-    sets = [DataSet("small", "small", args.small_count, args.small_kib * KiB),
-            DataSet("large", "large", args.large_count, args.large_mib * MiB)]
+    sets = [] if args.check_cost_only else [DataSet("small", "small", args.small_count, args.small_kib * KiB),
+                                            DataSet("large", "large", args.large_count, args.large_mib * MiB)]
     tools: dict[str, Tool] = {OURS: run_ours, S5CMD: s5cmd_tool(),
                               f"s5cmd --numworkers {args.s5cmd_workers}": s5cmd_tool("--numworkers",
                                                                                      str(args.s5cmd_workers)),
                               SEQUENTIAL: run_sequential}
     results = {}
+    multipart = DataSet("large-multipart", "multipart", args.large_count, args.large_mib * MiB)
     with LoopbackS3Process() as server, tempfile.TemporaryDirectory(prefix="kubetune-bench-") as scratch:
         server.create_bucket(BUCKET)
         for data in sets:
-            seed(server.endpoint, data)
+            seed(server.endpoint, data, Path(scratch))
             times = measure(server.endpoint, data, tools, args.repeats, Path(scratch))
             results[data.name] = summarise(data, times)
             results[data.name]["ceiling"] = server_ceiling(server.endpoint, data, statistics.median(times[SEQUENTIAL]),
                                                            args.repeats, args.ceiling_connections)
+        seed(server.endpoint, multipart, Path(scratch), multipart=True)
+        times = measure(server.endpoint, multipart, {OURS: run_ours, SIZE_ONLY: run_size_only}, args.repeats,
+                        Path(scratch))
+        results["check cost"] = summarise(multipart, times)
+    if args.check_cost_only:
+        print(json.dumps(results, indent=2) if args.json else "", end="\n" if args.json else "")
+        if not args.json:
+            print_check_cost(multipart, results["check cost"])
+        return 0
     small, large = results["small"]["ratios"], results["large"]["ratios"]
     results["targets"] = {
         "small files/s >= s5cmd": small[f"ours/{S5CMD}"] >= 1.0,
@@ -247,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         for data in sets:
             print_table(data, results[data.name])
+        print_check_cost(multipart, results["check cost"])
         print("\ntargets: " + ", ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in results["targets"].items()))
         print("5x sequential reachable at all (server ceiling >= 5x): " + ", ".join(
             f"{k}: {'yes' if v else 'NO'}" for k, v in results["5x sequential reachable on this server"].items()))

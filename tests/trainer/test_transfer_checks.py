@@ -18,6 +18,7 @@ from kubetune_trainer.s3_ranges import MiB, RangePolicy, answer_end, plan_ranges
 from kubetune_trainer.transfer_checks import (
     CorruptTransfer,
     OrderedMD5,
+    PartMD5s,
     RangedCRC32,
     crc32_combine,
     file_etag,
@@ -174,9 +175,10 @@ def test_a_multipart_etag_is_checked_whatever_order_ranges_land_in(tmp_path: Pat
     etag = _s3_etag(payload, parts)
     ranges = plan_ranges(len(payload), range_size)  # range ends fall inside parts, before or after their ends
     with (tmp_path / "f").open("w+b") as handle:
-        check = OrderedMD5(handle.fileno(), ranges, etag, parts)
+        check = PartMD5s(handle.fileno(), parts, etag)
         _land_in_blocks(check, payload, ranges, 65536, handle.fileno())
         check.verify("s3://b/k")
+        check.close()
         assert file_etag(handle.fileno(), parts) == etag == multipart_etag(
             [hashlib.md5(payload[i:i + 262_144]).digest() for i in range(0, len(payload), 262_144)])
 
@@ -189,11 +191,12 @@ def test_a_flipped_byte_in_a_multipart_object_is_corrupt_and_retryable(tmp_path:
     ranges = plan_ranges(len(payload), 70_000)
     asked: list[str] = []
     with (tmp_path / "f").open("w+b") as handle:
-        check = OrderedMD5(handle.fileno(), ranges, _s3_etag(payload, parts), parts,
-                           exact_parts=lambda: asked.append("sizes") or parts)
+        check = PartMD5s(handle.fileno(), parts, _s3_etag(payload, parts),
+                         exact_parts=lambda: asked.append("sizes") or parts)
         _land_in_blocks(check, bytes(corrupt), ranges, 8192, handle.fileno())
         with pytest.raises(CorruptTransfer, match="s3://b/k: the parts' MD5s do not match") as raised:
             check.verify("s3://b/k")
+        check.close()
     assert raised.value.exit_code == EXIT_STORAGE_UNAVAILABLE and asked == ["sizes"]
 
 
@@ -203,6 +206,17 @@ def test_parts_cut_unevenly_are_found_before_the_bytes_are_called_corrupt(tmp_pa
     guess = uniform_parts(len(payload), 100_000, 3)
     ranges = plan_ranges(len(payload), 64_000)
     with (tmp_path / "f").open("w+b") as handle:
-        check = OrderedMD5(handle.fileno(), ranges, _s3_etag(payload, real), guess, exact_parts=lambda: real)
+        check = PartMD5s(handle.fileno(), guess, _s3_etag(payload, real), exact_parts=lambda: real)
         _land_in_blocks(check, payload, ranges, 8192, handle.fileno())
         check.verify("s3://b/k")
+        check.close()
+
+
+def test_a_part_that_never_fully_landed_is_named(tmp_path: Path) -> None:
+    payload = os.urandom(300)
+    with (tmp_path / "f").open("w+b") as handle:
+        check = PartMD5s(handle.fileno(), [100, 100, 100], _s3_etag(payload, [100, 100, 100]))
+        _land_in_blocks(check, payload[:250], [(0, 249)], 64, handle.fileno())
+        with pytest.raises(CorruptTransfer, match=r"parts \[3\] were not all written"):
+            check.verify("s3://b/k")
+        check.close()

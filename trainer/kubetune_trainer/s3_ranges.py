@@ -38,7 +38,15 @@ from typing import Any
 from kubetune_trainer.exitcodes import StorageUnavailable
 from kubetune_trainer.s3_http import Answer, ObjectGetter
 from kubetune_trainer.storage import Fetched, is_md5_etag, is_multipart_etag
-from kubetune_trainer.transfer_checks import BUFFER, OrderedMD5, RangeCheck, RangedCRC32, SizeOnly, uniform_parts
+from kubetune_trainer.transfer_checks import (
+    BUFFER,
+    OrderedMD5,
+    PartMD5s,
+    RangeCheck,
+    RangedCRC32,
+    SizeOnly,
+    uniform_parts,
+)
 
 MiB = 1 << 20
 STREAM_ATTEMPTS = 3
@@ -145,7 +153,8 @@ class _Download:
             raise
         if told not in (0, count):
             return None
-        return uniform_parts(total, first, count) or self.exact_parts(count)
+        parts = uniform_parts(total, first, count) or self.exact_parts(count)
+        return parts if sum(parts) == total else None
 
     def exact_parts(self, count: int) -> list[int]:
         """Every part's size, one HEAD each: asked for only when the likely cut does not fit."""
@@ -210,6 +219,7 @@ class _Download:
 def ranged_get(getter: ObjectGetter, bucket: str, key: str, path: Path, policy: RangePolicy, uri: str) -> Fetched:
     """Download s3://bucket/key to `path`: its ETag and the digest its bytes were checked against."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    check: RangeCheck = SizeOnly()
     try:
         job = _Download(getter, bucket, key, fd, uri)
         sent = time.monotonic()
@@ -219,13 +229,18 @@ def ranged_get(getter: ObjectGetter, bucket: str, key: str, path: Path, policy: 
         total = total_size(first)
         os.ftruncate(fd, total)
         ranges = plan_ranges(total, policy.chunk) if first.content_range and policy.chunk else [(0, total - 1)]
-        check, digest = _choose_check(job, fd, ranges, total, first.encrypted,
-                                      want_crc=len(ranges) > 1 or total > policy.probe)
+        try:
+            check, digest = _choose_check(job, fd, ranges, total, first.encrypted,
+                                          want_crc=len(ranges) > 1 or total > policy.probe)
+        except BaseException:
+            first.body.close()  # its bytes are not wanted now
+            raise
         may_split = policy.chunk is None and policy.streams > 1 and bool(first.content_range)
         _fetch_ranges(job, ranges, first, check, policy, latency if may_split and total > policy.probe else None)
         check.verify(uri)
         return Fetched(job.etag, digest)
     finally:
+        check.close()  # before the file: a check may still be reading it
         os.close(fd)
 
 
@@ -248,7 +263,7 @@ def _choose_check(job: _Download, fd: int, ranges: list[tuple[int, int]], total:
     if multipart:
         parts = job.likely_parts(total)
         if parts is not None:
-            return OrderedMD5(fd, ranges, job.etag, parts, partial(job.exact_parts, len(parts))), "multipart-md5"
+            return PartMD5s(fd, parts, job.etag, partial(job.exact_parts, len(parts))), "multipart-md5"
         crc = None if asked else job.full_object_crc32()
         if crc is not None:
             return RangedCRC32(ranges, crc), "crc32"

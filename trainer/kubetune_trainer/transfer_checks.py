@@ -4,9 +4,10 @@ A check sees every block as it is written (`landed`) and says at the end whether
 matches (`verify`). A download that starts as one stream and hands the rest of the object to
 other streams tells the check the new ranges first (`split`). `RangedCRC32` checks S3's
 stored full-object CRC32: each range keeps its own CRC, so the work is spread over the range
-threads, and the CRCs are joined at the end. `OrderedMD5` checks an object's ETag, which has
-to be hashed front to back: a single-part object's is the MD5 of its bytes, a multipart
-object's (`<hex>-<N>`) the MD5 of its N parts' MD5s, so the hash is cut at each part boundary.
+threads, and the CRCs are joined at the end. `OrderedMD5` checks a single-part object's ETag,
+the MD5 of its bytes, which has to be hashed front to back. `PartMD5s` checks a multipart
+object's (`<hex>-<N>`), the MD5 of its N parts' MD5s: each part is hashed on its own, in
+parallel, once its bytes have landed.
 
 A mismatch raises `CorruptTransfer`, a `StorageUnavailable`: the object itself is fine, the
 bytes that arrived were not; fetching it again is the remedy.
@@ -18,13 +19,16 @@ import hashlib
 import os
 import threading
 import zlib
+from bisect import bisect_right
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import accumulate
 from typing import Protocol
 
 from kubetune_trainer.exitcodes import StorageUnavailable
 
 BUFFER = 1 << 20
+HASHERS = max(1, min(4, (os.cpu_count() or 1) - 1))  # threads hashing one multipart object's parts
 _REFLECTED_CRC32 = 0xEDB88320
 
 
@@ -66,10 +70,13 @@ class RangeCheck(Protocol):
         """`block` was just written at `offset`, inside range `index`."""
 
     def verify(self, uri: str) -> None:
-        """Raise a TrainerError naming `uri` unless the file is the object."""
+        """Raise a CorruptTransfer naming `uri` unless the file is the object."""
 
     def split(self, ranges: list[tuple[int, int]]) -> None:
         """Range 0, the only one landing so far, now ends at `ranges[0]`; the others follow it."""
+
+    def close(self) -> None:
+        """Stop any work of the check's own that reads the file; called before the file is closed."""
 
 
 class SizeOnly:
@@ -83,6 +90,9 @@ class SizeOnly:
         pass
 
     def verify(self, uri: str) -> None:
+        pass
+
+    def close(self) -> None:
         pass
 
 
@@ -145,28 +155,22 @@ class RangedCRC32:
         if crc != self.expected:
             raise CorruptTransfer(f"{uri}: CRC32 does not match the stored checksum; the download is corrupt")
 
+    def close(self) -> None:
+        pass
+
 
 class OrderedMD5:
-    """An ETag check: the MD5 of the file, advanced over the contiguous prefix, cut at `parts`.
+    """A single-part object's ETag check: the MD5 of the file, advanced over the contiguous prefix.
 
     Each range reports every block it writes. A block that extends the hashed prefix is hashed
     straight from memory; blocks ahead of it are read back from the file once the prefix
     reaches them. One thread hashes at a time; the others leave their blocks to it, and it
     looks again before it stops, so nothing is missed.
-
-    With `parts` (sizes, for a multipart ETag), a digest is closed at each part's end. They
-    are only the likely cut (`uniform_parts`); if the ETag then differs, `exact_parts` is asked
-    for the sizes S3 recorded and, where they differ, the file is hashed again with them
-    before the bytes are called corrupt.
     """
 
-    def __init__(self, fd: int, ranges: list[tuple[int, int]], etag: str, parts: list[int] | None = None,
-                 exact_parts: Callable[[], list[int]] | None = None) -> None:
+    def __init__(self, fd: int, ranges: list[tuple[int, int]], etag: str) -> None:
         self.fd, self.ranges, self.etag = fd, ranges, etag.strip('"').lower()
-        self.parts, self.exact_parts = parts, exact_parts
         self.md5 = hashlib.md5(usedforsecurity=False)
-        self.digests: list[bytes] = []
-        self.cuts = list(accumulate(parts or []))[::-1]  # part ends, the next one last
         self.filled = [first for first, _ in ranges]  # each range's next unwritten offset
         self.frontier, self.current = 0, 0  # bytes hashed; the range they end in
         self.total = ranges[-1][1] + 1 if ranges else 0
@@ -179,7 +183,8 @@ class OrderedMD5:
         while self.hashing.acquire(blocking=False):
             try:
                 if self.frontier == offset:
-                    self._feed(block)
+                    self.md5.update(block)
+                    self.frontier += len(block)
                 self._catch_up()
             finally:
                 self.hashing.release()
@@ -192,20 +197,6 @@ class OrderedMD5:
                 raise RuntimeError(f"cannot split {self.ranges} into {ranges}")
             self.ranges = ranges
             self.filled += [first for first, _ in ranges[len(self.filled):]]
-
-    def _feed(self, data: bytes | memoryview) -> None:
-        """Hash `data`, the bytes at the frontier, closing a part's digest at each part end."""
-        while True:
-            while self.cuts and self.frontier == self.cuts[-1]:
-                self.digests.append(self.md5.digest())
-                self.md5 = hashlib.md5(usedforsecurity=False)
-                self.cuts.pop()
-            if not data:
-                return
-            take = min(len(data), self.cuts[-1] - self.frontier) if self.cuts else len(data)
-            self.md5.update(data[:take])
-            self.frontier += take
-            data = data[take:]
 
     def _hashable(self) -> bool:
         """Whether written bytes wait at the frontier (checked after releasing the hashing lock)."""
@@ -222,24 +213,84 @@ class OrderedMD5:
                 self.current += 1
                 continue
             size = min(BUFFER, filled - self.frontier)
-            self._feed(os.pread(self.fd, size, self.frontier))
+            self.md5.update(os.pread(self.fd, size, self.frontier))
+            self.frontier += size
 
     def hexdigest(self) -> str:
-        """The ETag of the bytes hashed: plain MD5, or the multipart form with `parts`."""
         self._catch_up()  # moves past empty ranges
         if self.frontier != self.total:
             raise CorruptTransfer(f"digest asked for at byte {self.frontier} of {self.total}")
-        if self.parts is None:
-            return self.md5.hexdigest()
-        self._feed(b"")  # closes the last part
-        return multipart_etag(self.digests)
+        return self.md5.hexdigest()
 
     def verify(self, uri: str) -> None:
-        if self.hexdigest() == self.etag:
-            return
-        if self.parts is None:
+        if self.hexdigest() != self.etag:
             raise CorruptTransfer(f"{uri}: MD5 does not match the ETag; the download is corrupt")
+
+    def close(self) -> None:
+        pass
+
+
+class PartMD5s:
+    """A multipart object's ETag check: the MD5 of each part, joined as S3 joins them.
+
+    Parts are independent, so each is hashed on its own as soon as all its bytes have landed,
+    read back from the file (the page cache) by a few hashing threads while the ranges stream
+    on: the check keeps up with the transfer wherever there are cores to spare, instead of
+    putting one MD5 stream in its way.
+
+    `parts` are only the likely cut (`uniform_parts`); if the ETag then differs, `exact_parts`
+    is asked for the sizes S3 recorded and, where they differ, the file is hashed again with
+    them before the bytes are called corrupt.
+    """
+
+    def __init__(self, fd: int, parts: list[int], etag: str, exact_parts: Callable[[], list[int]] | None = None,
+                 hashers: int = HASHERS) -> None:
+        self.fd, self.parts, self.etag, self.exact_parts = fd, parts, etag.strip('"').lower(), exact_parts
+        self.ends = list(accumulate(parts))
+        self.missing = list(parts)  # bytes of each part yet to land
+        self.lock = threading.Lock()
+        self.pool = ThreadPoolExecutor(max_workers=hashers, thread_name_prefix="part-md5")
+        self.digests: dict[int, Future[bytes]] = {}
+        for number, size in enumerate(parts):
+            if not size:
+                self.digests[number] = self.pool.submit(self._part, number)
+
+    def landed(self, index: int, offset: int, block: memoryview) -> None:
+        end, complete = offset + len(block), []
+        number = bisect_right(self.ends, offset)
+        with self.lock:
+            while number < len(self.parts) and (start := self.ends[number] - self.parts[number]) < end:
+                self.missing[number] -= min(end, self.ends[number]) - max(offset, start)
+                if self.missing[number] == 0:
+                    complete.append(number)
+                number += 1
+        for number in complete:
+            self.digests[number] = self.pool.submit(self._part, number)
+
+    def split(self, ranges: list[tuple[int, int]]) -> None:
+        pass  # parts, not ranges, are what is hashed
+
+    def _part(self, number: int) -> bytes:
+        md5, offset, end = hashlib.md5(usedforsecurity=False), self.ends[number] - self.parts[number], self.ends[number]
+        while offset < end:
+            block = os.pread(self.fd, min(BUFFER, end - offset), offset)
+            if not block:
+                raise CorruptTransfer(f"file ends at byte {offset}, before part {number + 1} ends at {end}")
+            md5.update(block)
+            offset += len(block)
+        return md5.digest()
+
+    def verify(self, uri: str) -> None:
+        short = [number + 1 for number, missing in enumerate(self.missing) if missing]
+        if short:
+            raise CorruptTransfer(f"{uri}: parts {short[:5]} were not all written")
+        if multipart_etag([self.digests[number].result() for number in range(len(self.parts))]) == self.etag:
+            return
         exact = self.exact_parts() if self.exact_parts else self.parts
         if exact == self.parts or file_etag(self.fd, exact) != self.etag:
             raise CorruptTransfer(f"{uri}: the parts' MD5s do not match the multipart ETag {self.etag}; "
                                   "the download is corrupt")
+
+    def close(self) -> None:
+        """Wait for the hashing threads, which read the file: call before closing it."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
