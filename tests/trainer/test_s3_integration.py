@@ -26,7 +26,7 @@ from kubetune_trainer.exitcodes import EXIT_CONFIG, ConfigError, StorageUnavaila
 from kubetune_trainer.job import run_job
 from kubetune_trainer.s3 import MiB, S3Store, TransferSettings
 from kubetune_trainer.s3_ranges import RangePolicy, plan_ranges
-from kubetune_trainer.staging import Stager
+from kubetune_trainer.staging import Stager, local_relative
 
 pytestmark = pytest.mark.integration
 
@@ -161,6 +161,29 @@ def test_a_traversal_key_is_refused(s3_server: Any, s3_bucket: str, tmp_path: Pa
     with pytest.raises(ConfigError, match="escape the target folder"):
         Stager(store).stage_prefix(f"s3://{s3_bucket}/data/", tmp_path / "dest" / "inner")
     assert not (tmp_path / "escape.txt").exists() and not (tmp_path / "dest" / "escape.txt").exists()
+
+
+def test_a_key_with_a_250_byte_name_is_staged_under_its_local_name(s3_server: Any, s3_bucket: str,
+                                                                    tmp_path: Path) -> None:
+    """Once `File name too long` from the temporary file's name; now cut with a hash, extension kept."""
+    key = "data/images/" + "n" * 246 + ".png"
+    s3_server.client().put_object(Bucket=s3_bucket, Key=key, Body=b"png bytes")
+    report = Stager(S3Store(_storage(s3_server))).stage_prefix(f"s3://{s3_bucket}/data/", tmp_path / "dest")
+    staged = tmp_path / "dest" / local_relative(key.removeprefix("data/"))
+    assert report.downloaded == 1 and staged.read_bytes() == b"png bytes" and staged.suffix == ".png"
+    assert len(staged.name.encode()) < 250
+
+
+def test_a_key_that_is_both_a_file_and_a_folder_exits_78_naming_both(
+        s3_server: Any, s3_bucket: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _put_many(s3_server, s3_bucket, ["model/model_index.json", "data/a", "data/a/b.png"])
+    doc = job_document(f"s3://{s3_bucket}/model/", f"s3://{s3_bucket}/data/", f"s3://{s3_bucket}/out/",
+                       storage={"endpoint": s3_server.endpoint, "addressingStyle": "path"})
+    (tmp_path / "job.json").write_text(json.dumps(doc))
+    code = main(["run", str(tmp_path / "job.json"), "--no-progress", "--scratch", str(tmp_path / "s")])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == EXIT_CONFIG, line
+    assert f"s3://{s3_bucket}/data/a is a file but s3://{s3_bucket}/data/a/b.png needs a folder" in line
 
 
 class Interrupted(RuntimeError):
