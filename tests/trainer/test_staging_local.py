@@ -268,3 +268,19 @@ def test_the_retry_budget_of_a_pass_stops_a_path_that_corrupts_everything(tmp_pa
         Stager(store, concurrency=1).stage_prefix(str(source), tmp_path / "dest")
     calls = sum(store.calls.values())  # the budget's objects twice, one more that found it spent, one begun meanwhile
     assert 2 * Stager.retry_budget(40) + 1 <= calls <= 2 * Stager.retry_budget(40) + 2 < 2 * 40
+
+
+def test_the_log_counts_and_names_objects_staged_without_a_digest(tmp_path: Path) -> None:
+    import io
+
+    from kubetune_trainer.reporting import LogLines
+    from kubetune_trainer.staging import StagingReport
+
+    out = io.StringIO()
+    LogLines(stream=out).staged("data", StagingReport(tmp_path, files=3, downloaded=3, unverified=2,
+                                                      unverified_keys=("s3://b/d/x.bin", "s3://b/d/y.bin")))
+    last = out.getvalue().strip().splitlines()[-1]
+    assert "data: 2 objects carry no digest" in last and "s3://b/d/x.bin, s3://b/d/y.bin" in last
+    out = io.StringIO()
+    LogLines(stream=out).staged("data", StagingReport(tmp_path, files=3, downloaded=3))
+    assert "digest" not in out.getvalue()
