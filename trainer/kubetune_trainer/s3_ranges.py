@@ -15,11 +15,12 @@ If-Match on the first answer's ETag, so a replaced object fails instead of mixin
 A stream whose body breaks off is asked for again from where it stopped.
 
 Every byte is checked where the object carries a digest (`transfer_checks`), chosen by
-`_choose_check`: a multipart object against its ETag (the MD5 of its parts' MD5s; one HEAD of
-part 1 tells the part size), a single-part object against S3's full-object CRC32 (per range,
-in parallel) when it is long enough to be worth a HEAD, else against its ETag's MD5. An object
-encrypted with SSE-KMS or SSE-C has an ETag that is no MD5: it is checked against a stored
-full-object CRC32 if it has one, and otherwise arrives unchecked (`Fetched.digest` empty).
+`_choose_check`: an object long enough to be worth a HEAD is checked against S3's stored
+full-object CRC32 where it has one (per range, in parallel); else a multipart object against
+its ETag, the MD5 of its parts' MD5s (one HEAD of part 1 tells the part size; each part hashed
+on its own), and a single-part object against its ETag's MD5. An object encrypted with SSE-KMS
+or SSE-C has an ETag that is no MD5: it is checked against a stored full-object CRC32 if it has
+one, and otherwise arrives unchecked (`Fetched.digest` empty; the stager counts it).
 """
 
 from __future__ import annotations
