@@ -178,8 +178,7 @@ def test_runs_another_job_refused_untouched_the_same_job_resumes(tiny_sd: Path, 
     crashed = run_job(job, RuntimeConfig(scratch=tmp_path / "s1", log_every=0), hooks=[_crash_after(4)])
     assert crashed.exit_code == EXIT_FAILED and [c["step"] for c in crashed.progress["checkpoints"]] == [2, 4]
     before = _contents(out)
-    missing_data = str(tmp_path / "no-such-data")  # refused before staging, which would fail on it
-    for other in (_job(str(out), name="other-lora", model=str(tiny_sd), data=missing_data),
+    for other in (_job(str(out), name="other-lora", model=str(tiny_sd), data=str(squares)),
                   _job(str(out), model=str(tiny_sd), data=str(squares), training={"learningRate": 5e-4})):
         trained: list[int] = []
         refused = run_job(other, RuntimeConfig(scratch=tmp_path / "s2", log_every=0), hooks=[_record(trained)])
