@@ -19,8 +19,9 @@ Every byte is checked where the object carries a digest (`transfer_checks`), cho
 full-object CRC32 where it has one (per range, in parallel); else a multipart object against
 its ETag, the MD5 of its parts' MD5s (one HEAD of part 1 tells the part size; each part hashed
 on its own), and a single-part object against its ETag's MD5. An object encrypted with SSE-KMS
-or SSE-C has an ETag that is no MD5: it is checked against a stored full-object CRC32 if it has
-one, and otherwise arrives unchecked (`Fetched.digest` empty; the stager counts it).
+or SSE-C, or in an S3 Express directory bucket, has an ETag that is no MD5: it is checked
+against a stored full-object CRC32 if it has one, and otherwise arrives unchecked
+(`Fetched.digest` empty; the stager counts it).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from kubetune_trainer.transfer_checks import (
 MiB = 1 << 20
 STREAM_ATTEMPTS = 3
 PART_HEADS = 8  # HEADs at once when a multipart object's exact part sizes are needed
+DIRECTORY_BUCKET = "--x-s3"  # S3 Express One Zone: its ETags are no MD5s
 RANGE_TO_LATENCY = 4  # a range streams at least 4x as long as its first byte takes: latency <= 20%
 Landed = Callable[[int, memoryview], None]  # told of each block written: its offset and bytes
 
@@ -231,7 +233,8 @@ def ranged_get(getter: ObjectGetter, bucket: str, key: str, path: Path, policy: 
         os.ftruncate(fd, total)
         ranges = plan_ranges(total, policy.chunk) if first.content_range and policy.chunk else [(0, total - 1)]
         try:
-            check, digest = _choose_check(job, fd, ranges, total, first.encrypted,
+            etag_is_digest = not first.encrypted and not bucket.endswith(DIRECTORY_BUCKET)
+            check, digest = _choose_check(job, fd, ranges, total, etag_is_digest,
                                           want_crc=len(ranges) > 1 or total > policy.probe)
         except BaseException:
             first.body.close()  # its bytes are not wanted now
@@ -245,17 +248,17 @@ def ranged_get(getter: ObjectGetter, bucket: str, key: str, path: Path, policy: 
         os.close(fd)
 
 
-def _choose_check(job: _Download, fd: int, ranges: list[tuple[int, int]], total: int, encrypted: bool,
+def _choose_check(job: _Download, fd: int, ranges: list[tuple[int, int]], total: int, etag_is_digest: bool,
                   want_crc: bool) -> tuple[RangeCheck, str]:
     """The check for this object and its name (see the module's docstring); (SizeOnly(), "") when
     the object carries no digest we can compute.
 
     A full-object CRC32 is asked for first when `want_crc` (a HEAD is cheap next to the bytes, and
     CRCs are computed per range in parallel where an ETag is hashed front to back), or when the
-    ETag is of no use (encrypted, or a server of its own ways).
+    ETag is of no use (`etag_is_digest` false: encrypted, a directory bucket, or a server of its own ways).
     """
-    single = not encrypted and is_md5_etag(job.etag)
-    multipart = not encrypted and is_multipart_etag(job.etag)
+    single = etag_is_digest and is_md5_etag(job.etag)
+    multipart = etag_is_digest and is_multipart_etag(job.etag)
     asked = want_crc or not (single or multipart)
     if asked:
         crc = job.full_object_crc32()
