@@ -28,6 +28,7 @@ from kubetune.api.resource import FineTuneJob
 from kubetune.api.spec import FineTuneJobSpec
 from kubetune_trainer.config import RuntimeConfig
 from kubetune_trainer.exitcodes import ConfigError
+from kubetune_trainer.preflight import PROBE_PREFIX
 from kubetune_trainer.reporting import Reporter
 from kubetune_trainer.storage import ObjectStore, as_prefix, open_store, read_text, write_text
 
@@ -115,6 +116,8 @@ def survey_output(store: ObjectStore, uri: str, scratch: Path) -> Survey:
     prefix = as_prefix(uri)
     survey = Survey()
     for obj in store.list(prefix):
+        if obj.relative.startswith(PROBE_PREFIX):  # another rank's preflight probe, removed in a moment
+            continue
         survey.objects += 1
         if obj.relative == OWNER_RECORD:
             survey.record = OwnerRecord.parse(read_text(store, obj.uri, scratch))
