@@ -113,3 +113,11 @@ def test_hf_models_are_left_to_staging_and_class_data_is_checked(tmp_path: Path)
                         "classDataUri": str(tmp_path / "class")}})
     assert [field for field, _, _ in checks(job)] == ["data.uri", "method.dreambooth.classDataUri", "output.uri"]
     assert json.dumps([uri for _, uri, _ in checks(job)]).count("hf://") == 0
+
+
+def test_the_local_probe_leaves_an_empty_output_folder_and_its_parents_in_place(tmp_path: Path, tiny_sd: Path,
+                                                                                 squares: Path) -> None:
+    (tmp_path / "pvc" / "claim").mkdir(parents=True)
+    job = local_job(str(tiny_sd), str(squares), "pvc://claim/out")
+    preflight(job, RuntimeConfig(scratch=tmp_path / "s", pvc_root=tmp_path / "pvc"))
+    assert (tmp_path / "pvc" / "claim" / "out").is_dir() and not any((tmp_path / "pvc" / "claim" / "out").iterdir())

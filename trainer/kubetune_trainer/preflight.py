@@ -49,7 +49,14 @@ def _lists(store: ObjectStore, uri: str, scratch: Path) -> None:
 
 def _writable(store: ObjectStore, uri: str, scratch: Path) -> None:
     """A probe object can be written under the prefix and removed again."""
-    probe = join_uri(uri, f"{PROBE_PREFIX}{uuid.uuid4().hex}")
+    name = f"{PROBE_PREFIX}{uuid.uuid4().hex}"
+    if isinstance(store, LocalStore):  # its delete prunes empty folders upwards, a mount point's parent too
+        folder = store.path_of(uri)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text("kubetune preflight\n", encoding="utf-8")
+        (folder / name).unlink()
+        return
+    probe = join_uri(uri, name)
     try:
         write_text(store, probe, "kubetune preflight: written and removed before staging\n", scratch)
         store.delete(probe)
