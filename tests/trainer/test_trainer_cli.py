@@ -41,7 +41,7 @@ def test_empty_dataset(tmp_path: Path, tiny_sd: Path, capsys: pytest.CaptureFixt
     doc = job_document(str(tiny_sd), str(tmp_path / "empty"), str(tmp_path / "out"))
     code, line, _ = _run(tmp_path, doc, capsys)
     assert code == EXIT_CONFIG
-    assert "neither metadata.jsonl nor images" in line
+    assert "data.uri" in line and "nothing to stage: no objects under" in line  # the preflight, before any model byte
 
 
 def test_unreadable_model_folder(tmp_path: Path, squares: Path, capsys: pytest.CaptureFixture[str]) -> None:

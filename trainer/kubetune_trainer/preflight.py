@@ -42,6 +42,8 @@ def _model_index(store: ObjectStore, uri: str, scratch: Path) -> None:
 
 def _lists(store: ObjectStore, uri: str, scratch: Path) -> None:
     """At least one object lies under the prefix (one LIST of one key)."""
+    if isinstance(store, LocalStore) and not store.path_of(uri).is_dir():
+        raise ConfigError(f"folder {store.path_of(uri)} does not exist: fix the URI (or mount the volume)")
     if not store.list(as_prefix(uri), limit=1):
         raise ConfigError(f"nothing to stage: no objects under {as_prefix(uri)}; upload the files there "
                           "or fix the URI")
