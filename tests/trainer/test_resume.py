@@ -1,5 +1,5 @@
-"""Kill-and-resume: a run stopped after its second checkpoint continues from it and ends where an
-uninterrupted run with the same seed ends, with no step trained twice."""
+"""Kill-and-resume: a run stopped after its second checkpoint continues from it (or from the one before, when it
+is damaged) and ends where an uninterrupted run with the same seed ends, with no step trained twice."""
 
 from __future__ import annotations
 
@@ -86,3 +86,41 @@ def test_sigterm_checkpoints_and_stops_with_a_retryable_code(tiny_sd: Path, squa
     steps: list[int] = []
     resumed = run_job(job, RuntimeConfig(scratch=tmp_path / "s2", log_every=0), hooks=[_record(steps)])
     assert resumed.exit_code == 0 and steps == [4, 5, 6]
+
+
+def _legacy_manifest_with_garbage_weights(folder: Path) -> None:
+    """A manifest as written before digests (sizes only), beside weights replaced by same-size garbage."""
+    import json
+
+    from kubetune_trainer.checkpoint import MANIFEST
+
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest["files"] = {name: entry["size"] for name, entry in manifest["files"].items()}
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    weights = folder / "trainable.safetensors"
+    weights.write_bytes(b"\xff" * weights.stat().st_size)
+
+
+def test_a_checkpoint_that_fails_to_load_is_skipped_for_the_previous_one(
+    tiny_sd: Path, squares: Path, tmp_path: Path, capsys: Any
+) -> None:
+    import torch
+
+    training = {"maxSteps": 6, "batchSize": 2, "lrScheduler": {"type": "cosine", "warmupSteps": 2}}
+    straight = run_job(local_job(str(tiny_sd), str(squares), str(tmp_path / "a"), training=training),
+                       RuntimeConfig(scratch=tmp_path / "scratch-a", log_every=0))
+    job = local_job(str(tiny_sd), str(squares), str(tmp_path / "b"), training=training)
+    crashed = run_job(job, RuntimeConfig(scratch=tmp_path / "scratch-b1", log_every=0), hooks=[_crash_after(4)])
+    assert [c["step"] for c in crashed.progress["checkpoints"]] == [2, 4]
+    _legacy_manifest_with_garbage_weights(tmp_path / "b" / "checkpoints" / "step-4")
+    capsys.readouterr()
+
+    steps: list[int] = []
+    resumed = run_job(job, RuntimeConfig(scratch=tmp_path / "scratch-b2", log_every=0), hooks=[_record(steps)])
+    log = capsys.readouterr().out
+    assert resumed.exit_code == 0, resumed.message
+    assert steps == [3, 4, 5, 6]
+    assert "checkpoint step-4 skipped: trainable.safetensors does not load: SafetensorError" in log
+    want, got = _adapter(straight), _adapter(resumed)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
