@@ -184,8 +184,8 @@ class Stager:
     """Fetches every object under a prefix into a folder; `on_download` sees each fetched file.
 
     A transfer that breaks off or arrives corrupt is fetched again, up to OBJECT_ATTEMPTS per object
-    and `retry_budget(len(objects))` per pass: a path that corrupts everything fails fast, it is
-    not fetched three times over.
+    and `retry_budget(len(objects))` per pass: a path that corrupts or breaks everything fails after
+    a few dozen transfers, it is not fetched OBJECT_ATTEMPTS times over.
     """
 
     def __init__(self, store: ObjectStore, concurrency: int = 16,
