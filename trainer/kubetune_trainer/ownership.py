@@ -113,21 +113,24 @@ def _step_of(relative: str) -> int | None:
 
 def survey_output(store: ObjectStore, uri: str, scratch: Path) -> Survey:
     """Read the owner record and every checkpoint manifest's owner under `uri`; writes nothing."""
-    prefix = as_prefix(uri)
     survey = Survey()
-    for obj in store.list(prefix):
+    for obj in store.list(as_prefix(uri)):
         if obj.relative.startswith(PROBE_PREFIX):  # another rank's preflight probe, removed in a moment
             continue
         survey.objects += 1
-        if obj.relative == OWNER_RECORD:
-            survey.record = OwnerRecord.parse(read_text(store, obj.uri, scratch))
-            survey.record_problem = None if survey.record else f"{obj.uri} is not a kubetune owner record"
-            continue
         step = _step_of(obj.relative)
-        if step is None:
+        if obj.relative != OWNER_RECORD and step is None:
             continue
         try:
-            raw = json.loads(read_text(store, obj.uri, scratch))
+            text = read_text(store, obj.uri, scratch)
+        except FileNotFoundError:
+            continue  # deleted since the listing: a prune by the job that writes here
+        if step is None:
+            survey.record = OwnerRecord.parse(text)
+            survey.record_problem = None if survey.record else f"{obj.uri} is not a kubetune owner record"
+            continue
+        try:
+            raw = json.loads(text)
         except ValueError:
             continue  # an unreadable manifest names no owner; the checkpointer skips it as damaged
         survey.manifest_owners[step] = JobIdentity.from_dict(raw.get("owner")) if isinstance(raw, dict) else None
