@@ -201,7 +201,8 @@ class Checkpointer:
         self.confirm_owner()
 
     def confirm_owner(self) -> None:
-        """Before final outputs are written over: the prefix still names this job as its owner."""
+        """Before each lasting write (checkpoint, final outputs): the prefix's owner record names this job,
+        written now if absent; `ConfigError` naming the owner if it names another."""
         if self.claim is not None:
             self.claim.confirm()
 
