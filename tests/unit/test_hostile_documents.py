@@ -93,3 +93,10 @@ def test_duplicate_top_level_keys_and_keys_in_lists_are_refused_too() -> None:
 
 def test_the_same_key_in_sibling_mappings_is_fine() -> None:
     assert load_documents("a: {x: 1}\nb: {x: 2}\n") == [{"a": {"x": 1}, "b": {"x": 2}}]
+
+
+def test_merge_keys_still_work_and_may_be_overridden() -> None:
+    text = "defaults: &d {rank: 4, alpha: 4}\nlora:\n  <<: *d\n  alpha: 8\n"
+    assert load_documents(text) == [{"defaults": {"rank": 4, "alpha": 4}, "lora": {"rank": 4, "alpha": 8}}]
+    with pytest.raises(DuplicateKeyError, match="'alpha'"):
+        load_documents("lora:\n  <<: {rank: 4}\n  alpha: 8\n  alpha: 9\n")

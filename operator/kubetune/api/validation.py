@@ -46,6 +46,9 @@ class Validated:
         return not self.problems
 
 
+MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
 class DuplicateKeyError(yaml.MarkedYAMLError):
     """A mapping names the same key twice: YAML parsers differ on which one wins, so refuse both."""
 
@@ -57,6 +60,8 @@ class _Yaml12Loader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, yaml.Node] = {}
         for key_node, _ in node.value:
+            if key_node.tag == MERGE_TAG:  # `<<: *defaults`: merged keys may be overridden, as kubectl allows
+                continue
             key = self.construct_object(key_node, deep=True)
             try:
                 first = seen.get(key)
