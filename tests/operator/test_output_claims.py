@@ -46,9 +46,21 @@ def me(uri: str = "s3://outputs/shared/", created: str = "2026-11-21T11:00:00Z")
     ("sibling prefix", peer("first", "s3://outputs/shared-2/", phase="Running"), False),
     ("same prefix in another bucket", peer("first", "s3://other/shared/", phase="Running"), False),
     ("same prefix, other namespace", peer("first", "s3://outputs/shared/", phase="Running", namespace="b"), True),
+    ("same bucket on another S3 endpoint", {**peer("first", "s3://outputs/shared/", phase="Running"),
+                                            "spec": {"output": {"uri": "s3://outputs/shared/"},
+                                                     "storage": {"endpoint": "http://minio.other:9000"}}}, False),
 ])
+
 def test_who_holds_an_output_prefix(case: str, other: dict[str, Any], refused: bool) -> None:
     assert (holder(me(), (other,)) is not None) is refused, case
+
+
+@pytest.mark.parametrize(("namespace", "refused"), [("team-a", True), ("team-b", False)])
+def test_a_pvc_is_one_place_only_within_its_namespace(namespace: str, refused: bool) -> None:
+    mine = make_job("corgi").set("spec.output.uri", "pvc://outputs/x/").set("metadata.creationTimestamp",
+                                                                              "2026-11-21T11:00:00Z").typed()
+    other = peer("first", "pvc://outputs/x/", phase="Running", namespace=namespace)
+    assert (holder(mine, (other,)) is not None) is refused
 
 
 def test_a_malformed_peer_is_ignored() -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubetune.api.resource import FineTuneJob
-from kubetune.api.uris import overlaps
+from kubetune.api.uris import overlaps, parse_uri
 
 ENDED = ("Succeeded", "Failed")
 STARTED = ("Staging", "Running", "Restarting", "Suspended")
@@ -50,9 +50,20 @@ def _started(status: dict[str, Any]) -> bool:
                for c in status.get("conditions") or [] if isinstance(c, dict))
 
 
+def _store(uri: str, namespace: Any, endpoint: Any) -> tuple[str, Any]:
+    """What makes two equal prefixes one place: a PVC is the namespace's, an S3 bucket the endpoint's."""
+    scheme = parse_uri(uri).scheme
+    if scheme == "pvc":
+        return scheme, namespace
+    if scheme == "s3":
+        return scheme, (str(endpoint).rstrip("/") if endpoint else None)
+    return scheme, None
+
+
 def holder(job: FineTuneJob, peers: tuple[dict[str, Any], ...]) -> Claim | None:
     """The live job that holds a prefix overlapping `job`'s output, or None when `job` may use it."""
     mine = job.spec.output.uri
+    my_store = _store(mine, job.metadata.namespace, job.spec.storage.endpoint)
     meta = job.metadata.model_dump(by_alias=True)
     my_order, my_uid = _order(meta), meta.get("uid")
     for peer in sorted(peers, key=lambda p: _order(p.get("metadata") or {})):
@@ -61,8 +72,12 @@ def holder(job: FineTuneJob, peers: tuple[dict[str, Any], ...]) -> Claim | None:
             continue
         if (peer_meta.get("namespace"), peer_meta.get("name")) == (meta.get("namespace"), meta.get("name")):
             continue
-        uri = ((peer.get("spec") or {}).get("output") or {}).get("uri")
+        spec = peer.get("spec") if isinstance(peer.get("spec"), dict) else {}
+        uri = (spec.get("output") or {}).get("uri") if isinstance(spec.get("output"), dict) else None
         if not isinstance(uri, str) or not overlaps(mine, uri) or status.get("phase") in ENDED:
+            continue
+        endpoint = (spec.get("storage") or {}).get("endpoint") if isinstance(spec.get("storage"), dict) else None
+        if _store(uri, peer_meta.get("namespace"), endpoint) != my_store:
             continue
         if _started(status) or _order(peer_meta) < my_order:
             return Claim(str(peer_meta.get("namespace") or ""), str(peer_meta.get("name") or ""), uri,
