@@ -256,3 +256,18 @@ def test_no_skipped_images_is_a_false_condition_and_a_failed_run_reports_its_dat
                             clean)
     skipped = cond.find(status.conditions, "DataSkipped")
     assert skipped is not None and skipped.status == "False" and skipped.message == "all 5 image(s) are used"
+
+
+def test_a_hostile_data_report_is_cut_to_size() -> None:
+    data = {"images": 1, "skipped": 5000, "maxSkipped": 0,
+            "skippedFiles": [{"file": "x" * 5000, "reason": "y" * 5000} for _ in range(5000)]}
+    status = compute_status(make_job().typed(), observed(RUNNING, (make_pod().running(),)), NOW, previous("Running"),
+                            parse_progress({"stage": "training", "data": data}))
+    assert status.data is not None and status.data.skipped == 5000 and len(status.data.skipped_files) == 10
+    assert len(status.data.skipped_files[0].file) == 300 and len(status.data.skipped_files[0].reason) == 300
+
+
+def test_a_termination_message_nested_past_the_parser_is_plain_text() -> None:
+    nested = "[" * 100_000
+    result = parse_result(nested)
+    assert result is not None and result.error == nested

@@ -104,7 +104,7 @@ def parse_result(message: str | None) -> ResultReport | None:
         return None
     try:
         doc = json.loads(message)
-    except ValueError:
+    except (ValueError, RecursionError):  # a hostile rank 0 may nest past the parser's depth
         return ResultReport(error=message.strip())
     if not isinstance(doc, dict):
         return ResultReport(error=message.strip())

@@ -225,7 +225,7 @@ def compute_status(
     outputs = previous.outputs
     if view.phase == "Succeeded" and result is not None and result.outputs is not None:
         outputs = result.outputs
-    data = (report.data if report is not None else None) or previous.data
+    data = _bounded((report.data if report is not None else None) or previous.data)
     return FineTuneJobStatus(
         phase=view.phase,
         message=view.message,
@@ -247,8 +247,20 @@ def compute_status(
 
 
 DATA_SKIPPED_CONDITION = "DataSkipped"
+SKIPPED_KEPT = 10
+"""Skipped files kept in status.data: rank 0 is untrusted, and the object must stay small."""
+FILE_CHARS = 300
 SKIPPED_SHOWN = 5
 """Skipped files a condition message names; the trainer's log names every one."""
+
+
+def _bounded(data: DataReport | None) -> DataReport | None:
+    """At most `SKIPPED_KEPT` skipped files, each name and reason cut to `FILE_CHARS`."""
+    if data is None:
+        return None
+    kept = [f.model_copy(update={"file": f.file[:FILE_CHARS], "reason": f.reason[:FILE_CHARS]})
+            for f in data.skipped_files[:SKIPPED_KEPT]]
+    return data.model_copy(update={"skipped_files": kept})
 
 
 def _data_condition(previous: FineTuneJobStatus, data: DataReport | None, now: str,
