@@ -198,7 +198,28 @@ def wait_phase(api: client.ApiClient, namespace: str, phase: str, name: str = "c
         obj = read(api, namespace, name)
         return obj if (obj.get("status") or {}).get("phase") == phase else None
 
-    return fakegpu.wait_for(reached, timeout=timeout, what=f"FineTuneJob {namespace}/{name} to be {phase}")
+    try:
+        return fakegpu.wait_for(reached, timeout=timeout, what=f"FineTuneJob {namespace}/{name} to be {phase}")
+    except TimeoutError as exc:
+        raise TimeoutError(f"{exc}\n{cluster_state(api, namespace, name)}") from None
+
+
+def cluster_state(api: client.ApiClient, namespace: str, name: str = "corgi") -> str:
+    """What the FineTuneJob, its Jobs and pods look like now: a timed-out wait says why it waited."""
+    lines = []
+    status = read(api, namespace, name).get("status") or {}
+    lines.append(f"FineTuneJob status: phase={status.get('phase')} message={status.get('message')!r}")
+    for job in client.BatchV1Api(api).list_namespaced_job(namespace).items:
+        conds = [(c.type, c.status, c.reason) for c in job.status.conditions or []]
+        lines.append(f"Job {job.metadata.name} uid={job.metadata.uid} deleting={job.metadata.deletion_timestamp} "
+                     f"active={job.status.active} failed={job.status.failed} conditions={conds}")
+    for pod in client.CoreV1Api(api).list_namespaced_pod(namespace).items:
+        states = [(s.name, s.state.terminated.exit_code if s.state and s.state.terminated else None)
+                  for s in pod.status.container_statuses or []]
+        conds = [(c.type, c.status, c.reason) for c in pod.status.conditions or []]
+        lines.append(f"Pod {pod.metadata.name} phase={pod.status.phase} deleting={pod.metadata.deletion_timestamp} "
+                     f"finalizers={pod.metadata.finalizers} terminated={states} conditions={conds}")
+    return "\n".join(lines)
 
 
 def condition(obj: dict[str, Any], type_: str) -> dict[str, Any]:
