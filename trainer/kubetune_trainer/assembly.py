@@ -27,7 +27,7 @@ from kubetune_trainer.models import Components, load_components
 from kubetune_trainer.objective import DiffusionObjective
 from kubetune_trainer.optim import build_lr_scheduler, build_optimizer
 from kubetune_trainer.ownership import claim_output
-from kubetune_trainer.preflight import preflight
+from kubetune_trainer.preflight import preflight_inputs, preflight_output
 from kubetune_trainer.reporting import Reporter
 from kubetune_trainer.sampling import build_sampler
 from kubetune_trainer.staging import stage
@@ -243,8 +243,9 @@ def build_trainer(job: FineTuneJob, runtime: RuntimeConfig, reporter: Reporter,
     set_seed(spec.training.seed)
     for text in setting_notices(job):
         reporter.notice(text)
-    preflight(job, runtime)  # each URI answers (model_index.json, data listed, output writable) before any transfer
-    claim = claim_output(job, runtime, reporter)  # another job's output: stop before anything is staged or written
+    preflight_inputs(job, runtime)  # model_index.json found, data listed: seconds, before any transfer
+    claim = claim_output(job, runtime, reporter)  # read-only: another job's output stops us before any write there
+    preflight_output(job, runtime)  # then the output takes a probe's write and delete
     with accelerator.local_main_process_first():  # one download per pod; the others find it staged
         model_dir, data_dir, class_dir = _stage_inputs(job, runtime, reporter)
     reporter.phase("Loading")

@@ -3,8 +3,10 @@
 A checkpoint is its files plus `manifest.json`, uploaded last: a folder without a manifest
 was interrupted and is ignored and cleaned. The manifest records the job that wrote it
 (`owner`, see `ownership`) and each file's size and sha256, hashed while the file uploads.
-Loading checks both, so a damaged checkpoint (a listed file missing, truncated or altered, an
-unreadable manifest) raises `CheckpointDamaged` and the trainer falls back to an older one.
+Loading checks both, so a damaged checkpoint (a listed file missing, truncated or altered, a
+manifest that is not UTF-8 JSON describing safe file names) raises `CheckpointDamaged` and the
+trainer falls back to an older one. A file whose sha256 verified is what was saved: if it then
+fails to load, that is the trainer's problem, not damage (see `Trainer.read_checkpoint`).
 
 A damaged checkpoint is never reported as complete and never counts toward `keepCheckpoints`;
 its folder is left as found (for inspection) until pruning passes it (it is older than the
@@ -71,6 +73,16 @@ class Manifest:
     owner: JobIdentity | None = None
 
     @classmethod
+    def read(cls, store: ObjectStore, uri: str, scratch: Path) -> Manifest:
+        """The manifest at `uri`; `CheckpointDamaged` when it is not one (bytes that are not UTF-8 included);
+        `FileNotFoundError` when it is gone."""
+        try:
+            text = read_text(store, uri, scratch)
+        except UnicodeDecodeError as exc:
+            raise CheckpointDamaged(f"its {MANIFEST} is unreadable (not UTF-8 text)") from exc
+        return cls.parse(text)
+
+    @classmethod
     def parse(cls, text: str) -> Manifest:
         """The manifest in `text`; `CheckpointDamaged` when it is not one (truncated, garbage, unsafe names)."""
         try:
@@ -78,7 +90,7 @@ class Manifest:
             files = {str(name): _entry(value) for name, value in dict(raw["files"]).items()}
             manifest = cls(int(raw["step"]), str(raw.get("createdAt", "")), files,
                            JobIdentity.from_dict(raw.get("owner")))
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             raise CheckpointDamaged(f"its {MANIFEST} is unreadable ({type(exc).__name__})") from exc
         unsafe = [name for name in files if not _FILE_NAME.match(name) or name == MANIFEST]
         if unsafe or not files:
@@ -171,8 +183,7 @@ class Checkpointer:
             if not any(o.relative == f"step-{step}/{MANIFEST}" for o in objs):
                 continue
             try:
-                scan.manifests[step] = Manifest.parse(read_text(self.store, self.uri_of(step) + MANIFEST,
-                                                                self.scratch))
+                scan.manifests[step] = Manifest.read(self.store, self.uri_of(step) + MANIFEST, self.scratch)
             except CheckpointDamaged as exc:
                 scan.unreadable[step] = str(exc)
             except FileNotFoundError:
@@ -193,12 +204,14 @@ class Checkpointer:
         return [CheckpointRef(step, self.uri_of(step), scan.manifests[step].created_at) for step in self._good(scan)]
 
     def check_writable(self) -> None:
-        """Write and delete a tiny object, so that an unwritable output fails before training, not after;
-        then record this job as the prefix's owner (the run's first lasting write)."""
+        """Record this job as the prefix's owner (the run's first lasting write; another job's prefix stops
+        here, unwritten), then write and delete a tiny object, so that an output that refuses writes or
+        deletes fails before training, not after. The record is written first so that the probe's delete,
+        which on a local store removes folders it leaves empty, never empties the output root."""
+        self.confirm_owner()
         probe = join_uri(self.root, ".write-probe")
         write_text(self.store, probe, "kubetune", self.scratch)
         self.store.delete(probe)
-        self.confirm_owner()
 
     def confirm_owner(self) -> None:
         """Before each lasting write (checkpoint, final outputs): the prefix's owner record names this job,
@@ -263,8 +276,13 @@ class Checkpointer:
 
         Raises `CheckpointDamaged` saying what is wrong; storage errors propagate (they are retryable).
         """
+        return self.load_verified(ref, dest)[0]
+
+    def load_verified(self, ref: CheckpointRef, dest: Path) -> tuple[dict[str, Path], frozenset[str]]:
+        """`load`, plus the names whose bytes matched a sha256 in the manifest: such a file is exactly what
+        was saved, so failing to load it later is not damage (see `Trainer.read_checkpoint`)."""
         try:
-            manifest = Manifest.parse(read_text(self.store, ref.uri + MANIFEST, self.scratch))
+            manifest = Manifest.read(self.store, ref.uri + MANIFEST, self.scratch)
         except FileNotFoundError as exc:
             raise CheckpointDamaged(f"its {MANIFEST} is gone") from exc
         if not self._mine(manifest):
@@ -291,4 +309,4 @@ class Checkpointer:
             for name, digest in digests.items():
                 if digest.result() != manifest.files[name].sha256:
                     raise CheckpointDamaged(f"{name} does not match the sha256 in its {MANIFEST}")
-        return paths
+        return paths, frozenset(digests)

@@ -30,7 +30,7 @@ from kubetune_trainer.config import RuntimeConfig
 from kubetune_trainer.exitcodes import ConfigError
 from kubetune_trainer.preflight import PROBE_PREFIX
 from kubetune_trainer.reporting import Reporter
-from kubetune_trainer.storage import ObjectStore, as_prefix, open_store, read_text, write_text
+from kubetune_trainer.storage import ObjectStore, as_prefix, create_text, open_store, read_text
 
 OWNER_RECORD = "kubetune-owner.json"
 _MANIFEST = "manifest.json"
@@ -61,7 +61,7 @@ class OwnerRecord:
         """The record in `text`, or None when it is not one."""
         try:
             raw = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested past the parser
             return None
         owner = JobIdentity.from_dict(raw.get("owner")) if isinstance(raw, dict) else None
         if owner is None:
@@ -111,6 +111,16 @@ def _step_of(relative: str) -> int | None:
     return int(number) if parts[1].startswith("step-") and number.isdigit() else None
 
 
+def _read_text(store: ObjectStore, uri: str, scratch: Path) -> str | None:
+    """A small object's text; None when it is gone; "" when its bytes are not UTF-8 (so it parses as nothing)."""
+    try:
+        return read_text(store, uri, scratch)
+    except FileNotFoundError:
+        return None
+    except UnicodeDecodeError:
+        return ""
+
+
 def survey_output(store: ObjectStore, uri: str, scratch: Path) -> Survey:
     """Read the owner record and every checkpoint manifest's owner under `uri`; writes nothing."""
     survey = Survey()
@@ -121,9 +131,8 @@ def survey_output(store: ObjectStore, uri: str, scratch: Path) -> Survey:
         step = _step_of(obj.relative)
         if obj.relative != OWNER_RECORD and step is None:
             continue
-        try:
-            text = read_text(store, obj.uri, scratch)
-        except FileNotFoundError:
+        text = _read_text(store, obj.uri, scratch)
+        if text is None:
             continue  # deleted since the listing: a prune by the job that writes here
         if step is None:
             survey.record = OwnerRecord.parse(text)
@@ -131,7 +140,7 @@ def survey_output(store: ObjectStore, uri: str, scratch: Path) -> Survey:
             continue
         try:
             raw = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue  # an unreadable manifest names no owner; the checkpointer skips it as damaged
         survey.manifest_owners[step] = JobIdentity.from_dict(raw.get("owner")) if isinstance(raw, dict) else None
     return survey
@@ -173,9 +182,7 @@ class OutputClaim:
     def check(self, survey: Survey) -> str | None:
         """Raise `ConfigError` if the prefix belongs to another identity; return a notice when adopting."""
         if survey.record_problem:
-            raise ConfigError(f"{survey.record_problem}, so whose output {self.uri} holds is unknown; nothing "
-                              f"was changed there. Give this job a new spec.output.uri, or delete "
-                              f"{self.record_uri} if {self.uri} is this job's output")
+            raise self.unreadable()
         theirs = survey.foreign(self.identity)
         if theirs is not None:
             fields = survey.record.fields if survey.record and survey.record.owner == theirs else {}
@@ -190,36 +197,53 @@ class OutputClaim:
     def refuse(self, theirs: JobIdentity) -> ConfigError:
         return refusal(self.uri, theirs, self.identity, {}, self.fields)
 
-    def confirm(self) -> None:
-        """Before writing: the owner record names this job (written now if absent); `ConfigError` if not.
+    def unreadable(self) -> ConfigError:
+        """An owner record that cannot be read is no proof of another owner, nor safe to overwrite: a human looks."""
+        return ConfigError(f"{self.record_uri} is not a kubetune owner record (not UTF-8 JSON naming an owner), so "
+                           f"whose output {self.uri} holds is unknown; nothing was changed there. Give this job a new "
+                           f"spec.output.uri, or delete {self.record_uri} if {self.uri} is this job's output")
 
-        Called on the first write of a run and before every checkpoint and export, so a job that
-        started beside this one on the same prefix is found before either overwrites the other.
-        """
-        try:
-            text: str | None = read_text(self.store, self.record_uri, self.scratch)
-        except FileNotFoundError:
-            text = None
+    def _record(self) -> OwnerRecord | None:
+        """The owner record, None when absent; `ConfigError` when it is there but not a record."""
+        text = _read_text(self.store, self.record_uri, self.scratch)
         record = OwnerRecord.parse(text) if text is not None else None
         if text is not None and record is None:
-            raise ConfigError(f"{self.record_uri} is not a kubetune owner record; delete it if {self.uri} "
-                              "is this job's output, or give this job a new spec.output.uri")
+            raise self.unreadable()
+        return record
+
+    def confirm(self) -> None:
+        """Before writing: the owner record names this job (created now if absent); `ConfigError` if not.
+
+        Called on the first write of a run and before every checkpoint and export. The record is
+        created only where none exists (`If-None-Match: *` on S3, a hard link on local stores) and read
+        back, so of two jobs that start together on one prefix exactly one proceeds; the other stops
+        here, before its first lasting write.
+        """
+        record = self._record()
         if record is None:
-            write_text(self.store, self.record_uri, OwnerRecord(self.identity, self.fields).text(), self.scratch)
-        elif record.owner != self.identity:
+            create_text(self.store, self.record_uri, OwnerRecord(self.identity, self.fields).text(), self.scratch)
+            record = self._record()  # whoever created it, even if this store could only overwrite
+            if record is None:
+                raise ConfigError(f"{self.record_uri} was written but cannot be read back; check that {self.uri} "
+                                  "keeps what is written to it (a bucket lifecycle rule, another process)")
+        if record.owner != self.identity:
             raise refusal(self.uri, record.owner, self.identity, record.fields, self.fields)
 
 
 def claim_output(job: FineTuneJob, runtime: RuntimeConfig, reporter: Reporter) -> OutputClaim:
     """Check, before anything is staged or written, that `spec.output.uri` is this job's to use.
 
-    Every rank checks (so all of them stop alike); none writes here: the record is written by
-    `OutputClaim.confirm` on the run's first write.
+    Every rank checks (so all of them stop alike); none writes here, not even preflight's probe,
+    which runs after this: the record is created by `OutputClaim.confirm` on the run's first write.
     """
     spec = job.spec
     store = open_store(spec.output.uri, spec.storage, runtime.pvc_root)
     claim = OutputClaim(store, spec.output.uri, JobIdentity.of(job), weight_fields(spec), runtime.scratch / "tmp")
-    notice = claim.check(survey_output(store, spec.output.uri, claim.scratch))
+    try:
+        survey = survey_output(store, spec.output.uri, claim.scratch)
+    except ConfigError as exc:  # a missing bucket or refused credentials, found here before preflight's probe
+        raise ConfigError(f"output.uri {spec.output.uri}: {exc}") from exc
+    notice = claim.check(survey)
     if notice:
         reporter.notice(notice)
     return claim

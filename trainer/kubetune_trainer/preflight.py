@@ -1,10 +1,12 @@
-"""Check a job's storage in seconds, before any large transfer: `preflight(job, runtime)`.
+"""Check a job's storage in seconds, before any large transfer: `preflight_inputs` then `preflight_output`.
 
 A wrong data bucket found after a 10 GiB model has been staged, or a read-only output found
 after the first hour of training, wastes the GPUs' time and hides the one-line fix. So before
 anything is fetched: the model URI holds `model_index.json`, the data (and DreamBooth class
 data) URIs list at least one object, and the output URI takes a small probe object, which is
-then removed (checkpoint pruning needs deletes too). Each failure is one line naming the field,
+then removed (checkpoint pruning needs deletes too). The two halves run on either side of the
+output's ownership check (`ownership.claim_output`, read-only), so a job never writes its probe
+into another job's prefix; `preflight` runs both. Each failure is one line naming the field,
 the URI and the fix: a ConfigError (78) for what is wrong as written, StorageUnavailable (75)
 for an endpoint that cannot be reached. hf:// models are left to staging, whose first request
 (the repository's info) already fails in seconds, before any file is fetched.
@@ -81,8 +83,22 @@ def checks(job: FineTuneJob) -> list[tuple[str, str, Check]]:
 
 def preflight(job: FineTuneJob, runtime: RuntimeConfig) -> None:
     """Raise a ConfigError or StorageUnavailable naming the first URI of the job that cannot work."""
+    _run(checks(job), job, runtime)
+
+
+def preflight_inputs(job: FineTuneJob, runtime: RuntimeConfig) -> None:
+    """The read-only checks: model and data URIs answer. Nothing is written."""
+    _run([found for found in checks(job) if found[2] is not _writable], job, runtime)
+
+
+def preflight_output(job: FineTuneJob, runtime: RuntimeConfig) -> None:
+    """The output takes a probe's write and delete; run once the prefix is known to be this job's."""
+    _run([found for found in checks(job) if found[2] is _writable], job, runtime)
+
+
+def _run(found: list[tuple[str, str, Check]], job: FineTuneJob, runtime: RuntimeConfig) -> None:
     stores: dict[str, ObjectStore] = {}
-    for field, uri, check in checks(job):
+    for field, uri, check in found:
         scheme = parse_uri(uri).scheme
         if scheme not in stores:
             stores[scheme] = open_store(uri, job.spec.storage, runtime.pvc_root)

@@ -135,6 +135,24 @@ class S3Store:
         with self._errors(uri):
             self.client.upload_file(str(path), bucket, key, Config=self.transfer_config)
 
+    def create(self, path: Path, uri: str) -> bool:
+        """Put a small file at `uri` only if no object is there (`If-None-Match: *`): whether it did.
+        A server without conditional writes (501) gets a plain put: True, the caller reads it back."""
+        from botocore.exceptions import ClientError
+
+        bucket, key = _split(uri)
+        with self._errors(uri):
+            try:
+                self.client.put_object(Bucket=bucket, Key=key, Body=path.read_bytes(), IfNoneMatch="*")
+            except ClientError as exc:
+                code = str(exc.response.get("Error", {}).get("Code", ""))
+                if code in ("412", "PreconditionFailed", "409", "ConditionalRequestConflict"):
+                    return False
+                if code not in ("501", "NotImplemented"):
+                    raise
+                self.client.put_object(Bucket=bucket, Key=key, Body=path.read_bytes())
+        return True
+
     def delete(self, uri: str) -> None:
         bucket, key = _split(uri)
         with self._errors(uri):

@@ -99,8 +99,24 @@ def write_text(store: ObjectStore, uri: str, text: str, scratch: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def create_text(store: ObjectStore, uri: str, text: str, scratch: Path) -> bool | None:
+    """Upload a small text object only if `uri` holds nothing yet: True if this call created it, False if
+    something was there. Stores without an atomic create (`create`) just upload: None, unknown."""
+    create = getattr(store, "create", None)
+    scratch.mkdir(parents=True, exist_ok=True)
+    tmp = scratch / f".upload-{uuid.uuid4().hex}"
+    tmp.write_text(text, encoding="utf-8")
+    try:
+        if create is None:
+            store.upload(tmp, uri)
+            return None
+        return bool(create(tmp, uri))
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def read_text(store: ObjectStore, uri: str, scratch: Path) -> str:
-    """Download a small text object through a temporary local file."""
+    """Download a small text object through a temporary local file; `UnicodeDecodeError` if not UTF-8."""
     scratch.mkdir(parents=True, exist_ok=True)
     tmp = scratch / f".download-{uuid.uuid4().hex}"
     try:
@@ -149,16 +165,40 @@ class LocalStore:
         shutil.copyfile(path, tmp)
         os.replace(tmp, target)
 
+    def create(self, path: Path, uri: str) -> bool:
+        """Copy a local file to `uri` only if nothing is there (a hard link never replaces): whether it did."""
+        target = self.path_of(uri)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.partial")
+        shutil.copyfile(path, tmp)
+        try:
+            os.link(tmp, target)
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+        return True
+
     def delete(self, uri: str) -> None:
         target = self.path_of(uri)
         target.unlink(missing_ok=True)
-        _prune_empty_parents(target.parent)
+        _prune_empty_parents(target.parent.absolute(), self._floor(uri).absolute())
+
+    def _floor(self, uri: str) -> Path:
+        """The highest folder a delete may leave empty but never removes: a pvc:// claim's mount point."""
+        parsed = parse_uri(uri)
+        return self.pvc_root / parsed.location if parsed.scheme == "pvc" else Path("/")
 
 
-def _prune_empty_parents(folder: Path) -> None:
-    """Remove folders left empty by deletes, so a deleted checkpoint leaves no husk."""
-    while folder.is_dir() and not any(folder.iterdir()):
-        folder.rmdir()
+def _prune_empty_parents(folder: Path, floor: Path) -> None:
+    """Remove folders left empty by deletes, so a deleted checkpoint leaves no husk; never `floor` or
+    above, never a mount point, and a folder that cannot be removed (busy, read-only) ends the walk."""
+    while folder.is_dir() and folder != floor and floor in folder.parents and not folder.is_mount() \
+            and not any(folder.iterdir()):
+        try:
+            folder.rmdir()
+        except OSError:
+            return
         folder = folder.parent
 
 

@@ -24,7 +24,7 @@ from kubetune_trainer.cpu_quota import fit_threads_to_cpu_limit
 from kubetune_trainer.distributed import agreed_signal
 from kubetune_trainer.dreambooth import PriorPreservationStream
 from kubetune_trainer.ema import Ema, NoEma
-from kubetune_trainer.exitcodes import Interrupted, StorageUnavailable
+from kubetune_trainer.exitcodes import ConfigError, Interrupted, StorageUnavailable
 from kubetune_trainer.methods import TrainingMethod
 from kubetune_trainer.models import Components
 from kubetune_trainer.objective import DiffusionObjective
@@ -303,11 +303,24 @@ class Trainer:
 
     def read_checkpoint(self, ref: CheckpointRef) -> tuple[dict[str, Any], dict[str, Any]]:
         """A checkpoint's weights and state, verified and loaded but not yet applied: `CheckpointDamaged` if
-        any of it is unusable, so a damaged checkpoint changes nothing."""
+        any of it is unusable, so a damaged checkpoint changes nothing. Its download is removed either way
+        (everything is in memory by then), so skipped checkpoints do not fill the scratch volume."""
+        folder = self.p.scratch / "resume" / f"step-{ref.step}"
+        try:
+            files, verified = self.p.checkpointer.load_verified(ref, folder)
+            return self._loaded(ref, files, verified)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def _loaded(self, ref: CheckpointRef, files: dict[str, Path],
+                verified: frozenset[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Load the downloaded files. Bytes that matched their sha256 are what was saved: a loader error
+        on them (memory, scratch I/O, another torch) is raised as it is (exit 1, retried) and tensors that
+        do not fit this model are a `ConfigError`, never damage that would silently resume from an older
+        step. Only files without a digest (old manifests) count as damaged when they do not load or fit."""
         import torch
         from safetensors.torch import load_file
 
-        files = self.p.checkpointer.load(ref, self.p.scratch / "resume" / f"step-{ref.step}")
         loaders = {TRAINABLE_FILE: lambda path: load_file(str(path)),
                    STATE_FILE: lambda path: torch.load(path, weights_only=True)}
         loaded = {}
@@ -317,16 +330,28 @@ class Trainer:
             try:
                 loaded[name] = loader(files[name])
             except Exception as exc:  # whatever the bytes make the loader raise
+                if name in verified:
+                    raise
                 raise CheckpointDamaged(f"{name} does not load: {type(exc).__name__}: {exc}".splitlines()[0]) from exc
         weights, state = loaded[TRAINABLE_FILE], loaded[STATE_FILE]
         wanted = {f"{name}.{key}": tuple(param.shape) for name, module in self.p.trained.items()
                   for key, param in module.named_parameters() if param.requires_grad}
         if {k: tuple(v.shape) for k, v in weights.items()} != wanted:
-            raise CheckpointDamaged(f"{TRAINABLE_FILE} holds other tensors than this job trains")
+            self._misfit(ref, TRAINABLE_FILE, "holds other tensors than this job trains", verified)
         missing = {"step", "optimizer", "lr_scheduler", "data", "rng"} - set(state if isinstance(state, dict) else ())
         if missing:
-            raise CheckpointDamaged(f"{STATE_FILE} lacks {', '.join(sorted(missing))}")
+            self._misfit(ref, STATE_FILE, f"lacks {', '.join(sorted(missing))}", verified)
         return weights, state
+
+    @staticmethod
+    def _misfit(ref: CheckpointRef, name: str, why: str, verified: frozenset[str]) -> None:
+        """A file that does not fit this model: damage if unverified; else this trainer cannot continue the run."""
+        if name not in verified:
+            raise CheckpointDamaged(f"{name} {why}")
+        raise ConfigError(f"checkpoint {ref.uri}: {name} {why}, though its bytes match the sha256 it was saved with: "
+                          "it was written by a trainer that shapes this job's weights differently. Run the image "
+                          f"that wrote it, or delete {ref.uri.rsplit('/checkpoints/', 1)[0]}/checkpoints/ to start "
+                          "this job over")
 
     def restore(self, ref: CheckpointRef) -> None:
         import numpy as np
