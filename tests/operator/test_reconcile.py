@@ -14,6 +14,7 @@ from kubetune.operator.actions import CreateChild, DeleteFineTuneJob, DeleteJob
 from kubetune.operator.caches import Caches, collection_path
 from kubetune.operator.handlers import run_pass
 from kubetune.operator.metrics import OperatorMetrics
+from kubetune.operator.progress_reader import bounded_report
 from kubetune.operator.reconcile import reconcile, status_patch
 from kubetune.operator.resync import pass_once, queue_every_job
 from kubetune.operator.settings import OperatorSettings
@@ -54,8 +55,8 @@ def test_a_job_from_creation_to_success_through_one_restart() -> None:
     uid = cluster.batch_job("corgi")["metadata"]["uid"]
     cluster.set_job_status("corgi", active=1, ready=1, startTime="2026-11-21T12:00:05Z")
     _running_pods(cluster, uid)
-    cluster.progress = {"stage": "training", "step": 40, "totalSteps": 100, "loss": 0.2,
-                        "checkpoints": [{"step": 25, "uri": "s3://outputs/corgi/checkpoints/step-25/"}]}
+    cluster.progress = bounded_report({"stage": "training", "step": 40, "totalSteps": 100, "loss": 0.2,
+                                       "checkpoints": [{"step": 25, "uri": "s3://outputs/corgi/checkpoints/step-25/"}]})
     run()
     assert cluster.status["phase"] == "Running"
     assert cluster.status["progress"]["percent"] == 40

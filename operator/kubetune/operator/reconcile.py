@@ -20,7 +20,7 @@ from kubetune.operator.cluster import Cluster, JobRef
 from kubetune.operator.events import Event, events_for_transition
 from kubetune.operator.metrics import OperatorMetrics
 from kubetune.operator.observed import Observed
-from kubetune.operator.reports import ProgressReport, ResultReport, parse_progress, parse_result
+from kubetune.operator.reports import ProgressReport, ResultReport, parse_result
 from kubetune.operator.settings import OperatorSettings
 from kubetune.operator.status import compute_status, invalid_status, is_final
 
@@ -66,7 +66,7 @@ def rank0_reports(job: FineTuneJob, seen: Observed, cluster: Cluster) -> tuple[P
     if ended is not None:
         return None, parse_result(ended.get("message"))
     if obs.pod_phase(pod) == "Running":
-        return parse_progress(cluster.take_progress(job, pod)), None
+        return cluster.take_progress(job, pod), None
     return None, None
 
 

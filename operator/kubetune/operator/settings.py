@@ -28,8 +28,9 @@ class OperatorSettings:
     """How often each job is reconciled and rank 0's progress is read."""
     progress_timeout_seconds: float = 3.0
     """The whole of one `/progress` read (connect, headers, body): a pod that drips bytes is cut off here."""
-    progress_max_bytes: int = 1 << 20
-    """A `/progress` answer longer than this is refused unread."""
+    progress_max_bytes: int = 64 << 10
+    """A `/progress` answer longer than this is refused unread. The trainer's is a few KiB (16 samples, its
+    checkpoints, 10 skipped files); a cap near it keeps a hostile answer's decoding cheap."""
     progress_backoff_max_seconds: float = 60.0
     """A job whose reads keep failing waits longer before each next one (doubling), at most this."""
     stuck_pass_seconds: float = 180.0
