@@ -122,13 +122,15 @@ class Rbac(Values):
 
 
 class AdmissionPolicy(Values):
-    """ValidatingAdmissionPolicy on what the operator's ServiceAccount creates and updates."""
+    """ValidatingAdmissionPolicy on what the operator's ServiceAccount creates, updates and deletes."""
 
     enabled: bool = Field(
         default=True,
         description=(
-            "Let the operator's ServiceAccount create and update only labelled, FineTuneJob-owned children: "
-            "non-root, unprivileged Jobs without host namespaces or hostPath, headless Services (Kubernetes 1.30+)."
+            "Let the operator's ServiceAccount create, update and delete only labelled, FineTuneJob-owned "
+            "children (an update only of an object already labelled as the same job's child): Jobs at least "
+            "as strict as Pod Security baseline, non-root, without Secret volumes; headless Services "
+            "(Kubernetes 1.30+)."
         ),
     )
     validation_actions: list[Literal["Deny", "Warn", "Audit"]] = Field(

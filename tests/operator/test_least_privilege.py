@@ -4,9 +4,11 @@ ServiceAccount, as a leaked token would send them.
 
 RBAC keeps the operator out of every namespace it does not watch, kube-system included. In the
 watched namespace the admission policy keeps its writes to its own children: labelled, owned by
-a FineTuneJob, non-root unprivileged Jobs without host namespaces or hostPath, headless
-Services; on create and on update. The children the operator really renders, and the patches it
-really sends, are admitted.
+a FineTuneJob, Jobs at least as strict as Pod Security "baseline" (non-root, unprivileged, no host
+namespaces or hostPath, no Secret volumes), headless Services; on create, on update (where the
+stored object must already be a child of the same job: no adopting someone else's object) and on
+delete. The children the operator renders, and the patches and deletes it really sends, are
+admitted.
 """
 
 from __future__ import annotations
@@ -24,11 +26,14 @@ import yaml
 from cluster_support import create
 from kubernetes import client
 from test_operator_e2e import _manifest as e2e_manifest
-from test_render import _full_job
+from test_render import DEFAULTS_TABLE, _full_job
 
+from kubetune.api.resource import FineTuneJob
 from kubetune.api.validation import validate_document
 from kubetune.operator import naming
+from kubetune.operator.actions import CreateChild
 from kubetune.operator.caches import collection_path
+from kubetune.operator.cluster import ChildConflict, KubeCluster
 from kubetune.operator.kube import JSON, MERGE_PATCH, ApiError, KubeApi
 from kubetune.operator.render import render_children
 from kubetune.operator.settings import OperatorSettings
@@ -116,13 +121,17 @@ def corgi(install: Install, kube_admin: client.ApiClient) -> list[dict[str, Any]
     return _stored_children(kube_admin, e2e_manifest(install.watched, "http://127.0.0.1:9"))
 
 
-def _stored_children(kube_admin: client.ApiClient, body: dict[str, Any]) -> list[dict[str, Any]]:
+def _stored_job(kube_admin: client.ApiClient, body: dict[str, Any]) -> FineTuneJob:
     create(kube_admin, body)
     stored = client.CustomObjectsApi(kube_admin).get_namespaced_custom_object(
         "kubetune.io", "v1alpha1", body["metadata"]["namespace"], "finetunejobs", body["metadata"]["name"])
     validated = validate_document(stored)
     assert validated.job is not None, [str(p) for p in validated.problems]
-    return render_children(validated.job, SETTINGS)
+    return validated.job
+
+
+def _stored_children(kube_admin: client.ApiClient, body: dict[str, Any]) -> list[dict[str, Any]]:
+    return render_children(_stored_job(kube_admin, body), SETTINGS)
 
 
 def _path(obj: dict[str, Any]) -> str:
@@ -196,6 +205,66 @@ def _with_token(job: dict[str, Any]) -> None:
     job["spec"]["template"]["spec"]["automountServiceAccountToken"] = True
 
 
+def _pod_security(job: dict[str, Any]) -> dict[str, Any]:
+    return job["spec"]["template"]["spec"]["securityContext"]
+
+
+def _seccomp_unconfined(job: dict[str, Any]) -> None:
+    _pod_security(job)["seccompProfile"] = {"type": "Unconfined"}
+
+
+def _container_seccomp_unconfined(job: dict[str, Any]) -> None:
+    _container(job)["securityContext"]["seccompProfile"] = {"type": "Unconfined"}
+
+
+def _apparmor_unconfined(job: dict[str, Any]) -> None:
+    _container(job)["securityContext"]["appArmorProfile"] = {"type": "Unconfined"}
+
+
+def _apparmor_annotation(job: dict[str, Any]) -> None:
+    annotations = job["spec"]["template"]["metadata"]["annotations"]
+    annotations[f"container.apparmor.security.beta.kubernetes.io/{_container(job)['name']}"] = "unconfined"
+
+
+def _selinux_spc(job: dict[str, Any]) -> None:
+    _pod_security(job)["seLinuxOptions"] = {"type": "spc_t"}
+
+
+def _unsafe_sysctl(job: dict[str, Any]) -> None:
+    _pod_security(job)["sysctls"] = [{"name": "kernel.msgmax", "value": "65536"}]
+
+
+def _proc_mount(job: dict[str, Any]) -> None:
+    job["spec"]["template"]["spec"]["hostUsers"] = False
+    _container(job)["securityContext"]["procMount"] = "Unmasked"
+
+
+def _privileged_init_container(job: dict[str, Any]) -> None:
+    init = copy.deepcopy(_container(job))
+    init.update(name="init", ports=[])
+    init["securityContext"].update(privileged=True, allowPrivilegeEscalation=True)
+    job["spec"]["template"]["spec"]["initContainers"] = [init]
+
+
+def _bound_ephemeral_volume(job: dict[str, Any]) -> None:
+    claim = {"accessModes": ["ReadWriteOnce"], "storageClassName": "", "volumeName": "node-root",
+             "resources": {"requests": {"storage": "1Gi"}}}
+    volumes = job["spec"]["template"]["spec"]["volumes"]
+    volumes[:] = [v for v in volumes if v["name"] != "scratch"]
+    volumes.append({"name": "scratch", "ephemeral": {"volumeClaimTemplate": {"spec": claim}}})
+
+
+def _secret_volume(job: dict[str, Any]) -> None:
+    job["spec"]["template"]["spec"]["volumes"].append({"name": "loot", "secret": {"secretName": "db-admin"}})
+    _container(job)["volumeMounts"].append({"name": "loot", "mountPath": "/loot"})
+
+
+def _token_volume(job: dict[str, Any]) -> None:
+    source = {"serviceAccountToken": {"path": "token", "audience": "https://kubernetes.default.svc"}}
+    job["spec"]["template"]["spec"]["volumes"].append({"name": "sa", "projected": {"sources": [source]}})
+    _container(job)["volumeMounts"].append({"name": "sa", "mountPath": "/sa"})
+
+
 def _unlabelled(obj: dict[str, Any]) -> None:
     del obj["metadata"]["labels"]
 
@@ -219,6 +288,17 @@ REFUSED: list[tuple[str, str, Callable[[dict[str, Any]], None], str]] = [
     ("hostpid-job", "Job", _host_pid, "no host namespaces"),
     ("root-job", "Job", _root, "trainer pods run as non-root"),
     ("token-job", "Job", _with_token, "without a token"),
+    ("seccomp-job", "Job", _seccomp_unconfined, "no Unconfined seccompProfile"),
+    ("container-seccomp-job", "Job", _container_seccomp_unconfined, "no Unconfined seccompProfile"),
+    ("apparmor-job", "Job", _apparmor_unconfined, "no Unconfined AppArmor profile"),
+    ("apparmor-annotation-job", "Job", _apparmor_annotation, "no Unconfined AppArmor profile"),
+    ("selinux-job", "Job", _selinux_spc, "seLinuxOptions: type only"),
+    ("sysctl-job", "Job", _unsafe_sysctl, "only the safe sysctls"),
+    ("procmount-job", "Job", _proc_mount, "procMount must be Default"),
+    ("privileged-init-job", "Job", _privileged_init_container, "no privileged containers"),
+    ("bound-volume-job", "Job", _bound_ephemeral_volume, "volumeClaimTemplate.spec.volumeName"),
+    ("secret-volume-job", "Job", _secret_volume, "no Secret volumes"),
+    ("token-volume-job", "Job", _token_volume, "no Secret volumes"),
     ("unlabelled-configmap", "ConfigMap", _unlabelled, "labels kubetune.io/job-name"),
     ("unowned-configmap", "ConfigMap", _unowned, "controller ownerReference"),
     ("externalname-service", "Service", _external_name, "Services are headless"),
@@ -247,24 +327,136 @@ def test_the_policy_refuses_what_the_operator_never_writes_on_create(
 def test_the_policy_refuses_what_the_operator_never_writes_on_update(
         install: Install, corgi: list[dict[str, Any]], kube_admin: client.ApiClient, name: str, kind: str,
         mutate: Callable[[dict[str, Any]], None], fragment: str) -> None:
-    """Someone else's object under a child's name: the operator's adoption patch (its labels and
-    owner reference), or for a ConfigMap its data patch, is refused; the admin's own create is not."""
+    """An orphaned child of the job (labelled, created by an admin, no owner) that breaks a rule:
+    the operator's adoption patch (its owner reference), or for a ConfigMap its data patch, is
+    refused; the admin's own create is not."""
     bad = _bad_child(corgi, name, kind, mutate)
     if kind == "ConfigMap":
         stored, patch = bad, {"data": {naming.CONFIG_KEY: "rewritten"}}
     else:
         stored = copy.deepcopy(bad)
-        owner, labels = stored["metadata"].pop("ownerReferences"), stored["metadata"].pop("labels")
+        patch = {"metadata": {"ownerReferences": stored["metadata"].pop("ownerReferences")}}
         if kind == "Job":
             stored["spec"]["suspend"] = True  # no pods: only the object is under test
-        patch = {"metadata": {"ownerReferences": owner, "labels": labels}}
-    admin = KubeApi(kube_admin.configuration)
-    try:
-        admin.create(collection_path(kind, install.watched), stored)
-    finally:
-        admin.close()
+    _admin_create(kube_admin, stored)
     error = install.refusal("PATCH", _path(stored), patch)
     _assert_refused_by_policy(error, install, kind, fragment)
+
+
+def _admin_create(kube_admin: client.ApiClient, obj: dict[str, Any]) -> dict[str, Any]:
+    admin = KubeApi(kube_admin.configuration)
+    try:
+        return admin.create(collection_path(obj["kind"], obj["metadata"]["namespace"]), obj)
+    finally:
+        admin.close()
+
+
+def _stranger(children: list[dict[str, Any]], kind: str, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Someone else's object (no kubetune labels, no owner) under `name`, and the operator's
+    adoption patch for it: the labels and owner reference of the child it renders."""
+    child = _bad_child(children, name, kind, lambda obj: None)
+    meta = child["metadata"]
+    patch = {"metadata": {"labels": meta.pop("labels"), "ownerReferences": meta.pop("ownerReferences")}}
+    if kind == "Job":  # the API server gives a Job without labels those of its pod template
+        child["spec"]["suspend"] = True
+        child["spec"]["template"]["metadata"]["labels"] = {"app": "someone-else"}
+    return child, patch
+
+
+STRANGER_KINDS = ["ConfigMap", "Service", "Job"]
+ADOPTION = "updates only objects that already are its children"
+
+
+@pytest.mark.parametrize("kind", STRANGER_KINDS)
+def test_the_policy_refuses_to_adopt_someone_elses_object(
+        install: Install, corgi: list[dict[str, Any]], kube_admin: client.ApiClient, kind: str) -> None:
+    """A leaked token cannot take over an object by labelling and owning it first: the stored
+    object must already be a kubetune child, whatever the patch carries besides."""
+    stored, patch = _stranger(corgi, kind, f"stranger-{kind.lower()}")
+    _admin_create(kube_admin, stored)
+    error = install.refusal("PATCH", _path(stored), patch)
+    _assert_refused_by_policy(error, install, kind, ADOPTION)
+    if kind == "ConfigMap":
+        patch["data"] = {"ca.crt": "attacker"}
+    elif kind == "Service":
+        patch["spec"] = {"selector": {"app": "attacker"}}
+    error = install.refusal("PATCH", _path(stored), patch)
+    _assert_refused_by_policy(error, install, kind, ADOPTION)
+
+
+def test_the_policy_refuses_to_take_over_the_namespaces_ca_bundle(
+        install: Install, corgi: list[dict[str, Any]]) -> None:
+    configmap = next(c for c in corgi if c["kind"] == "ConfigMap")
+    path = f"{collection_path('ConfigMap', install.watched)}/kube-root-ca.crt"
+    patch = {"metadata": {key: configmap["metadata"][key] for key in ("labels", "ownerReferences")},
+             "data": {"ca.crt": "-----BEGIN CERTIFICATE-----\nattacker\n-----END CERTIFICATE-----\n"}}
+    _assert_refused_by_policy(install.refusal("PATCH", path, patch), install, "ConfigMap", ADOPTION)
+
+
+def test_the_policy_refuses_to_move_a_child_to_another_job(
+        install: Install, corgi: list[dict[str, Any]], kube_admin: client.ApiClient) -> None:
+    """An orphaned child of one job is not another job's to adopt (relabelled in the same patch)."""
+    stored = _bad_child(corgi, "orphan-of-corgi", "ConfigMap", _unowned)
+    _admin_create(kube_admin, stored)
+    owner = {**stored_owner(corgi), "name": "other"}
+    patch = {"metadata": {"labels": {naming.JOB_NAME_LABEL: "other"}, "ownerReferences": [owner]}}
+    error = install.refusal("PATCH", _path(stored), patch)
+    _assert_refused_by_policy(error, install, "ConfigMap", ADOPTION)
+
+
+def stored_owner(children: list[dict[str, Any]]) -> dict[str, Any]:
+    return dict(children[0]["metadata"]["ownerReferences"][0])
+
+
+def test_the_operator_adopts_only_its_own_orphans(install: Install, kube_admin: client.ApiClient) -> None:
+    """`KubeCluster` with the operator's token: someone else's ConfigMap under the child's name is
+    a conflict (no patch is sent), an orphaned child of the job (labelled, no owner) is adopted
+    through the policy."""
+    body = e2e_manifest(install.watched, "http://127.0.0.1:9")
+    body["metadata"]["name"] = "adopter"
+    job = _stored_job(kube_admin, body)
+    configmap = render_children(job, SETTINGS)[0]
+    stranger = copy.deepcopy(configmap)
+    del stranger["metadata"]["labels"], stranger["metadata"]["ownerReferences"]
+    _admin_create(kube_admin, stranger)
+    cluster = KubeCluster(install.operator)
+    try:
+        with pytest.raises(ChildConflict, match="not labelled as a child of this FineTuneJob"):
+            cluster.apply(job, CreateChild(configmap))
+        assert "ownerReferences" not in install.operator.get(_path(configmap))["metadata"]
+        client.CoreV1Api(kube_admin).delete_namespaced_config_map(configmap["metadata"]["name"], install.watched)
+        orphan = copy.deepcopy(configmap)
+        del orphan["metadata"]["ownerReferences"]
+        _admin_create(kube_admin, orphan)
+        cluster.apply(job, CreateChild(configmap))
+    finally:
+        cluster.close()
+    [owner] = install.operator.get(_path(configmap))["metadata"]["ownerReferences"]
+    assert (owner["kind"], owner["name"], owner["controller"]) == ("FineTuneJob", "adopter", True)
+
+
+def test_ephemeral_containers_never_reach_the_policy(install: Install, corgi: list[dict[str, Any]]) -> None:
+    """The Job rules cover ephemeralContainers too, but the API server refuses them in any pod
+    template before admission."""
+    def debug_container(job: dict[str, Any]) -> None:
+        shell = {"name": "debug", "image": "busybox", "securityContext": {"privileged": True}}
+        job["spec"]["template"]["spec"]["ephemeralContainers"] = [shell]
+
+    bad = _bad_child(corgi, "ephemeral-job", "Job", debug_container)
+    error = install.refusal("POST", collection_path("Job", install.watched), bad, dry_run=True)
+    assert error is not None and error.status == 422, error
+    assert "ephemeral containers not allowed in pod template" in error.message, error.message
+
+
+def test_the_policy_refuses_to_delete_someone_elses_job(
+        install: Install, corgi: list[dict[str, Any]], kube_admin: client.ApiClient) -> None:
+    """RBAC lets the operator delete Jobs in a watched namespace; the policy only its own."""
+    stored, _ = _stranger(corgi, "Job", "someone-elses-job")
+    created = _admin_create(kube_admin, stored)
+    options = {"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": "Foreground",
+               "preconditions": {"uid": created["metadata"]["uid"]}}
+    error = install.refusal("DELETE", _path(stored), options)
+    _assert_refused_by_policy(error, install, "Job", "labels kubetune.io/job-name")
 
 
 def test_the_children_the_operator_renders_are_admitted(
@@ -280,6 +472,22 @@ def test_the_children_the_operator_renders_are_admitted(
     install.operator.merge_patch(_path(configmap), {"data": {naming.CONFIG_KEY: "rewritten"}})
     install.operator.merge_patch(_path(job), {"spec": {"suspend": True}})
     install.operator.merge_patch(_path(job), {"spec": {"suspend": False}})
+    # A failed attempt's Job, as `KubeCluster.apply(DeleteJob)` deletes it.
+    uid = install.operator.get(_path(job))["metadata"]["uid"]
+    install.operator.delete(_path(job), {"apiVersion": "v1", "kind": "DeleteOptions",
+                                         "propagationPolicy": "Foreground", "preconditions": {"uid": uid}})
+
+
+@pytest.mark.parametrize(("row", "case", "builder"), [(n, c, b) for n, (c, b, *_) in enumerate(DEFAULTS_TABLE)],
+                         ids=[c for c, *_ in DEFAULTS_TABLE])
+def test_every_rendering_of_the_render_table_is_admitted(install: Install, row: int, case: str, builder: Any) -> None:
+    """Each variant of tests/operator/test_render.py (PVC volumes, no credentials, suspended, ...)
+    passes the policy: a server-side dry run of the create, under a job name of its own."""
+    job = copy.deepcopy(builder).set("metadata.name", f"row-{row}").typed()
+    for child in render_children(job, SETTINGS):
+        child["metadata"]["namespace"] = install.watched
+        error = install.refusal("POST", collection_path(child["kind"], install.watched), child, dry_run=True)
+        assert error is None, f"{case}: {child['kind']} refused: {error}"
 
 
 def test_the_policy_type_checks_against_the_real_schemas(install: Install, kube_admin: client.ApiClient) -> None:

@@ -228,8 +228,10 @@ def test_ttl_deletes_the_finished_job(kube_admin, namespace, start_operator) -> 
 
 
 def test_a_restarted_operator_adopts_what_it_finds(kube_admin, namespace, start_operator) -> None:
+    # an orphaned child (its FineTuneJob deleted with propagationPolicy Orphan): labelled, no owner
+    orphan_labels = {"kubetune.io/job-name": "corgi", "app.kubernetes.io/managed-by": "kubetune-operator"}
     client.CoreV1Api(kube_admin).create_namespaced_config_map(namespace, {
-        "metadata": {"name": "corgi-config"}, "data": {"job.yaml": "stale"}})
+        "metadata": {"name": "corgi-config", "labels": orphan_labels}, "data": {"job.yaml": "stale"}})
     first = start_operator("op-a", lease_seconds=2)
     create(kube_admin, ftj(namespace))
     [pod] = running_pods(kube_admin, namespace, 1)

@@ -129,22 +129,31 @@ def test_admission_policy_is_on_by_default_for_the_operators_service_account() -
         assert spec["failurePolicy"] == "Fail"
         assert [c["expression"] for c in spec["matchConditions"]] == [f"request.userInfo.username == '{user}'"]
         (rule,) = spec["matchConstraints"]["resourceRules"]
-        assert rule["operations"] == ["CREATE", "UPDATE"]
+        assert rule["operations"] == ["CREATE", "UPDATE", "DELETE"]
         assert policy["metadata"]["name"] == f"kt-operator-{rule['resources'][0]}"
+        # on UPDATE the stored object must already be a child: no adopting someone else's object
+        assert any("oldObject" in str(v) for v in spec["variables"]), policy["metadata"]["name"]
 
 
 def test_every_kind_the_operator_creates_but_events_is_under_the_policy() -> None:
+    """And every kind it may delete but its own FineTuneJobs (the TTL) is policed on DELETE."""
     from kubetune.operator.permissions import NAMESPACED_RULES
 
-    created = {r for rule in NAMESPACED_RULES if "create" in rule["verbs"] for r in rule["resources"]}
-    policed = {
-        r
-        for d in render("default")
-        if d["kind"] == "ValidatingAdmissionPolicy"
-        for rule in d["spec"]["matchConstraints"]["resourceRules"]
-        for r in rule["resources"]
-    }
-    assert created - {"events"} == policed
+    def granted(verb: str) -> set[str]:
+        return {r for rule in NAMESPACED_RULES if verb in rule["verbs"] for r in rule["resources"]}
+
+    def policed(operation: str) -> set[str]:
+        return {
+            r
+            for d in render("default")
+            if d["kind"] == "ValidatingAdmissionPolicy"
+            for rule in d["spec"]["matchConstraints"]["resourceRules"]
+            if operation in rule["operations"]
+            for r in rule["resources"]
+        }
+
+    assert granted("create") - {"events"} == policed("CREATE")
+    assert granted("delete") - {"finetunejobs"} <= policed("DELETE")
 
 
 def test_admission_policy_can_be_turned_off() -> None:

@@ -6,14 +6,19 @@ every rule; tests/operator/test_least_privilege.py checks both sides on a real A
 */}}
 
 {{- define "kubetune.admission.childVariables" -}}
+- name: subject
+  expression: "request.operation == 'DELETE' ? oldObject : object"
 - name: labels
-  expression: "has(object.metadata.labels) ? object.metadata.labels : {}"
+  expression: "has(variables.subject.metadata.labels) ? variables.subject.metadata.labels : {}"
 - name: jobName
   expression: "'kubetune.io/job-name' in variables.labels ? variables.labels['kubetune.io/job-name'] : ''"
 - name: controllers
   expression: >-
-    (has(object.metadata.ownerReferences) ? object.metadata.ownerReferences : [])
+    (has(variables.subject.metadata.ownerReferences) ? variables.subject.metadata.ownerReferences : [])
     .filter(r, has(r.controller) && r.controller)
+- name: oldLabels
+  expression: >-
+    request.operation == 'UPDATE' && has(oldObject.metadata.labels) ? oldObject.metadata.labels : {}
 {{- end -}}
 
 {{- define "kubetune.admission.childValidations" -}}
@@ -31,15 +36,29 @@ every rule; tests/operator/test_least_privilege.py checks both sides on a real A
   message: >-
     the kubetune operator writes only its own children: the controller ownerReference must be
     the kubetune.io FineTuneJob named by label kubetune.io/job-name
+- expression: >-
+    request.operation != 'UPDATE' || (
+      variables.oldLabels[?'app.kubernetes.io/managed-by'].orValue('') == 'kubetune-operator' &&
+      variables.oldLabels[?'kubetune.io/job-name'].orValue('') == variables.jobName)
+  message: >-
+    the kubetune operator updates only objects that already are its children: the stored object
+    must carry app.kubernetes.io/managed-by=kubetune-operator and the same kubetune.io/job-name
+    (it does not adopt someone else's object)
 {{- end -}}
 
 {{- define "kubetune.admission.jobVariables" -}}
 - name: pod
-  expression: object.spec.template.spec
+  expression: variables.subject.spec.template.spec
 - name: podSecurity
   expression: "has(variables.pod.securityContext) ? variables.pod.securityContext : {}"
 - name: containers
-  expression: "variables.pod.containers + (has(variables.pod.initContainers) ? variables.pod.initContainers : [])"
+  expression: >-
+    dyn(variables.pod.containers) + dyn(variables.pod.?initContainers.orValue([])) +
+    dyn(variables.pod.?ephemeralContainers.orValue([]))
+- name: securityContexts
+  expression: "dyn([variables.podSecurity]) + variables.containers.map(c, c.?securityContext.orValue({}))"
+- name: annotations
+  expression: "variables.subject.spec.template.?metadata.?annotations.orValue({})"
 {{- end -}}
 
 {{- define "kubetune.admission.jobValidations" -}}
@@ -79,6 +98,48 @@ every rule; tests/operator/test_least_privilege.py checks both sides on a real A
   message: >-
     trainer pods use the namespace's default ServiceAccount without a token:
     no serviceAccountName, and automountServiceAccountToken: false
+- expression: >-
+    variables.securityContexts.all(s, s.?seccompProfile.?type.orValue('') != 'Unconfined')
+  message: "no Unconfined seccompProfile (pod or container securityContext)"
+- expression: >-
+    variables.securityContexts.all(s,
+      s.?appArmorProfile.?type.orValue('RuntimeDefault') in ['RuntimeDefault', 'Localhost']) &&
+    variables.annotations.all(k, !k.startsWith('container.apparmor.security.beta.kubernetes.io/') ||
+      variables.annotations[k] == 'runtime/default' || variables.annotations[k].startsWith('localhost/'))
+  message: >-
+    no Unconfined AppArmor profile: appArmorProfile.type RuntimeDefault or Localhost, and
+    container.apparmor.security.beta.kubernetes.io/ annotations runtime/default or localhost/
+- expression: >-
+    variables.securityContexts.all(s,
+      s.?seLinuxOptions.?type.orValue('') in ['', 'container_t', 'container_init_t', 'container_kvm_t'] &&
+      s.?seLinuxOptions.?user.orValue('') == '' && s.?seLinuxOptions.?role.orValue('') == '')
+  message: >-
+    seLinuxOptions: type only container_t, container_init_t or container_kvm_t, and no user or role
+- expression: >-
+    variables.containers.all(c, c.?securityContext.?procMount.orValue('Default') == 'Default')
+  message: "procMount must be Default"
+- expression: >-
+    variables.securityContexts.all(s, !s.?windowsOptions.?hostProcess.orValue(false))
+  message: "no Windows HostProcess containers"
+- expression: >-
+    variables.podSecurity.?sysctls.orValue([]).all(s, s.name in [
+      'kernel.shm_rmid_forced', 'net.ipv4.ip_local_port_range', 'net.ipv4.ip_unprivileged_port_start',
+      'net.ipv4.tcp_syncookies', 'net.ipv4.ping_group_range', 'net.ipv4.ip_local_reserved_ports',
+      'net.ipv4.tcp_keepalive_time', 'net.ipv4.tcp_fin_timeout', 'net.ipv4.tcp_keepalive_intvl',
+      'net.ipv4.tcp_keepalive_probes'])
+  message: "only the safe sysctls of Pod Security baseline"
+- expression: >-
+    variables.pod.?volumes.orValue([]).all(v,
+      v.?ephemeral.?volumeClaimTemplate.?spec.?volumeName.orValue('') == '')
+  message: >-
+    ephemeral volumes claim new storage: volumeClaimTemplate.spec.volumeName (binding an
+    existing PersistentVolume) is not allowed
+- expression: >-
+    variables.pod.?volumes.orValue([]).all(v, !has(v.secret) &&
+      v.?projected.?sources.orValue([]).all(s, !has(s.secret) && !has(s.serviceAccountToken)))
+  message: >-
+    no Secret volumes and no projected secret or serviceAccountToken sources: trainer pods read
+    only the Secret keys their FineTuneJob names, through env secretKeyRef
 {{- end -}}
 
 {{- define "kubetune.admission.serviceVariables" -}}
@@ -86,8 +147,8 @@ every rule; tests/operator/test_least_privilege.py checks both sides on a real A
 
 {{- define "kubetune.admission.serviceValidations" -}}
 - expression: >-
-    object.spec.?type.orValue('') == 'ClusterIP' && object.spec.?clusterIP.orValue('') == 'None'
+    variables.subject.spec.?type.orValue('') == 'ClusterIP' && variables.subject.spec.?clusterIP.orValue('') == 'None'
   message: "Services are headless: type ClusterIP with clusterIP None (no ExternalName, NodePort or LoadBalancer)"
-- expression: "size(object.spec.?externalIPs.orValue([])) == 0"
+- expression: "size(variables.subject.spec.?externalIPs.orValue([])) == 0"
   message: "Services have no externalIPs"
 {{- end -}}

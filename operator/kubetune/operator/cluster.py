@@ -325,6 +325,13 @@ class KubeCluster:
             return
         if any(r.get("controller") for r in refs):
             raise ChildConflict(f"{obj['kind']} {obj['metadata']['name']} is owned by another controller")
+        labels = existing.get("metadata", {}).get("labels") or {}
+        if (labels.get(naming.MANAGED_BY_LABEL), labels.get(naming.JOB_NAME_LABEL)) != (
+                naming.MANAGED_BY, job.metadata.name):
+            # only an orphaned child of this job is adopted; the admission policy refuses the rest
+            raise ChildConflict(f"{obj['kind']} {obj['metadata']['name']} exists and is not labelled as a "
+                                f"child of this FineTuneJob ({naming.MANAGED_BY_LABEL}={naming.MANAGED_BY}, "
+                                f"{naming.JOB_NAME_LABEL}={job.metadata.name}); rename or delete it")
         adopt = {"metadata": {"ownerReferences": [*refs, naming.owner_reference(job)],
                               "labels": obj["metadata"]["labels"]}}
         self.caches.put(self.api.merge_patch(f"{path}/{obj['metadata']['name']}", adopt))
