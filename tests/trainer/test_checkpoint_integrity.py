@@ -1,6 +1,6 @@
-"""Acceptance against a real S3 server on loopback (moto): a damaged newest checkpoint, a listed file
-missing or replaced by garbage of the same size, is skipped for the previous one that verifies, and the
-run ends with the weights an uninterrupted run produces."""
+"""Acceptance against a real S3 server on loopback (moto): a damaged newest checkpoint (a listed file
+missing or replaced by garbage of the same size, or a manifest of binary garbage) is skipped for the
+previous one that verifies, and the run ends with the weights an uninterrupted run produces."""
 
 from __future__ import annotations
 
@@ -37,6 +37,9 @@ def _damage(client: Any, bucket: str, how: str) -> str:
     if how == "missing":
         client.delete_object(Bucket=bucket, Key=folder + "training_state.pt")
         return "training_state.pt is listed in its manifest.json but missing"
+    if how == "manifest not UTF-8":  # found by the ownership survey first, then by the checkpointer
+        client.put_object(Bucket=bucket, Key=folder + "manifest.json", Body=b"\xff\xfe\x00" + os.urandom(64))
+        return "its manifest.json is unreadable (not UTF-8 text)"
     size = client.head_object(Bucket=bucket, Key=folder + "trainable.safetensors")["ContentLength"]
     client.put_object(Bucket=bucket, Key=folder + "trainable.safetensors", Body=os.urandom(size))
     return "trainable.safetensors does not match the sha256 in its manifest.json"
@@ -50,7 +53,7 @@ def _adapter(client: Any, uri: str, path: Path) -> dict[str, Any]:
     return load_file(str(path))
 
 
-@pytest.mark.parametrize("how", ["missing", "same-size garbage"])
+@pytest.mark.parametrize("how", ["missing", "same-size garbage", "manifest not UTF-8"])
 def test_a_damaged_newest_checkpoint_is_skipped_and_the_run_matches_an_uninterrupted_one(
     how: str, s3_server: Any, s3_bucket: str, tiny_sd: Path, squares: Path, tmp_path: Path,
     capsys: pytest.CaptureFixture[str],

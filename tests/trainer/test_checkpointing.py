@@ -101,6 +101,10 @@ def _damage(folder: Path, how: str) -> None:
         target.write_bytes(b"\xff" * target.stat().st_size)
     elif how == "truncated":
         target.write_bytes(target.read_bytes()[:3])
+    elif how == "binary manifest":
+        (folder / MANIFEST).write_bytes(b"\xff\xfe\x00garbage\x80")
+    elif how == "nested manifest":
+        (folder / MANIFEST).write_text("[" * 200_000 + "]" * 200_000)
     else:
         (folder / MANIFEST).write_text('{"step": 6, "files": {"weights.b')
 
@@ -110,6 +114,8 @@ def _damage(folder: Path, how: str) -> None:
     ("same-size garbage", "weights.bin does not match the sha256 in its manifest.json"),
     ("truncated", "weights.bin is 3 bytes, its manifest.json says 10"),
     ("unreadable manifest", "its manifest.json is unreadable"),
+    ("binary manifest", "its manifest.json is unreadable (not UTF-8 text)"),
+    ("nested manifest", "its manifest.json is unreadable (RecursionError)"),
 ])
 def test_a_damaged_checkpoint_is_refused_with_why(tmp_path: Path, how: str, why: str) -> None:
     ckpt = _checkpointer(tmp_path)
@@ -117,7 +123,7 @@ def test_a_damaged_checkpoint_is_refused_with_why(tmp_path: Path, how: str, why:
         ckpt.save(step, _payload(tmp_path, step))
     newest = ckpt.complete()[-1]
     _damage(tmp_path / "out" / "checkpoints" / "step-6", how)
-    if how == "unreadable manifest":  # found while listing: never offered as complete
+    if how.endswith("manifest"):  # found while listing: never offered as complete
         assert [ref.step for ref in ckpt.complete()] == [4] and why in ckpt.damaged[6]
     else:
         with pytest.raises(CheckpointDamaged, match=why):
@@ -163,3 +169,52 @@ def test_a_manifest_naming_unsafe_or_no_files_is_damaged(files: object) -> None:
 
     with pytest.raises(CheckpointDamaged):
         Manifest.parse(json.dumps({"step": 2, "files": files}))
+
+
+@pytest.mark.parametrize("how", ["binary manifest", "nested manifest"])
+def test_loading_a_checkpoint_whose_manifest_became_unreadable_is_damage(tmp_path: Path, how: str) -> None:
+    ckpt = _checkpointer(tmp_path)
+    ckpt.save(6, _payload(tmp_path, 6))
+    ref = ckpt.complete()[-1]
+    _damage(tmp_path / "out" / "checkpoints" / "step-6", how)  # between listing and loading
+    with pytest.raises(CheckpointDamaged, match=r"its manifest\.json is unreadable"):
+        ckpt.load(ref, tmp_path / "restored")
+
+
+def test_load_verified_names_the_files_whose_sha256_matched(tmp_path: Path) -> None:
+    import json
+
+    ckpt = _checkpointer(tmp_path)
+    ref, _ = ckpt.save(2, {**_payload(tmp_path, 2), "old.bin": _payload(tmp_path, 3)["weights.bin"]})
+    manifest_path = tmp_path / "out" / "checkpoints" / "step-2" / MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"]["old.bin"] = manifest["files"]["old.bin"]["size"]  # as written before digests
+    manifest_path.write_text(json.dumps(manifest))
+    files, verified = ckpt.load_verified(ref, tmp_path / "r")
+    assert set(files) == {"weights.bin", "old.bin"} and verified == {"weights.bin"}
+
+
+def test_a_local_delete_never_removes_a_pvc_claims_root(tmp_path: Path) -> None:
+    claim = tmp_path / "pvc" / "claim"
+    claim.mkdir(parents=True)
+    store = LocalStore(tmp_path / "pvc")
+    probe = tmp_path / "probe"
+    probe.write_text("x")
+    store.upload(probe, "pvc://claim/checkpoints/.write-probe")
+    store.delete("pvc://claim/checkpoints/.write-probe")
+    assert claim.is_dir() and not any(claim.iterdir())  # the mount point stays (rmdir there is EBUSY)
+    store.upload(probe, "pvc://claim/out/a/b")
+    store.delete("pvc://claim/out/a/b")
+    assert claim.is_dir() and not (claim / "out").exists()  # folders below it still go
+
+
+def test_create_never_replaces_what_is_there(tmp_path: Path) -> None:
+    store = LocalStore()
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.write_text("first")
+    second.write_text("second")
+    target = str(tmp_path / "out" / "record.json")
+    assert store.create(first, target) is True
+    assert store.create(second, target) is False
+    assert (tmp_path / "out" / "record.json").read_text() == "first"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["record.json"]  # no partial left

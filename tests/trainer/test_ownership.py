@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +141,101 @@ def test_an_unreadable_owner_record_is_refused(tmp_path: Path) -> None:
     (tmp_path / "out" / OWNER_RECORD).write_text("{not json")
     with pytest.raises(ConfigError, match=f"{OWNER_RECORD} is not a kubetune owner record"):
         _check(_job(str(tmp_path / "out")), tmp_path)
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe{\x80 not utf-8", ("[" * 200_000).encode()],
+                         ids=["not-utf8", "nested-past-the-parser"])
+def test_an_owner_record_that_cannot_be_read_stops_the_job_naming_the_file_and_the_fix(tmp_path: Path,
+                                                                                        content: bytes) -> None:
+    out = _owned_prefix(tmp_path, _job(str(tmp_path / "out")))
+    (out / OWNER_RECORD).write_bytes(content)
+    before = _contents(out)
+    job = _job(str(out))
+    for attempt in (lambda: _check(job, tmp_path), _claim(job, tmp_path).confirm):
+        with pytest.raises(ConfigError) as refused:  # 78: no proof of another owner, nor safe to overwrite
+            attempt()
+        assert f"{out}/{OWNER_RECORD} is not a kubetune owner record" in str(refused.value)
+        assert f"delete {out}/{OWNER_RECORD} if {out}/ is this job's output" in str(refused.value)
+    assert _contents(out) == before
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe\x00garbage", ("[" * 200_000).encode()],
+                         ids=["not-utf8", "nested-past-the-parser"])
+def test_a_manifest_that_cannot_be_read_is_left_to_the_checkpointer(tmp_path: Path, content: bytes) -> None:
+    job = _job(str(tmp_path / "out"))
+    out = _owned_prefix(tmp_path, job, checkpoints=(4, 6))
+    (out / "checkpoints" / "step-6" / MANIFEST).write_bytes(content)
+    assert _check(job, tmp_path) is None  # the survey skips it: damage, not a crash
+    claim = _claim(job, tmp_path)
+    ckpt = Checkpointer(claim.store, job.spec.output, tmp_path / "scratch", claim)
+    assert [ref.step for ref in ckpt.complete()] == [4] and "unreadable" in ckpt.damaged[6]
+
+
+class _ReadTogether(LocalStore):
+    """A local store whose first read of the owner record waits for the other job's: both find none."""
+
+    def __init__(self, barrier: threading.Barrier) -> None:
+        super().__init__()
+        self.barrier, self.waited = barrier, False
+
+    def download(self, uri: str, path: Path) -> Any:
+        if uri.endswith(OWNER_RECORD) and not self.waited:
+            self.waited = True
+            self.barrier.wait(timeout=30)
+        return super().download(uri, path)
+
+
+def race_to_confirm(claims: list[OutputClaim]) -> dict[str, str]:
+    """Each claim's `confirm()` on its own thread: "ok" or the ConfigError's message, by job name."""
+    outcome: dict[str, str] = {}
+
+    def confirm(claim: OutputClaim) -> None:
+        try:
+            claim.confirm()
+            outcome[claim.identity.name] = "ok"
+        except ConfigError as exc:
+            outcome[claim.identity.name] = str(exc)
+
+    threads = [threading.Thread(target=confirm, args=(claim,)) for claim in claims]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    return outcome
+
+
+def test_of_two_jobs_claiming_an_empty_prefix_together_exactly_one_proceeds(tmp_path: Path) -> None:
+    barrier = threading.Barrier(2)
+    jobs = [_job(str(tmp_path / "out"), name=name) for name in ("first-lora", "second-lora")]
+    claims = [OutputClaim(_ReadTogether(barrier), job.spec.output.uri, JobIdentity.of(job), weight_fields(job.spec),
+                          tmp_path / f"scratch-{job.metadata.name}") for job in jobs]
+    outcome = race_to_confirm(claims)
+    winner = json.loads((tmp_path / "out" / OWNER_RECORD).read_text())["owner"]["name"]
+    loser = ({"first-lora", "second-lora"} - {winner}).pop()
+    assert outcome[winner] == "ok"
+    assert f"holds the output of job tests/{winner}" in outcome[loser]
+
+
+class _RecordsProbeDeletes(LocalStore):
+    """A local store noting, at each delete, whether the owner record was there."""
+
+    def __init__(self, pvc_root: Path, record: Path) -> None:
+        super().__init__(pvc_root)
+        self.record, self.record_present_at_delete = record, []
+
+    def delete(self, uri: str) -> None:
+        self.record_present_at_delete.append(self.record.is_file())
+        super().delete(uri)
+
+
+def test_the_owner_record_is_written_before_the_write_probe_is_deleted(tmp_path: Path) -> None:
+    (tmp_path / "pvc" / "claim").mkdir(parents=True)
+    job = _job("pvc://claim/")
+    store = _RecordsProbeDeletes(tmp_path / "pvc", tmp_path / "pvc" / "claim" / OWNER_RECORD)
+    claim = OutputClaim(store, job.spec.output.uri, JobIdentity.of(job), weight_fields(job.spec), tmp_path / "s")
+    Checkpointer(store, job.spec.output, tmp_path / "s", claim).check_writable()
+    assert store.record_present_at_delete == [True]  # so the delete never empties (or removes) the claim's root
+    assert sorted(p.name for p in (tmp_path / "pvc" / "claim").iterdir()) == [OWNER_RECORD]
 
 
 def test_a_job_started_beside_this_one_is_found_before_either_overwrites_the_other(tmp_path: Path) -> None:

@@ -6,10 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 from trainer_support import local_job
 
 from kubetune_trainer.config import RuntimeConfig
-from kubetune_trainer.exitcodes import EXIT_FAILED
+from kubetune_trainer.exitcodes import EXIT_CONFIG, EXIT_FAILED
 from kubetune_trainer.job import run_job
 
 
@@ -121,6 +122,48 @@ def test_a_checkpoint_that_fails_to_load_is_skipped_for_the_previous_one(
     assert resumed.exit_code == 0, resumed.message
     assert steps == [3, 4, 5, 6]
     assert "checkpoint step-4 skipped: trainable.safetensors does not load: SafetensorError" in log
+    assert not (tmp_path / "scratch-b2" / "resume" / "step-4").exists()  # a skipped download leaves scratch
     want, got = _adapter(straight), _adapter(resumed)
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
+
+
+def _verified_but_unusable(folder: Path, how: str) -> None:
+    """Replace the weights with bytes that do not load (or load as other tensors) and record their sha256,
+    as a checkpoint looks to a trainer that cannot read what an intact checkpoint holds."""
+    import hashlib
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from kubetune_trainer.checkpoint import MANIFEST
+
+    weights = folder / "trainable.safetensors"
+    if how == "does not load":
+        weights.write_bytes(b"\xff" * weights.stat().st_size)
+    else:
+        save_file({"other.weight": torch.zeros(3)}, str(weights))
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest["files"]["trainable.safetensors"] = {"size": weights.stat().st_size,
+                                                  "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(("how", "code", "says"), [
+    ("does not load", EXIT_FAILED, "trainable.safetensors matches the sha256 it was saved with but does not load"),
+    ("other tensors", EXIT_CONFIG, "trainable.safetensors holds other tensors than this job trains, though its "
+                                   "bytes match the sha256"),
+])
+def test_a_verified_checkpoint_that_cannot_be_used_stops_the_run_instead_of_resuming_from_an_older_one(
+    tiny_sd: Path, squares: Path, tmp_path: Path, how: str, code: int, says: str,
+) -> None:
+    job = local_job(str(tiny_sd), str(squares), str(tmp_path / "out"), training={"maxSteps": 6})
+    crashed = run_job(job, RuntimeConfig(scratch=tmp_path / "s1", log_every=0), hooks=[_crash_after(4)])
+    assert [c["step"] for c in crashed.progress["checkpoints"]] == [2, 4]
+    _verified_but_unusable(tmp_path / "out" / "checkpoints" / "step-4", how)
+    steps: list[int] = []
+    stopped = run_job(job, RuntimeConfig(scratch=tmp_path / "s2", log_every=0), hooks=[_record(steps)])
+    assert (stopped.exit_code, steps) == (code, []), stopped.message  # no step repeated from step 2
+    assert says in stopped.message and "checkpoints/step-4/" in stopped.message
+    assert (tmp_path / "out" / "checkpoints" / "step-4" / "trainable.safetensors").is_file()  # kept

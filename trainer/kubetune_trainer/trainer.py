@@ -24,7 +24,7 @@ from kubetune_trainer.cpu_quota import fit_threads_to_cpu_limit
 from kubetune_trainer.distributed import agreed_signal
 from kubetune_trainer.dreambooth import PriorPreservationStream
 from kubetune_trainer.ema import Ema, NoEma
-from kubetune_trainer.exitcodes import ConfigError, Interrupted, StorageUnavailable
+from kubetune_trainer.exitcodes import ConfigError, Interrupted, StorageUnavailable, TrainerError
 from kubetune_trainer.methods import TrainingMethod
 from kubetune_trainer.models import Components
 from kubetune_trainer.objective import DiffusionObjective
@@ -315,7 +315,7 @@ class Trainer:
     def _loaded(self, ref: CheckpointRef, files: dict[str, Path],
                 verified: frozenset[str]) -> tuple[dict[str, Any], dict[str, Any]]:
         """Load the downloaded files. Bytes that matched their sha256 are what was saved: a loader error
-        on them (memory, scratch I/O, another torch) is raised as it is (exit 1, retried) and tensors that
+        on them (memory, scratch I/O, another torch) is a `TrainerError` (exit 1, retried) and tensors that
         do not fit this model are a `ConfigError`, never damage that would silently resume from an older
         step. Only files without a digest (old manifests) count as damaged when they do not load or fit."""
         import torch
@@ -331,7 +331,10 @@ class Trainer:
                 loaded[name] = loader(files[name])
             except Exception as exc:  # whatever the bytes make the loader raise
                 if name in verified:
-                    raise
+                    raise TrainerError(f"checkpoint {ref.uri}: {name} matches the sha256 it was saved with but does "
+                                       f"not load here ({type(exc).__name__}: {exc}".splitlines()[0] + "); it is kept "
+                                       "and a restart tries it again. If this persists, run the image that wrote "
+                                       "it") from exc
                 raise CheckpointDamaged(f"{name} does not load: {type(exc).__name__}: {exc}".splitlines()[0]) from exc
         weights, state = loaded[TRAINABLE_FILE], loaded[STATE_FILE]
         wanted = {f"{name}.{key}": tuple(param.shape) for name, module in self.p.trained.items()
