@@ -172,17 +172,20 @@ def test_a_manifest_that_cannot_be_read_is_left_to_the_checkpointer(tmp_path: Pa
 
 
 class _ReadTogether(LocalStore):
-    """A local store whose first read of the owner record waits for the other job's: both find none."""
+    """A local store whose first read of the owner record ends with the other job's: both find none."""
 
     def __init__(self, barrier: threading.Barrier) -> None:
         super().__init__()
         self.barrier, self.waited = barrier, False
 
     def download(self, uri: str, path: Path) -> Any:
-        if uri.endswith(OWNER_RECORD) and not self.waited:
-            self.waited = True
+        if not uri.endswith(OWNER_RECORD) or self.waited:
+            return super().download(uri, path)
+        self.waited = True
+        try:
+            return super().download(uri, path)
+        finally:  # the other job has read it too before this one goes on
             self.barrier.wait(timeout=30)
-        return super().download(uri, path)
 
 
 def race_to_confirm(claims: list[OutputClaim]) -> dict[str, str]:

@@ -90,17 +90,20 @@ def test_another_job_is_refused_untouched_and_the_same_job_resumes(s3_server: An
 
 
 class _ReadTogether(S3Store):
-    """An S3 store whose first read of the owner record waits for the other job's: both find none."""
+    """An S3 store whose first read of the owner record ends with the other job's: both find none."""
 
     def __init__(self, spec: StorageSpec, barrier: threading.Barrier) -> None:
         super().__init__(spec)
         self.barrier, self.waited = barrier, False
 
     def download(self, uri: str, path: Path) -> Any:
-        if uri.endswith(OWNER_RECORD) and not self.waited:
-            self.waited = True
+        if not uri.endswith(OWNER_RECORD) or self.waited:
+            return super().download(uri, path)
+        self.waited = True
+        try:
+            return super().download(uri, path)
+        finally:  # the other job has read it too before this one goes on
             self.barrier.wait(timeout=30)
-        return super().download(uri, path)
 
 
 def test_of_two_jobs_claiming_an_empty_prefix_together_exactly_one_proceeds(s3_server: Any, s3_bucket: str,
