@@ -8,11 +8,14 @@ plus a digest of the weight-shaping fields. The prefix records its owner twice:
   training step), so that a prefix holding only final weights, samples or caches is claimed too;
 - `owner` in every checkpoint manifest (see `checkpoint`).
 
-Before staging, every rank reads both. Another identity there is a `ConfigError` (exit 78) that
-names it and the way out, and nothing is written. A prefix whose contents record no owner at
-all (written before owners were recorded) is adopted by the first job that runs there, with a
-notice. While the job runs, each checkpoint and the export confirm the record still names it, so
-a second job started at the same moment cannot silently interleave with the first.
+Before staging, and before preflight's write probe, every rank reads both. Another identity
+there is a `ConfigError` (exit 78) that names it and the way out, and nothing is written. So is
+an owner record that cannot be read (not UTF-8, not JSON, nested past the parser): it proves no
+other owner, but overwriting it could take another job's prefix, so a person decides. A prefix
+whose contents record no owner at all (written before owners were recorded) is adopted by the
+first job that runs there, with a notice. The record is created only where none exists (a
+conditional put on S3, a hard link on local stores) and read back, so of two jobs started at the
+same moment exactly one proceeds; each checkpoint and the export confirm it again.
 """
 
 from __future__ import annotations
