@@ -163,7 +163,7 @@ def test_a_manifest_without_digests_still_loads_and_is_size_checked(tmp_path: Pa
         ckpt.load(ckpt.complete()[0], tmp_path / "r2")
 
 
-@pytest.mark.parametrize("files", [{"../escape": 1}, {}, {"manifest.json": 1}, {"a": True}, "10"])
+@pytest.mark.parametrize("files", [{"../escape": 1}, {}, {"manifest.json": 1}, {"a": True}, "10", {"a": 1e999}])
 def test_a_manifest_naming_unsafe_or_no_files_is_damaged(files: object) -> None:
     import json
 

@@ -90,7 +90,7 @@ class Manifest:
             files = {str(name): _entry(value) for name, value in dict(raw["files"]).items()}
             manifest = cls(int(raw["step"]), str(raw.get("createdAt", "")), files,
                            JobIdentity.from_dict(raw.get("owner")))
-        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError, OverflowError) as exc:
             raise CheckpointDamaged(f"its {MANIFEST} is unreadable ({type(exc).__name__})") from exc
         unsafe = [name for name in files if not _FILE_NAME.match(name) or name == MANIFEST]
         if unsafe or not files:
