@@ -19,7 +19,7 @@ from trainer_support import free_port, local_job
 from kubetune_trainer.config import RuntimeConfig
 from kubetune_trainer.exitcodes import EXIT_CONFIG, EXIT_STORAGE_UNAVAILABLE, ConfigError
 from kubetune_trainer.job import run_job
-from kubetune_trainer.preflight import PROBE_PREFIX, checks, preflight
+from kubetune_trainer.preflight import PROBE_PREFIX, checks, preflight, preflight_inputs, preflight_output
 
 DEADLINE_S = 10
 
@@ -121,3 +121,13 @@ def test_the_local_probe_leaves_an_empty_output_folder_and_its_parents_in_place(
     job = local_job(str(tiny_sd), str(squares), "pvc://claim/out")
     preflight(job, RuntimeConfig(scratch=tmp_path / "s", pvc_root=tmp_path / "pvc"))
     assert (tmp_path / "pvc" / "claim" / "out").is_dir() and not any((tmp_path / "pvc" / "claim" / "out").iterdir())
+
+
+def test_the_input_checks_write_nothing_and_the_output_probe_runs_on_its_own(tmp_path: Path, tiny_sd: Path,
+                                                                             squares: Path) -> None:
+    """The trainer runs the ownership survey between the two, so it never probes another job's prefix."""
+    job = local_job(str(tiny_sd), str(squares), str(tmp_path / "out"))
+    preflight_inputs(job, RuntimeConfig(scratch=tmp_path / "s"))
+    assert not (tmp_path / "out").exists()
+    preflight_output(job, RuntimeConfig(scratch=tmp_path / "s"))
+    assert (tmp_path / "out").is_dir() and not any((tmp_path / "out").iterdir())
