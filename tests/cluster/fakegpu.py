@@ -21,6 +21,11 @@ __all__ = ["DEFAULT_NODES", "NodeSpec", "add_disruption_target", "fail_node", "f
 
 EXIT_CODE_ANNOTATION = "kubetune.io/fake-exit-code"
 MESSAGE_ANNOTATION = "kubetune.io/fake-termination-message"
+ATTEMPT_ANNOTATION = "kubetune.io/fake-exit-attempt"
+FINISH_ATTEMPTS = 3
+FINISH_WAIT_SECONDS = 10.0
+"""kwok ends a pod within milliseconds of the annotation; one that is still Running after this long
+missed the event (seen about once in ten full integration runs), so the annotation is sent again."""
 NODE_FAILURE_TAINT = "kubetune.io/fake-node-failure"
 
 
@@ -30,11 +35,42 @@ def finish_pod(api: client.ApiClient, namespace: str, name: str, exit_code: int,
 
     ``message`` becomes the containers' termination message, as a trainer writes it.
     """
-    annotations = {EXIT_CODE_ANNOTATION: str(exit_code)}
-    if message:
-        annotations[MESSAGE_ANNOTATION] = message
-    client.CoreV1Api(api).patch_namespaced_pod(
-        name, namespace, {"metadata": {"annotations": annotations}})
+    core = client.CoreV1Api(api)
+    disrupted = _disrupted(core.read_namespaced_pod(name, namespace))
+    for attempt in range(FINISH_ATTEMPTS):
+        annotations = {EXIT_CODE_ANNOTATION: str(exit_code), ATTEMPT_ANNOTATION: str(attempt)}
+        if message:
+            annotations[MESSAGE_ANNOTATION] = message
+        core.patch_namespaced_pod(name, namespace, {"metadata": {"annotations": annotations}})
+        try:
+            wait_for(lambda: _ended(core, namespace, name), timeout=FINISH_WAIT_SECONDS,
+                     what=f"pod {namespace}/{name} to end")
+            return
+        except TimeoutError:
+            pod = _pod_or_none(core, namespace, name)
+            print(f"[fakegpu] pod {namespace}/{name} still {pod.status.phase if pod else 'gone'} "
+                  f"{FINISH_WAIT_SECONDS:.0f}s after its exit annotation (attempt {attempt + 1})", flush=True)
+            if disrupted and pod is not None and not _disrupted(pod):
+                add_disruption_target(api, namespace, name)
+    raise TimeoutError(f"pod {namespace}/{name} did not end after {FINISH_ATTEMPTS} exit annotations")
+
+
+def _pod_or_none(core: client.CoreV1Api, namespace: str, name: str) -> client.V1Pod | None:
+    try:
+        return core.read_namespaced_pod(name, namespace)
+    except client.ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+def _ended(core: client.CoreV1Api, namespace: str, name: str) -> bool:
+    pod = _pod_or_none(core, namespace, name)
+    return pod is None or pod.status.phase in ("Succeeded", "Failed")
+
+
+def _disrupted(pod: client.V1Pod) -> bool:
+    return any(c.type == "DisruptionTarget" and c.status == "True" for c in pod.status.conditions or [])
 
 
 def add_disruption_target(api: client.ApiClient, namespace: str, name: str,
@@ -48,8 +84,10 @@ def add_disruption_target(api: client.ApiClient, namespace: str, name: str,
     condition = {"type": "DisruptionTarget", "status": "True", "reason": reason,
                  "message": message,
                  "lastTransitionTime": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
-    client.CoreV1Api(api).patch_namespaced_pod_status(
-        name, namespace, {"status": {"conditions": [condition]}})
+    core = client.CoreV1Api(api)
+    core.patch_namespaced_pod_status(name, namespace, {"status": {"conditions": [condition]}})
+    wait_for(lambda: _disrupted(core.read_namespaced_pod(name, namespace)), timeout=10,
+             what=f"the DisruptionTarget condition on pod {namespace}/{name}")
 
 
 def fail_node(api: client.ApiClient, node: str, key: str = NODE_FAILURE_TAINT) -> None:

@@ -9,6 +9,7 @@ import gc
 import json
 import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 import warnings
@@ -18,7 +19,7 @@ from typing import Any
 
 import fakegpu
 import yaml
-from kubernetes import client
+from kubernetes import client, watch
 
 GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetunejobs"
 LEASE = "kubetune-operator"
@@ -194,14 +195,31 @@ def patch_spec(api: client.ApiClient, namespace: str, spec: dict[str, Any], name
 
 def wait_phase(api: client.ApiClient, namespace: str, phase: str, name: str = "corgi",
                timeout: float = TIMEOUT) -> dict[str, Any]:
-    def reached() -> dict[str, Any] | None:
-        obj = read(api, namespace, name)
-        return obj if (obj.get("status") or {}).get("phase") == phase else None
+    """The first version of the FineTuneJob in `phase`, from now on.
 
-    try:
-        return fakegpu.wait_for(reached, timeout=timeout, what=f"FineTuneJob {namespace}/{name} to be {phase}")
-    except TimeoutError as exc:
-        raise TimeoutError(f"{exc}\n{cluster_state(api, namespace, name)}") from None
+    Watched, not polled: a phase the operator passes through in less than a poll interval
+    (Restarting, when the next attempt's pods start at once) is still seen, because every
+    status write is a version of its own.
+    """
+    objects = client.CustomObjectsApi(api)
+    deadline = time.monotonic() + timeout
+    current = read(api, namespace, name)
+    version = current["metadata"]["resourceVersion"]
+    while (current.get("status") or {}).get("phase") != phase:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for FineTuneJob {namespace}/{name} "
+                               f"to be {phase}\n{cluster_state(api, namespace, name)}")
+        stream = watch.Watch().stream(objects.list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL,
+                                      field_selector=f"metadata.name={name}", resource_version=version,
+                                      timeout_seconds=max(1, int(left)), _request_timeout=left + 5)
+        for event in stream:
+            obj = event["object"]
+            version = obj.get("metadata", {}).get("resourceVersion", version)
+            if event["type"] in ("ADDED", "MODIFIED") and (obj.get("status") or {}).get("phase") == phase:
+                return obj
+        current = read(api, namespace, name)  # the watch ended (its timeout, or a closed stream): look again
+    return current
 
 
 def cluster_state(api: client.ApiClient, namespace: str, name: str = "corgi") -> str:
