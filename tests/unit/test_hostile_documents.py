@@ -100,3 +100,11 @@ def test_merge_keys_still_work_and_may_be_overridden() -> None:
     assert load_documents(text) == [{"defaults": {"rank": 4, "alpha": 4}, "lora": {"rank": 4, "alpha": 8}}]
     with pytest.raises(DuplicateKeyError, match="'alpha'"):
         load_documents("lora:\n  <<: {rank: 4}\n  alpha: 8\n  alpha: 9\n")
+
+
+def test_an_over_long_prompt_is_refused_and_quoted_short() -> None:
+    from tests.unit.jobs import job
+    result = validate_document(job().set("spec.validation.prompts", ["a corgi", "x" * 1001]).obj())
+    [problem] = result.problems
+    assert str(problem).startswith("spec.validation.prompts[1]: must have at most 1000 characters (got 'xxx")
+    assert str(problem).endswith("...)") and len(str(problem)) < 160

@@ -98,6 +98,10 @@ class Reporters(Reporter):
         self._each("close")
 
 
+REPORTED_CHECKPOINTS = 32
+"""The newest checkpoints /progress lists (keepCheckpoints may be 1,000; the operator reads 64 KiB at most)."""
+
+
 class ProgressState(Reporter):
     """The JSON served at /progress and written at exit: phase, step, loss, ETA, URIs."""
 
@@ -145,7 +149,7 @@ class ProgressState(Reporter):
         self._set(validationLoss=round(loss, 6))
 
     def checkpoints(self, refs: list[CheckpointRef], upload_seconds: float | None) -> None:
-        self._set(checkpoints=[ref.as_dict() for ref in refs])
+        self._set(checkpoints=[ref.as_dict() for ref in refs][-REPORTED_CHECKPOINTS:])
 
     def sample(self, sample: dict[str, Any]) -> None:
         with self._lock:

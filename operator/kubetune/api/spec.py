@@ -6,9 +6,9 @@ these classes; descriptions here are what `kubectl explain ftj.spec...` prints.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, StringConstraints
 
 from kubetune.api.base import ApiModel, Quantity, section
 
@@ -279,7 +279,11 @@ class TrainingSpec(ApiModel):
 class SamplingSpec(ApiModel):
     """Sample images generated during training to watch progress."""
 
-    prompts: list[str] = Field(default_factory=list, max_length=64, description="Prompts to sample; empty = none.")
+    prompts: list[Annotated[str, StringConstraints(max_length=1000)]] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Prompts to sample (each at most 1,000 characters); empty = none.",
+    )
     every: int = Field(default=500, ge=1, description="Sample every N steps (and at the end).")
     images_per_prompt: int = Field(default=1, ge=1, le=16, description="Images per prompt.")
     inference_steps: int = Field(default=25, ge=1, le=500, description="Denoising steps per image.")

@@ -47,6 +47,8 @@ class Validated:
 
 
 MERGE_TAG = "tag:yaml.org,2002:merge"
+GOT_CHARS = 80
+"""How much of a wrong value a problem quotes: enough to recognise it, not a whole prompt."""
 
 
 class DuplicateKeyError(yaml.MarkedYAMLError):
@@ -146,11 +148,12 @@ def _describe(error: dict[str, Any]) -> Problem:
         return Problem(_path(loc), "required field is missing")
     if kind == "extra_forbidden":
         return Problem(_path(loc), "unknown field" + _allowed_fields(loc[:-1]))
-    message = error["msg"].replace("Input should be", "must be")
+    message = error["msg"].replace("Input should be", "must be").replace("String should have", "must have")
     if kind == "literal_error":
         message = message.replace("must be", "must be one of:", 1)
     if got is not None and not isinstance(got, dict | list):
-        message += f" (got {got!r})"
+        shown = repr(got)
+        message += f" (got {shown if len(shown) <= GOT_CHARS else shown[:GOT_CHARS - 3] + '...'})"
     return Problem(_path(loc), message)
 
 

@@ -35,6 +35,7 @@ from kubetune.operator.caches import Caches
 from kubetune.operator.events import Event
 from kubetune.operator.kube import ApiError, KubeApi
 from kubetune.operator.observed import Observed
+from kubetune.operator.reports import ProgressReport
 from kubetune.operator.timefmt import format_time
 
 LOG = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ class Cluster(Protocol):
 
     def post_event(self, ref: JobRef, event: Event, now: datetime) -> None: ...
 
-    def take_progress(self, job: FineTuneJob, pod: dict[str, Any]) -> Any:
+    def take_progress(self, job: FineTuneJob, pod: dict[str, Any]) -> ProgressReport | None:
         """What rank 0 (`pod`) reported on `/progress` since the last pass took it (None: nothing new).
 
         Never waits for the pod: reads happen in the background, and a reading with news asks
@@ -358,5 +359,5 @@ class KubeCluster:
         }
         self.events.post(ref.uid, ns, body)
 
-    def take_progress(self, job: FineTuneJob, pod: dict[str, Any]) -> Any:
+    def take_progress(self, job: FineTuneJob, pod: dict[str, Any]) -> ProgressReport | None:
         return self.progress.take(job_key(job), pod)
