@@ -205,6 +205,14 @@ class OutputSpec(ApiModel):
         default=500, ge=1, le=10_000_000, description="Save a resumable checkpoint every N steps."
     )
     keep_checkpoints: int = Field(default=3, ge=1, le=1000, description="Keep the newest N complete checkpoints.")
+    export: Literal["best", "last"] = Field(
+        default="best",
+        description=(
+            "Which weights the outputs hold. best: with a validation split (data.validationFraction > 0), "
+            "those of the step with the lowest validation loss, whose checkpoint is kept out of rotation; "
+            "without one, the last step's. last: always the last step's."
+        ),
+    )
     formats: list[Literal["diffusers", "kohya"]] = Field(
         default_factory=list,
         max_length=2,

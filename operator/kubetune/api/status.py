@@ -102,7 +102,14 @@ class Outputs(StatusModel):
     uri: str | None = Field(default=None, description="Folder holding every output.")
     lora: LoraOutputs | None = Field(default=None, description="LoRA files, for LoRA methods.")
     pipeline: str | None = Field(default=None, description="Diffusers pipeline folder, for full methods.")
-    report: str | None = Field(default=None, description="Training report page.")
+    report: str | None = Field(
+        default=None, description="Training report page (report/index.html), from the first validation on."
+    )
+    step: int | None = Field(default=None, description="The step whose weights the outputs hold.")
+    reason: str | None = Field(
+        default=None,
+        description="Why that step: BestValidationLoss, LastStep (output.export last, or no validation split).",
+    )
 
 
 class FineTuneJobStatus(StatusModel):
