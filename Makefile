@@ -30,10 +30,15 @@ $(SYNCED): pyproject.toml uv.lock
 
 venv: $(SYNCED)
 
-# Test tools that come from Debian: promtool (Prometheus) for metric and rule checks.
+# Test tools that come from Debian, each installed only when missing (one `apt-get update` for all):
+# promtool (Prometheus) for metric and rule checks; Chromium for the report's browser test, without
+# its desktop recommends (notification daemon, printer setup) but with a font for the page's text.
 tools:
-	@command -v promtool >/dev/null || { echo "installing promtool (Debian prometheus)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
+	@updated=; debian_install() { [ -n "$$updated" ] || { apt-get update -qq; updated=1; }; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$$@" >/dev/null; }; \
+	command -v promtool >/dev/null || { echo "installing promtool (Debian prometheus)"; debian_install prometheus; }; \
+	command -v chromium >/dev/null || { echo "installing chromium (Debian chromium)"; \
+	  debian_install --no-install-recommends chromium fonts-liberation; }
 
 demo: $(SYNCED)
 	$(RUN) kubetune demo
