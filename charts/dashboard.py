@@ -32,7 +32,14 @@ PANELS: tuple[Panel, ...] = (
         "short",
         (("{{namespace}}", f"sum by (namespace) (increase(kubetune_operator_jobs_restarted_total{NS}[1h]))"),),
     ),
-    Panel("Training loss", "short", (("{{name}}", f"kubetune_trainer_loss{JOB}"),)),
+    Panel(
+        "Training loss",
+        "short",
+        (
+            ("{{name}} step loss", f"kubetune_trainer_step_loss{JOB}"),
+            ("{{name}} smoothed loss", f"kubetune_trainer_smoothed_loss{JOB}"),
+        ),
+    ),
     Panel("Validation loss", "short", (("{{name}}", f"kubetune_trainer_validation_loss{JOB}"),)),
     Panel("Steps per second", "short", (("{{name}}", f"rate(kubetune_trainer_step{JOB}[5m])"),)),
     Panel("Images per second", "short", (("{{name}}", f"kubetune_trainer_images_per_second{JOB}"),)),

@@ -138,7 +138,7 @@ def test_lora_at_mixed_precision(size: ModelSize, precision: str, models: Models
         assert len(watch.scales) == steps and all(0 < s < math.inf for s in watch.scales), watch.scales
     else:
         assert watch.scales == []
-    assert math.isfinite(result.progress["loss"])
+    assert math.isfinite(result.progress["stepLoss"])
     assert lora_b_norm(result) > 0, "no optimizer step reached the adapters"
 
 
@@ -156,7 +156,7 @@ def test_full_fine_tune_with_8bit_adam(size: ModelSize, models: Models, tmp_path
     assert watch.first["trained_dtypes"] == {"torch.float32"}
     before = base_tensor(models.model(size) / "unet", "conv_in.weight")
     assert not before.equal(watch.last_weights["conv_in.weight"]), "the UNet's weights did not change"
-    assert math.isfinite(result.progress["loss"])
+    assert math.isfinite(result.progress["stepLoss"])
     assert (Path(result.progress["outputs"]["pipeline"]) / "model_index.json").is_file()
 
 

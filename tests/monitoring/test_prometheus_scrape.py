@@ -165,7 +165,7 @@ def test_prometheus_reads_loss_and_step_from_trainer_and_operator(
 
     step = _wait(lambda: [r for r in _query(prom_port, 'kubetune_trainer_step{job="trainer"} > 0')], "a step > 0")
     assert step[0]["metric"]["name"] == "test-lora" and step[0]["metric"]["namespace"] == "tests"
-    loss = _wait(lambda: _query(prom_port, "kubetune_trainer_loss"), "the loss")
+    loss = _wait(lambda: _query(prom_port, "kubetune_trainer_smoothed_loss"), "the smoothed loss")
     assert float(loss[0]["value"][1]) > 0
     created = _wait(
         lambda: _query(prom_port, f'kubetune_operator_jobs_created_total{{namespace="{namespace}"}}'),

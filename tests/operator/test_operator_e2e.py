@@ -72,7 +72,7 @@ def test_apply_train_and_report(kube_admin, namespace, start_operator, kubectl, 
     status = done["status"]
     assert condition(done, "Succeeded")["status"] == "True"
     assert status["progress"]["step"] == 40 and status["progress"]["percent"] == 100
-    assert status["progress"]["loss"] > 0
+    assert status["progress"]["smoothedLoss"] > 0
     assert [c["step"] for c in status["checkpoints"]] == [20, 30]  # every 10 steps, newest 2; step 40 is the output
     for checkpoint in status["checkpoints"]:
         assert keys_under(s3, checkpoint["uri"]), f"{checkpoint['uri']} is listed in status but not in S3"

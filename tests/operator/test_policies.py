@@ -199,7 +199,7 @@ TRAINER_PROGRESS = [
      "staging"),
     ({"phase": "Staging", "step": 0}, "staging"),
     ({"phase": "Resuming", "step": 500, "totalSteps": 2000}, "staging"),
-    ({"phase": "Training", "step": 600, "totalSteps": 2000, "loss": 0.1}, "training"),
+    ({"phase": "Training", "step": 600, "totalSteps": 2000, "smoothedLoss": 0.1}, "training"),
     ({"phase": "Exporting", "step": 2000, "totalSteps": 2000}, "saving"),
 ]
 
@@ -212,11 +212,11 @@ def test_trainer_progress_phases_map_to_stages(doc: dict[str, Any], stage: str) 
 
 def test_trainer_termination_message_shape() -> None:
     failed = parse_result('{"phase": "Failed", "exitCode": 78, "reason": "ConfigError", "message": '
-                          '"model.uri: no model_index.json", "step": 0, "totalSteps": null, "loss": null, '
+                          '"model.uri: no model_index.json", "step": 0, "totalSteps": null, "stepLoss": null, '
                           '"checkpoints": [], "samples": [], "outputs": null}')
     assert failed is not None and failed.error == "ConfigError: model.uri: no model_index.json"
     done = parse_result('{"phase": "Succeeded", "exitCode": 0, "reason": "Completed", "message": "training finished",'
-                        ' "step": 100, "totalSteps": 100, "loss": 0.05, "checkpoints": [{"step": 100, "uri": '
+                        ' "step": 100, "totalSteps": 100, "smoothedLoss": 0.05, "checkpoints": [{"step": 100, "uri": '
                         '"s3://o/checkpoints/step-100/", "createdAt": "2026-11-21T11:00:00Z"}], "samples": [],'
                         ' "outputs": {"uri": "s3://o/final/", "lora": {"kohya": "s3://o/final/x.safetensors"}}}')
     assert done is not None and done.error is None and done.progress is not None

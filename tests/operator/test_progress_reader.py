@@ -302,8 +302,9 @@ def checkpoints(n: int, uri: str = "s3://out/checkpoints/step/") -> list[dict[st
     ({"checkpoints": checkpoints(1, uri="s3://out/" + "k" * URI_CHARS)}, lambda r: r.checkpoints == ()),
     ({"data": {"images": 1, "skipped": 9999, "skippedFiles": [{"file": "f" * 5000, "reason": "r"}] * 500}},
      lambda r: len(r.data.skipped_files) == SKIPPED_FILES_KEPT and len(r.data.skipped_files[0].file) == TEXT_CHARS),
-    ({"step": 3, "loss": float("nan"), "imagesPerSecond": float("inf")},
-     lambda r: (r.progress.step, r.progress.loss, r.progress.images_per_second) == (3, None, None)),
+    ({"step": 3, "stepLoss": float("nan"), "smoothedLoss": float("-inf"), "imagesPerSecond": float("inf")},
+     lambda r: (r.progress.step, r.progress.step_loss, r.progress.smoothed_loss, r.progress.images_per_second)
+     == (3, None, None, None)),
     ({"step": 10**30, "checkpoints": [{"step": 10**30, "uri": "s3://x/"}]},
      lambda r: r.progress.step is None and r.checkpoints == ()),  # the API server's int64 would refuse it
     ({"stage": "training", "x": [{}] * 10_000}, lambda r: r.stage == "training" and r.progress is not None),
@@ -313,7 +314,7 @@ def test_a_kept_report_is_small_whatever_rank0_sent(doc: dict[str, Any], check: 
 
 
 def test_the_trainers_own_progress_is_kept_whole() -> None:
-    doc = {"phase": "Training", "step": 1500, "totalSteps": 2000, "loss": 0.08, "checkpoints": checkpoints(10),
+    doc = {"phase": "Training", "step": 1500, "totalSteps": 2000, "smoothedLoss": 0.08, "checkpoints": checkpoints(10),
            "samples": samples(16), "data": {"images": 118, "skipped": 1,
                                             "skippedFiles": [{"file": "a.jpg", "reason": "truncated image"}]}}
     report = bounded_report(doc)

@@ -55,7 +55,7 @@ def test_a_job_from_creation_to_success_through_one_restart() -> None:
     uid = cluster.batch_job("corgi")["metadata"]["uid"]
     cluster.set_job_status("corgi", active=1, ready=1, startTime="2026-11-21T12:00:05Z")
     _running_pods(cluster, uid)
-    cluster.progress = bounded_report({"stage": "training", "step": 40, "totalSteps": 100, "loss": 0.2,
+    cluster.progress = bounded_report({"stage": "training", "step": 40, "totalSteps": 100, "smoothedLoss": 0.2,
                                        "checkpoints": [{"step": 25, "uri": "s3://outputs/corgi/checkpoints/step-25/"}]})
     run()
     assert cluster.status["phase"] == "Running"

@@ -16,7 +16,7 @@ from kubetune.operator.reports import ProgressReport, parse_progress, parse_resu
 from kubetune.operator.status import compute_status, invalid_status, merge_checkpoints
 
 RUNNING = make_batch_job().active(1)
-TRAINING = parse_progress({"stage": "training", "step": 10, "totalSteps": 100, "loss": 0.1})
+TRAINING = parse_progress({"stage": "training", "step": 10, "totalSteps": 100, "smoothedLoss": 0.1})
 STAGING = parse_progress({"stage": "staging"})
 
 
@@ -136,7 +136,7 @@ def test_last_transition_time_moves_only_when_a_condition_flips() -> None:
 
 def test_progress_checkpoints_and_samples_come_from_rank_zero() -> None:
     report = parse_progress({
-        "stage": "training", "step": 600, "totalSteps": 2000, "loss": 0.08, "imagesPerSecond": 41.5,
+        "stage": "training", "step": 600, "totalSteps": 2000, "smoothedLoss": 0.08, "imagesPerSecond": 41.5,
         "checkpoints": [{"step": 500, "uri": "s3://o/ckpt/500/"}],
         "samples": [{"step": 500, "prompt": "a corgi", "uri": "s3://o/s/500-0.png"}],
     })

@@ -77,7 +77,7 @@ def test_method_trains_family_end_to_end(method: str, family: str, squares: Path
     assert result.progress["step"] == STEPS and len(seen) == STEPS
     assert _trained_weights_changed(method, result.progress["outputs"], model)
     metrics, progress = seen[-1]
-    loss = _samples(metrics, "kubetune_trainer_loss")[""]
+    loss = _samples(metrics, "kubetune_trainer_step_loss")[""]
     terms = _samples(metrics, "kubetune_trainer_loss_term")
     if method.startswith("dreambooth"):
         assert set(terms) == {"instance", "prior"} and set(progress["lossTerms"]) == {"instance", "prior"}

@@ -93,7 +93,7 @@ def test_dreambooth_lora_with_generated_class_images_through_kubetune_run(tiny_s
     assert progress["step"] == 2
     assert sorted(p.name for p in (scratch / "class-images").glob("*.png")) == ["class-00000.png",
                                                                                  "class-00001.png"]
-    assert math.isfinite(progress["loss"]) and math.isfinite(progress["validationLoss"])
+    assert math.isfinite(progress["smoothedLoss"]) and math.isfinite(progress["validationLoss"])
     assert [Path(s["uri"]).is_file() for s in progress["samples"]] == [True]
     lora = progress["outputs"]["lora"]
     assert Path(lora["diffusers"]).is_file() and Path(lora["kohya"]).is_file()

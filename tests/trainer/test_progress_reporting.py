@@ -43,7 +43,7 @@ def test_metrics_use_only_namespace_and_name_labels() -> None:
     assert samples and all(line.startswith("kubetune_trainer_") for line in samples)
     label_sets = {frozenset(re.findall(r'(\w+)="', line)) - {"le"} for line in samples}
     assert label_sets == {frozenset({"namespace", "name"})}
-    assert "kubetune_trainer_staged_bytes_total" in text and "kubetune_trainer_loss" in text
+    assert "kubetune_trainer_staged_bytes_total" in text and "kubetune_trainer_step_loss{" in text
 
 
 @needs_promtool

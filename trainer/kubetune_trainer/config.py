@@ -28,6 +28,6 @@ class RuntimeConfig:
     pvc_root: Path = Path(os.environ.get("KUBETUNE_PVC_ROOT", "/mnt/pvc"))
     progress_bar: bool = False
     log_every: int = 10
-    """Log a line every N steps (pods); 0 = no step lines."""
+    """0 = no step lines; otherwise, without a bar, a step line every 30 s and at every 5% (reporting.LogLines)."""
     quiet: bool = False
     """No log lines or bar at all: ranks other than 0 leave the talking to rank 0."""

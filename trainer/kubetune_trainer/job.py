@@ -24,7 +24,8 @@ from kubetune.api.resource import FineTuneJob
 from kubetune_trainer.config import TERMINATION_LIMIT_BYTES, RuntimeConfig
 from kubetune_trainer.distributed import collective_failure
 from kubetune_trainer.exitcodes import EXIT_FAILED, EXIT_OK, ConfigError, Interrupted, TrainerError
-from kubetune_trainer.reporting import LogLines, ProgressBar, ProgressState, Reporter, Reporters
+from kubetune_trainer.report import ReportWriter, report_hooks
+from kubetune_trainer.reporting import ProgressState, Reporter, Reporters, console_reporter
 from kubetune_trainer.trainer import StepHook, StopRequest
 
 
@@ -42,8 +43,9 @@ class RunResult:
         progress = self.progress
         return {"phase": self.phase, "exitCode": self.exit_code, "reason": self.reason,
                 "message": self.message, "step": progress.get("step"), "totalSteps": progress.get("totalSteps"),
-                "epoch": progress.get("epoch"), "loss": progress.get("loss"),
-                "validationLoss": progress.get("validationLoss"), "checkpoints": progress.get("checkpoints", []),
+                "epoch": progress.get("epoch"), "stepLoss": progress.get("stepLoss"),
+                "smoothedLoss": progress.get("smoothedLoss"), "validationLoss": progress.get("validationLoss"),
+                "checkpoints": progress.get("checkpoints", []),
                 "samples": progress.get("samples", []), "outputs": progress.get("outputs"),
                 "data": progress.get("data")}
 
@@ -94,7 +96,8 @@ def _reporters(job: FineTuneJob, runtime: RuntimeConfig, progress: ProgressState
         print(f"[kubetune] serving /metrics and /progress on port {server.port}", flush=True)
         reporters.append(metrics)
     if not runtime.quiet:
-        reporters.append(ProgressBar() if runtime.progress_bar else LogLines(runtime.log_every or 10**9))
+        reporters.append(console_reporter(runtime.progress_bar, step_lines=runtime.log_every != 0))
+        reporters.append(ReportWriter(job, runtime, progress))  # rank 0 writes <output>/report/
     return Reporters(reporters), server
 
 
@@ -144,7 +147,7 @@ def _run(job: FineTuneJob, runtime: RuntimeConfig, hooks: list[StepHook] | None,
     reporter, server = Reporter(), None
     try:
         reporter, server = _reporters(job, runtime, progress)
-        trainer = build_trainer(job, runtime, reporter, hooks, stop)
+        trainer = build_trainer(job, runtime, reporter, [*(hooks or []), *report_hooks(reporter)], stop)
         trainer.train()
         progress.phase("Succeeded")
         reason, message = ("EarlyStopped", trainer.early_stop_message) if trainer.early_stop_message else (

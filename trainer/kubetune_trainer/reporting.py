@@ -3,6 +3,10 @@
 The trainer tells one `Reporter` what happened; `Reporters` fans out to several. The base
 class does nothing, so ranks other than 0, or a run without a bar, get plain `Reporter()`
 and the loop never asks whether reporting is on.
+
+Two losses, named the same everywhere (/metrics, /progress, status, log line, bar): the
+*step loss* is the raw loss of the latest optimizer step; the *smoothed loss* is its
+exponential moving average (`Smoothed`, factor `SMOOTHING`).
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from kubetune.api.status import DataReport
@@ -17,8 +22,25 @@ from kubetune_trainer.checkpoint import CheckpointRef
 from kubetune_trainer.staging import StagingReport
 
 SMOOTHING = 0.9
+"""Smoothed loss = SMOOTHING x the previous smoothed loss + (1 - SMOOTHING) x the step loss."""
+LOG_SECONDS = 30.0
+LOG_PERCENT = 5
+"""Without a terminal, a step line every LOG_SECONDS and at every LOG_PERCENT% of the steps."""
 REPORTED_SKIPPED_FILES = 10
 """Skipped files named in /progress and the termination message; the log names every one."""
+
+
+class Smoothed:
+    """An exponential moving average that starts at its first value (again after a resume: the
+    average is not checkpointed). Every reporter keeps its own; they see the same steps, so agree."""
+
+    def __init__(self, factor: float = SMOOTHING) -> None:
+        self.factor = factor
+        self.value: float | None = None
+
+    def add(self, value: float) -> float:
+        self.value = value if self.value is None else self.factor * self.value + (1 - self.factor) * value
+        return self.value
 
 
 class Reporter:
@@ -103,17 +125,16 @@ REPORTED_CHECKPOINTS = 32
 
 
 class ProgressState(Reporter):
-    """The JSON served at /progress and written at exit: phase, step, loss, ETA, URIs."""
+    """The JSON served at /progress and written at exit: phase, step, step and smoothed loss, ETA, URIs."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._state: dict[str, Any] = {
-            "phase": "Starting", "step": 0, "totalSteps": None, "epoch": None, "loss": None, "validationLoss": None,
-            "imagesPerSecond": None, "etaSeconds": None, "lossTerms": None, "checkpoints": [], "samples": [],
-            "outputs": None, "data": None,
+            "phase": "Starting", "step": 0, "totalSteps": None, "epoch": None, "stepLoss": None,
+            "smoothedLoss": None, "validationLoss": None, "imagesPerSecond": None, "etaSeconds": None,
+            "lossTerms": None, "checkpoints": [], "samples": [], "outputs": None, "data": None,
         }
-        self._loss: float | None = None
-        self._rate: float | None = None
+        self._loss, self._rate = Smoothed(), Smoothed()
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
@@ -133,13 +154,11 @@ class ProgressState(Reporter):
         self._set(step=step, totalSteps=total_steps)
 
     def step(self, step: int, loss: float, images: int, seconds: float, epoch: int = 1) -> None:
-        rate = images / seconds if seconds > 0 else 0.0
-        self._loss = loss if self._loss is None else SMOOTHING * self._loss + (1 - SMOOTHING) * loss
-        self._rate = rate if self._rate is None else SMOOTHING * self._rate + (1 - SMOOTHING) * rate
+        smoothed, rate = self._loss.add(loss), self._rate.add(images / seconds if seconds > 0 else 0.0)
         total = self._state["totalSteps"] or step
         eta = (total - step) * seconds
-        self._set(step=step, epoch=epoch, loss=round(self._loss, 6), imagesPerSecond=round(self._rate, 3),
-                  etaSeconds=int(eta))
+        self._set(step=step, epoch=epoch, stepLoss=round(loss, 6), smoothedLoss=round(smoothed, 6),
+                  imagesPerSecond=round(rate, 3), etaSeconds=int(eta))
 
     def loss_terms(self, step: int, terms: dict[str, float]) -> None:
         if terms:
@@ -171,11 +190,35 @@ def data_lines(report: DataReport) -> list[str]:
     return [summary, *(f"skipped {entry.file}: {entry.reason}" for entry in report.skipped_files)]
 
 
-class LogLines(Reporter):
-    """One line per notable event, for pod logs; steps every `every` steps."""
+def step_line(step: int, total: int, loss: float, smoothed: float, images: int, seconds: float) -> str:
+    """The log's account of one step: where it is, both losses by their documented names, throughput."""
+    percent = f" ({step * 100 // total}%)" if total else ""
+    return (f"step {step}/{total}{percent} step loss {loss:.4f} smoothed loss {smoothed:.4f} "
+            f"{images / max(seconds, 1e-9):.2f} img/s")
 
-    def __init__(self, every: int = 10, stream: Any = None) -> None:
-        self.every, self.stream, self.total = every, stream or sys.stdout, 0
+
+class LogLines(Reporter):
+    """One line per notable event, for logs read without a terminal (pods, CI, `kubetune run` piped).
+
+    A step line every `seconds` (a slow run still shows it is alive) and at every `percent`% of
+    the steps (a fast run still shows its course in about 100 / `percent` lines), and the last
+    step; `steps=False` leaves step lines out. `clock` is the seam tests turn by hand.
+    """
+
+    def __init__(self, stream: Any = None, steps: bool = True, seconds: float = LOG_SECONDS,
+                 percent: int = LOG_PERCENT, clock: Callable[[], float] = time.monotonic) -> None:
+        self.stream, self.steps, self.seconds, self.percent, self.clock = (stream or sys.stdout, steps, seconds,
+                                                                            percent, clock)
+        self.total, self.previous, self.logged_at, self.loss = 0, 0, 0.0, Smoothed()
+
+    def _due(self, step: int) -> bool:
+        """A step line is due: `seconds` passed since the last one, or `step` reached the next
+        multiple of `percent`% of the steps (a step taken from a later one may cross several)."""
+        def tick(s: int) -> int:
+            return s * 100 // (self.percent * self.total) if self.total else s
+
+        return (step == self.total or tick(step) > tick(self.previous)
+                or self.clock() - self.logged_at >= self.seconds)
 
     def _print(self, text: str) -> None:
         print(f"[kubetune] {time.strftime('%H:%M:%S')} {text}", file=self.stream, flush=True)
@@ -201,12 +244,15 @@ class LogLines(Reporter):
             self._print(line)
 
     def started(self, step: int, total_steps: int) -> None:
-        self.total = total_steps
+        self.total, self.previous, self.logged_at = total_steps, step, self.clock()
         self._print(f"training from step {step} to {total_steps}")
 
     def step(self, step: int, loss: float, images: int, seconds: float, epoch: int = 1) -> None:
-        if step % self.every == 0 or step == self.total:
-            self._print(f"step {step}/{self.total} loss {loss:.4f} {images / max(seconds, 1e-9):.2f} img/s")
+        smoothed = self.loss.add(loss)
+        if self.steps and self._due(step):
+            self.logged_at = self.clock()
+            self._print(step_line(step, self.total, loss, smoothed, images, seconds))
+        self.previous = step
 
     def validation(self, step: int, loss: float) -> None:
         self._print(f"step {step} validation loss {loss:.4f}")
@@ -221,6 +267,7 @@ class ProgressBar(Reporter):
 
     def __init__(self) -> None:
         self.bar: Any = None
+        self.loss = Smoothed()
 
     def notice(self, text: str) -> None:
         print(f"note: {text}", file=sys.stderr, flush=True)
@@ -235,11 +282,20 @@ class ProgressBar(Reporter):
         self.bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True)
 
     def step(self, step: int, loss: float, images: int, seconds: float, epoch: int = 1) -> None:
+        smoothed = self.loss.add(loss)
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            self.bar.set_postfix_str(f"step loss {loss:.4f} smoothed loss {smoothed:.4f}", refresh=False)
             self.bar.update(step - self.bar.n)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def console_reporter(progress_bar: bool, step_lines: bool = True) -> Reporter:
+    """The bar when asked for and stderr is a terminal; log lines otherwise: a bar redrawn into a
+    pod log or a file is one long unreadable line."""
+    if progress_bar and sys.stderr.isatty():
+        return ProgressBar()
+    return LogLines(steps=step_lines)

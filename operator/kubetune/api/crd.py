@@ -131,7 +131,12 @@ PRINTER_COLUMNS: tuple[dict[str, str], ...] = (
         "description": "Percent of steps done",
     },
     {"name": "Step", "type": "integer", "jsonPath": ".status.progress.step"},
-    {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
+    {
+        "name": "Loss",
+        "type": "number",
+        "jsonPath": ".status.progress.smoothedLoss",
+        "description": "Smoothed training loss",
+    },
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 )
 

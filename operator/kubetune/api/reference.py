@@ -55,7 +55,7 @@ def _rules(node: dict[str, Any], path: str) -> list[str]:
 
 def render_reference() -> str:
     """The whole reference page."""
-    spec = openapi_schema()["properties"]["spec"]
+    spec, status = openapi_schema()["properties"]["spec"], openapi_schema()["properties"]["status"]
     header = "| Field | Type | Required | Default | Bounds | Description |\n|---|---|---|---|---|---|"
     return "\n".join(
         [
@@ -85,6 +85,13 @@ def render_reference() -> str:
             "On a cluster the operator also refuses a job whose `output.uri` overlaps a live job's.",
             "",
             *[f"- `spec.{path}`" for path in WEIGHT_FIELDS],
+            "",
+            "## status",
+            "",
+            "Written by the operator; read-only.",
+            "",
+            header,
+            *_rows(status, "status", set()),
             "",
         ]
     )

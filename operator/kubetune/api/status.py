@@ -46,7 +46,14 @@ class Progress(StatusModel):
     total_steps: int | None = Field(default=None, description="Optimizer steps planned.")
     percent: int | None = Field(default=None, description="step / totalSteps in percent.")
     epoch: int | None = Field(default=None, description="Current epoch.")
-    loss: float | None = Field(default=None, description="Smoothed training loss.")
+    step_loss: float | None = Field(
+        default=None, description="Step loss: the raw training loss of the latest optimizer step."
+    )
+    smoothed_loss: float | None = Field(
+        default=None,
+        description="Smoothed loss: exponential moving average of the step loss (0.9 x previous + 0.1 x step "
+        "loss); the Loss column. Renamed from `loss`.",
+    )
     validation_loss: float | None = Field(default=None, description="Latest validation loss.")
     images_per_second: float | None = Field(default=None, description="Training throughput, all ranks.")
     eta_seconds: int | None = Field(default=None, description="Estimated seconds to completion.")

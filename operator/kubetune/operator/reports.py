@@ -5,7 +5,7 @@ a piece of status and the operator merges it. The trainer's own shape
 (`kubetune_trainer.reporting.ProgressState`, `kubetune_trainer.job.RunResult`):
 
     /progress            {"phase": "Staging" | "Loading" | "Resuming" | "Training" | ...,
-                          "step": 1200, "totalSteps": 2000, "loss": 0.083,
+                          "step": 1200, "totalSteps": 2000, "stepLoss": 0.091, "smoothedLoss": 0.083,
                           "imagesPerSecond": 41.5, "etaSeconds": 310,
                           "checkpoints": [{"step": 1000, "uri": "s3://...", "createdAt": "..."}],
                           "samples": [{"step": 1000, "prompt": "...", "uri": "s3://..."}],
@@ -37,7 +37,8 @@ STAGE_OF = {
 """The trainer's phase (or an explicit stage) -> the operator's stage: staging, training, saving, done."""
 EARLY_STOPPED = "EarlyStopped"
 """The trainer's result reason when `training.earlyStopping` ended the run."""
-PROGRESS_KEYS = ("step", "totalSteps", "percent", "epoch", "loss", "validationLoss", "imagesPerSecond", "etaSeconds")
+PROGRESS_KEYS = ("step", "totalSteps", "percent", "epoch", "stepLoss", "smoothedLoss", "validationLoss",
+                 "imagesPerSecond", "etaSeconds")
 
 
 @dataclass(frozen=True)
