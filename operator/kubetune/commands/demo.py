@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -12,12 +13,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="run a tiny LoRA fine-tune end to end on this machine (no GPU, cluster or network)",
         description=(
             "Build a tiny random-weight Stable Diffusion pipeline and a synthetic captioned image set, "
-            "serve them from an embedded S3-compatible server on 127.0.0.1, run a short LoRA job "
-            "through the same code as `kubetune run`, and print where the checkpoints, LoRA files "
-            "and status are."
+            "serve them from an embedded in-memory S3-compatible server on 127.0.0.1 and run a short LoRA job "
+            "through the same code as `kubetune run`. The outputs (LoRA weights, checkpoints, samples, report), "
+            "the base pipeline it trained (base/) and the final status are copied to --out; the last lines "
+            "print their paths and two lines of Python that load the LoRA into the base pipeline."
         ),
     )
-    parser.add_argument("--workdir", type=Path, help="folder for inputs, scratch and outputs (default: a temp dir)")
+    parser.add_argument("--out", type=Path, default=Path("kubetune-demo"),
+                        help="where the results stay (default: ./kubetune-demo); a folder a previous demo "
+                             "wrote is replaced, any other non-empty folder refused")
+    parser.add_argument("--workdir", type=Path,
+                        help="folder for inputs and staging, kept afterwards (default: a temp dir, removed)")
     parser.add_argument("--steps", type=int, default=12, help="training steps (default: 12)")
     parser.add_argument("--family", choices=("sd", "sdxl"), default="sd", help="tiny model family")
     parser.set_defaults(handler=run)
@@ -25,6 +31,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from kubetune_trainer.demo import run_demo
+    from kubetune_trainer.exitcodes import ConfigError
 
-    result, _ = run_demo(args.workdir, steps=args.steps, family=args.family)
+    try:
+        result, _ = run_demo(args.out, args.workdir, steps=args.steps, family=args.family)
+    except ConfigError as exc:
+        print(f"kubetune demo: {exc}", file=sys.stderr)
+        return exc.exit_code
     return result.exit_code
