@@ -1,0 +1,316 @@
+"""The training report under `<output.uri>/report/`: a page people open, pictures they paste, a history they plot.
+
+`ReportWriter` is a `Reporter` on rank 0: it keeps every logged step and validation in memory
+(a few hundred bytes each) and, at each validation and at the end of the run, renders and
+uploads through the storage interface:
+
+    report/index.html     one self-contained page (figures inline as SVG, samples embedded)
+    report/loss.png       the loss figure, for chats and pull requests
+    report/samples.png    validation prompts x steps
+    report/history.jsonl  one line per logged step and per validation
+
+Rendering happens only then, never per step, so training speed does not depend on it. The
+report's URI goes into `/progress` `outputs.report` once first written; the operator copies it
+to `status.outputs.report`. A report that cannot be written is a note in the log, never a
+failed run.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from kubetune.api.resource import FineTuneJob
+from kubetune.api.status import DataReport
+from kubetune_trainer import report_render as render
+from kubetune_trainer.config import RuntimeConfig
+from kubetune_trainer.reporting import SMOOTHING, ProgressState, Reporter, Reporters
+from kubetune_trainer.staging import StagingReport
+from kubetune_trainer.storage import ObjectStore, join_uri
+
+REPORT_FILES = ("history.jsonl", "loss.png", "samples.png", "index.html")
+"""Uploaded in this order: the page last, so whoever sees it finds its companions."""
+SHOWN_SKIPPED = 100
+"""Skipped files the page names (history and log name every one)."""
+SECRET_WORDS = ("token", "password", "secret_access", "secretaccess", "signature", "credential")
+
+
+class ReportWriter(Reporter):
+    """Collects the run's history and writes the report at each validation and at the end."""
+
+    def __init__(self, job: FineTuneJob, runtime: RuntimeConfig, progress: ProgressState,
+                 store: ObjectStore | None = None) -> None:
+        self.job, self.progress, self._store = job, progress, store
+        self.runtime = runtime
+        self.folder = runtime.scratch / "report"
+        self.uri = join_uri(job.spec.output.uri, "report", "index.html")
+        self.started_at = time.monotonic()
+        self.steps: list[dict[str, Any]] = []
+        self.validations: list[dict[str, Any]] = []
+        self.samples: list[dict[str, Any]] = []
+        self.thumbnails: dict[str, Any] = {}
+        self.phases: list[tuple[str, float]] = []
+        self.staging: list[dict[str, Any]] = []
+        self.data_report: DataReport | None = None
+        self.final: dict[str, Any] = {}
+        self.published = False
+        self.due = False
+        self.trainer: Any = None
+        self.render_seconds: float | None = None
+
+    # --- events -----------------------------------------------------------------------------
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started_at
+
+    def phase(self, phase: str) -> None:
+        self.phases.append((phase, self.elapsed()))
+
+    def staged(self, what: str, report: StagingReport) -> None:
+        self.staging.append({"what": what, "files": report.files, "downloaded": report.downloaded,
+                             "bytes": report.bytes_downloaded, "seconds": round(report.seconds, 1)})
+
+    def data(self, report: DataReport) -> None:
+        self.data_report = report
+
+    def step(self, step: int, loss: float, images: int, seconds: float, epoch: int = 1) -> None:
+        smoothed = loss if not self.steps else SMOOTHING * self.steps[-1]["smoothedLoss"] + (1 - SMOOTHING) * loss
+        self.steps.append({"kind": "step", "step": step, "epoch": epoch, "stepLoss": loss, "smoothedLoss": smoothed,
+                           "lr": None, "images": images, "seconds": seconds,
+                           "imagesPerSecond": images / seconds if seconds > 0 else 0.0, "time": self.elapsed()})
+
+    def loss_terms(self, step: int, terms: dict[str, float]) -> None:
+        if terms and self.steps and self.steps[-1]["step"] == step:
+            self.steps[-1]["lossTerms"] = dict(terms)
+
+    def validation(self, step: int, loss: float) -> None:
+        self.validations.append({"kind": "validation", "step": step, "validationLoss": loss, "time": self.elapsed()})
+        self.due = True  # written once the step is over, with this step's samples
+
+    def sample(self, sample: dict[str, Any]) -> None:
+        self.samples.append(dict(sample))
+
+    def outputs(self, outputs: dict[str, Any]) -> None:
+        self.final = dict(outputs)
+        if self.published:  # the export's outputs replace /progress's; the report stays listed
+            self.progress.outputs({**outputs, "report": self.uri})
+
+    def step_hook(self, trainer: Any) -> None:
+        """After each step (a `StepHook`): the step's learning rate, and the report if a validation was due."""
+        self.trainer = trainer
+        if self.steps and self.steps[-1]["step"] == trainer.step:
+            self.steps[-1]["lr"] = float(trainer.p.lr_scheduler.get_last_lr()[0])
+        if self.due:
+            self.due = False
+            self.publish()
+
+    def close(self) -> None:
+        """The last report, once the run ended (any way) after at least one step."""
+        if self.steps:
+            self.publish()
+
+    # --- writing ----------------------------------------------------------------------------
+    def store(self) -> ObjectStore:
+        if self._store is None:
+            from kubetune_trainer.storage import open_store
+
+            spec = self.job.spec
+            self._store = open_store(spec.output.uri, spec.storage, self.runtime.pvc_root)
+        return self._store
+
+    def publish(self) -> None:
+        """Render and upload the report; a failure is a note, training goes on."""
+        started = time.perf_counter()
+        try:
+            self.write(self.folder)
+            for name in REPORT_FILES:
+                self.store().upload(self.folder / name, join_uri(self.uri.rsplit("/", 1)[0], name))
+        except Exception as exc:  # the report is a view of the run, never a reason to fail it
+            print(f"[kubetune] note: the report at {self.uri} was not written: {type(exc).__name__}: {exc}",
+                  file=sys.stderr, flush=True)
+            return
+        self.render_seconds = time.perf_counter() - started
+        if not self.published:
+            self.published = True
+            self.progress.outputs({**self.final, "report": self.uri})
+
+    def write(self, folder: Path) -> None:
+        """Every report file into `folder` (replaced whole)."""
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        cells = self.sample_cells()
+        figures = render.figures(self.steps, self.validations, self.marked_step())
+        (folder / "history.jsonl").write_text("".join(json.dumps(line) + "\n" for line in self.history()),
+                                              encoding="utf-8")
+        if "loss" in figures:
+            (folder / "loss.png").write_bytes(render.png_of(figures["loss"]))
+        if cells:
+            (folder / "samples.png").write_bytes(render.png_of(render.samples_figure(cells), dpi=90))
+        svgs = {name: render.svg_of(fig) for name, fig in figures.items()}
+        (folder / "index.html").write_text(render.render_page(self.context(svgs, cells)), encoding="utf-8")
+        if not cells:  # the picture is there before any sample is, and says why it is empty
+            (folder / "samples.png").write_bytes(render.png_of(render.empty_figure("no samples yet")))
+
+    def history(self) -> list[dict[str, Any]]:
+        """Steps and validations in step order (a validation after the step it follows)."""
+        lines = [*self.steps, *self.validations]
+        return sorted(lines, key=lambda line: (line["step"], line["kind"] == "validation"))
+
+    def marked_step(self) -> tuple[int, str] | None:
+        """The exported step once known, else the best validation so far."""
+        if self.final.get("step") is not None:
+            return int(self.final["step"]), f"exported step {self.final['step']}"
+        if self.validations:
+            best = min(self.validations, key=lambda v: (v["validationLoss"], v["step"]))
+            return best["step"], f"best validation so far (step {best['step']})"
+        return None
+
+    def sample_cells(self) -> list[render.SampleCell]:
+        """Each sample with a thumbnail, read back from the store once."""
+        from PIL import Image
+
+        cells = []
+        for sample in self.samples:
+            uri = sample["uri"]
+            if uri not in self.thumbnails:
+                local = self.runtime.scratch / "report-samples" / uri.rsplit("/", 1)[-1]
+                local.parent.mkdir(parents=True, exist_ok=True)
+                self.store().download(uri, local)
+                with Image.open(local) as image:
+                    thumb = image.convert("RGB")
+                thumb.thumbnail((render.THUMBNAIL, render.THUMBNAIL))
+                self.thumbnails[uri] = thumb
+                local.unlink(missing_ok=True)
+            cells.append(render.SampleCell(sample["step"], sample["prompt"], uri, self.thumbnails[uri]))
+        return cells
+
+    def context(self, svgs: dict[str, str], cells: list[render.SampleCell]) -> dict[str, Any]:
+        """Everything the template shows, as plain values (it escapes them all but the SVGs)."""
+        from markupsafe import Markup
+
+        prompts, columns, grid = render.sample_grid(cells)
+        return {
+            "title": f"{self.job.metadata.name}: training report",
+            "summary": self.summary(),
+            "figures": {name: Markup(svg) for name, svg in svgs.items()},
+            "prompts": prompts, "columns": columns,
+            "grid": {key: [{"src": render.data_uri(c.thumbnail), "uri": c.uri} for c in value]
+                     for key, value in grid.items()},
+            "sampled_steps": len({c.step for c in cells}),
+            "data": self.data_summary(),
+            "phases": self.phase_timings(),
+            "staging": self.staging,
+            "spec": resolved_spec(self.job),
+            "validations": self.validations,
+        }
+
+    def summary(self) -> list[tuple[str, str]]:
+        spec, last = self.job.spec, self.steps[-1] if self.steps else None
+        images = sum(s["images"] for s in self.steps)
+        busy = sum(s["seconds"] for s in self.steps)
+        total = self.trainer.p.total_steps if self.trainer is not None else None
+        rows = [("phase", str(self.progress.snapshot().get("phase"))), ("stop reason", self.stop_reason()),
+                ("base model", _masked_url(spec.model.uri)),
+                ("method", spec.method.type),
+                ("steps", f"{last['step'] if last else 0} of {total if total is not None else '?'}"),
+                ("wall time", _duration(self.elapsed())),
+                ("images/s", f"{images / busy:.2f}" if busy > 0 else "-")]
+        if self.validations:
+            best = min(self.validations, key=lambda v: (v["validationLoss"], v["step"]))
+            rows.append(("best validation loss", f"{best['validationLoss']:.5f} at step {best['step']}"))
+        if self.final:
+            rows.append(("exported", f"step {self.final.get('step', last['step'] if last else '?')}"
+                                     + (f" ({self.final['reason']})" if self.final.get("reason") else "")))
+            rows.append(("outputs", str(self.final.get("uri", ""))))
+        return rows
+
+    def stop_reason(self) -> str:
+        phase = self.progress.snapshot().get("phase")
+        trainer = self.trainer
+        if trainer is not None and trainer.early_stop_message:
+            return f"EarlyStopped: {trainer.early_stop_message}"
+        if trainer is not None and trainer.p.stop.signal:
+            return f"stopped by {trainer.p.stop.signal} after step {trainer.step} (a restart resumes)"
+        if phase == "Succeeded":
+            return "Completed: training finished"
+        if phase == "Failed":
+            return "Failed (status.message says why)"
+        return "still running"
+
+    def data_summary(self) -> dict[str, Any] | None:
+        report = self.data_report
+        buckets = _buckets(self.trainer.p.data) if self.trainer is not None else None
+        if report is None and not buckets:
+            return None
+        skipped = list(report.skipped_files) if report else []
+        return {"images": report.images if report else None, "skipped": report.skipped if report else None,
+                "max_skipped": report.max_skipped if report else None,
+                "skipped_files": [(s.file, s.reason) for s in skipped[:SHOWN_SKIPPED]],
+                "more_skipped": max(0, len(skipped) - SHOWN_SKIPPED), "buckets": buckets or []}
+
+    def phase_timings(self) -> list[tuple[str, str]]:
+        """How long each phase took: from its start to the next phase's (the last one to now)."""
+        marks = [*self.phases, ("end", self.elapsed())]
+        return [(name, _duration(marks[i + 1][1] - start)) for i, (name, start) in enumerate(marks[:-1])]
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m {secs:02d}s" if hours else f"{minutes}m {secs:02d}s"
+
+
+def _buckets(data: Any) -> list[tuple[str, int]] | None:
+    """Aspect buckets (width x height: examples) of the batch stream, found through its wrappers."""
+    for _ in range(4):
+        buckets = getattr(data, "buckets", None)
+        if isinstance(buckets, dict):
+            return [(f"{w} x {h}", len(members)) for (w, h), members in sorted(buckets.items())]
+        data = next((getattr(data, name) for name in ("instance", "stream", "data", "inner")
+                     if hasattr(data, name)), None)
+        if data is None:
+            return None
+    return None
+
+
+def resolved_spec(job: FineTuneJob) -> str:
+    """The spec as YAML, with anything that could carry a credential masked (it should hold only Secret
+    names; URLs with user:password or signed query strings, and token-like fields, are masked anyway)."""
+    import yaml
+
+    spec = job.spec.model_dump(by_alias=True, mode="json", exclude_none=True)
+    return yaml.safe_dump(_scrubbed(spec), sort_keys=False, allow_unicode=True)
+
+
+def _scrubbed(value: Any, key: str = "") -> Any:
+    if isinstance(value, dict):
+        return {k: _scrubbed(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrubbed(v, key) for v in value]
+    if not isinstance(value, str):
+        return value
+    if any(word in key.lower() for word in SECRET_WORDS):
+        return "(masked)"
+    return _masked_url(value)
+
+
+def _masked_url(text: str) -> str:
+    if "://" not in text:
+        return text
+    parts = urlsplit(text)
+    netloc = parts.netloc.rsplit("@", 1)[-1] if "@" in parts.netloc else parts.netloc
+    query = "(masked)" if parts.query else ""
+    if netloc == parts.netloc and not query:
+        return text
+    return urlunsplit((parts.scheme, ("(masked)@" if "@" in parts.netloc else "") + netloc, parts.path, query,
+                       parts.fragment))
+
+
+def report_hooks(reporter: Reporter) -> list[Any]:
+    """The step hooks of the report writers among `reporter`'s (none on ranks that write no report)."""
+    members = reporter.reporters if isinstance(reporter, Reporters) else [reporter]
+    return [member.step_hook for member in members if isinstance(member, ReportWriter)]
