@@ -93,7 +93,8 @@ def _reporters(job: FineTuneJob, runtime: RuntimeConfig, progress: ProgressState
     if runtime.port is not None:
         metrics = PrometheusMetrics(job.metadata.namespace or "default", job.metadata.name)
         server = StatusServer(progress, metrics, runtime.port, runtime.host)
-        print(f"[kubetune] serving /metrics and /progress on port {server.port}", flush=True)
+        url = f"http://{runtime.host}:{server.port}"
+        print(f"[kubetune] serving {url}/metrics and {url}/progress", flush=True)
         reporters.append(metrics)
     if not runtime.quiet:
         reporters.append(console_reporter(runtime.progress_bar, step_lines=runtime.log_every != 0))
