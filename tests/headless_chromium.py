@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import fcntl
 import json
 import os
 import select
@@ -63,19 +62,17 @@ class Chromium:
         if self.binary is None:
             raise BrowserError("chromium is not installed: `make tools` installs it (Debian package chromium)")
         self.profile.mkdir(parents=True, exist_ok=True)
-        # The browser reads commands on fd 3 and writes answers on fd 4; the pipes are moved there by the shell
-        # (no preexec_fn: the test process runs torch's threads).
+        # The browser reads commands on fd 3 and writes answers on fd 4. The pipes are handed over as the shell's
+        # stdin and stdout and moved there by `exec` (no preexec_fn: the test process runs torch's threads).
         to_browser_r, self._to_browser = os.pipe()
         self._from_browser, from_browser_w = os.pipe()
-        child_r, child_w = _above_fd_4(to_browser_r), _above_fd_4(from_browser_w)
         self._stderr = (self.profile.parent / f"{self.profile.name}.stderr").open("wb")
         command = [*FLAGS, f"--user-data-dir={self.profile}", "about:blank"]
-        self._proc = subprocess.Popen(
-            ["/bin/sh", "-c", f'exec "$0" "$@" 3<&{child_r} 4>&{child_w} {child_r}<&- {child_w}>&-',
-             self.binary, *command],
-            pass_fds=(child_r, child_w), stdin=subprocess.DEVNULL, stdout=self._stderr, stderr=self._stderr)
-        os.close(child_r)
-        os.close(child_w)
+        self._proc = subprocess.Popen(["/bin/sh", "-c", 'exec "$0" "$@" 3<&0 4>&1 0</dev/null 1>&2',
+                                       self.binary, *command],
+                                      stdin=to_browser_r, stdout=from_browser_w, stderr=self._stderr)
+        os.close(to_browser_r)
+        os.close(from_browser_w)
         try:
             self.send("Browser.getVersion")
         except BaseException:
@@ -178,13 +175,6 @@ class Chromium:
         self._stderr.flush()
         text = Path(self._stderr.name).read_text(errors="replace").strip()
         return f"; its stderr ends:\n{text[-2000:]}" if text else ""
-
-
-def _above_fd_4(fd: int) -> int:
-    """The same pipe end on the lowest free descriptor above 4, so moving it to 3 or 4 cannot clobber the other."""
-    moved = fcntl.fcntl(fd, fcntl.F_DUPFD, 5)
-    os.close(fd)
-    return moved
 
 
 class Page:
