@@ -221,11 +221,16 @@ class Page:
             raise BrowserError(f"{expression!r} threw: {details.get('exception', {}).get('description', details)}")
         return answer["result"].get("value")
 
-    def screenshot(self, width: int | None = None) -> bytes:
-        """A PNG of the whole page (not only the viewport), at CSS pixel size or scaled to `width` pixels."""
+    def screenshot(self, width: int | None = None, until: str | None = None) -> bytes:
+        """A PNG of the whole page (not only the viewport), or from its top to the bottom of the element that
+        CSS selector `until` picks; at CSS pixel size or scaled to `width` pixels."""
         size = self._browser.send("Page.getLayoutMetrics", session=self._session)["cssContentSize"]
+        height = size["height"]
+        if until:
+            height = self.evaluate(f"document.querySelector({json.dumps(until)}).getBoundingClientRect().bottom"
+                                   " + window.scrollY + 16")
         scale = width / size["width"] if width else 1.0
-        clip = {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": scale}
+        clip = {"x": 0, "y": 0, "width": size["width"], "height": min(height, size["height"]), "scale": scale}
         shot = self._browser.send("Page.captureScreenshot", {"format": "png", "clip": clip,
                                                              "captureBeyondViewport": True}, session=self._session)
         return base64.b64decode(shot["data"])
@@ -240,6 +245,7 @@ def main() -> None:
     parser.add_argument("png", type=Path)
     parser.add_argument("--width", type=int, default=1200, help="viewport width in CSS pixels (default 1200)")
     parser.add_argument("--scale-to", type=int, help="scale the picture to this many pixels wide")
+    parser.add_argument("--until", help="CSS selector: the picture ends below this element (default: the whole page)")
     args = parser.parse_args()
     import tempfile
 
@@ -247,7 +253,7 @@ def main() -> None:
         page = browser.open(args.page.resolve().as_uri(), width=args.width)
         for line in page.errors + [f"remote request: {url}" for url in page.remote_requests()]:
             print(line)
-        args.png.write_bytes(page.screenshot(width=args.scale_to))
+        args.png.write_bytes(page.screenshot(width=args.scale_to, until=args.until))
     print(f"{args.png}: {args.png.stat().st_size / 1024:.0f} KiB")
 
 
