@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-# Schemes a page may load without anything leaving the machine.
-LOCAL_SCHEMES = frozenset({"file", "data", "blob", "about"})
+# What a self-contained page opened from disk may load: itself, files beside it, embedded data.
+LOCAL_SCHEMES = frozenset({"file", "data"})
 
 FLAGS = (
     "--headless", "--no-sandbox",  # the sandbox needs user namespaces or a setuid helper; tests run as root
@@ -191,7 +191,7 @@ class Page:
             e["params"]["url"] for e in self._events("Network.webSocketCreated")]
 
     def remote_requests(self) -> list[str]:
-        """The requested URLs whose scheme could leave the machine (anything but file:, data:, blob:, about:)."""
+        """The requested URLs that are neither file: nor data: (a self-contained page asks for nothing else)."""
         return [url for url in self.requested if urlsplit(url).scheme not in LOCAL_SCHEMES]
 
     @property
