@@ -47,8 +47,7 @@ def test_demo_output_names_local_paths_and_a_snippet_that_loads_the_lora(tmp_pat
     assert rows["LoRA (diffusers)"] == out / "final" / "pytorch_lora_weights.safetensors"
     assert rows["base pipeline"] == out / "base" and (out / "base" / "model_index.json").is_file()
     assert rows["status"] == out / "status.json"
-    if (out / "report" / "index.html").exists():
-        assert rows["report"] == out / "report" / "index.html"
+    assert rows["report"] == out / "report" / "index.html"
     assert all(path.exists() for path in rows.values()), rows
     assert "s3://" not in demo.stdout[demo.stdout.rindex("\n}\n"):]  # after the status: local paths only
 
