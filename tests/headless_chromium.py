@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import os
 import select
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -70,7 +72,8 @@ class Chromium:
         command = [*FLAGS, f"--user-data-dir={self.profile}", "about:blank"]
         self._proc = subprocess.Popen(["/bin/sh", "-c", 'exec "$0" "$@" 3<&0 4>&1 0</dev/null 1>&2',
                                        self.binary, *command],
-                                      stdin=to_browser_r, stdout=from_browser_w, stderr=self._stderr)
+                                      stdin=to_browser_r, stdout=from_browser_w, stderr=self._stderr,
+                                      start_new_session=True)  # its renderers and helpers end with it
         os.close(to_browser_r)
         os.close(from_browser_w)
         try:
@@ -89,7 +92,8 @@ class Chromium:
                 self._write({"id": self._new_id(), "method": "Browser.close"})
                 self._proc.wait(timeout=15)
         except (OSError, subprocess.TimeoutExpired):
-            self._proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._proc.pid, signal.SIGKILL)
             self._proc.wait(timeout=15)
         finally:
             for fd in (self._to_browser, self._from_browser):
