@@ -10,8 +10,10 @@ fails to load, that is the trainer's problem, not damage (see `Trainer.read_chec
 
 A damaged checkpoint is never reported as complete and never counts toward `keepCheckpoints`;
 its folder is left as found (for inspection) until pruning passes it (it is older than the
-oldest checkpoint kept) or the run saves that step again, which replaces it. Which checkpoints
-to delete is decided by one pure function, `checkpoints_to_delete()`.
+oldest checkpoint kept) or the run saves that step again, which replaces it. A pinned
+checkpoint (the best validation step's, see `Trainer.export`) is kept beside the newest
+`keepCheckpoints` and does not count toward them. Which checkpoints to delete is decided by
+one pure function, `checkpoints_to_delete()`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import hashlib
 import json
 import re
 import time
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -124,15 +127,19 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def checkpoints_to_delete(steps: list[int], keep: int, damaged: list[int] | tuple[int, ...] = ()) -> list[int]:
-    """The steps to delete so that the newest `keep` good checkpoints remain.
+def checkpoints_to_delete(steps: list[int], keep: int, damaged: Iterable[int] = (),
+                          pinned: Iterable[int] = ()) -> list[int]:
+    """The steps to delete so that the newest `keep` good checkpoints remain, and every pinned one.
 
     Damaged checkpoints never count toward `keep` (so they cannot push out the last good one);
-    they go once they are older than the oldest good checkpoint kept.
+    they go once they are older than the oldest good checkpoint kept in rotation. A pinned good
+    checkpoint (the best one, exported at the end) is out of rotation: never deleted, never counted,
+    so it neither pushes out a newer one nor keeps an older damaged folder alive. Pinning protects
+    good checkpoints only: a damaged pinned step is treated as damaged.
     """
-    bad = set(damaged)
-    good = sorted(set(steps) - bad)
-    dropped, kept = good[: max(0, len(good) - keep)], good[max(0, len(good) - keep):]
+    bad, held = set(damaged), set(pinned)
+    rotating = sorted(set(steps) - bad - held)
+    dropped, kept = rotating[: max(0, len(rotating) - keep)], rotating[max(0, len(rotating) - keep):]
     stale = [step for step in bad if kept and step < kept[0]]
     return sorted(dropped + stale)
 
@@ -170,6 +177,12 @@ class Checkpointer:
         self.owner = claim.identity if claim is not None else None
         self.damaged: dict[int, str] = {}
         """Steps found damaged in this run, with why; neither complete nor counted."""
+        self.pinned: frozenset[int] = frozenset()
+        """Steps kept out of rotation (the best validation step's): `prune` never deletes them."""
+
+    def pin(self, *steps: int) -> None:
+        """Keep these steps' checkpoints out of rotation from the next prune on; steps pinned before are released."""
+        self.pinned = frozenset(steps)
 
     def due(self, step: int) -> bool:
         return step % self.output.checkpoint_every == 0
@@ -267,7 +280,7 @@ class Checkpointer:
         self.damaged.update(scan.unreadable)
         good = self._good(scan)
         bad = [step for step in self.damaged if step in scan.objects]
-        for step in checkpoints_to_delete(good, self.output.keep_checkpoints, bad):
+        for step in checkpoints_to_delete(good, self.output.keep_checkpoints, bad, self.pinned):
             self._delete(scan.objects[step])
             self.damaged.pop(step, None)
 

@@ -5,6 +5,10 @@ objective, data stream, optimizer, checkpointer, sampler, reporter. It resumes f
 newest complete checkpoint by itself, so a restarted pod simply runs `train()` again. A stop
 signal to any rank stops every rank after the same step, with a checkpoint of it (see
 `distributed`).
+
+With a validation split and `output.export: best`, each new best validation step gets a
+checkpoint (unless the cadence saved one there already), pinned out of `keepCheckpoints`'
+rotation, and the export loads its weights (and EMA average) back before writing the outputs.
 """
 
 from __future__ import annotations
@@ -31,7 +35,14 @@ from kubetune_trainer.objective import DiffusionObjective
 from kubetune_trainer.reporting import Reporter
 from kubetune_trainer.sampling import NullSampler, Sampler
 from kubetune_trainer.storage import ObjectStore, as_prefix, join_uri
-from kubetune_trainer.validation import EarlyStopper, LossValidator, NullValidator
+from kubetune_trainer.validation import (
+    BEST_VALIDATION_LOSS,
+    LAST_STEP,
+    EarlyStopper,
+    LossValidator,
+    NullValidator,
+    build_export_choice,
+)
 
 TRAINABLE_FILE = "trainable.safetensors"
 STATE_FILE = "training_state.pt"
@@ -95,6 +106,8 @@ class Trainer:
         """The step of the last checkpoint this run saved, known on every rank (only rank 0 writes)."""
         self.early_stop_message: str | None = None
         """Why training ended before `total_steps`, for the final status; None when it did not."""
+        self.best = build_export_choice(parts.job.spec, isinstance(parts.validator, LossValidator))
+        """The step whose weights the export writes: the best validation step, or the last."""
 
     @property
     def is_main(self) -> bool:
@@ -126,7 +139,7 @@ class Trainer:
         stopping = self.p.stop.signal is not None  # the grace period is for the checkpoint, not for samples
         if self.p.validator.due(self.step, last) and not stopping:
             self.validate()
-        if self.p.checkpointer.due(self.step) and not last and not self.stopped_early:
+        if self.checkpoint_due(last):
             self.save_checkpoint()
         if self.p.sampler.due(self.step, last or self.stopped_early) and not stopping:
             self.sample()
@@ -154,14 +167,36 @@ class Trainer:
         raise Interrupted(f"stopped by {stop.signal}{where} after step {self.step}; every rank stopped there and "
                           "a restart resumes from the checkpoint just saved")
 
+    def checkpoint_due(self, last: bool) -> bool:
+        """The cadence's checkpoints, and one at each new best validation step, which the export may load back.
+        The last step needs none: its weights are still in memory when the export runs."""
+        if last or self.saved_step == self.step:
+            return False
+        return self.best.step == self.step or (self.p.checkpointer.due(self.step) and not self.stopped_early)
+
     def validate(self) -> None:
-        loss = self.p.validator.evaluate(self.p.unet)
+        loss = self.agreed_loss(self.p.validator.evaluate(self.p.unet))
         self.p.reporter.validation(self.step, loss)
+        if self.best.update(self.step, loss):
+            self.p.checkpointer.pin(self.step)  # the previous best goes back into rotation
         if self.p.stopper.update(loss):
             self.stopped_early = True
             self.early_stop_message = (f"stopped early at step {self.step} of {self.p.total_steps}: "
                                        f"{self.p.stopper.explain()}")
             self.p.reporter.notice(self.early_stop_message)
+
+    def agreed_loss(self, loss: float) -> float:
+        """Rank 0's validation loss on every rank: the ranks then take the same early-stop and best-step
+        decisions (each evaluates the same images, but a device may round differently), so they reach the
+        same checkpoint barriers."""
+        if self.p.accelerator.num_processes == 1:
+            return loss
+        import torch
+        import torch.distributed as dist
+
+        value = torch.tensor([loss], dtype=torch.float64, device=self.p.accelerator.device)
+        dist.broadcast(value, src=0)
+        return float(value.item())
 
     def images_per_step(self) -> int:
         training = self.p.job.spec.training
@@ -229,7 +264,8 @@ class Trainer:
             rng["cuda"] = torch.cuda.get_rng_state_all()
         return {"step": self.step, "optimizer": self.p.optimizer.state_dict(),
                 "lr_scheduler": self.p.lr_scheduler.state_dict(), "data": self.p.data.state_dict(), "rng": rng,
-                "early_stopping": self.p.stopper.state_dict(), "ema": self.p.ema.state_dict()}
+                "early_stopping": self.p.stopper.state_dict(), "ema": self.p.ema.state_dict(),
+                "best_weights": self.best.state_dict()}
 
     def save_checkpoint(self) -> None:
         import torch
@@ -361,16 +397,15 @@ class Trainer:
         import torch
 
         weights, state = self.read_checkpoint(ref)
-        with torch.no_grad():
-            for name, module in self.p.trained.items():
-                for key, param in module.named_parameters():
-                    if param.requires_grad:
-                        param.copy_(weights[f"{name}.{key}"])
+        self.apply_weights(weights)
         self.p.optimizer.load_state_dict(state["optimizer"])
         self.p.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.p.data.load_state_dict(state["data"])
         self.p.stopper.load_state_dict(state.get("early_stopping", {}))
         self.p.ema.load_state_dict(state.get("ema", {}))
+        self.best.load_state_dict(state.get("best_weights", {}))
+        if self.best.step is not None:
+            self.p.checkpointer.pin(self.best.step)
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
@@ -378,6 +413,16 @@ class Trainer:
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.step = int(state["step"])
+
+    def apply_weights(self, weights: dict[str, Any]) -> None:
+        """Copy a checkpoint's trained weights into the modules that train them."""
+        import torch
+
+        with torch.no_grad():
+            for name, module in self.p.trained.items():
+                for key, param in module.named_parameters():
+                    if param.requires_grad:
+                        param.copy_(weights[f"{name}.{key}"])
 
     def sample(self) -> None:
         if self.is_main:
@@ -391,16 +436,42 @@ class Trainer:
             return {}
         self.p.reporter.phase("Exporting")
         self.p.checkpointer.confirm_owner()  # final outputs are overwritten only on the owner's prefix
+        step, reason = self.exported_step()
         folder = self.p.scratch / "final"
         shutil.rmtree(folder, ignore_errors=True)
         with self.p.ema.applied(self.trainable_parameters()):
-            written = self.p.method.export(self.p.components, folder, self.p.job, self.step)
+            written = self.p.method.export(self.p.components, folder, self.p.job, step)
         final = as_prefix(join_uri(self.p.job.spec.output.uri, "final"))
         for path in sorted(p for p in folder.rglob("*") if p.is_file()):
             self.p.output_store.upload(path, join_uri(final, path.relative_to(folder).as_posix()))
         uris = {kind: join_uri(final, path.relative_to(folder).as_posix()) for kind, path in written.items()}
         lora = {k: v for k, v in uris.items() if k in ("diffusers", "kohya")}
         self.outputs = {"uri": final, **({"lora": lora} if lora else {}),
-                        **({"pipeline": as_prefix(uris["pipeline"])} if "pipeline" in uris else {})}
+                        **({"pipeline": as_prefix(uris["pipeline"])} if "pipeline" in uris else {}),
+                        "step": step, "reason": reason}
         self.p.reporter.outputs(self.outputs)
         return self.outputs
+
+    def exported_step(self) -> tuple[int, str]:
+        """The step whose weights the outputs hold, and why. An earlier best step's weights (and EMA average)
+        are loaded back from its checkpoint; when that checkpoint is gone or damaged, the last step's are kept."""
+        best = self.best
+        if best.step is not None and best.step != self.step and not self.load_best(best.step):
+            return self.step, LAST_STEP
+        self.p.reporter.notice(best.explain(self.step))
+        return (self.step, LAST_STEP) if best.step is None else (best.step, BEST_VALIDATION_LOSS)
+
+    def load_best(self, step: int) -> bool:
+        """Load checkpoint `step` into the trained modules and the EMA; False, with a notice, when it is unusable."""
+        ref = next((ref for ref in self.p.checkpointer.complete() if ref.step == step), None)
+        try:
+            if ref is None:
+                raise CheckpointDamaged("it is no longer among the complete checkpoints")
+            weights, state = self.read_checkpoint(ref)
+        except CheckpointDamaged as exc:
+            self.p.reporter.notice(f"checkpoint step-{step}, the best validation step's, cannot be exported ({exc}); "
+                                   f"exporting the last step, {self.step}, instead")
+            return False
+        self.apply_weights(weights)
+        self.p.ema.load_state_dict(state.get("ema", {}))
+        return True
