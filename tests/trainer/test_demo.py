@@ -15,8 +15,6 @@ from kubetune.cli import main
 from kubetune_trainer.demo import MARKER, publish
 from kubetune_trainer.exitcodes import EXIT_CONFIG
 
-pytestmark = pytest.mark.integration
-
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = REPO / ".venv" / "bin" / "python"  # what the demo tells users to paste into
 ROW = re.compile(r"^\[demo\]   (?P<label>\S.{15}\S*) +(?P<path>/.+?)(?:  \(.*\))?$")
@@ -35,6 +33,7 @@ def _snippet(stdout: str) -> list[str]:
     return [line for line in lines[start:] if line.strip()]
 
 
+@pytest.mark.integration
 def test_demo_output_names_local_paths_and_a_snippet_that_loads_the_lora(tmp_path: Path) -> None:
     kubetune = Path(sys.executable).parent / "kubetune"
     home = tmp_path / "user"
