@@ -18,6 +18,7 @@ failed run.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 import time
@@ -29,14 +30,17 @@ from kubetune.api.resource import FineTuneJob
 from kubetune.api.status import DataReport
 from kubetune_trainer import report_render as render
 from kubetune_trainer.config import RuntimeConfig
-from kubetune_trainer.reporting import SMOOTHING, ProgressState, Reporter, Reporters
+from kubetune_trainer.reporting import ProgressState, Reporter, Reporters, Smoothed
 from kubetune_trainer.staging import StagingReport
-from kubetune_trainer.storage import ObjectStore, join_uri
+from kubetune_trainer.storage import ObjectStore, as_prefix, join_uri
 
 REPORT_FILES = ("history.jsonl", "loss.png", "samples.png", "index.html")
 """Uploaded in this order: the page last, so whoever sees it finds its companions."""
 SHOWN_SKIPPED = 100
 """Skipped files the page names (history and log name every one)."""
+MAX_LOGGED_STEPS = 2000
+"""Steps in the history and on the charts: every step up to this many, else every k-th (and the last), so a
+long run's report renders in about the same time and stays a few MB."""
 SECRET_WORDS = ("token", "password", "secret_access", "secretaccess", "signature", "credential")
 
 
@@ -54,6 +58,8 @@ class ReportWriter(Reporter):
         self.validations: list[dict[str, Any]] = []
         self.samples: list[dict[str, Any]] = []
         self.thumbnails: dict[str, Any] = {}
+        self.embedded: dict[str, str] = {}
+        self.every, self.total = 1, 0
         self.phases: list[tuple[str, float]] = []
         self.staging: list[dict[str, Any]] = []
         self.data_report: DataReport | None = None
@@ -62,6 +68,11 @@ class ReportWriter(Reporter):
         self.due = False
         self.trainer: Any = None
         self.render_seconds: float | None = None
+        self.smoothed = Smoothed()
+        self.earlier: list[dict[str, Any]] = []
+        """History lines a previous pod of this run wrote before the step this one resumed from."""
+        self.offset = 0.0
+        """Seconds the previous pods ran, so `time` runs on across a restart."""
 
     # --- events -----------------------------------------------------------------------------
     def elapsed(self) -> float:
@@ -77,22 +88,32 @@ class ReportWriter(Reporter):
     def data(self, report: DataReport) -> None:
         self.data_report = report
 
+    def started(self, step: int, total_steps: int) -> None:
+        self.total, self.every = total_steps, max(1, math.ceil(total_steps / MAX_LOGGED_STEPS))
+        if step > 0:
+            self.earlier = read_history(self.store(), self.uri.rsplit("/", 1)[0],
+                                        self.runtime.scratch / "report-earlier.jsonl", step)
+            self.offset = max((line.get("time", 0.0) for line in self.earlier), default=0.0)
+
     def step(self, step: int, loss: float, images: int, seconds: float, epoch: int = 1) -> None:
-        smoothed = loss if not self.steps else SMOOTHING * self.steps[-1]["smoothedLoss"] + (1 - SMOOTHING) * loss
+        smoothed = self.smoothed.add(loss)
+        if step % self.every and step != self.total:
+            return
         self.steps.append({"kind": "step", "step": step, "epoch": epoch, "stepLoss": loss, "smoothedLoss": smoothed,
-                           "lr": None, "images": images, "seconds": seconds,
-                           "imagesPerSecond": images / seconds if seconds > 0 else 0.0, "time": self.elapsed()})
+                           "lr": None, "images": images, "seconds": seconds, "time": self.offset + self.elapsed(),
+                           "imagesPerSecond": images / seconds if seconds > 0 else 0.0})
 
     def loss_terms(self, step: int, terms: dict[str, float]) -> None:
         if terms and self.steps and self.steps[-1]["step"] == step:
             self.steps[-1]["lossTerms"] = dict(terms)
 
     def validation(self, step: int, loss: float) -> None:
-        self.validations.append({"kind": "validation", "step": step, "validationLoss": loss, "time": self.elapsed()})
+        self.validations.append({"kind": "validation", "step": step, "validationLoss": loss,
+                                 "time": self.offset + self.elapsed()})
         self.due = True  # written once the step is over, with this step's samples
 
     def sample(self, sample: dict[str, Any]) -> None:
-        self.samples.append(dict(sample))
+        self.samples.append({"kind": "sample", **sample})
 
     def outputs(self, outputs: dict[str, Any]) -> None:
         self.final = dict(outputs)
@@ -142,39 +163,42 @@ class ReportWriter(Reporter):
         """Every report file into `folder` (replaced whole)."""
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
-        cells = self.sample_cells()
-        figures = render.figures(self.steps, self.validations, self.marked_step())
-        (folder / "history.jsonl").write_text("".join(json.dumps(line) + "\n" for line in self.history()),
-                                              encoding="utf-8")
+        history = self.history()
+        steps, validations = _kind(history, "step"), _kind(history, "validation")
+        cells = self.sample_cells(_kind(history, "sample"))
+        figures = render.figures(steps, validations, self.marked_step(validations))
+        (folder / "history.jsonl").write_text("".join(json.dumps(line) + "\n" for line in history), encoding="utf-8")
         if "loss" in figures:
             (folder / "loss.png").write_bytes(render.png_of(figures["loss"]))
         if cells:
             (folder / "samples.png").write_bytes(render.png_of(render.samples_figure(cells), dpi=90))
         svgs = {name: render.svg_of(fig) for name, fig in figures.items()}
-        (folder / "index.html").write_text(render.render_page(self.context(svgs, cells)), encoding="utf-8")
+        page = render.render_page(self.context(svgs, cells, steps, validations))
+        (folder / "index.html").write_text(page, encoding="utf-8")
         if not cells:  # the picture is there before any sample is, and says why it is empty
             (folder / "samples.png").write_bytes(render.png_of(render.empty_figure("no samples yet")))
 
     def history(self) -> list[dict[str, Any]]:
-        """Steps and validations in step order (a validation after the step it follows)."""
-        lines = [*self.steps, *self.validations]
-        return sorted(lines, key=lambda line: (line["step"], line["kind"] == "validation"))
+        """Steps, validations and samples in step order, those of earlier pods of this run first."""
+        order = {"step": 0, "validation": 1, "sample": 2}
+        lines = [*self.steps, *self.validations, *self.samples]
+        return self.earlier + sorted(lines, key=lambda line: (line["step"], order[line["kind"]]))
 
-    def marked_step(self) -> tuple[int, str] | None:
+    def marked_step(self, validations: list[dict[str, Any]]) -> tuple[int, str] | None:
         """The exported step once known, else the best validation so far."""
         if self.final.get("step") is not None:
             return int(self.final["step"]), f"exported step {self.final['step']}"
-        if self.validations:
-            best = min(self.validations, key=lambda v: (v["validationLoss"], v["step"]))
+        if validations:
+            best = min(validations, key=lambda v: (v["validationLoss"], v["step"]))
             return best["step"], f"best validation so far (step {best['step']})"
         return None
 
-    def sample_cells(self) -> list[render.SampleCell]:
+    def sample_cells(self, samples: list[dict[str, Any]]) -> list[render.SampleCell]:
         """Each sample with a thumbnail, read back from the store once."""
         from PIL import Image
 
         cells = []
-        for sample in self.samples:
+        for sample in samples:
             uri = sample["uri"]
             if uri not in self.thumbnails:
                 local = self.runtime.scratch / "report-samples" / uri.rsplit("/", 1)[-1]
@@ -188,39 +212,45 @@ class ReportWriter(Reporter):
             cells.append(render.SampleCell(sample["step"], sample["prompt"], uri, self.thumbnails[uri]))
         return cells
 
-    def context(self, svgs: dict[str, str], cells: list[render.SampleCell]) -> dict[str, Any]:
+    def context(self, svgs: dict[str, str], cells: list[render.SampleCell], steps: list[dict[str, Any]],
+                validations: list[dict[str, Any]]) -> dict[str, Any]:
         """Everything the template shows, as plain values (it escapes them all but the SVGs)."""
         from markupsafe import Markup
 
         prompts, columns, grid = render.sample_grid(cells)
         return {
             "title": f"{self.job.metadata.name}: training report",
-            "summary": self.summary(),
+            "summary": self.summary(steps, validations),
             "figures": {name: Markup(svg) for name, svg in svgs.items()},
             "prompts": prompts, "columns": columns,
-            "grid": {key: [{"src": render.data_uri(c.thumbnail), "uri": c.uri} for c in value]
+            "grid": {key: [{"src": self.embed(c), "uri": c.uri} for c in value]
                      for key, value in grid.items()},
             "sampled_steps": len({c.step for c in cells}),
             "data": self.data_summary(),
             "phases": self.phase_timings(),
             "staging": self.staging,
             "spec": resolved_spec(self.job),
-            "validations": self.validations,
+            "validations": validations,
         }
 
-    def summary(self) -> list[tuple[str, str]]:
-        spec, last = self.job.spec, self.steps[-1] if self.steps else None
-        images = sum(s["images"] for s in self.steps)
-        busy = sum(s["seconds"] for s in self.steps)
+    def embed(self, cell: render.SampleCell) -> str:
+        if cell.uri not in self.embedded:
+            self.embedded[cell.uri] = render.data_uri(cell.thumbnail)
+        return self.embedded[cell.uri]
+
+    def summary(self, steps: list[dict[str, Any]], validations: list[dict[str, Any]]) -> list[tuple[str, str]]:
+        spec, last = self.job.spec, steps[-1] if steps else None
+        images = sum(s["images"] for s in steps)
+        busy = sum(s["seconds"] for s in steps)
         total = self.trainer.p.total_steps if self.trainer is not None else None
         rows = [("phase", str(self.progress.snapshot().get("phase"))), ("stop reason", self.stop_reason()),
                 ("base model", _masked_url(spec.model.uri)),
                 ("method", spec.method.type),
                 ("steps", f"{last['step'] if last else 0} of {total if total is not None else '?'}"),
-                ("wall time", _duration(self.elapsed())),
+                ("wall time", _duration(self.offset + self.elapsed())),
                 ("images/s", f"{images / busy:.2f}" if busy > 0 else "-")]
-        if self.validations:
-            best = min(self.validations, key=lambda v: (v["validationLoss"], v["step"]))
+        if validations:
+            best = min(validations, key=lambda v: (v["validationLoss"], v["step"]))
             rows.append(("best validation loss", f"{best['validationLoss']:.5f} at step {best['step']}"))
         if self.final:
             rows.append(("exported", f"step {self.final.get('step', last['step'] if last else '?')}"
@@ -256,6 +286,29 @@ class ReportWriter(Reporter):
         """How long each phase took: from its start to the next phase's (the last one to now)."""
         marks = [*self.phases, ("end", self.elapsed())]
         return [(name, _duration(marks[i + 1][1] - start)) for i, (name, start) in enumerate(marks[:-1])]
+
+
+def _kind(lines: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [line for line in lines if line.get("kind") == kind]
+
+
+def read_history(store: ObjectStore, folder_uri: str, local: Path, before: int) -> list[dict[str, Any]]:
+    """The lines of an earlier pod's history.jsonl up to step `before`; none if it is missing or unreadable
+    (the report then starts at the resumed step: a view of the run is never a reason to stop it)."""
+    uri = join_uri(folder_uri, "history.jsonl")
+    try:
+        if not any(info.relative == "history.jsonl" for info in store.list(as_prefix(folder_uri))):
+            return []
+        local.parent.mkdir(parents=True, exist_ok=True)
+        store.download(uri, local)
+        lines = [json.loads(line) for line in local.read_text(encoding="utf-8").splitlines() if line.strip()]
+        local.unlink(missing_ok=True)
+    except Exception as exc:  # damaged or unreachable: say so and go on
+        print(f"[kubetune] note: the report's earlier history {uri} was not read: {type(exc).__name__}: {exc}",
+              file=sys.stderr, flush=True)
+        return []
+    return [line for line in lines if isinstance(line, dict) and line.get("kind") in ("step", "validation", "sample")
+            and isinstance(line.get("step"), int) and line["step"] <= before]
 
 
 def _duration(seconds: float) -> str:

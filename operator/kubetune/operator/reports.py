@@ -10,7 +10,8 @@ a piece of status and the operator merges it. The trainer's own shape
                           "checkpoints": [{"step": 1000, "uri": "s3://...", "createdAt": "..."}],
                           "samples": [{"step": 1000, "prompt": "...", "uri": "s3://..."}],
                           "data": {"images": 118, "skipped": 2, "maxSkipped": 5,
-                                   "skippedFiles": [{"file": "a.jpg", "reason": "truncated image"}]}}
+                                   "skippedFiles": [{"file": "a.jpg", "reason": "truncated image"}]},
+                          "outputs": {"report": "s3://.../report/index.html"}}  (from the first validation on)
     termination message  the same fields at the top level, plus "phase" ("Succeeded" | "Failed"),
                           "exitCode", "reason" ("Completed", "EarlyStopped", ...), "message" and
                           "outputs": {"uri": ..., "lora": {...}}
@@ -51,6 +52,8 @@ class ProgressReport:
     samples: tuple[SampleRef, ...] = ()
     data: DataReport | None = None
     """Images used and skipped, once the trainer has read the dataset."""
+    report: str | None = None
+    """`outputs.report`: the training report page, written from the first validation on."""
 
 
 @dataclass(frozen=True)
@@ -95,8 +98,10 @@ def parse_progress(doc: Any) -> ProgressReport | None:
     stage = STAGE_OF.get(str(doc.get("stage") or doc.get("phase") or "").lower())
     if progress is not None:
         progress = _with_percent(progress)
+    outputs = _model(Outputs, doc.get("outputs"))
     return ProgressReport(stage, progress, _models(CheckpointRef, doc.get("checkpoints")),
-                          _models(SampleRef, doc.get("samples")), _model(DataReport, doc.get("data")))
+                          _models(SampleRef, doc.get("samples")), _model(DataReport, doc.get("data")),
+                          outputs.report if outputs is not None else None)
 
 
 def parse_result(message: str | None) -> ResultReport | None:
@@ -113,7 +118,7 @@ def parse_result(message: str | None) -> ResultReport | None:
         nested = dict(doc["progress"])
     else:
         nested = {k: doc[k] for k in PROGRESS_KEYS if doc.get(k) is not None}
-    nested.update({k: doc[k] for k in ("checkpoints", "samples", "phase", "data") if k in doc})
+    nested.update({k: doc[k] for k in ("checkpoints", "samples", "phase", "data", "outputs") if k in doc})
     message = doc.get("message")
     early_stop = message if doc.get("reason") == EARLY_STOPPED and isinstance(message, str) else None
     return ResultReport(_model(Outputs, doc.get("outputs")), parse_progress(nested) if nested else None,

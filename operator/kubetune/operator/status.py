@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from kubetune.api.resource import FineTuneJob
-from kubetune.api.status import CheckpointRef, Condition, DataReport, FineTuneJobStatus, Workers
+from kubetune.api.status import CheckpointRef, Condition, DataReport, FineTuneJobStatus, Outputs, Workers
 from kubetune.operator import conditions as cond
 from kubetune.operator import naming
 from kubetune.operator import observed as obs
@@ -225,6 +225,7 @@ def compute_status(
     outputs = previous.outputs
     if view.phase == "Succeeded" and result is not None and result.outputs is not None:
         outputs = result.outputs
+    outputs = with_report(outputs, report, previous.outputs, job.spec.output.uri)
     data = _bounded((report.data if report is not None else None) or previous.data)
     return FineTuneJobStatus(
         phase=view.phase,
@@ -246,6 +247,19 @@ def compute_status(
     )
 
 
+def with_report(outputs: Outputs | None, report: ProgressReport | None, previous: Outputs | None,
+                output_uri: str) -> Outputs | None:
+    """`outputs.report` as soon as rank 0 names its report page, before the job succeeds, and kept once
+    the final outputs arrive; only a page under the job's own output is taken (rank 0 is untrusted)."""
+    uri = (report.report if report is not None else None) or (previous.report if previous is not None else None)
+    if not uri or (outputs is not None and outputs.report) or len(uri) > REPORT_URI_CHARS:
+        return outputs
+    if not uri.startswith(output_uri.rstrip("/") + "/"):
+        return outputs
+    return (outputs or Outputs()).model_copy(update={"report": uri})
+
+
+REPORT_URI_CHARS = 2048
 DATA_SKIPPED_CONDITION = "DataSkipped"
 SKIPPED_KEPT = 10
 """Skipped files kept in status.data: rank 0 is untrusted, and the object must stay small."""
