@@ -71,6 +71,10 @@ def test_names_columns_and_subresource() -> None:
     version = crd["spec"]["versions"][0]
     assert version["subresources"] == {"status": {}}
     assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Phase", "Progress", "Step", "Loss", "Age"]
+    loss = version["additionalPrinterColumns"][3]
+    assert loss["jsonPath"] == ".status.progress.smoothedLoss"  # the Loss column is the smoothed loss
+    progress = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]["progress"]["properties"]
+    assert {"stepLoss", "smoothedLoss"} <= set(progress) and "loss" not in progress
 
 
 def test_spec_model_method_data_are_immutable(schema: dict[str, Any]) -> None:
