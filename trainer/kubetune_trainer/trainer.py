@@ -30,6 +30,7 @@ from kubetune_trainer.dreambooth import PriorPreservationStream
 from kubetune_trainer.ema import Ema, NoEma
 from kubetune_trainer.exitcodes import ConfigError, Interrupted, StorageUnavailable, TrainerError
 from kubetune_trainer.methods import TrainingMethod
+from kubetune_trainer.model_card import write_model_card
 from kubetune_trainer.models import Components
 from kubetune_trainer.objective import DiffusionObjective
 from kubetune_trainer.reporting import Reporter
@@ -449,6 +450,7 @@ class Trainer:
         self.outputs = {"uri": final, **({"lora": lora} if lora else {}),
                         **({"pipeline": as_prefix(uris["pipeline"])} if "pipeline" in uris else {}),
                         "step": step, "reason": reason}
+        write_model_card(self, folder, written)  # final/README.md and final/images/, before status names the outputs
         self.p.reporter.outputs(self.outputs)
         return self.outputs
 
