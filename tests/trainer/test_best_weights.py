@@ -141,6 +141,37 @@ def test_export_last_writes_the_last_steps_weights(tiny_sd: Path, squares: Path,
     assert f"exporting step {STEPS}, the last (output.export is last)" in capsys.readouterr().out
 
 
+def test_an_early_stopped_full_fine_tune_exports_the_ema_average_of_its_best_step(
+    tiny_sd: Path, squares: Path, tmp_path: Path
+) -> None:
+    """minDelta 10 lets no evaluation improve on the first: early stopping ends the run at step 3 (patience 2),
+    and the outputs hold step 1's EMA average, not step 3's, as they did before best weights."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    averages: dict[int, list[Any]] = {}
+
+    def keep_average(trainer: Any) -> None:
+        averages[trainer.step] = [param.detach().clone() for param in trainer.p.ema.model.shadow_params]
+
+    job = local_job(str(tiny_sd), str(squares), str(tmp_path / "out"), method={"type": "full", "lora": None},
+                    data={"validationFraction": 0.2}, validation={"every": 1},
+                    training={"maxSteps": 20, "ema": {"decay": 0.5},
+                              "earlyStopping": {"patience": 2, "minDelta": 10.0}})
+    result = run_job(job, RuntimeConfig(scratch=tmp_path / "s", log_every=0), hooks=[keep_average])
+    assert (result.exit_code, result.reason, result.progress["step"]) == (0, "EarlyStopped", 3), result.message
+    outputs = result.progress["outputs"]
+    assert (outputs["step"], outputs["reason"]) == (1, "BestValidationLoss")
+    assert _steps(tmp_path / "out") == [1, 2]  # the best step's, saved off the cadence of 2, and the cadence's
+    state = torch.load(tmp_path / "out" / "checkpoints" / "step-1" / "training_state.pt", weights_only=True)
+    exported = list(UNet2DConditionModel.from_pretrained(outputs["pipeline"] + "unet").parameters())
+    for got, at_best in zip(exported, state["ema"]["shadow_params"], strict=True):
+        assert torch.equal(got, at_best.to(got.dtype))
+    assert all(torch.equal(a, b) for a, b in zip(averages[1], state["ema"]["shadow_params"], strict=True))
+    assert any(not torch.equal(got, at_stop.to(got.dtype)) for got, at_stop in zip(exported, averages[3],
+                                                                                   strict=True))
+
+
 def test_without_a_validation_split_the_last_step_is_exported(tiny_sd: Path, squares: Path, tmp_path: Path) -> None:
     job = local_job(str(tiny_sd), str(squares), str(tmp_path / "out"), training={"maxSteps": 2})
     result = run_job(job, RuntimeConfig(scratch=tmp_path / "s", log_every=0))
