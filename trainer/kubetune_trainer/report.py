@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -50,6 +51,8 @@ class ReportWriter(Reporter):
     def __init__(self, job: FineTuneJob, runtime: RuntimeConfig, progress: ProgressState,
                  store: ObjectStore | None = None) -> None:
         self.job, self.progress, self._store = job, progress, store
+        os.environ.setdefault("MPLCONFIGDIR", str(runtime.scratch / "matplotlib"))  # its font cache; HOME may be
+        # read-only in a pod, and a cache rebuilt in /tmp every start costs seconds
         self.runtime = runtime
         self.folder = runtime.scratch / "report"
         self.uri = join_uri(job.spec.output.uri, "report", "index.html")

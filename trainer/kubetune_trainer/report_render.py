@@ -31,6 +31,7 @@ RC = {"svg.hashsalt": "kubetune-report", "svg.fonttype": "path", "font.size": 9,
 """Fixed ids (no random salt) and text as paths (no font files, nothing to fetch)."""
 SVG_METADATA = {"Date": None, "Creator": None}
 PNG_METADATA = {"Software": None}
+DENSE_POINTS = 200
 MAX_GRID_STEPS = 12
 """Sampled steps shown in the grid: the first, the last and evenly spaced ones between."""
 THUMBNAIL = 192
@@ -95,8 +96,10 @@ def _figure(series: list[Series], xlabel: str, ylabel: str, marked: tuple[int, s
     for line in series:
         colour = SERIES[line.gid][1]
         raw = line.gid == "series-step-loss"
-        ax.plot(line.x, line.y, marker="o", markersize=2.5 if raw else 3, linewidth=0.6 if raw else 1.2,
-                color=colour, label=line.label, gid=line.gid)
+        dense = len(line.x) > DENSE_POINTS  # markers shrink rather than merge into a band
+        ax.plot(line.x, line.y, marker="o", markersize=(1.2 if dense else 3) * (0.8 if raw else 1),
+                linewidth=0.6 if raw else 1.2, color=colour, label=line.label, gid=line.gid,
+                zorder=3 if line.gid == "series-validation-loss" else 2)
     if marked is not None:
         ax.axvline(marked[0], color="#c00000", linestyle="--", linewidth=1, label=marked[1], gid="exported-step")
     if log_y and all(v > 0 for line in series for v in line.y):
@@ -173,7 +176,7 @@ def samples_figure(cells: list[SampleCell]) -> Any:
     from PIL import Image
 
     prompts, columns, grid = sample_grid(cells)
-    size = THUMBNAIL
+    size = THUMBNAIL + 8  # a white margin between pictures
     mosaic = Image.new("RGB", (size * len(columns), size * len(prompts)), "white")
     for row, prompt in enumerate(prompts):
         for col, step in enumerate(columns):
