@@ -145,6 +145,25 @@ def test_dreambooth_lora_card_names_the_trigger_words(tiny_sd: Path, squares: Pa
     assert 'pipe("a photo of sks square")' in card.text
 
 
+def test_card_shows_the_exported_best_step_and_its_samples(tiny_sd: Path, squares: Path, tmp_path: Path) -> None:
+    """With a validation split the export is the best step's (`outputs.step`); the card says which and why, and
+    its gallery is that step's samples (validation and sampling share `validation.every`). The learning rate
+    makes validation loss rise again before the end (as in test_best_weights), so the best is not the last."""
+    job = local_job(str(tiny_sd), str(squares), str(tmp_path / "out"), data={"validationFraction": 0.2},
+                    training={"maxSteps": 10, "learningRate": 10.0},
+                    validation={"prompts": PROMPTS, "every": 2, "inferenceSteps": 1})
+    outputs = _run(job, tmp_path).progress["outputs"]
+    step = outputs["step"]
+    assert outputs["reason"] == "BestValidationLoss" and step < 10
+    final = tmp_path / "out" / "final"
+    card = _check_card(final, str(tiny_sd))
+    urls = {w["output"]["url"] for w in card.data.widget}
+    assert urls == {f"images/step-{step}-0-0.png", f"images/step-{step}-1-0.png"}, step
+    assert "| Steps trained | 10 |" in card.text
+    assert f"| Exported step | {step}: it had the lowest validation loss" in card.text
+    assert "| Training images | 5 (1 more held out for validation) |" in card.text
+
+
 def test_full_fine_tune_card_points_at_the_pipeline_folder(tiny_sd: Path, squares: Path, tmp_path: Path) -> None:
     """Without sample prompts the card has no gallery; its snippet loads the pipeline folder beside it."""
     from huggingface_hub import ModelCard
