@@ -9,12 +9,15 @@ cadence checkpoints every 3, keepCheckpoints 1.
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from trainer_support import local_job
+from trainer_support import free_port, job_document, local_job
 
 from kubetune.api.spec import OutputSpec
 from kubetune.operator.reports import parse_result
@@ -50,11 +53,11 @@ class Watch:
             self.last = {key: value.clone() for key, value in trainer.trainable_state().items()}  # not views
 
 
-def _exported(result: Any) -> dict[str, Any]:
+def _exported(outputs: dict[str, Any]) -> dict[str, Any]:
     """The exported diffusers LoRA file under the trainer's own names (`unet.<module>.lora_A.default.weight`)."""
     from safetensors.torch import load_file
 
-    weights = load_file(result.progress["outputs"]["lora"]["diffusers"])
+    weights = load_file(outputs["lora"]["diffusers"])
     return {key.replace(".lora.down.", ".lora_A.default.").replace(".lora.up.", ".lora_B.default."): value
             for key, value in weights.items()}
 
@@ -92,7 +95,7 @@ def test_the_best_validation_step_is_exported_and_its_checkpoint_kept_through_a_
     assert (outputs["step"], outputs["reason"]) == (best, "BestValidationLoss")
     assert straight.progress["step"] == STEPS
     assert _steps(tmp_path / "a") == sorted({best, 9}), "keepCheckpoints 1 rotates the cadence's; the best stays"
-    exported = _exported(straight)
+    exported = _exported(straight.progress["outputs"])
     assert _equal(exported, _checkpoint(tmp_path / "a", best)), "the outputs hold the best checkpoint's weights"
     assert not _equal(exported, watch.last), "and not the last step's"
     assert re.search(rf"exporting step {best} \(best validation loss {watch.losses[best]:.4f}; "
@@ -118,7 +121,7 @@ def test_the_best_validation_step_is_exported_and_its_checkpoint_kept_through_a_
     assert resumed_watch.losses[STEPS] == watch.losses[STEPS], "resumed training matches the straight run"
     assert _equal(resumed_watch.last, watch.last)
     assert (resumed.progress["outputs"]["step"], resumed.progress["outputs"]["reason"]) == (best, "BestValidationLoss")
-    assert _equal(_exported(resumed), exported)
+    assert _equal(_exported(resumed.progress["outputs"]), exported)
 
 
 def _crash_after(step: int) -> Any:
@@ -136,7 +139,7 @@ def test_export_last_writes_the_last_steps_weights(tiny_sd: Path, squares: Path,
                      RuntimeConfig(scratch=tmp_path / "s", log_every=0), hooks=[watch])
     assert result.exit_code == 0, result.message
     assert (result.progress["outputs"]["step"], result.progress["outputs"]["reason"]) == (STEPS, "LastStep")
-    assert _equal(_exported(result), watch.last)
+    assert _equal(_exported(result.progress["outputs"]), watch.last)
     assert _steps(tmp_path / "out") == [9], "no best checkpoint is saved or kept"
     assert f"exporting step {STEPS}, the last (output.export is last)" in capsys.readouterr().out
 
@@ -170,6 +173,55 @@ def test_an_early_stopped_full_fine_tune_exports_the_ema_average_of_its_best_ste
     assert all(torch.equal(a, b) for a, b in zip(averages[1], state["ema"]["shadow_params"], strict=True))
     assert any(not torch.equal(got, at_stop.to(got.dtype)) for got, at_stop in zip(exported, averages[3],
                                                                                    strict=True))
+
+
+def test_a_damaged_best_checkpoint_leaves_the_last_steps_weights_exported(tiny_sd: Path, squares: Path,
+                                                                          tmp_path: Path, capsys: Any) -> None:
+    """minDelta 10: step 1 stays best, early stopping (patience 2) ends the run at step 3. The run is killed after
+    step 2, step 1's weights are damaged, and the resumed run, which knows step 1 as its best from step 2's
+    state, says why it exports step 3 instead."""
+    job = local_job(str(tiny_sd), str(squares), str(tmp_path / "out"), data={"validationFraction": 0.2},
+                    validation={"every": 1}, training={"maxSteps": 20, "earlyStopping": {"patience": 2,
+                                                                                         "minDelta": 10.0}})
+    crashed = run_job(job, RuntimeConfig(scratch=tmp_path / "s1", log_every=0), hooks=[_crash_after(2)])
+    assert crashed.exit_code == EXIT_FAILED and _steps(tmp_path / "out") == [1, 2]
+    weights = tmp_path / "out" / "checkpoints" / "step-1" / "trainable.safetensors"
+    weights.write_bytes(b"\xff" * weights.stat().st_size)
+    capsys.readouterr()
+    steps: list[int] = []
+    resumed = run_job(job, RuntimeConfig(scratch=tmp_path / "s2", log_every=0),
+                      hooks=[lambda trainer: steps.append(trainer.step)])
+    assert (resumed.exit_code, resumed.reason, steps) == (0, "EarlyStopped", [3]), resumed.message
+    assert (resumed.progress["outputs"]["step"], resumed.progress["outputs"]["reason"]) == (3, "LastStep")
+    assert ("checkpoint step-1, the best validation step's, cannot be exported (trainable.safetensors does not "
+            "match the sha256 in its manifest.json); exporting the last step, 3, instead") in capsys.readouterr().out
+
+
+@pytest.mark.integration
+def test_two_ranks_agree_on_the_best_step_and_rank_0_exports_it(tiny_sd: Path, squares: Path,
+                                                                  tmp_path: Path) -> None:
+    """Two CPU processes (torchrun, gloo): both ranks take rank 0's validation loss, so they save the best
+    step's checkpoint together (a barrier) and stop together; rank 0 exports the best step."""
+    import yaml
+
+    doc = job_document(str(tiny_sd), str(squares), str(tmp_path / "out"), data={"validationFraction": 0.2},
+                       validation={"every": 2}, output={"checkpointEvery": 3, "keepCheckpoints": 1},
+                       training={"maxSteps": 20, "batchSize": 1,
+                                 "earlyStopping": {"patience": 1, "minDelta": 10.0}})
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(doc))
+    env = {**os.environ, "PET_NNODES": "1", "PET_NPROC_PER_NODE": "2", "PET_MASTER_ADDR": "127.0.0.1",
+           "PET_MASTER_PORT": str(free_port())}
+    command = [sys.executable, "-m", "kubetune.cli", "train", "--config", str(tmp_path / "job.yaml"),
+               "--mode", "local", "--termination-log", str(tmp_path / "termination"),
+               "--scratch", str(tmp_path / "scratch")]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((tmp_path / "termination").read_text())
+    assert (result["reason"], result["step"]) == ("EarlyStopped", 4)
+    assert (result["outputs"]["step"], result["outputs"]["reason"]) == (2, "BestValidationLoss")
+    assert _steps(tmp_path / "out") == [2, 3]
+    exported = _exported(result["outputs"])
+    assert _equal(exported, _checkpoint(tmp_path / "out", 2))
 
 
 def test_without_a_validation_split_the_last_step_is_exported(tiny_sd: Path, squares: Path, tmp_path: Path) -> None:
