@@ -16,8 +16,15 @@ from trainer_support import local_job
 
 from kubetune_trainer.config import RuntimeConfig
 from kubetune_trainer.job import run_job
-from kubetune_trainer.model_card import MAX_WIDGETS, base_model_id, base_model_revision, card_tags, pick_samples
-from kubetune_trainer.storage import ObjectInfo
+from kubetune_trainer.model_card import (
+    MAX_WIDGETS,
+    base_model_id,
+    base_model_revision,
+    card_tags,
+    pick_samples,
+    publish_card,
+)
+from kubetune_trainer.storage import LocalStore, ObjectInfo
 
 PROMPTS = ["a red square", "a blue square"]
 DREAMBOOTH = {"type": "dreambooth-lora", "dreambooth": {"instancePrompt": "a photo of sks square",
@@ -75,6 +82,23 @@ def test_pick_samples_stops_at_max_widgets() -> None:
     picked = pick_samples(_infos(*names), PROMPTS, 5, 5)
     assert len(picked) == MAX_WIDGETS
     assert [s.name for s in picked[:4]] == ["step-5-0-0.png", "step-5-1-0.png", "step-5-0-1.png", "step-5-1-1.png"]
+
+
+def test_publish_copies_the_shown_samples_and_drops_an_earlier_exports_images(tmp_path: Path) -> None:
+    from huggingface_hub import ModelCard
+
+    store, out = LocalStore(), tmp_path / "out"
+    for name in ("step-2-0-0.png", "step-4-0-0.png"):
+        (out / "samples").mkdir(parents=True, exist_ok=True)
+        (out / "samples" / name).write_bytes(name.encode())
+    (out / "final" / "images").mkdir(parents=True)
+    (out / "final" / "images" / "step-2-0-0.png").write_bytes(b"old")
+    samples = pick_samples(store.list(f"{out}/samples/"), PROMPTS, 4, 4)
+    uri = publish_card(ModelCard("---\nbase_model: b\n---\n# c\n"), samples, store, f"{out}/final/", tmp_path / "w")
+    assert uri == f"{out}/final/README.md" and ModelCard.load(uri).data.base_model == "b"
+    assert [p.name for p in (out / "final" / "images").iterdir()] == ["step-4-0-0.png"]
+    assert (out / "final" / "images" / "step-4-0-0.png").read_bytes() == b"step-4-0-0.png"
+    assert not (tmp_path / "w").exists()
 
 
 def _run(job: Any, root: Path) -> Any:

@@ -146,13 +146,13 @@ def template_values(facts: CardFacts) -> dict[str, Any]:
     base = base_model_id(spec.model.uri)
     trigger = dreambooth.instance_prompt if dreambooth else None
     is_lora = spec.method.type.endswith("lora")
+    loadable = scheme in ("hf", "path", "file")  # `from_pretrained` takes it as written; s3:// and pvc:// it does not
     return {
         "name": facts.job.metadata.name, "method": METHOD_NAMES.get(spec.method.type, spec.method.type),
         "is_lora": is_lora, "lora": (spec.method.lora or LoraSpec()) if is_lora else None, "family": facts.family,
         "base": base, "base_uri": spec.model.uri, "hub": scheme == "hf",
         "revision": _python_str(base_model_revision(spec.model.uri)),
-        "base_local": scheme in ("hf", "path", "file"),
-        "base_code": _python_str(base if scheme in ("hf", "path", "file") else "path/to/base-model"),
+        "base_loadable": loadable, "base_code": _python_str(base if loadable else "path/to/base-model"),
         "variant": spec.model.variant, "files": facts.files, "trigger": trigger, "dreambooth": dreambooth,
         "training": spec.training, "scheduler": spec.training.lr_scheduler.type, "resolution": spec.data.resolution,
         "steps_trained": facts.steps_trained, "exported_step": facts.exported_step,
@@ -184,8 +184,9 @@ def training_images(data: Any) -> int | None:
 
 
 def publish_card(card: Any, samples: list[SampleImage], store: ObjectStore, final_uri: str, work: Path) -> str:
-    """Copy the samples to `<final>/images/`, then write the card beside them: a card that exists has its
-    images. Every transfer goes through `store`; returns the card's URI."""
+    """Copy the samples to `<final>/images/`, then write the card beside them (a card that exists has its
+    images), then remove images an earlier export left there. Every transfer goes through `store`; returns
+    the card's URI."""
     shutil.rmtree(work, ignore_errors=True)
     (work / IMAGES_FOLDER).mkdir(parents=True)
     for sample in samples:
@@ -195,6 +196,10 @@ def publish_card(card: Any, samples: list[SampleImage], store: ObjectStore, fina
     card.save(work / CARD_FILE)
     uri = join_uri(final_uri, CARD_FILE)
     store.upload(work / CARD_FILE, uri)
+    shown = {sample.name for sample in samples}
+    for stale in store.list(as_prefix(join_uri(final_uri, IMAGES_FOLDER))):  # an earlier export's step
+        if stale.relative not in shown:
+            store.delete(stale.uri)
     shutil.rmtree(work, ignore_errors=True)
     return uri
 
@@ -272,7 +277,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 {% if is_lora -%}
-{% if not base_local %}# a local copy of the base model, {{ base_uri }}
+{% if not base_loadable %}# a local copy of the base model, {{ base_uri }}
 {% endif -%}
 pipe = DiffusionPipeline.from_pretrained({{ base_code }}\
 {%- if revision %}, revision={{ revision }}{% endif %}, torch_dtype=torch.float16).to("cuda")
