@@ -54,6 +54,7 @@ def test_run_reports_validation_loss_and_stops_early(tiny_sd: Path, squares: Pat
     assert Path(result.progress["outputs"]["lora"]["diffusers"]).is_file()
     final = json.loads((tmp_path / "termination").read_text())
     assert (final["phase"], final["reason"], final["step"]) == ("Succeeded", "EarlyStopped", 2)
+    assert (final["outputs"]["step"], final["outputs"]["reason"]) == (1, "BestValidationLoss")  # not the last step
     assert final["message"].startswith("stopped early at step 2 of 40: validation loss has not improved")
     assert "for 1 evaluation(s)" in final["message"]
 
@@ -64,3 +65,4 @@ def test_a_run_without_early_stopping_completes(tiny_sd: Path, squares: Path, tm
     result = run_job(job, RuntimeConfig(scratch=tmp_path / "s", log_every=0))
     assert (result.exit_code, result.reason, result.message) == (0, "Completed", "training finished")
     assert result.progress["step"] == 2
+    assert result.progress["outputs"]["reason"] == "BestValidationLoss"
