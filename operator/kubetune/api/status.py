@@ -104,7 +104,7 @@ class DataReport(StatusModel):
 
 
 class Outputs(StatusModel):
-    """Final results, filled when the job succeeds."""
+    """Results: the report from the first validation on; the weights and their step when the job succeeds."""
 
     uri: str | None = Field(default=None, description="Folder holding every output.")
     lora: LoraOutputs | None = Field(default=None, description="LoRA files, for LoRA methods.")
@@ -134,6 +134,6 @@ class FineTuneJobStatus(StatusModel):
     workers: Workers | None = Field(default=None, description="Trainer pods by state.")
     progress: Progress | None = Field(default=None, description="Training progress.")
     checkpoints: list[CheckpointRef] = Field(default_factory=list, description="Complete checkpoints, newest last.")
-    outputs: Outputs | None = Field(default=None, description="Final results.")
+    outputs: Outputs | None = Field(default=None, description="The report while running; the weights once succeeded.")
     samples: list[SampleRef] = Field(default_factory=list, description="Latest validation images.")
     data: DataReport | None = Field(default=None, description="Images used and skipped, once the data is read.")
