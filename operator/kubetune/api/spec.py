@@ -204,7 +204,12 @@ class OutputSpec(ApiModel):
     checkpoint_every: int = Field(
         default=500, ge=1, le=10_000_000, description="Save a resumable checkpoint every N steps."
     )
-    keep_checkpoints: int = Field(default=3, ge=1, le=1000, description="Keep the newest N complete checkpoints.")
+    keep_checkpoints: int = Field(
+        default=3,
+        ge=1,
+        le=1000,
+        description="Keep the newest N complete checkpoints, plus the best validation step's with export best.",
+    )
     export: Literal["best", "last"] = Field(
         default="best",
         description=(
