@@ -321,3 +321,12 @@ def test_the_trainers_own_progress_is_kept_whole() -> None:
     assert (report.stage, report.progress.percent, len(report.checkpoints), len(report.samples)) == ("training", 75,
                                                                                                       10, 16)
     assert report.data.skipped_files[0].file == "a.jpg"
+
+
+def test_the_report_page_survives_the_bounding() -> None:
+    from kubetune.operator.progress_reader import bounded_report
+    doc = {"stage": "training", "step": 3, "outputs": {"report": "s3://out/job/report/index.html"}}
+    report = bounded_report(doc)
+    assert report is not None and report.report == "s3://out/job/report/index.html"
+    long = bounded_report({**doc, "outputs": {"report": "s3://out/" + "x" * 5000}})
+    assert long is not None and long.report is None

@@ -40,11 +40,12 @@ def _infos(*names: str) -> list[ObjectInfo]:
     ("hf://stabilityai/stable-diffusion-xl-base-1.0", "stabilityai/stable-diffusion-xl-base-1.0", None),
     ("hf://org/name@v1.0/", "org/name", "v1.0"),
     ("hf://org/name/", "org/name", None),
-    ("s3://models/sd15/", "s3://models/sd15/", None),
-    ("pvc://models/sdxl", "pvc://models/sdxl", None),
+    ("s3://models/sd15/", "sd15", None),
+    ("pvc://models/sdxl", "sdxl", None),
+    ("s3://models", "base-model", None),
     ("/tmp/base", "/tmp/base", None),
 ])
-def test_base_model_is_the_hub_repo_id_or_the_uri_as_given(uri: str, repo: str, revision: str | None) -> None:
+def test_base_model_is_the_hub_repo_id_the_folder_name_or_the_path(uri: str, repo: str, revision: str | None) -> None:
     assert (base_model_id(uri), base_model_revision(uri)) == (repo, revision)
 
 

@@ -66,3 +66,11 @@ def test_a_run_without_early_stopping_completes(tiny_sd: Path, squares: Path, tm
     assert (result.exit_code, result.reason, result.message) == (0, "Completed", "training finished")
     assert result.progress["step"] == 2
     assert result.progress["outputs"]["reason"] == "BestValidationLoss"
+
+
+def test_a_diverged_evaluation_is_never_the_best() -> None:
+    from kubetune_trainer.validation import BestValidation
+    best = BestValidation()
+    assert best.update(2, float("nan")) is False and best.step is None
+    assert best.update(4, 0.5) is True and best.update(6, float("inf")) is False
+    assert (best.step, best.loss, best.latest) == (4, 0.5, (6, float("inf")))

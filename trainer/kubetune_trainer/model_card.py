@@ -7,9 +7,9 @@ written by huggingface_hub's `ModelCardData` and its body rendered from a jinja 
 the exported (or else the newest) step are copied into `final/images/` through the storage
 interface, so every widget path resolves beside the card wherever the folder goes.
 
-The card names no storage endpoint, bucket, Secret or data location: only the base model as
-`spec.model.uri` gives it. The licence is left out of the metadata: it is the base model's, which
-kubetune does not know, and the card says so.
+The card names no storage endpoint, bucket, Secret or data location: the base model is its Hub repo
+id (hf://), its folder name (s3://, pvc://) or its local path. The licence is left out of the
+metadata: it is the base model's, which kubetune does not know, and the card says so.
 """
 
 from __future__ import annotations
@@ -75,8 +75,11 @@ class CardFacts:
 
 
 def base_model_id(uri: str) -> str:
-    """The base model as the Hub names it: the repo id of an hf:// URI, otherwise the URI as given."""
+    """The base model as the Hub names it: the repo id of an hf:// URI; for object storage (s3://,
+    pvc://) only the model folder's name, so no bucket or claim is named; a local path as given."""
     parsed = parse_uri(uri)
+    if parsed.scheme in ("s3", "pvc"):
+        return parsed.path.strip("/").rsplit("/", 1)[-1] or "base-model"
     if parsed.scheme != "hf":
         return uri
     return f"{parsed.location}/{parsed.path}".rstrip("/").split("@", 1)[0]
@@ -150,7 +153,7 @@ def template_values(facts: CardFacts) -> dict[str, Any]:
     return {
         "name": facts.job.metadata.name, "method": METHOD_NAMES.get(spec.method.type, spec.method.type),
         "is_lora": is_lora, "lora": (spec.method.lora or LoraSpec()) if is_lora else None, "family": facts.family,
-        "base": base, "base_uri": spec.model.uri, "hub": scheme == "hf",
+        "base": base, "base_uri": spec.model.uri if scheme not in ("s3", "pvc") else base, "hub": scheme == "hf",
         "revision": _python_str(base_model_revision(spec.model.uri)),
         "base_loadable": loadable, "base_code": _python_str(base if loadable else "path/to/base-model"),
         "variant": spec.model.variant, "files": facts.files, "trigger": trigger, "dreambooth": dreambooth,

@@ -359,7 +359,7 @@ class Trainer:
         from safetensors.torch import load_file
 
         loaders = {TRAINABLE_FILE: lambda path: load_file(str(path)),
-                   STATE_FILE: lambda path: torch.load(path, weights_only=True)}
+                   STATE_FILE: lambda path: torch.load(path, weights_only=True, map_location="cpu", mmap=True)}
         loaded = {}
         for name, loader in loaders.items():
             if name not in files:
@@ -450,7 +450,11 @@ class Trainer:
         self.outputs = {"uri": final, **({"lora": lora} if lora else {}),
                         **({"pipeline": as_prefix(uris["pipeline"])} if "pipeline" in uris else {}),
                         "step": step, "reason": reason}
-        write_model_card(self, folder, written)  # final/README.md and final/images/, before status names the outputs
+        try:  # final/README.md and final/images/, before status names the outputs; the weights are already up
+            write_model_card(self, folder, written)
+        except Exception as exc:  # a card is documentation: its failure must not fail a trained job
+            self.p.reporter.notice(f"the model card could not be written ({type(exc).__name__}: {exc}); "
+                                   "the weights are complete")
         self.p.reporter.outputs(self.outputs)
         return self.outputs
 

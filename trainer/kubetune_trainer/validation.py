@@ -8,6 +8,7 @@ because the weights changed. `NullValidator` stands in when nothing is held out.
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Any
 
@@ -122,6 +123,8 @@ class BestValidation:
     def update(self, step: int, loss: float) -> bool:
         """Record an evaluation; True when it is a new best, whose weights must then be kept."""
         self.latest = (step, loss)
+        if not math.isfinite(loss):  # a diverged evaluation is never the best
+            return False
         if self.loss is None or loss < self.loss - self.min_delta:
             self.step, self.loss = step, loss
             return True

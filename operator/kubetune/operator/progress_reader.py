@@ -150,6 +150,7 @@ def bounded_report(doc: Any) -> ProgressReport | None:
         tuple(c for c in (_cut(c, "created_at") for c in report.checkpoints[-CHECKPOINTS_KEPT:]) if c is not None),
         tuple(s for s in (_cut(s, "prompt") for s in report.samples[-SAMPLES_KEPT:]) if s is not None),
         data,
+        report.report if report.report is not None and len(report.report) <= URI_CHARS else None,
     )
 
 
