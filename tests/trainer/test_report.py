@@ -118,7 +118,7 @@ def test_a_thousand_steps_render_one_marker_per_point_in_bounded_time(tmp_path: 
     feed_run(writer, out, steps=1000, validate_every=250, prompts=prompts, sample_every=62)
     fed = time.perf_counter() - started
     writer.close()
-    print(f"\n1,000 steps, 4 validations, 64 samples: events and 3 reports {fed:.2f} s, final report "
+    print(f"\n1,000 steps, 4 validations, 64 samples: events and reports {fed:.2f} s, final report "
           f"{writer.render_seconds:.2f} s, index.html {(out / 'report' / 'index.html').stat().st_size / 1e6:.2f} MB")
 
     report = out / "report"
@@ -255,3 +255,120 @@ def test_a_run_with_validation_writes_the_report(tiny_sd: Path, squares: Path, t
     assert page.images == 2, "samples at step 2 and at the end"
     text = (report / "index.html").read_text()
     assert "Succeeded" in text and "Completed: training finished" in text
+
+
+class FakeClock:
+    """Seconds that pass only when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def steps_on_disk(folder: Path) -> list[int]:
+    return [line["step"] for line in history_of(folder) if line["kind"] == "step"]
+
+
+def test_reports_while_training_come_at_most_once_a_minute_and_the_final_one_always(tmp_path: Path) -> None:
+    out, clock = tmp_path / "out", FakeClock()
+    progress = ProgressState()
+    writer = ReportWriter(local_job("/m", "/d", str(out)), RuntimeConfig(scratch=tmp_path / "s"), progress,
+                          LocalStore(), clock=clock)
+    for step in range(1, 11):  # validation.every 1, and each step takes a second
+        writer.step(step, 0.5, 2, 1.0)
+        writer.validation(step, 0.4)
+        writer.step_hook(fake_trainer(step, 1e-3))
+        clock.now += 1.0
+    assert steps_on_disk(out / "report") == [1], "the first report at once, then none within the minute"
+    clock.now = 60.0
+    writer.step(11, 0.5, 2, 1.0)
+    writer.step_hook(fake_trainer(11, 1e-3))  # no new validation: the one of step 10 is still due
+    assert steps_on_disk(out / "report") == list(range(1, 12))
+    writer.step(12, 0.5, 2, 1.0)
+    writer.validation(12, 0.4)
+    writer.step_hook(fake_trainer(12, 1e-3))
+    assert steps_on_disk(out / "report")[-1] == 11
+    writer.finish()
+    assert steps_on_disk(out / "report")[-1] == 12, "the final report does not wait for the minute"
+
+
+def test_a_sampling_refreshes_the_report_without_a_validation_split(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    progress = ProgressState()
+    writer = ReportWriter(local_job("/m", "/d", str(out)), RuntimeConfig(scratch=tmp_path / "s"), progress,
+                          LocalStore())
+    writer.step(1, 0.5, 2, 1.0)
+    (out / "samples").mkdir(parents=True)
+    Image.new("RGB", (64, 64), "red").save(out / "samples" / "step-1-0-0.png")
+    writer.sample({"step": 1, "prompt": "a red square", "uri": str(out / "samples" / "step-1-0-0.png")})
+    writer.step_hook(fake_trainer(1, 1e-3))
+    assert parse_page(out / "report" / "index.html").images == 1
+    assert progress.snapshot()["outputs"] == {"report": str(out / "report" / "index.html")}
+
+
+def test_only_the_grid_cells_thumbnails_are_kept_and_each_cell_shows_one_image(tmp_path: Path) -> None:
+    """100 samplings x 4 prompts x 4 images: the page and memory hold 12 columns x 4 prompts, one image each."""
+    out, clock = tmp_path / "out", FakeClock()
+    writer = ReportWriter(local_job("/m", "/d", str(out)), RuntimeConfig(scratch=tmp_path / "s"), ProgressState(),
+                          LocalStore(), clock=clock)
+    (out / "samples").mkdir(parents=True)
+    prompts, most_kept = [f"prompt {i}" for i in range(4)], 0
+    for step in range(1, 101):
+        writer.step(step, 0.5, 2, 1.0)
+        for p_index, prompt in enumerate(prompts):
+            for i_index in range(4):
+                path = out / "samples" / f"step-{step}-{p_index}-{i_index}.png"
+                Image.new("RGB", (32, 32), (step, p_index * 60, i_index * 60)).save(path)
+                writer.sample({"step": step, "prompt": prompt, "uri": str(path)})
+        clock.now += 2.5  # a report every 24th sampling: the grid changes between them
+        writer.step_hook(fake_trainer(step, 1e-3))
+        most_kept = max(most_kept, len(writer.thumbnails), len(writer.embedded))
+    writer.finish()
+    limit = render.MAX_GRID_STEPS * len(prompts)
+    assert most_kept <= limit and len(writer.thumbnails) == len(writer.embedded) == limit
+    page = parse_page(out / "report" / "index.html")
+    assert page.images == limit
+    text = (out / "report" / "index.html").read_text()
+    assert "12 of 100 sampled steps shown" in text
+    assert all(uri.rsplit("-", 1)[-1] == "0.png" for uri in writer.thumbnails), "the first image of each cell"
+    with Image.open(out / "report" / "samples.png") as image:
+        image.verify()
+
+
+def test_a_run_without_a_validation_split_names_its_report_in_the_result(tiny_sd: Path, squares: Path,
+                                                                         tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    job = local_job(str(tiny_sd), str(squares), str(out), training={"maxSteps": 2}, output={"checkpointEvery": 10})
+    result = run_job(job, RuntimeConfig(scratch=tmp_path / "s", log_every=0, status_file=tmp_path / "status.json"))
+    assert result.exit_code == 0, result.message
+    uri = str(out / "report" / "index.html")
+    assert result.progress["outputs"]["report"] == uri
+    assert json.loads((tmp_path / "status.json").read_text())["outputs"]["report"] == uri
+    assert steps_on_disk(out / "report") == [1, 2] and "Completed: training finished" in Path(uri).read_text()
+
+
+def test_after_a_stop_signal_the_result_is_written_before_the_last_report(tiny_sd: Path, squares: Path,
+                                                                          tmp_path: Path, monkeypatch: Any) -> None:
+    from kubetune_trainer import job as job_module
+    from kubetune_trainer.exitcodes import EXIT_INTERRUPTED
+
+    out, page = tmp_path / "out", tmp_path / "out" / "report" / "index.html"
+    page_at_result: list[bool] = []
+    write_result = job_module.write_result
+
+    def recording(result: Any, runtime: RuntimeConfig) -> None:
+        page_at_result.append(page.exists())
+        write_result(result, runtime)
+
+    def sigterm(trainer: Any) -> None:
+        trainer.p.stop.received = "SIGTERM"  # as the handler does; the ranks agree on it after the next step
+
+    monkeypatch.setattr(job_module, "write_result", recording)
+    job = local_job(str(tiny_sd), str(squares), str(out), training={"maxSteps": 5}, output={"checkpointEvery": 10})
+    result = run_job(job, RuntimeConfig(scratch=tmp_path / "s", log_every=0, status_file=tmp_path / "status.json"),
+                     hooks=[sigterm])
+    assert result.exit_code == EXIT_INTERRUPTED, result.message
+    assert page_at_result == [False], "the result first: the grace period is for the checkpoint and the result"
+    assert steps_on_disk(out / "report") == [1, 2], "the last report after it"

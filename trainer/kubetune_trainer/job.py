@@ -24,7 +24,7 @@ from kubetune.api.resource import FineTuneJob
 from kubetune_trainer.config import TERMINATION_LIMIT_BYTES, RuntimeConfig
 from kubetune_trainer.distributed import collective_failure
 from kubetune_trainer.exitcodes import EXIT_FAILED, EXIT_OK, ConfigError, Interrupted, TrainerError
-from kubetune_trainer.report import ReportWriter, report_hooks
+from kubetune_trainer.report import ReportWriter, finish_reports, report_hooks
 from kubetune_trainer.reporting import ProgressState, Reporter, Reporters, console_reporter
 from kubetune_trainer.trainer import StepHook, StopRequest
 
@@ -134,28 +134,37 @@ def run_job(job: FineTuneJob, runtime: RuntimeConfig, hooks: list[StepHook] | No
     """Train `job` on this process; never raises for a failed run, returns how it ended."""
     quiet_libraries()
     progress, stop = ProgressState(), StopRequest()
+    deferred: list[Reporter] = []
     with stop_on_signals(stop):
-        result = _run(job, runtime, hooks, progress, stop)
+        result = _run(job, runtime, hooks, progress, stop, deferred)
         stop.ended = True
         write_result(result, runtime)
+        for reporter in deferred:  # a stop signal ended the run: the last report once the result is safe
+            reporter.close()
     return result
 
 
 def _run(job: FineTuneJob, runtime: RuntimeConfig, hooks: list[StepHook] | None, progress: ProgressState,
-         stop: StopRequest) -> RunResult:
+         stop: StopRequest, deferred: list[Reporter]) -> RunResult:
+    """The final report is written before the result's snapshot (so the result names it), except after a
+    stop signal: then `reporter` goes into `deferred`, closed once the result is written (grace period)."""
     from kubetune_trainer.assembly import build_trainer
 
-    reporter, server = Reporter(), None
+    reporter, server, stopped = Reporter(), None, False
     try:
         reporter, server = _reporters(job, runtime, progress)
         trainer = build_trainer(job, runtime, reporter, [*(hooks or []), *report_hooks(reporter)], stop)
         trainer.train()
         progress.phase("Succeeded")
+        finish_reports(reporter)
         reason, message = ("EarlyStopped", trainer.early_stop_message) if trainer.early_stop_message else (
             "Completed", "training finished")
         result = RunResult("Succeeded", EXIT_OK, reason, message, progress.snapshot())
     except TrainerError as exc:
         progress.phase("Failed")
+        stopped = isinstance(exc, Interrupted) or stop.signal is not None
+        if not stopped:
+            finish_reports(reporter)
         result = RunResult("Failed", exc.exit_code, exc.reason, str(exc), progress.snapshot())
     except Exception as exc:  # the last line of defence: report, keep the traceback in the log
         traceback.print_exc(file=sys.stderr)
@@ -163,9 +172,13 @@ def _run(job: FineTuneJob, runtime: RuntimeConfig, hooks: list[StepHook] | None,
         lost = collective_failure(exc, job.spec.run_policy.process_group_timeout_seconds)
         message = str(lost) if lost else f"{type(exc).__name__}: {exc}".splitlines()[0]
         code, reason = (lost.exit_code, lost.reason) if lost else (EXIT_FAILED, "TrainingFailed")
+        finish_reports(reporter)
         result = RunResult("Failed", code, reason, message, progress.snapshot())
     finally:
-        reporter.close()
+        if stopped:
+            deferred.append(reporter)
+        else:
+            reporter.close()
         if server is not None:
             server.close()
     return result

@@ -1,8 +1,8 @@
 """The training report under `<output.uri>/report/`: a page people open, pictures they paste, a history they plot.
 
 `ReportWriter` is a `Reporter` on rank 0: it keeps every logged step and validation in memory
-(a few hundred bytes each) and, at each validation and at the end of the run, renders and
-uploads through the storage interface:
+(a few hundred bytes each) and, after a validation or a sampling (at most once a minute) and at
+the end of the run, renders and uploads through the storage interface:
 
     report/index.html     one self-contained page (figures inline as SVG, samples embedded)
     report/loss.png       the loss figure, for chats and pull requests
@@ -11,8 +11,10 @@ uploads through the storage interface:
 
 Rendering happens only then, never per step, so training speed does not depend on it. The
 report's URI goes into `/progress` `outputs.report` once first written; the operator copies it
-to `status.outputs.report`. A report that cannot be written is a note in the log, never a
-failed run.
+to `status.outputs.report`. The final report is written by `finish()` before the run's result is
+taken, so the result names it; after a stop signal the result goes first (`close()` renders after
+it, the grace period is for the checkpoint). A report that cannot be written is a note in the log,
+never a failed run.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -42,6 +45,8 @@ SHOWN_SKIPPED = 100
 MAX_LOGGED_STEPS = 2000
 """Steps in the history and on the charts: every step up to this many, else every k-th (and the last), so a
 long run's report renders in about the same time and stays a few MB."""
+RENDER_INTERVAL_SECONDS = 60.0
+"""At most one report per this many seconds while training (1-3 s of rank 0's time each); the final one always."""
 SECRET_WORDS = ("token", "password", "secret_access", "secretaccess", "signature", "credential")
 
 
@@ -49,8 +54,13 @@ class ReportWriter(Reporter):
     """Collects the run's history and writes the report at each validation and at the end."""
 
     def __init__(self, job: FineTuneJob, runtime: RuntimeConfig, progress: ProgressState,
-                 store: ObjectStore | None = None) -> None:
+                 store: ObjectStore | None = None, clock: Callable[[], float] = time.monotonic,
+                 interval: float = RENDER_INTERVAL_SECONDS) -> None:
         self.job, self.progress, self._store = job, progress, store
+        self.clock, self.interval = clock, interval
+        self.rendered_at: float | None = None
+        """When the last report was written (by `clock`); None before the first."""
+        self.finished = False
         os.environ.setdefault("MPLCONFIGDIR", str(runtime.scratch / "matplotlib"))  # its font cache; HOME may be
         # read-only in a pod, and a cache rebuilt in /tmp every start costs seconds
         self.runtime = runtime
@@ -117,6 +127,7 @@ class ReportWriter(Reporter):
 
     def sample(self, sample: dict[str, Any]) -> None:
         self.samples.append({"kind": "sample", **sample})
+        self.due = True  # the grid changed: also runs without a validation split get a page while training
 
     def outputs(self, outputs: dict[str, Any]) -> None:
         self.final = dict(outputs)
@@ -124,18 +135,24 @@ class ReportWriter(Reporter):
             self.progress.outputs({**outputs, "report": self.uri})
 
     def step_hook(self, trainer: Any) -> None:
-        """After each step (a `StepHook`): the step's learning rate, and the report if a validation was due."""
+        """After each step (a `StepHook`): the step's learning rate, and the report if a validation or a
+        sampling asked for one and the last was written `interval` seconds ago (else it stays due)."""
         self.trainer = trainer
         if self.steps and self.steps[-1]["step"] == trainer.step:
             self.steps[-1]["lr"] = float(trainer.p.lr_scheduler.get_last_lr()[0])
-        if self.due:
+        if self.due and (self.rendered_at is None or self.clock() - self.rendered_at >= self.interval):
             self.due = False
             self.publish()
 
-    def close(self) -> None:
-        """The last report, once the run ended (any way) after at least one step."""
-        if self.steps:
+    def finish(self) -> None:
+        """The final report, before the run's result is taken so that it names the report (after at least one step)."""
+        if self.steps and not self.finished:
+            self.finished = True
             self.publish()
+
+    def close(self) -> None:
+        """The last report if `finish` did not write it (a stop signal: the result went first)."""
+        self.finish()
 
     # --- writing ----------------------------------------------------------------------------
     def store(self) -> ObjectStore:
@@ -157,6 +174,8 @@ class ReportWriter(Reporter):
             print(f"[kubetune] note: the report at {self.uri} was not written: {type(exc).__name__}: {exc}",
                   file=sys.stderr, flush=True)
             return
+        finally:
+            self.rendered_at = self.clock()  # a failed attempt waits its turn too
         self.render_seconds = time.perf_counter() - started
         if not self.published:
             self.published = True
@@ -168,7 +187,8 @@ class ReportWriter(Reporter):
         folder.mkdir(parents=True)
         history = self.history()
         steps, validations = _kind(history, "step"), _kind(history, "validation")
-        cells = self.sample_cells(_kind(history, "sample"))
+        samples = _kind(history, "sample")
+        cells = self.sample_cells(samples)
         figures = render.figures(steps, validations, self.marked_step(validations))
         (folder / "history.jsonl").write_text("".join(json.dumps(line) + "\n" for line in history), encoding="utf-8")
         if "loss" in figures:
@@ -176,7 +196,7 @@ class ReportWriter(Reporter):
         if cells:
             (folder / "samples.png").write_bytes(render.png_of(render.samples_figure(cells), dpi=90))
         svgs = {name: render.svg_of(fig) for name, fig in figures.items()}
-        page = render.render_page(self.context(svgs, cells, steps, validations))
+        page = render.render_page(self.context(svgs, cells, steps, validations, len({s["step"] for s in samples})))
         (folder / "index.html").write_text(page, encoding="utf-8")
         if not cells:  # the picture is there before any sample is, and says why it is empty
             (folder / "samples.png").write_bytes(render.png_of(render.empty_figure("no samples yet")))
@@ -197,11 +217,22 @@ class ReportWriter(Reporter):
         return None
 
     def sample_cells(self, samples: list[dict[str, Any]]) -> list[render.SampleCell]:
-        """Each sample with a thumbnail, read back from the store once."""
+        """The grid's cells (its steps chosen first, the first image of each prompt there), each with a thumbnail.
+
+        Only the shown cells' thumbnails are kept (at most `MAX_GRID_STEPS` x prompts): one the grid
+        no longer shows is dropped, one it shows anew is read back from the store."""
         from PIL import Image
 
-        cells = []
+        columns = set(render.grid_steps(s["step"] for s in samples))
+        shown: dict[tuple[str, int], dict[str, Any]] = {}
         for sample in samples:
+            if sample["step"] in columns:
+                shown.setdefault((sample["prompt"], sample["step"]), sample)
+        keep = {sample["uri"] for sample in shown.values()}
+        self.thumbnails = {uri: thumb for uri, thumb in self.thumbnails.items() if uri in keep}
+        self.embedded = {uri: src for uri, src in self.embedded.items() if uri in keep}
+        cells = []
+        for sample in shown.values():
             uri = sample["uri"]
             if uri not in self.thumbnails:
                 local = self.runtime.scratch / "report-samples" / uri.rsplit("/", 1)[-1]
@@ -216,7 +247,7 @@ class ReportWriter(Reporter):
         return cells
 
     def context(self, svgs: dict[str, str], cells: list[render.SampleCell], steps: list[dict[str, Any]],
-                validations: list[dict[str, Any]]) -> dict[str, Any]:
+                validations: list[dict[str, Any]], sampled_steps: int) -> dict[str, Any]:
         """Everything the template shows, as plain values (it escapes them all but the SVGs)."""
         from markupsafe import Markup
 
@@ -226,9 +257,8 @@ class ReportWriter(Reporter):
             "summary": self.summary(steps, validations),
             "figures": {name: Markup(svg) for name, svg in svgs.items()},
             "prompts": prompts, "columns": columns,
-            "grid": {key: [{"src": self.embed(c), "uri": c.uri} for c in value]
-                     for key, value in grid.items()},
-            "sampled_steps": len({c.step for c in cells}),
+            "grid": {key: {"src": self.embed(value[0]), "uri": value[0].uri} for key, value in grid.items()},
+            "sampled_steps": sampled_steps,
             "data": self.data_summary(),
             "phases": self.phase_timings(),
             "staging": self.staging,
@@ -370,3 +400,11 @@ def report_hooks(reporter: Reporter) -> list[Any]:
     """The step hooks of the report writers among `reporter`'s (none on ranks that write no report)."""
     members = reporter.reporters if isinstance(reporter, Reporters) else [reporter]
     return [member.step_hook for member in members if isinstance(member, ReportWriter)]
+
+
+def finish_reports(reporter: Reporter) -> None:
+    """The final report of each report writer among `reporter`'s, before the run's result is taken."""
+    members = reporter.reporters if isinstance(reporter, Reporters) else [reporter]
+    for member in members:
+        if isinstance(member, ReportWriter):
+            member.finish()
