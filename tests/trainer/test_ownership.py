@@ -98,7 +98,7 @@ def test_the_same_name_with_other_weight_fields_is_refused_naming_the_fields(tmp
 
 def test_fields_that_do_not_shape_the_weights_may_change(tmp_path: Path) -> None:
     out = _owned_prefix(tmp_path, _job(str(tmp_path / "out")))
-    assert _check(_job(str(out), training={"maxSteps": 40, "mixedPrecision": "no"}), tmp_path) is None
+    assert _check(_job(str(out), training={"maxSteps": 40, "mixedPrecision": "fp16"}), tmp_path) is None
 
 
 def test_a_prefix_holding_only_final_weights_is_claimed_by_its_record(tmp_path: Path) -> None:

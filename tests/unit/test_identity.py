@@ -30,7 +30,7 @@ def test_weight_shaping_fields_change_the_digest(path: str, value: object) -> No
 
 @pytest.mark.parametrize(("path", "value"), [
     ("spec.resources.nodes", 4), ("spec.resources.gpusPerNode", 8), ("spec.image", "registry/trainer:2"),
-    ("spec.training.maxSteps", 5000), ("spec.training.mixedPrecision", "no"), ("spec.output.checkpointEvery", 7),
+    ("spec.training.maxSteps", 5000), ("spec.training.mixedPrecision", "fp16"), ("spec.output.checkpointEvery", 7),
     ("spec.storage.maxConcurrency", 4), ("spec.data.loaderWorkers", 0), ("spec.validation.prompts", ["a dog"]),
 ])
 def test_where_and_how_fast_leave_the_digest_alone(path: str, value: object) -> None:

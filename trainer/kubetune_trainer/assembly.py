@@ -244,7 +244,7 @@ def build_trainer(job: FineTuneJob, runtime: RuntimeConfig, reporter: Reporter,
     for text in setting_notices(job):
         reporter.notice(text)
     preflight_inputs(job, runtime)  # model_index.json found, data listed: seconds, before any transfer
-    claim = claim_output(job, runtime, reporter)  # read-only: another job's output stops us before any write there
+    claim = claim_output(job, runtime, reporter.notice)  # read-only: another job's output stops us first
     preflight_output(job, runtime)  # then the output takes a probe's write and delete
     with accelerator.local_main_process_first():  # one download per pod; the others find it staged
         model_dir, data_dir, class_dir = _stage_inputs(job, runtime, reporter)

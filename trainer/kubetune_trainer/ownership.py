@@ -21,6 +21,7 @@ same moment exactly one proceeds; each checkpoint and the export confirm it agai
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,7 +33,6 @@ from kubetune.api.spec import FineTuneJobSpec
 from kubetune_trainer.config import RuntimeConfig
 from kubetune_trainer.exitcodes import ConfigError
 from kubetune_trainer.preflight import PROBE_PREFIX
-from kubetune_trainer.reporting import Reporter
 from kubetune_trainer.storage import ObjectStore, as_prefix, create_text, open_store, read_text
 
 OWNER_RECORD = "kubetune-owner.json"
@@ -233,7 +233,7 @@ class OutputClaim:
             raise refusal(self.uri, record.owner, self.identity, record.fields, self.fields)
 
 
-def claim_output(job: FineTuneJob, runtime: RuntimeConfig, reporter: Reporter) -> OutputClaim:
+def claim_output(job: FineTuneJob, runtime: RuntimeConfig, notify: Callable[[str], None]) -> OutputClaim:
     """Check, before anything is staged or written, that `spec.output.uri` is this job's to use.
 
     Every rank checks (so all of them stop alike); none writes here, not even preflight's probe,
@@ -248,5 +248,5 @@ def claim_output(job: FineTuneJob, runtime: RuntimeConfig, reporter: Reporter) -
         raise ConfigError(f"output.uri {spec.output.uri}: {exc}") from exc
     notice = claim.check(survey)
     if notice:
-        reporter.notice(notice)
+        notify(notice)  # e.g. an adopted prefix written before owners were recorded
     return claim
