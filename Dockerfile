@@ -16,8 +16,11 @@ RUN pip install --no-cache-dir "uv==${UV_VERSION}"
 WORKDIR /src
 COPY pyproject.toml uv.lock README.md ./
 RUN uv sync --frozen --no-install-project --extra operator
+COPY api ./api
 COPY operator ./operator
+COPY cli ./cli
 COPY trainer ./trainer
+COPY demo ./demo
 RUN uv sync --frozen --no-editable --extra operator
 
 # ---------------------------------------------------------------- operator: runtime
@@ -43,8 +46,11 @@ WORKDIR /src
 COPY pyproject.toml uv.lock README.md ./
 RUN uv python install 3.11 \
  && uv sync --frozen --no-install-project --extra trainer
+COPY api ./api
 COPY operator ./operator
+COPY cli ./cli
 COPY trainer ./trainer
+COPY demo ./demo
 RUN uv sync --frozen --no-editable --extra trainer
 
 # ---------------------------------------------------------------- trainer: runtime

@@ -3,7 +3,7 @@
 Shared by `tests/gpu` and `bench/gpu_throughput.py`, so that a test's CPU twin and its CUDA
 variant differ only in the size they ask for. The real sizes take the UNet, VAE and text-encoder
 shapes of the published configs (SD 1.5: 860M-parameter UNet; SDXL: 2.6B) with the tiny
-character tokenizer of `kubetune_trainer.tiny`; nothing is downloaded. They are built on the GPU
+character tokenizer of `kubetune_demo.tiny`; nothing is downloaded. They are built on the GPU
 in the training dtype (random initialisation of 2.6B parameters on CPU takes minutes) and saved
 as a diffusers folder, which the trainer then stages and loads like any other model (trained
 weights are loaded as float32, as from a published checkpoint).
@@ -71,11 +71,11 @@ OPENCLIP_BIGG = dict(hidden_size=1280, intermediate_size=5120, num_attention_hea
 def build_model(folder: Path, size: ModelSize, device: str = "cuda", dtype: str = "bfloat16") -> Path:
     """Save a random-weight diffusers folder of `size` at `folder` and return it.
 
-    Toy sizes come from `kubetune_trainer.tiny` (CPU, float32, under a second); real sizes are
+    Toy sizes come from `kubetune_demo.tiny` (CPU, float32, under a second); real sizes are
     initialised on `device` in `dtype` and written in that dtype.
     """
     if not size.real:
-        from kubetune_trainer.tiny import build_tiny_pipeline
+        from kubetune_demo.tiny import build_tiny_pipeline
 
         return build_tiny_pipeline(Path(folder), family=size.family)
     import torch
@@ -95,7 +95,7 @@ def real_pipeline(folder: Path, size: ModelSize) -> Any:
     import diffusers
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from kubetune_trainer.tiny import write_tokenizer
+    from kubetune_demo.tiny import write_tokenizer
 
     tokenizer = CLIPTokenizer.from_pretrained(str(write_tokenizer(folder / "_tokenizer_src")))
     shutil.rmtree(folder / "_tokenizer_src", ignore_errors=True)

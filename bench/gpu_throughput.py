@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import diffusers
 
-    from kubetune_trainer.tiny import build_image_dataset
+    from kubetune_demo.tiny import build_image_dataset
 
     started = time.perf_counter()
     root = args.workdir or Path(tempfile.mkdtemp(prefix="kubetune-gpu-bench-"))

@@ -36,7 +36,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from kubetune.api.spec import StorageSpec
-from kubetune_trainer.loopback_s3 import LoopbackS3Process
+from kubetune_demo.loopback_s3 import LoopbackS3Process
 from kubetune_trainer.staging import MARKER_DIR, stage
 
 KiB, MiB = 1024, 1024 * 1024

@@ -16,7 +16,7 @@ and the final save stay out of it; each side's whole wall time is printed beside
 `--repeats N` the sides alternate N times, each run in fresh folders, and the best run of
 each side counts (the one least disturbed by other load on the machine).
 
-CPU mode (default): the tiny random-weight SD 1.x pipeline from `kubetune_trainer.tiny`.
+CPU mode (default): the tiny random-weight SD 1.x pipeline from `kubetune_demo.tiny`.
 GPU mode (`--device cuda`): a random-weight pipeline with the SD 1.5 UNet config (860M
 parameters), the SD 1.5 VAE config and a full-width CLIP text encoder (768 hidden, 12 layers,
 with the tiny character tokenizer) at 512²: LoRA against the example, full fine-tune ours
@@ -80,7 +80,7 @@ class Fixture:
 
 
 def build_cpu_fixture(root: Path, images: int, image_size: int) -> Fixture:
-    from kubetune_trainer.tiny import build_image_dataset, build_tiny_pipeline
+    from kubetune_demo.tiny import build_image_dataset, build_tiny_pipeline
 
     model = build_tiny_pipeline(root / "model", family="sd", seed=0)
     data = build_image_dataset(root / "data", count=images, size=image_size, layout="imagefolder")
@@ -93,7 +93,7 @@ def build_sd15_sized_fixture(root: Path, images: int, image_size: int) -> Fixtur
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from kubetune_trainer.tiny import build_image_dataset, write_tokenizer
+    from kubetune_demo.tiny import build_image_dataset, write_tokenizer
 
     torch.manual_seed(0)
     tokenizer = CLIPTokenizer.from_pretrained(str(write_tokenizer(root / "tokenizer-src")))

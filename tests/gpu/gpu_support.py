@@ -44,7 +44,7 @@ class Models:
         return self._models[size.name]
 
     def data(self, size: ModelSize) -> Path:
-        from kubetune_trainer.tiny import build_image_dataset
+        from kubetune_demo.tiny import build_image_dataset
 
         if size.resolution not in self._data:
             self._data[size.resolution] = build_image_dataset(self.root / f"data-{size.resolution}", count=6,

@@ -115,7 +115,7 @@ def test_step_loss_and_smoothed_loss_have_their_names_in_all_four_places(
 ) -> None:
     import torch
 
-    from kubetune_trainer.tiny import build_image_dataset, build_tiny_pipeline
+    from kubetune_demo.tiny import build_image_dataset, build_tiny_pipeline
 
     model, data = build_tiny_pipeline(tmp_path / "model"), build_image_dataset(tmp_path / "data", count=6, size=64)
     job = local_job(str(model), str(data), str(tmp_path / "out"), training={"maxSteps": STEPS})
@@ -150,7 +150,7 @@ def test_step_loss_and_smoothed_loss_have_their_names_in_all_four_places(
 def test_a_live_trainer_and_operator_expose_exactly_the_documented_series(
     tmp_path: Path, kube_cluster, kube_admin, namespace: str, finetunejob_crd: str, kubectl
 ) -> None:
-    from kubetune_trainer.tiny import build_image_dataset, build_tiny_pipeline
+    from kubetune_demo.tiny import build_image_dataset, build_tiny_pipeline
     from tests.monitoring.test_prometheus_scrape import _spawn, _stop, _wait
 
     doc = job_document(str(build_tiny_pipeline(tmp_path / "model")), str(build_image_dataset(tmp_path / "data")),

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from charts.dashboard import expressions
-from kubetune_trainer.tiny import build_image_dataset, build_tiny_pipeline
+from kubetune_demo.tiny import build_image_dataset, build_tiny_pipeline
 from tests.tools import needs_tools
 from tests.trainer.trainer_support import free_port, job_document
 from tests.unit.test_monitoring import DCGM_EXPORTER, METRIC, _alert_rules

@@ -21,8 +21,8 @@ DATA_URI = "s3://datasets/squares/"
 @pytest.fixture(scope="session")
 def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """moto's server with the tiny model under MODEL_URI and 8 images of 64² under DATA_URI."""
-    from kubetune_trainer.loopback_s3 import LoopbackS3Process
-    from kubetune_trainer.tiny import build_image_dataset, build_tiny_pipeline
+    from kubetune_demo.loopback_s3 import LoopbackS3Process
+    from kubetune_demo.tiny import build_image_dataset, build_tiny_pipeline
 
     work = tmp_path_factory.mktemp("e2e-s3")
     server = LoopbackS3Process().start()

@@ -226,7 +226,7 @@ def test_trainer_termination_message_shape() -> None:
 
 
 def test_trainer_and_operator_agree_on_the_config_error_exit_code() -> None:
-    from kubetune.exitcodes import CONFIG_ERROR_EXIT_CODE
+    from kubetune.api.exitcodes import CONFIG_ERROR_EXIT_CODE
     from kubetune_trainer import exitcodes as trainer_exitcodes
 
     assert trainer_exitcodes.EXIT_CONFIG == CONFIG_ERROR_EXIT_CODE

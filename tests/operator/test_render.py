@@ -10,8 +10,8 @@ import pytest
 import yaml
 from ftj_builders import JOB_UID, make_job
 
+from kubetune.api.exitcodes import CONFIG_ERROR_EXIT_CODE
 from kubetune.api.validation import validate_document
-from kubetune.exitcodes import CONFIG_ERROR_EXIT_CODE
 from kubetune.operator.render import Attempt, render_children, render_configmap, render_job, render_service
 from kubetune.operator.settings import OperatorSettings
 

@@ -51,14 +51,14 @@ def _fresh_accelerate_state() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from kubetune_trainer.tiny import build_tiny_pipeline
+    from kubetune_demo.tiny import build_tiny_pipeline
 
     return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd"), family="sd")
 
 
 @pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from kubetune_trainer.tiny import build_tiny_pipeline
+    from kubetune_demo.tiny import build_tiny_pipeline
 
     return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sdxl"), family="sdxl")
 
@@ -66,7 +66,7 @@ def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def squares(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Six captioned synthetic images in the imagefolder layout."""
-    from kubetune_trainer.tiny import build_image_dataset
+    from kubetune_demo.tiny import build_image_dataset
 
     return build_image_dataset(tmp_path_factory.mktemp("squares"), count=6, size=72)
 
@@ -96,7 +96,7 @@ def s3_server() -> Iterator[Any]:
     """A real S3-compatible HTTP server on loopback for the whole session."""
     import logging
 
-    from kubetune_trainer.loopback_s3 import LoopbackS3
+    from kubetune_demo.loopback_s3 import LoopbackS3
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     with LoopbackS3() as server:

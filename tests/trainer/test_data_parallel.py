@@ -35,7 +35,7 @@ def _image(key: str) -> str:
 
 @pytest.fixture(scope="module")
 def traced_run(tiny_sd: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, Path]:
-    from kubetune_trainer.tiny import build_image_dataset
+    from kubetune_demo.tiny import build_image_dataset
 
     root = tmp_path_factory.mktemp("ddp")
     data = build_image_dataset(root / "data", count=IMAGES, size=64)

@@ -23,12 +23,12 @@ from trainer_support import job_document, local_job
 
 from kubetune.api.spec import DataSpec
 from kubetune.api.status import DataReport
+from kubetune_demo.tiny import build_image_dataset
 from kubetune_trainer.config import RuntimeConfig
 from kubetune_trainer.data import load_dataset
 from kubetune_trainer.data_policy import TooManySkipped, check_image
 from kubetune_trainer.exitcodes import EXIT_CONFIG, ConfigError
 from kubetune_trainer.job import run_job
-from kubetune_trainer.tiny import build_image_dataset
 
 MEGAPIXELS_180 = (15000, 12000)
 

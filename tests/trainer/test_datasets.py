@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from kubetune.api.spec import DataSpec
+from kubetune_demo.tiny import build_image_dataset
 from kubetune_trainer.batches import BatchStream, bucket_sizes, nearest_bucket
 from kubetune_trainer.data import load_dataset
 from kubetune_trainer.exitcodes import ConfigError
-from kubetune_trainer.tiny import build_image_dataset
 
 
 def _spec(root: Path, **kwargs: object) -> DataSpec:

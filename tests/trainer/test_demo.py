@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from kubetune.cli import main
-from kubetune_trainer.demo import MARKER, publish
+from kubetune_demo.demo import MARKER, publish
 from kubetune_trainer.exitcodes import EXIT_CONFIG
 
 REPO = Path(__file__).resolve().parents[2]

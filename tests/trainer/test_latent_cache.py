@@ -53,7 +53,7 @@ def _run(model: Path, data: Path, out: Path, scratch: Path, stop_after: int | No
 
 def test_the_vae_encodes_each_image_once_across_epochs_and_restarts(tiny_sd: Path, squares: Path,
                                                                     tmp_path: Path) -> None:
-    from kubetune_trainer.tiny import build_tiny_pipeline
+    from kubetune_demo.tiny import build_tiny_pipeline
 
     scratch = tmp_path / "scratch"
     encoded, steps = _run(tiny_sd, squares, tmp_path / "out", scratch, stop_after=7)

@@ -32,7 +32,7 @@ def _records(folder: Path, rank: int, event: str) -> list[dict]:
 
 
 def test_each_rank_publishes_only_the_latents_it_encoded(tiny_sd: Path, tmp_path: Path) -> None:
-    from kubetune_trainer.tiny import build_image_dataset
+    from kubetune_demo.tiny import build_image_dataset
 
     data = build_image_dataset(tmp_path / "data", count=IMAGES, size=64)
     doc = job_document(str(tiny_sd), str(data), "pvc://claim/out", data={"randomFlip": False},

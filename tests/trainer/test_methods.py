@@ -73,7 +73,7 @@ def test_full_fine_tune_exports_the_base_scheduler_and_frozen_parts(tiny_sd: Pat
     assert image.shape == (1, 64, 64, 3)
 
 def test_dreambooth_lora_with_generated_class_images(tiny_sd: Path, tmp_path: Path) -> None:
-    from kubetune_trainer.tiny import build_image_dataset
+    from kubetune_demo.tiny import build_image_dataset
 
     instance = build_image_dataset(tmp_path / "instance", count=3, size=64)
     (instance / "metadata.jsonl").unlink()  # DreamBooth folders are often images only

@@ -10,13 +10,13 @@ import pytest
 from trainer_support import local_job
 
 from kubetune.api.spec import DataSpec
+from kubetune_demo.tiny import build_image_dataset
 from kubetune_trainer.assembly import build_trainer
 from kubetune_trainer.batches import BatchStream
 from kubetune_trainer.config import RuntimeConfig
 from kubetune_trainer.data import load_dataset
 from kubetune_trainer.latent_cache import DiskLatentCache
 from kubetune_trainer.reporting import Reporter
-from kubetune_trainer.tiny import build_image_dataset
 
 
 @pytest.fixture(scope="module")

@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 
 from kubetune.api.spec import DataSpec
+from kubetune_demo.tiny import build_image_dataset
 from kubetune_trainer import data
 from kubetune_trainer.batches import BatchStream, PrefetchedBatches
 from kubetune_trainer.data import Batch, load_dataset
-from kubetune_trainer.tiny import build_image_dataset
 
 STEPS = 7  # more than an epoch: 5 images in batches of 2 is 3 batches per epoch
 

@@ -79,7 +79,7 @@ def test_each_encoder_runs_once_per_caption_and_a_new_pod_runs_none(model: str, 
 def test_the_key_follows_the_text_encoders_and_tokenizers_not_the_folder(tiny_sd: Path, tmp_path: Path) -> None:
     import torch
 
-    from kubetune_trainer.tiny import build_tiny_pipeline
+    from kubetune_demo.tiny import build_tiny_pipeline
 
     shutil.copytree(tiny_sd, tmp_path / "elsewhere")
     here, there = load_components(tiny_sd, None), load_components(tmp_path / "elsewhere", None)

@@ -3,7 +3,7 @@
 The operator decides from the exit code whether a failed pod is worth a restart: a
 configuration error (bad spec, missing data, rejected credentials) fails the same way
 every time, so it is not retried; anything else may be transient and is. The codes the
-operator acts on come from `kubetune.exitcodes`, the one place both sides read.
+operator acts on come from `kubetune.api.exitcodes`, the one place both sides read.
 
 In a multi-process run every process ends with one of these codes, and so does every pod's
 launcher (see `launch`): 143 on every rank after an agreed stop (a stop signal reached any rank;
@@ -14,7 +14,7 @@ than the process-group timeout, 78 for a configuration error on any rank.
 
 from __future__ import annotations
 
-from kubetune.exitcodes import CONFIG_ERROR_EXIT_CODE, FAILURE, INTERRUPTED, OK, PEER_LOST
+from kubetune.api.exitcodes import CONFIG_ERROR_EXIT_CODE, FAILURE, INTERRUPTED, OK, PEER_LOST
 
 EXIT_OK = OK
 EXIT_FAILED = FAILURE

@@ -13,8 +13,8 @@ from typing import Any
 
 import yaml
 
+from kubetune.api.exitcodes import CONFIG_ERROR_EXIT_CODE
 from kubetune.api.resource import FineTuneJob
-from kubetune.exitcodes import CONFIG_ERROR_EXIT_CODE
 from kubetune.operator import naming
 from kubetune.operator.render_pod import pod_template
 from kubetune.operator.settings import OperatorSettings

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
+from kubetune.api.exitcodes import CONFIG_ERROR_EXIT_CODE, INTERRUPTED, PEER_LOST
 from kubetune.api.resource import FineTuneJob
 from kubetune.api.status import FineTuneJobStatus
-from kubetune.exitcodes import CONFIG_ERROR_EXIT_CODE, INTERRUPTED, PEER_LOST
 from kubetune.operator import conditions as cond
 from kubetune.operator import observed as obs
 from kubetune.operator.observed import Observed

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from kubetune import __version__
+from kubetune.api.release import __version__
 
 DEFAULT_IMAGE = f"ghcr.io/kubetune/kubetune-trainer:{__version__}"
 

@@ -18,10 +18,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from kubetune_demo.loopback_s3 import DEMO_CREDENTIALS, LoopbackS3
 from kubetune_trainer.config import RuntimeConfig
 from kubetune_trainer.exitcodes import ConfigError
 from kubetune_trainer.job import RunResult, run_job
-from kubetune_trainer.loopback_s3 import DEMO_CREDENTIALS, LoopbackS3
 
 DEFAULT_OUT = Path("kubetune-demo")
 """Under the current directory: `make demo` leaves it in the checkout, beside the .venv whose Python
@@ -136,7 +136,7 @@ def _run_in(workdir: Path, out: Path, steps: int, family: str, progress_bar: boo
     from kubetune_trainer.job import quiet_libraries
 
     quiet_libraries()
-    from kubetune_trainer.tiny import build_image_dataset, build_tiny_pipeline
+    from kubetune_demo.tiny import build_image_dataset, build_tiny_pipeline
 
     print(f"[demo] building a tiny random {family} pipeline and 8 captioned images in {workdir}", flush=True)
     model = build_tiny_pipeline(workdir / "source" / "model", family=family)

@@ -141,7 +141,7 @@ class LoopbackS3:
 
 
 class LoopbackS3Process(LoopbackS3):
-    """The same server as `LoopbackS3`, run by `python -m kubetune_trainer.loopback_s3` in a child process."""
+    """The same server as `LoopbackS3`, run by `python -m kubetune_demo.loopback_s3` in a child process."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         self.host, self.port = host, port or _free_port(host)
@@ -149,7 +149,7 @@ class LoopbackS3Process(LoopbackS3):
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> LoopbackS3Process:
-        command = [sys.executable, "-m", "kubetune_trainer.loopback_s3", "--host", self.host, "--port", str(self.port)]
+        command = [sys.executable, "-m", "kubetune_demo.loopback_s3", "--host", self.host, "--port", str(self.port)]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and self.process.poll() is None:

@@ -3,8 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
+
+from kubetune.api.exitcodes import CONFIG_ERROR_EXIT_CODE
+
+PROPS = ("kubetune_demo", "moto", "kubetune_trainer")
+"""What the demo needs beyond the CLI: its props (a tiny model, a dataset, an S3 server on loopback)
+and the trainer. The props are not part of the product packages; the `demo` extra installs them."""
+
+
+def missing_props() -> list[str]:
+    return [name for name in PROPS if importlib.util.find_spec(name) is None]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,7 +41,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kubetune_trainer.demo import run_demo
+    missing = missing_props()
+    if missing:
+        print(f"kubetune demo: {', '.join(missing)} not installed here; the demo needs the trainer and its props: "
+              "pip install 'kubetune[trainer,demo]' (in a checkout: make demo)", file=sys.stderr)
+        return CONFIG_ERROR_EXIT_CODE
+    from kubetune_demo.demo import run_demo
     from kubetune_trainer.exitcodes import ConfigError
 
     try:

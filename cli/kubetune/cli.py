@@ -10,7 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from kubetune import __version__
+from kubetune.api.release import __version__
 from kubetune.commands import COMMANDS
 
 DESCRIPTION = """\
