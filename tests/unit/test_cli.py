@@ -64,3 +64,14 @@ def test_console_script_help_lists_subcommands() -> None:
 def test_committed_api_reference_matches_the_model(repo_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["crd", "--format", "markdown"]) == 0
     assert capsys.readouterr().out == (repo_root / "docs" / "api.md").read_text(), "docs/api.md is stale: make crd"
+
+
+@pytest.mark.parametrize("absent", ["moto", "kubetune_demo", "kubetune_trainer"])
+def test_demo_without_its_props_says_how_to_get_them(absent: str) -> None:
+    """The demo's props are not part of the product (the trainer image has no moto): without them
+    `kubetune demo` names what is missing and the extra that installs it, and retrying cannot help."""
+    probe = f"import sys; sys.modules[{absent!r}] = None; from kubetune.cli import main; sys.exit(main(['demo']))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 78, out.stderr
+    assert f"{absent} not installed" in out.stderr
+    assert "pip install 'kubetune[trainer,demo]'" in out.stderr
