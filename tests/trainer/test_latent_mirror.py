@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from trainer_support import local_job
 
-from kubetune_trainer.cache_mirror import SWITCH_ENV, CacheMirror, NoMirror, build_mirror
+from kubetune_trainer.caches.latents import DiskLatentCache
+from kubetune_trainer.caches.mirror import SWITCH_ENV, CacheMirror, NoMirror, build_mirror
 from kubetune_trainer.config import RuntimeConfig
 from kubetune_trainer.job import run_job
-from kubetune_trainer.latent_cache import DiskLatentCache
-from kubetune_trainer.storage import LocalStore
+from kubetune_trainer.storage.local import LocalStore
 from kubetune_trainer.trainer import Trainer
 
 
@@ -175,7 +175,7 @@ def test_a_run_encodes_only_what_an_incomplete_copy_lacks(tiny_sd: Path, squares
 def test_the_cache_key_does_not_depend_on_where_the_model_was_staged(tiny_sd: Path, tmp_path: Path) -> None:
     from diffusers import AutoencoderKL
 
-    from kubetune_trainer.latent_cache import cache_folder
+    from kubetune_trainer.caches.latents import cache_folder
 
     shutil.copytree(tiny_sd / "vae", tmp_path / "elsewhere" / "vae")
     here, there = (AutoencoderKL.from_pretrained(str(folder / "vae")) for folder in (tiny_sd, tmp_path / "elsewhere"))

@@ -17,8 +17,8 @@ import pytest
 import yaml
 from trainer_support import free_port, job_document
 
-from kubetune_trainer.latent_cache import DiskLatentCache
-from kubetune_trainer.text_cache import DiskTextCache
+from kubetune_trainer.caches.latents import DiskLatentCache
+from kubetune_trainer.caches.text import DiskTextCache
 from kubetune_trainer.trace import TRACE_ENV
 
 pytestmark = pytest.mark.integration

@@ -8,8 +8,8 @@ from pathlib import Path
 from kubetune.api.spec import DataSpec
 from kubetune_demo.tiny import build_image_dataset
 from kubetune_trainer.batches import BatchStream
+from kubetune_trainer.caches.latents import DiskLatentCache
 from kubetune_trainer.data import load_dataset, render_image
-from kubetune_trainer.latent_cache import DiskLatentCache
 
 
 def test_cached_batches_never_decode_an_image(tmp_path: Path) -> None:

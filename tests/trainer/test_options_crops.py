@@ -13,9 +13,9 @@ from kubetune.api.spec import DataSpec
 from kubetune_demo.tiny import build_image_dataset
 from kubetune_trainer.assembly import build_trainer
 from kubetune_trainer.batches import BatchStream
+from kubetune_trainer.caches.latents import DiskLatentCache
 from kubetune_trainer.config import RuntimeConfig
 from kubetune_trainer.data import load_dataset
-from kubetune_trainer.latent_cache import DiskLatentCache
 from kubetune_trainer.reporting import Reporter
 
 

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 from trainer_support import local_job
 
-from kubetune_trainer.cache_mirror import CacheMirror
+from kubetune_trainer.caches.mirror import CacheMirror
+from kubetune_trainer.caches.text import DiskTextCache, text_cache_folder
 from kubetune_trainer.config import RuntimeConfig
 from kubetune_trainer.job import run_job
 from kubetune_trainer.models import Components, PromptCache, load_components
-from kubetune_trainer.storage import LocalStore
-from kubetune_trainer.text_cache import DiskTextCache, text_cache_folder
+from kubetune_trainer.storage.local import LocalStore
 from kubetune_trainer.trainer import Trainer
 
 CAPTIONS = ["a red square", "a blue square", "a red square"]

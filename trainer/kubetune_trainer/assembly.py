@@ -13,15 +13,16 @@ from typing import Any
 
 from kubetune.api.resource import FineTuneJob
 from kubetune_trainer.batches import BatchStream, PrefetchedBatches, prefetched
-from kubetune_trainer.cache_mirror import CacheMirror, NoMirror, build_mirror
+from kubetune_trainer.caches.entries import DiskEntries
+from kubetune_trainer.caches.latents import DiskLatentCache, NoLatentCache, cache_folder
+from kubetune_trainer.caches.mirror import CacheMirror, NoMirror, build_mirror
+from kubetune_trainer.caches.text import DiskTextCache, text_cache_folder, text_encoders_frozen
 from kubetune_trainer.checkpoint import Checkpointer
 from kubetune_trainer.config import RuntimeConfig
 from kubetune_trainer.data import Dataset, Example, load_dataset, split_dataset
-from kubetune_trainer.disk_cache import DiskEntries
 from kubetune_trainer.dreambooth import PriorPreservationStream, class_examples
 from kubetune_trainer.ema import build_ema
 from kubetune_trainer.exitcodes import ConfigError
-from kubetune_trainer.latent_cache import DiskLatentCache, NoLatentCache, cache_folder
 from kubetune_trainer.methods import TrainingMethod, build_method
 from kubetune_trainer.models import Components, load_components
 from kubetune_trainer.objective import DiffusionObjective
@@ -30,9 +31,8 @@ from kubetune_trainer.ownership import claim_output
 from kubetune_trainer.preflight import preflight_inputs, preflight_output
 from kubetune_trainer.reporting import Reporter
 from kubetune_trainer.sampling import build_sampler
-from kubetune_trainer.staging import stage
-from kubetune_trainer.storage import ObjectStore, open_store
-from kubetune_trainer.text_cache import DiskTextCache, text_cache_folder, text_encoders_frozen
+from kubetune_trainer.storage.interface import ObjectStore
+from kubetune_trainer.storage.schemes import open_store, stage
 from kubetune_trainer.trace import trace_from_env
 from kubetune_trainer.trainer import StepHook, StopRequest, Trainer, TrainerParts
 from kubetune_trainer.validation import EarlyStopper, LossValidator, NullValidator

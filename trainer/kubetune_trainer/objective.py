@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from kubetune.api.spec import TrainingSpec
+from kubetune_trainer.caches.latents import DiskLatentCache, NoLatentCache
 from kubetune_trainer.data import Batch
-from kubetune_trainer.latent_cache import DiskLatentCache, NoLatentCache
 from kubetune_trainer.models import Components
 
 

@@ -4,7 +4,7 @@ Both caches store what a frozen encoder made of one input (an image, a caption) 
 32-hex-digit name, in a folder whose name is a digest of everything the encoding depends on.
 This class holds what they share: entries written whole or not at all (temporary file, then
 rename), an in-memory copy up to a byte budget so later epochs read no file, the list of
-entries this process encoded that `cache_mirror` has not yet published, and how an entry is
+entries this process encoded that `mirror` has not yet published, and how an entry is
 laid out in a mirror shard.
 """
 

@@ -6,7 +6,7 @@ hidden state; SDXL: both encoders' penultimate hidden states, joined, and the po
 embedding) are stored as one entry per caption, named by a digest of its exact text. Entries
 live in one folder per model family, text encoders (config, dtype and weights) and tokenizers
 (files and max length) (`text_cache_folder`), so another model never reads them, and
-`cache_mirror` carries them to a new pod through `<output>/cache/text/<key>/`. The cache
+`caches.mirror` carries them to a new pod through `<output>/cache/text/<key>/`. The cache
 replaces `Components.prompts`, which is bypassed as soon as a text-encoder weight trains.
 """
 
@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kubetune_trainer.disk_cache import DiskEntries
+from kubetune_trainer.caches.entries import DiskEntries
 from kubetune_trainer.models import Components
 
 _LOAD_DETAILS = {"transformers_version", "torch_dtype", "dtype"}

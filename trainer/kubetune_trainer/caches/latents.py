@@ -11,7 +11,7 @@ pixels around it.)
 Entries live in one folder per VAE encoder (config and weights), data URI and resolution
 (`cache_folder`), so a restart or re-run with the same model and data on the same scratch
 volume encodes nothing again, and a changed model never reads stale latents. Entry names do
-not depend on where the scratch volume is mounted, so `cache_mirror` can carry them to a new
+not depend on where the scratch volume is mounted, so `caches.mirror` can carry them to a new
 pod through the output URI.
 """
 
@@ -23,8 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from kubetune_trainer.caches.entries import DiskEntries
 from kubetune_trainer.data import Batch, ImagePlan, render_image
-from kubetune_trainer.disk_cache import DiskEntries
 
 Encoder = Callable[[Any], Any]
 """Pixels (N, 3, H, W) to the VAE's latent distribution parameters (N, 2C, h, w)."""

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.api.uris import parse_uri
-from kubetune_trainer.disk_cache import DiskEntries
-from kubetune_trainer.storage import ObjectInfo, ObjectStore, as_prefix, join_uri, read_text, write_text
+from kubetune_trainer.caches.entries import DiskEntries
+from kubetune_trainer.storage.interface import ObjectInfo, ObjectStore, as_prefix, join_uri, read_text, write_text
 
 SWITCH_ENV = "KUBETUNE_REMOTE_CACHE"
 """`0` keeps the latent and text caches on the scratch volume only."""
