@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from types import EllipsisType
 from typing import Any
 
 from kubetune.api.resource import FineTuneJob
 from kubetune.api.status import FineTuneJobStatus
 from kubetune.operator.observed import Observed
 from kubetune.operator.render import Attempt, render_configmap, render_job, render_service
-from kubetune.operator.restart import failure_verdict, next_attempt_at, remaining_deadline
+from kubetune.operator.restart import Verdict, failure_verdict, next_attempt_at, remaining_deadline
 from kubetune.operator.settings import OperatorSettings
 from kubetune.operator.status import TERMINAL, secret_view
 from kubetune.operator.timefmt import parse_time
@@ -79,7 +80,7 @@ def _config_actions(job: FineTuneJob, observed: Observed, settings: OperatorSett
 
 
 def _job_actions(job: FineTuneJob, observed: Observed, status: FineTuneJobStatus, settings: OperatorSettings,
-                 now: datetime) -> list[Action]:
+                 now: datetime, verdict: Verdict | None) -> list[Action]:
     if observed.job is None:
         not_before = next_attempt_at(status, settings.restart_backoff_seconds)
         if not_before is not None and now < not_before:
@@ -89,7 +90,6 @@ def _job_actions(job: FineTuneJob, observed: Observed, status: FineTuneJobStatus
     meta = observed.job["metadata"]
     if observed.job_deleting:
         return []
-    verdict = failure_verdict(job, observed)
     if verdict is not None:
         return [DeleteJob(meta["name"], meta.get("uid", ""))] if verdict.retried else []
     wanted = job.spec.run_policy.suspend
@@ -101,10 +101,12 @@ def _job_actions(job: FineTuneJob, observed: Observed, status: FineTuneJobStatus
 
 
 def plan_actions(job: FineTuneJob, observed: Observed, status: FineTuneJobStatus, settings: OperatorSettings,
-                 now: datetime) -> list[Action]:
-    """Actions that move the cluster towards `status` (already computed for this pass)."""
+                 now: datetime, verdict: Verdict | EllipsisType | None = ...) -> list[Action]:
+    """Actions that move the cluster towards `status` (already computed for this pass); `verdict` as in
+    `compute_status`."""
     if status.phase in TERMINAL:
         return [DeleteFineTuneJob()] if ttl_expired(job, status, now) else []
     if observed.job is None and secret_view(job, observed) is not None:
         return []
-    return _config_actions(job, observed, settings) + _job_actions(job, observed, status, settings, now)
+    verdict = failure_verdict(job, observed) if verdict is ... else verdict
+    return _config_actions(job, observed, settings) + _job_actions(job, observed, status, settings, now, verdict)

@@ -21,6 +21,7 @@ from kubetune.operator.events import Event, events_for_transition
 from kubetune.operator.metrics import OperatorMetrics
 from kubetune.operator.observed import Observed
 from kubetune.operator.reports import ProgressReport, ResultReport, parse_result
+from kubetune.operator.restart import failure_verdict
 from kubetune.operator.settings import OperatorSettings
 from kubetune.operator.status import compute_status, invalid_status, is_final
 
@@ -98,8 +99,9 @@ def reconcile(body: Mapping[str, Any], cluster: Cluster, settings: OperatorSetti
         return _finish(ref, body, old, new, cluster, metrics, now, PassOutcome(new))
     seen = cluster.observe(job)
     progress, result = rank0_reports(job, seen, cluster)
-    new = compute_status(job, seen, now, old, progress, result)
-    outcome = PassOutcome(new, plan_actions(job, seen, new, settings, now))
+    verdict = failure_verdict(job, seen)  # judged once: the status and the actions act on the same verdict
+    new = compute_status(job, seen, now, old, progress, result, verdict)
+    outcome = PassOutcome(new, plan_actions(job, seen, new, settings, now, verdict))
     outcome.errors = cluster.apply_all(job, outcome.actions)  # the status below is true even if some failed
     if any(isinstance(a, DeleteFineTuneJob) for a in outcome.actions) and not outcome.errors:
         return outcome

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from types import EllipsisType
 
 from kubetune.api.resource import FineTuneJob
 from kubetune.api.status import CheckpointRef, Condition, DataReport, FineTuneJobStatus, Outputs, Workers
@@ -119,9 +120,9 @@ def _training(report: ProgressReport | None, previous: FineTuneJobStatus) -> boo
     return report.progress is not None and report.progress.step is not None
 
 
-def decide_phase(job: FineTuneJob, observed: Observed, previous: FineTuneJobStatus,
+def decide_phase(job: FineTuneJob, observed: Observed, previous: FineTuneJobStatus, verdict: Verdict | None,
                  report: ProgressReport | None = None, result: ResultReport | None = None) -> PhaseView:
-    """The phase of a valid, not yet final job."""
+    """The phase of a valid, not yet final job; `verdict` is `failure_verdict(job, observed)`."""
     if (view := output_view(job, observed, previous)) is not None:
         return view
     if observed.job is None and (view := secret_view(job, observed)) is not None:
@@ -136,7 +137,7 @@ def decide_phase(job: FineTuneJob, observed: Observed, previous: FineTuneJobStat
         if result is not None and result.early_stop:
             return _view("Succeeded", cond.EARLY_STOPPED, detail=result.early_stop, uri=uri)
         return _view("Succeeded", cond.SUCCEEDED, uri=uri)
-    if (verdict := failure_verdict(job, observed)) is not None:
+    if verdict is not None:
         return _failure_view(job, verdict, result)
     if observed.job_suspended:
         if job.spec.scheduling.queue_name is not None and not job.spec.run_policy.suspend:
@@ -193,10 +194,9 @@ def _reports(progress: ProgressReport | None, result: ResultReport | None) -> Pr
     return progress or (result.progress if result else None)
 
 
-def _restarts(job: FineTuneJob, observed: Observed, previous: FineTuneJobStatus) -> int:
+def _restarts(observed: Observed, previous: FineTuneJobStatus, verdict: Verdict | None) -> int:
     counted = observed.job_restarts if observed.job is not None else 0
-    verdict = failure_verdict(job, observed) if observed.job is not None else None
-    if verdict is not None:
+    if verdict is not None and observed.job is not None:
         counted = verdict.restarts
     return max(previous.restarts, counted)
 
@@ -208,14 +208,20 @@ def compute_status(
     previous: FineTuneJobStatus | None = None,
     progress: ProgressReport | None = None,
     result: ResultReport | None = None,
+    verdict: Verdict | EllipsisType | None = ...,
 ) -> FineTuneJobStatus:
-    """The whole status for this pass; `previous` supplies what only history knows."""
+    """The whole status for this pass; `previous` supplies what only history knows.
+
+    `verdict` is `failure_verdict(job, observed)` when the pass has judged the attempt already
+    (it judges once and hands the verdict to both the status and the actions).
+    """
     previous = previous or FineTuneJobStatus()
     generation = (job.metadata.model_extra or {}).get("generation")
     stamp = format_time(now)
     if is_final(previous, generation):
         return previous.model_copy(update={"observed_generation": generation})
-    view = decide_phase(job, observed, previous, progress, result)
+    verdict = failure_verdict(job, observed) if verdict is ... else verdict
+    view = decide_phase(job, observed, previous, verdict, progress, result)
     report = _reports(progress, result)
     created = _created(job, observed, previous, view)
     start, end = _times(observed, previous, view.phase, stamp)
@@ -236,7 +242,7 @@ def compute_status(
                                                                                        generation),
         start_time=start,
         completion_time=end,
-        restarts=_restarts(job, observed, previous),
+        restarts=_restarts(observed, previous, verdict),
         workers=_workers(observed) or previous.workers,
         progress=new_progress,
         checkpoints=merge_checkpoints(previous.checkpoints, report.checkpoints if report else (),
