@@ -179,7 +179,7 @@ def test_parse_progress(doc: dict[str, Any], stage: str | None, step: int | None
     (None, None, False),
     ("", None, False),
     ("Traceback ...\nCUDA out of memory", "Traceback ...\nCUDA out of memory", False),
-    ('{"error": "bad data"}', "bad data", False),
+    ('{"phase": "Failed", "reason": "BadData", "message": "bad data"}', "BadData: bad data", False),
     ('{"outputs": {"uri": "s3://o/final/"}}', None, True),
     ("[1, 2]", "[1, 2]", False),
 ])

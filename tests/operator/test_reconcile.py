@@ -78,7 +78,7 @@ def test_a_job_from_creation_to_success_through_one_restart() -> None:
 
     cluster.finish_job("corgi", "Complete")
     cluster.pods = [make_pod("corgi", 0).owner(cluster.batch_job("corgi")["metadata"]["uid"]).succeeded(
-        '{"outputs": {"uri": "s3://outputs/corgi/final/"}, "progress": {"step": 100, "totalSteps": 100}}').obj()]
+        '{"outputs": {"uri": "s3://outputs/corgi/final/"}, "step": 100, "totalSteps": 100}').obj()]
     run()
     assert cluster.status["phase"] == "Succeeded"
     assert cluster.status["outputs"]["uri"] == "s3://outputs/corgi/final/"

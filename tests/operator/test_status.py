@@ -151,7 +151,7 @@ def test_progress_checkpoints_and_samples_come_from_rank_zero() -> None:
 
 def test_outputs_come_from_the_termination_message() -> None:
     result = parse_result('{"outputs": {"uri": "s3://o/final/", "lora": {"diffusers": "s3://o/final/w.safetensors"}},'
-                          ' "progress": {"step": 100, "totalSteps": 100}}')
+                          ' "step": 100, "totalSteps": 100}')
     status = compute_status(make_job().typed(), observed(make_batch_job().complete()), NOW, previous("Running"),
                             None, result)
     assert status.outputs is not None and status.outputs.lora is not None
@@ -169,7 +169,8 @@ def test_times_workers_and_generation() -> None:
 
 
 def test_config_error_message_carries_the_trainers_words() -> None:
-    pod = make_pod().failed(78, '{"error": "model.uri: no model_index.json under s3://models/sd15/"}')
+    pod = make_pod().failed(78, '{"phase": "Failed", "exitCode": 78, "reason": "ConfigError", '
+                                '"message": "model.uri: no model_index.json under s3://models/sd15/"}')
     status = compute_status(make_job().typed(), observed(make_batch_job().failed("PodFailurePolicy"), (pod,)), NOW,
                             None, None, parse_result(pod.obj()["status"]["containerStatuses"][0]["state"]
                                                      ["terminated"]["message"]))

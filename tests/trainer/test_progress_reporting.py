@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from kubetune.api.status import DataReport, SkippedFile
-from kubetune_trainer.checkpoint import CheckpointRef
+from kubetune.api.status import CheckpointRef, DataReport, SkippedFile
 from kubetune_trainer.job import RunResult, termination_message
 from kubetune_trainer.metrics import PrometheusMetrics
 from kubetune_trainer.reporting import REPORTED_SKIPPED_FILES, LogLines, ProgressBar, ProgressState, console_reporter
-from kubetune_trainer.staging import StagingReport
+from kubetune_trainer.storage.staging import StagingReport
 from tests.tools import needs_tools
 
 needs_promtool = needs_tools("promtool")
@@ -25,7 +24,8 @@ def _feed(reporter: object) -> None:
     reporter.staged("data", StagingReport(Path("/x"), files=3, downloaded=3, bytes_downloaded=1234, seconds=0.5))
     reporter.started(0, 10)
     reporter.step(1, 0.25, 8, 2.0)
-    reporter.checkpoints([CheckpointRef(1, "s3://b/out/checkpoints/step-1/", "2026-01-01T00:00:00Z")], 0.3)
+    ref = CheckpointRef(step=1, uri="s3://b/out/checkpoints/step-1/", created_at="2026-01-01T00:00:00Z")
+    reporter.checkpoints([ref], 0.3)
 
 
 def test_progress_state_reports_step_rate_eta_and_checkpoints() -> None:

@@ -17,14 +17,14 @@ import pytest
 from PIL import Image
 from trainer_support import local_job
 
-from kubetune.api.status import DataReport, SkippedFile
+from kubetune.api.status import DataReport, Outputs, SampleRef, SkippedFile
 from kubetune_trainer import report_render as render
 from kubetune_trainer.config import RuntimeConfig
 from kubetune_trainer.job import run_job
 from kubetune_trainer.report import ReportWriter, resolved_spec
 from kubetune_trainer.reporting import ProgressState, Reporters
-from kubetune_trainer.staging import StagingReport
-from kubetune_trainer.storage import LocalStore
+from kubetune_trainer.storage.local import LocalStore
+from kubetune_trainer.storage.staging import StagingReport
 
 
 class PageParts(HTMLParser):
@@ -98,7 +98,7 @@ def feed_run(writer: ReportWriter, out: Path, steps: int, validate_every: int, p
             for index, prompt in enumerate(prompts):
                 path = out / "samples" / f"step-{step}-{index}-0.png"
                 Image.new("RGB", (512, 512), (step % 256, index * 40, 90)).save(path)
-                writer.sample({"step": step, "prompt": prompt, "uri": str(path)})
+                writer.sample(SampleRef(step=step, prompt=prompt, uri=str(path)))
         hook_trainer = fake_trainer(step, 1e-4 * (1 - step / (steps + 1)))
         if step < steps:  # the last step's report is the one written at the end
             writer.step_hook(hook_trainer)
@@ -164,7 +164,7 @@ def test_the_report_is_written_at_each_validation_and_keeps_the_final_outputs(tm
     assert len([line for line in history_of(out / "report") if line["kind"] == "step"]) == 2
     uri = str(out / "report" / "index.html")
     assert progress.snapshot()["outputs"] == {"report": uri}
-    reporter.outputs({"uri": str(out / "final") + "/", "step": 2, "reason": "BestValidationLoss"})
+    reporter.outputs(Outputs(uri=str(out / "final") + "/", step=2, reason="BestValidationLoss"))
     assert progress.snapshot()["outputs"] == {"uri": str(out / "final") + "/", "step": 2,
                                               "reason": "BestValidationLoss", "report": uri}
     reporter.close()
@@ -302,7 +302,7 @@ def test_a_sampling_refreshes_the_report_without_a_validation_split(tmp_path: Pa
     writer.step(1, 0.5, 2, 1.0)
     (out / "samples").mkdir(parents=True)
     Image.new("RGB", (64, 64), "red").save(out / "samples" / "step-1-0-0.png")
-    writer.sample({"step": 1, "prompt": "a red square", "uri": str(out / "samples" / "step-1-0-0.png")})
+    writer.sample(SampleRef(step=1, prompt="a red square", uri=str(out / "samples" / "step-1-0-0.png")))
     writer.step_hook(fake_trainer(1, 1e-3))
     assert parse_page(out / "report" / "index.html").images == 1
     assert progress.snapshot()["outputs"] == {"report": str(out / "report" / "index.html")}
@@ -321,7 +321,7 @@ def test_only_the_grid_cells_thumbnails_are_kept_and_each_cell_shows_one_image(t
             for i_index in range(4):
                 path = out / "samples" / f"step-{step}-{p_index}-{i_index}.png"
                 Image.new("RGB", (32, 32), (step, p_index * 60, i_index * 60)).save(path)
-                writer.sample({"step": step, "prompt": prompt, "uri": str(path)})
+                writer.sample(SampleRef(step=step, prompt=prompt, uri=str(path)))
         clock.now += 2.5  # a report every 24th sampling: the grid changes between them
         writer.step_hook(fake_trainer(step, 1e-3))
         most_kept = max(most_kept, len(writer.thumbnails), len(writer.embedded))

@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 from kubetune.api.identity import JobIdentity
 from kubetune.api.spec import OutputSpec
-from kubetune_trainer.storage import ObjectInfo, ObjectStore, as_prefix, join_uri, read_text, write_text
+from kubetune.api.status import CheckpointRef
+from kubetune_trainer.storage.interface import ObjectInfo, ObjectStore, as_prefix, join_uri, read_text, write_text
 
 if TYPE_CHECKING:
     from kubetune_trainer.ownership import OutputClaim
@@ -44,18 +45,6 @@ _HASH_BLOCK = 4 << 20
 
 class CheckpointDamaged(Exception):
     """A checkpoint that cannot be trusted, with why in a few words: skipped, never fatal by itself."""
-
-
-@dataclass(frozen=True)
-class CheckpointRef:
-    """A complete checkpoint, as reported in /progress and the job status."""
-
-    step: int
-    uri: str
-    createdAt: str
-
-    def as_dict(self) -> dict[str, object]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -214,7 +203,8 @@ class Checkpointer:
         """Complete checkpoints not known to be damaged, oldest first; unreadable manifests are noted as damaged."""
         scan = self._scan()
         self.damaged.update(scan.unreadable)
-        return [CheckpointRef(step, self.uri_of(step), scan.manifests[step].created_at) for step in self._good(scan)]
+        return [CheckpointRef(step=step, uri=self.uri_of(step), created_at=scan.manifests[step].created_at)
+                for step in self._good(scan)]
 
     def check_writable(self) -> None:
         """Record this job as the prefix's owner (the run's first lasting write; another job's prefix stops
@@ -254,7 +244,7 @@ class Checkpointer:
         write_text(self.store, prefix + MANIFEST, Manifest(step, created, entries, self.owner).text(), self.scratch)
         seconds = time.monotonic() - started
         self.prune()
-        return CheckpointRef(step, prefix, created), seconds
+        return CheckpointRef(step=step, uri=prefix, created_at=created), seconds
 
     def _upload(self, prefix: str, files: dict[str, Path]) -> dict[str, FileEntry]:
         """Each file's upload with its sha256 computed beside it, on another thread, from the same page cache."""

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kubetune.api.report import COMPLETED, EARLY_STOPPED, TrainerResult
 from kubetune.api.resource import FineTuneJob
 from kubetune_trainer.config import TERMINATION_LIMIT_BYTES, RuntimeConfig
 from kubetune_trainer.distributed import collective_failure
@@ -31,23 +32,22 @@ from kubetune_trainer.trainer import StepHook, StopRequest
 
 @dataclass
 class RunResult:
-    """How a run ended: what the termination message and `--status-file` hold."""
+    """How a run ended: what the termination message and `--status-file` hold (`report()`)."""
 
     phase: str
     exit_code: int
     reason: str = ""
     message: str = ""
     progress: dict[str, Any] = field(default_factory=dict)
+    """The last `/progress` reading as JSON values (`TrainerProgress.wire()`); empty when none was taken."""
+
+    def report(self) -> TrainerResult:
+        """The result as the operator reads it: the run's end and the progress fields of the last reading."""
+        return TrainerResult.model_validate({**self.progress, "phase": self.phase, "exitCode": self.exit_code,
+                                             "reason": self.reason, "message": self.message})
 
     def as_dict(self) -> dict[str, Any]:
-        progress = self.progress
-        return {"phase": self.phase, "exitCode": self.exit_code, "reason": self.reason,
-                "message": self.message, "step": progress.get("step"), "totalSteps": progress.get("totalSteps"),
-                "epoch": progress.get("epoch"), "stepLoss": progress.get("stepLoss"),
-                "smoothedLoss": progress.get("smoothedLoss"), "validationLoss": progress.get("validationLoss"),
-                "checkpoints": progress.get("checkpoints", []),
-                "samples": progress.get("samples", []), "outputs": progress.get("outputs"),
-                "data": progress.get("data")}
+        return self.report().wire()
 
 
 def termination_message(result: RunResult, limit: int = TERMINATION_LIMIT_BYTES) -> str:
@@ -157,8 +157,8 @@ def _run(job: FineTuneJob, runtime: RuntimeConfig, hooks: list[StepHook] | None,
         trainer.train()
         progress.phase("Succeeded")
         finish_reports(reporter)
-        reason, message = ("EarlyStopped", trainer.early_stop_message) if trainer.early_stop_message else (
-            "Completed", "training finished")
+        reason, message = (EARLY_STOPPED, trainer.early_stop_message) if trainer.early_stop_message else (
+            COMPLETED, "training finished")
         result = RunResult("Succeeded", EXIT_OK, reason, message, progress.snapshot())
     except TrainerError as exc:
         progress.phase("Failed")

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from kubetune_trainer.checkpoint import CheckpointRef
+from kubetune.api.status import CheckpointRef
 from kubetune_trainer.reporting import SMOOTHING, Reporter, Smoothed
-from kubetune_trainer.staging import StagingReport
+from kubetune_trainer.storage.staging import StagingReport
 
 PREFIX = "kubetune_trainer_"
 LABELS = ("namespace", "name")

@@ -31,12 +31,12 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from kubetune.api.resource import FineTuneJob
-from kubetune.api.status import DataReport
+from kubetune.api.status import DataReport, Outputs, SampleRef
 from kubetune_trainer import report_render as render
 from kubetune_trainer.config import RuntimeConfig
 from kubetune_trainer.reporting import ProgressState, Reporter, Reporters, Smoothed
-from kubetune_trainer.staging import StagingReport
-from kubetune_trainer.storage import ObjectStore, as_prefix, join_uri
+from kubetune_trainer.storage.interface import ObjectStore, as_prefix, join_uri
+from kubetune_trainer.storage.staging import StagingReport
 
 REPORT_FILES = ("history.jsonl", "loss.png", "samples.png", "index.html")
 """Uploaded in this order: the page last, so whoever sees it finds its companions."""
@@ -76,7 +76,8 @@ class ReportWriter(Reporter):
         self.phases: list[tuple[str, float]] = []
         self.staging: list[dict[str, Any]] = []
         self.data_report: DataReport | None = None
-        self.final: dict[str, Any] = {}
+        self.final: Outputs | None = None
+        """The exported outputs, once the export ran."""
         self.published = False
         self.due = False
         self.trainer: Any = None
@@ -125,14 +126,14 @@ class ReportWriter(Reporter):
                                  "time": self.offset + self.elapsed()})
         self.due = True  # written once the step is over, with this step's samples
 
-    def sample(self, sample: dict[str, Any]) -> None:
-        self.samples.append({"kind": "sample", **sample})
+    def sample(self, sample: SampleRef) -> None:
+        self.samples.append({"kind": "sample", **sample.model_dump()})
         self.due = True  # the grid changed: also runs without a validation split get a page while training
 
-    def outputs(self, outputs: dict[str, Any]) -> None:
-        self.final = dict(outputs)
+    def outputs(self, outputs: Outputs) -> None:
+        self.final = outputs
         if self.published:  # the export's outputs replace /progress's; the report stays listed
-            self.progress.outputs({**outputs, "report": self.uri})
+            self.progress.outputs(outputs.model_copy(update={"report": self.uri}))
 
     def step_hook(self, trainer: Any) -> None:
         """After each step (a `StepHook`): the step's learning rate, and the report if a validation or a
@@ -157,7 +158,7 @@ class ReportWriter(Reporter):
     # --- writing ----------------------------------------------------------------------------
     def store(self) -> ObjectStore:
         if self._store is None:
-            from kubetune_trainer.storage import open_store
+            from kubetune_trainer.storage.schemes import open_store
 
             spec = self.job.spec
             self._store = open_store(spec.output.uri, spec.storage, self.runtime.pvc_root)
@@ -179,7 +180,7 @@ class ReportWriter(Reporter):
         self.render_seconds = time.perf_counter() - started
         if not self.published:
             self.published = True
-            self.progress.outputs({**self.final, "report": self.uri})
+            self.progress.outputs((self.final or Outputs()).model_copy(update={"report": self.uri}))
 
     def write(self, folder: Path) -> None:
         """Every report file into `folder` (replaced whole)."""
@@ -209,8 +210,8 @@ class ReportWriter(Reporter):
 
     def marked_step(self, validations: list[dict[str, Any]]) -> tuple[int, str] | None:
         """The exported step once known, else the best validation so far."""
-        if self.final.get("step") is not None:
-            return int(self.final["step"]), f"exported step {self.final['step']}"
+        if self.final is not None and self.final.step is not None:
+            return self.final.step, f"exported step {self.final.step}"
         if validations:
             best = min(validations, key=lambda v: (v["validationLoss"], v["step"]))
             return best["step"], f"best validation so far (step {best['step']})"
@@ -276,7 +277,7 @@ class ReportWriter(Reporter):
         images = sum(s["images"] for s in steps)
         busy = sum(s["seconds"] for s in steps)
         total = self.trainer.p.total_steps if self.trainer is not None else None
-        rows = [("phase", str(self.progress.snapshot().get("phase"))), ("stop reason", self.stop_reason()),
+        rows = [("phase", str(self.progress.report().phase)), ("stop reason", self.stop_reason()),
                 ("base model", _masked_url(spec.model.uri)),
                 ("method", spec.method.type),
                 ("steps", f"{last['step'] if last else 0} of {total if total is not None else '?'}"),
@@ -285,14 +286,15 @@ class ReportWriter(Reporter):
         if validations:
             best = min(validations, key=lambda v: (v["validationLoss"], v["step"]))
             rows.append(("best validation loss", f"{best['validationLoss']:.5f} at step {best['step']}"))
-        if self.final:
-            rows.append(("exported", f"step {self.final.get('step', last['step'] if last else '?')}"
-                                     + (f" ({self.final['reason']})" if self.final.get("reason") else "")))
-            rows.append(("outputs", str(self.final.get("uri", ""))))
+        final = self.final
+        if final is not None:
+            step = final.step if final.step is not None else (last["step"] if last else "?")
+            rows.append(("exported", f"step {step}" + (f" ({final.reason})" if final.reason else "")))
+            rows.append(("outputs", final.uri or ""))
         return rows
 
     def stop_reason(self) -> str:
-        phase = self.progress.snapshot().get("phase")
+        phase = self.progress.report().phase
         trainer = self.trainer
         if trainer is not None and trainer.early_stop_message:
             return f"EarlyStopped: {trainer.early_stop_message}"

@@ -17,9 +17,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from kubetune.api.status import DataReport
-from kubetune_trainer.checkpoint import CheckpointRef
-from kubetune_trainer.staging import StagingReport
+from kubetune.api.report import TrainerProgress
+from kubetune.api.status import CheckpointRef, DataReport, Outputs, SampleRef
+from kubetune_trainer.storage.staging import StagingReport
 
 SMOOTHING = 0.9
 """Smoothed loss = SMOOTHING x the previous smoothed loss + (1 - SMOOTHING) x the step loss."""
@@ -66,9 +66,9 @@ class Reporter:
 
     def checkpoints(self, refs: list[CheckpointRef], upload_seconds: float | None) -> None: ...
 
-    def sample(self, sample: dict[str, Any]) -> None: ...
+    def sample(self, sample: SampleRef) -> None: ...
 
-    def outputs(self, outputs: dict[str, Any]) -> None: ...
+    def outputs(self, outputs: Outputs) -> None: ...
 
     def close(self) -> None: ...
 
@@ -110,10 +110,10 @@ class Reporters(Reporter):
     def checkpoints(self, refs: list[CheckpointRef], upload_seconds: float | None) -> None:
         self._each("checkpoints", refs, upload_seconds)
 
-    def sample(self, sample: dict[str, Any]) -> None:
+    def sample(self, sample: SampleRef) -> None:
         self._each("sample", sample)
 
-    def outputs(self, outputs: dict[str, Any]) -> None:
+    def outputs(self, outputs: Outputs) -> None:
         self._each("outputs", outputs)
 
     def close(self) -> None:
@@ -125,63 +125,65 @@ REPORTED_CHECKPOINTS = 32
 
 
 class ProgressState(Reporter):
-    """The JSON served at /progress and written at exit: phase, step, step and smoothed loss, ETA, URIs."""
+    """The `/progress` document (`kubetune.api.report.TrainerProgress`): phase, step, both losses, ETA, URIs.
+
+    Rank 0 serves it while training and puts its last reading into the run's result."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._state: dict[str, Any] = {
-            "phase": "Starting", "step": 0, "totalSteps": None, "epoch": None, "stepLoss": None,
-            "smoothedLoss": None, "validationLoss": None, "imagesPerSecond": None, "etaSeconds": None,
-            "lossTerms": None, "checkpoints": [], "samples": [], "outputs": None, "data": None,
-        }
+        self._report = TrainerProgress(phase="Starting", step=0)
         self._loss, self._rate = Smoothed(), Smoothed()
 
-    def snapshot(self) -> dict[str, Any]:
+    def report(self) -> TrainerProgress:
+        """The document as it stands (a copy: later events do not change it)."""
         with self._lock:
-            return {k: (list(v) if isinstance(v, list) else v) for k, v in self._state.items()}
+            return self._report.model_copy()
+
+    def snapshot(self) -> dict[str, Any]:
+        """The document as JSON values, as `/progress` serves it."""
+        return self.report().wire()
 
     def _set(self, **values: Any) -> None:
         with self._lock:
-            self._state.update(values)
+            self._report = self._report.model_copy(update=values)
 
     def phase(self, phase: str) -> None:
         self._set(phase=phase)
 
     def data(self, report: DataReport) -> None:
-        self._set(data=data_block(report))
+        self._set(data=reported_data(report))
 
     def started(self, step: int, total_steps: int) -> None:
-        self._set(step=step, totalSteps=total_steps)
+        self._set(step=step, total_steps=total_steps)
 
     def step(self, step: int, loss: float, images: int, seconds: float, epoch: int = 1) -> None:
         smoothed, rate = self._loss.add(loss), self._rate.add(images / seconds if seconds > 0 else 0.0)
-        total = self._state["totalSteps"] or step
+        total = self._report.total_steps or step
         eta = (total - step) * seconds
-        self._set(step=step, epoch=epoch, stepLoss=round(loss, 6), smoothedLoss=round(smoothed, 6),
-                  imagesPerSecond=round(rate, 3), etaSeconds=int(eta))
+        self._set(step=step, epoch=epoch, step_loss=round(loss, 6), smoothed_loss=round(smoothed, 6),
+                  images_per_second=round(rate, 3), eta_seconds=int(eta))
 
     def loss_terms(self, step: int, terms: dict[str, float]) -> None:
         if terms:
-            self._set(lossTerms={name: round(value, 6) for name, value in terms.items()})
+            self._set(loss_terms={name: round(value, 6) for name, value in terms.items()})
 
     def validation(self, step: int, loss: float) -> None:
-        self._set(validationLoss=round(loss, 6))
+        self._set(validation_loss=round(loss, 6))
 
     def checkpoints(self, refs: list[CheckpointRef], upload_seconds: float | None) -> None:
-        self._set(checkpoints=[ref.as_dict() for ref in refs][-REPORTED_CHECKPOINTS:])
+        self._set(checkpoints=list(refs[-REPORTED_CHECKPOINTS:]))
 
-    def sample(self, sample: dict[str, Any]) -> None:
+    def sample(self, sample: SampleRef) -> None:
         with self._lock:
-            self._state["samples"] = [*self._state["samples"], sample][-16:]
+            self._report = self._report.model_copy(update={"samples": [*self._report.samples, sample][-16:]})
 
-    def outputs(self, outputs: dict[str, Any]) -> None:
+    def outputs(self, outputs: Outputs) -> None:
         self._set(outputs=outputs)
 
 
-def data_block(report: DataReport, files: int = REPORTED_SKIPPED_FILES) -> dict[str, Any]:
-    """The report as the status field `data` (camelCase), naming the first `files` skipped files."""
-    return report.model_copy(update={"skipped_files": report.skipped_files[:files]}).model_dump(by_alias=True,
-                                                                                                 mode="json")
+def reported_data(report: DataReport, files: int = REPORTED_SKIPPED_FILES) -> DataReport:
+    """The report as /progress and the result carry it: the first `files` skipped files named."""
+    return report.model_copy(update={"skipped_files": report.skipped_files[:files]})
 
 
 def data_lines(report: DataReport) -> list[str]:

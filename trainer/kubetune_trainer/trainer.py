@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.api.resource import FineTuneJob
+from kubetune.api.status import CheckpointRef, LoraOutputs, Outputs, SampleRef
 from kubetune_trainer.batches import BatchStream
-from kubetune_trainer.checkpoint import CheckpointDamaged, Checkpointer, CheckpointRef
+from kubetune_trainer.checkpoint import CheckpointDamaged, Checkpointer
 from kubetune_trainer.cpu_quota import fit_threads_to_cpu_limit
 from kubetune_trainer.distributed import agreed_signal
 from kubetune_trainer.dreambooth import PriorPreservationStream
@@ -31,11 +32,11 @@ from kubetune_trainer.ema import Ema, NoEma
 from kubetune_trainer.exitcodes import ConfigError, Interrupted, StorageUnavailable, TrainerError
 from kubetune_trainer.methods import TrainingMethod
 from kubetune_trainer.model_card import write_model_card
-from kubetune_trainer.models import Components
+from kubetune_trainer.models.family import Components
 from kubetune_trainer.objective import DiffusionObjective
 from kubetune_trainer.reporting import Reporter
 from kubetune_trainer.sampling import NullSampler, Sampler
-from kubetune_trainer.storage import ObjectStore, as_prefix, join_uri
+from kubetune_trainer.storage.interface import ObjectStore, as_prefix, join_uri
 from kubetune_trainer.validation import (
     BEST_VALIDATION_LOSS,
     LAST_STEP,
@@ -429,7 +430,7 @@ class Trainer:
         if self.is_main:
             unet = self.p.accelerator.unwrap_model(self.p.unet)
             for ref in self.p.sampler.sample(self.step, unet):
-                self.p.reporter.sample(ref)
+                self.p.reporter.sample(SampleRef.model_validate(ref))
 
     def export(self) -> dict[str, Any]:
         self.p.accelerator.wait_for_everyone()
@@ -447,15 +448,16 @@ class Trainer:
             self.p.output_store.upload(path, join_uri(final, path.relative_to(folder).as_posix()))
         uris = {kind: join_uri(final, path.relative_to(folder).as_posix()) for kind, path in written.items()}
         lora = {k: v for k, v in uris.items() if k in ("diffusers", "kohya")}
-        self.outputs = {"uri": final, **({"lora": lora} if lora else {}),
-                        **({"pipeline": as_prefix(uris["pipeline"])} if "pipeline" in uris else {}),
-                        "step": step, "reason": reason}
+        pipeline = as_prefix(uris["pipeline"]) if "pipeline" in uris else None
+        outputs = Outputs(uri=final, lora=LoraOutputs.model_validate(lora) if lora else None, pipeline=pipeline,
+                          step=step, reason=reason)
+        self.outputs = outputs.model_dump(by_alias=True, exclude_none=True)  # what the model card reads
         try:  # final/README.md and final/images/, before status names the outputs; the weights are already up
             write_model_card(self, folder, written)
         except Exception as exc:  # a card is documentation: its failure must not fail a trained job
             self.p.reporter.notice(f"the model card could not be written ({type(exc).__name__}: {exc}); "
                                    "the weights are complete")
-        self.p.reporter.outputs(self.outputs)
+        self.p.reporter.outputs(outputs)
         return self.outputs
 
     def exported_step(self) -> tuple[int, str]:

@@ -1,33 +1,25 @@
-"""What rank 0 tells the operator: its `/progress` JSON and its termination message.
+"""What rank 0 tells the operator, read into what a pass needs.
 
-Both use the status field names (camelCase; snake_case accepted), so the trainer writes
-a piece of status and the operator merges it. The trainer's own shape
-(`kubetune_trainer.reporting.ProgressState`, `kubetune_trainer.job.RunResult`):
+The trainer writes two documents, typed in `kubetune.api.report`: `TrainerProgress` at
+`/progress` while it runs, `TrainerResult` in its termination message when it ends. Both carry
+status field names (camelCase; snake_case accepted), so the trainer writes a piece of status and
+the operator merges it. The trainer's phase maps to the operator's stage (`STAGE_OF`).
 
-    /progress            {"phase": "Staging" | "Loading" | "Resuming" | "Training" | ...,
-                          "step": 1200, "totalSteps": 2000, "stepLoss": 0.091, "smoothedLoss": 0.083,
-                          "imagesPerSecond": 41.5, "etaSeconds": 310,
-                          "checkpoints": [{"step": 1000, "uri": "s3://...", "createdAt": "..."}],
-                          "samples": [{"step": 1000, "prompt": "...", "uri": "s3://..."}],
-                          "data": {"images": 118, "skipped": 2, "maxSkipped": 5,
-                                   "skippedFiles": [{"file": "a.jpg", "reason": "truncated image"}]},
-                          "outputs": {"report": "s3://.../report/index.html"}}  (from the first validation on)
-    termination message  the same fields at the top level, plus "phase" ("Succeeded" | "Failed"),
-                          "exitCode", "reason" ("Completed", "EarlyStopped", ...), "message" and
-                          "outputs": {"uri": ..., "lora": {...}}
-
-A nested {"progress": {...}} and an explicit "error" are accepted too. A report that does
-not parse is ignored: a garbled read must never break the status.
+A document is validated against its type section by section: a field or list entry that does
+not validate is left out and the rest kept, and a document that is not a JSON object is none (a
+termination message in plain text, the log tail of a crash, becomes the error). A garbled read
+must never break the status.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from kubetune.api.report import EARLY_STOPPED, TrainerProgress, TrainerResult
 from kubetune.api.status import CheckpointRef, DataReport, Outputs, Progress, SampleRef
 
 STAGE_OF = {
@@ -36,10 +28,11 @@ STAGE_OF = {
     "succeeded": "done", "failed": "done", "done": "done",
 }
 """The trainer's phase (or an explicit stage) -> the operator's stage: staging, training, saving, done."""
-EARLY_STOPPED = "EarlyStopped"
-"""The trainer's result reason when `training.earlyStopping` ended the run."""
-PROGRESS_KEYS = ("step", "totalSteps", "percent", "epoch", "stepLoss", "smoothedLoss", "validationLoss",
-                 "imagesPerSecond", "etaSeconds")
+RESULT_PROGRESS = ("step", "totalSteps", "epoch", "stepLoss", "smoothedLoss", "validationLoss", "checkpoints",
+                   "samples", "phase", "data", "outputs")
+"""A result that carries none of these (only a message) has no progress to report."""
+
+Model = TypeVar("Model", bound=BaseModel)
 
 
 @dataclass(frozen=True)
@@ -67,19 +60,39 @@ class ResultReport:
     """The trainer's explanation when early stopping ended a successful run."""
 
 
-def _model(cls: type[BaseModel], value: Any) -> Any:
-    if not isinstance(value, dict):
+def validate_sections(model: type[Model], doc: Any) -> Model | None:
+    """`doc` as `model`, leaving out each field or list entry that does not validate; None if `doc` is not
+    an object or what remains still does not validate (a required field is missing or wrong)."""
+    if not isinstance(doc, dict):
         return None
-    try:
-        return cls.model_validate(value)
-    except ValidationError:
-        return None
+    doc = dict(doc)
+    for _ in range(len(doc) + 1):  # each round leaves out at least one field or entry
+        try:
+            return model.model_validate(doc)
+        except ValidationError as exc:
+            if not _leave_out(doc, exc):
+                return None
+    return None
 
 
-def _models(cls: type[BaseModel], values: Any) -> tuple[Any, ...]:
-    if not isinstance(values, list):
-        return ()
-    return tuple(m for m in (_model(cls, v) for v in values) if m is not None)
+def _leave_out(doc: dict[str, Any], exc: ValidationError) -> bool:
+    """Remove what `exc` names from `doc`: a whole field, or one entry of a list field. False: nothing to remove."""
+    removed, entries = False, {}
+    for error in exc.errors():
+        loc = error["loc"]
+        if not loc or loc[0] not in doc:
+            continue
+        key = loc[0]
+        if len(loc) > 1 and isinstance(loc[1], int) and isinstance(doc[key], list):
+            entries.setdefault(key, set()).add(loc[1])
+        else:
+            del doc[key]
+            removed = True
+    for key, bad in entries.items():
+        if key in doc:
+            doc[key] = [entry for i, entry in enumerate(doc[key]) if i not in bad]
+            removed = True
+    return removed
 
 
 def _with_percent(progress: Progress) -> Progress:
@@ -89,19 +102,17 @@ def _with_percent(progress: Progress) -> Progress:
     return progress.model_copy(update={"percent": percent})
 
 
+def _reading(doc: TrainerProgress | TrainerResult) -> ProgressReport:
+    outputs = doc.outputs
+    return ProgressReport(STAGE_OF.get((doc.phase or "").lower()), _with_percent(doc.progress()),
+                          tuple(doc.checkpoints), tuple(doc.samples), doc.data,
+                          outputs.report if outputs is not None else None)
+
+
 def parse_progress(doc: Any) -> ProgressReport | None:
     """A `/progress` document (already decoded), or None when it is not one."""
-    if not isinstance(doc, dict):
-        return None
-    fields = {k: v for k, v in doc.items() if k not in ("stage", "phase", "checkpoints", "samples", "outputs", "data")}
-    progress = _model(Progress, fields)
-    stage = STAGE_OF.get(str(doc.get("stage") or doc.get("phase") or "").lower())
-    if progress is not None:
-        progress = _with_percent(progress)
-    outputs = _model(Outputs, doc.get("outputs"))
-    return ProgressReport(stage, progress, _models(CheckpointRef, doc.get("checkpoints")),
-                          _models(SampleRef, doc.get("samples")), _model(DataReport, doc.get("data")),
-                          outputs.report if outputs is not None else None)
+    report = validate_sections(TrainerProgress, doc)
+    return _reading(report) if report is not None else None
 
 
 def parse_result(message: str | None) -> ResultReport | None:
@@ -112,22 +123,11 @@ def parse_result(message: str | None) -> ResultReport | None:
         doc = json.loads(message)
     except (ValueError, RecursionError):  # a hostile rank 0 may nest past the parser's depth
         return ResultReport(error=message.strip())
-    if not isinstance(doc, dict):
+    result = validate_sections(TrainerResult, doc)
+    if result is None:
         return ResultReport(error=message.strip())
-    if isinstance(doc.get("progress"), dict):
-        nested = dict(doc["progress"])
-    else:
-        nested = {k: doc[k] for k in PROGRESS_KEYS if doc.get(k) is not None}
-    nested.update({k: doc[k] for k in ("checkpoints", "samples", "phase", "data", "outputs") if k in doc})
-    message = doc.get("message")
-    early_stop = message if doc.get("reason") == EARLY_STOPPED and isinstance(message, str) else None
-    return ResultReport(_model(Outputs, doc.get("outputs")), parse_progress(nested) if nested else None,
-                        _error(doc), early_stop)
-
-
-def _error(doc: dict[str, Any]) -> str | None:
-    if isinstance(doc.get("error"), str):
-        return doc["error"]
-    if doc.get("phase") == "Failed" and isinstance(doc.get("message"), str):
-        return f"{doc.get('reason') or 'Failed'}: {doc['message']}"
-    return None
+    said = "message" in result.model_fields_set
+    error = f"{result.reason or 'Failed'}: {result.message}" if result.failed and said else None
+    early_stop = result.message if result.reason == EARLY_STOPPED and said else None
+    has_progress = any(key in doc for key in RESULT_PROGRESS)
+    return ResultReport(result.outputs, _reading(result) if has_progress else None, error, early_stop)
