@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from bench.gpu_models import SIZES, real_pipeline
-from kubetune_trainer.models import FAMILIES, Components
+from kubetune_trainer.models.family import Components
+from kubetune_trainer.models.registry import FAMILIES
 
 
 @pytest.mark.parametrize("name", ["sd15", "sdxl"])

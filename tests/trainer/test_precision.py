@@ -24,7 +24,8 @@ from kubetune.cli import main
 from kubetune_trainer.assembly import _place
 from kubetune_trainer.config import RuntimeConfig
 from kubetune_trainer.job import run_job
-from kubetune_trainer.models import build_pipeline, generate, load_components
+from kubetune_trainer.models.pipelines import build_pipeline, generate
+from kubetune_trainer.models.registry import load_components
 
 
 @pytest.mark.parametrize("unet", ["frozen", "trained"])

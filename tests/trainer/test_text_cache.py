@@ -1,7 +1,7 @@
 """Caption encodings are cached on scratch and under the output while the text encoders are frozen:
 each text encoder (both, for SDXL) runs once per distinct caption across epochs, restarts in a
 new pod and re-runs, the cached tensors equal fresh ones, and nothing is cached once a text
-encoder trains."""
+encoder trains: it is encoded every time."""
 
 from __future__ import annotations
 
@@ -11,11 +11,14 @@ from pathlib import Path
 import pytest
 from trainer_support import local_job
 
+from kubetune.api.spec import LoraSpec
 from kubetune_trainer.caches.mirror import CacheMirror
 from kubetune_trainer.caches.text import DiskTextCache, text_cache_folder
 from kubetune_trainer.config import RuntimeConfig
 from kubetune_trainer.job import run_job
-from kubetune_trainer.models import Components, PromptCache, load_components
+from kubetune_trainer.methods import LoraMethod
+from kubetune_trainer.models.family import Components
+from kubetune_trainer.models.registry import load_components
 from kubetune_trainer.storage.local import LocalStore
 from kubetune_trainer.trainer import Trainer
 
@@ -42,7 +45,7 @@ def _encode(components: Components, captions: list[str]) -> list:
 def _cached(model: Path, scratch: Path) -> tuple[Components, DiskTextCache, list[list[int]]]:
     components = load_components(model, None)
     cache = DiskTextCache(text_cache_folder(scratch / "text", components))
-    components.prompts = cache
+    components.text_cache = cache
     return components, cache, _counting(components)
 
 
@@ -57,8 +60,7 @@ def test_each_encoder_runs_once_per_caption_and_a_new_pod_runs_none(model: str, 
     second = _encode(components, list(reversed(CAPTIONS)))  # the next epoch
     assert seen == [[2]] * len(components.text_encoders)  # two distinct captions, one forward per encoder
     assert (cache.hits, cache.misses) == (4, 2)
-    uncached = load_components(path, None)
-    uncached.prompts = PromptCache(limit_bytes=0)
+    uncached = load_components(path, None)  # no text cache: every call encodes
     want = _encode(uncached, CAPTIONS)
     assert len(want) == (3 if model == "tiny_sdxl" else 1)  # hidden states; SDXL adds pooled and time ids
     for got, again, expected in zip(first, second, want, strict=True):
@@ -74,6 +76,15 @@ def test_each_encoder_runs_once_per_caption_and_a_new_pod_runs_none(model: str, 
     for got, expected in zip(_encode(restarted, CAPTIONS), want, strict=True):
         torch.testing.assert_close(got, expected)
     assert seen == [[]] * len(restarted.text_encoders) and fresh.misses == 0
+
+
+def test_a_training_text_encoder_is_encoded_every_time(tiny_sd: Path, tmp_path: Path) -> None:
+    components, cache, seen = _cached(tiny_sd, tmp_path)
+    LoraMethod(LoraSpec(rank=2, alpha=2, train_text_encoder=True)).prepare(components)
+    _encode(components, CAPTIONS)
+    _encode(components, CAPTIONS)
+    assert seen == [[3, 3]]
+    assert (cache.hits, cache.misses, cache.names()) == (0, 0, set())
 
 
 def test_the_key_follows_the_text_encoders_and_tokenizers_not_the_folder(tiny_sd: Path, tmp_path: Path) -> None:
@@ -121,27 +132,26 @@ def test_captions_are_encoded_once_across_epochs_restarts_and_reruns(model: str,
                                                                      request: pytest.FixtureRequest) -> None:
     path, pvc = request.getfixturevalue(model), tmp_path / "pvc"
     trainer, steps = _train(path, squares, pvc, tmp_path / "pod-1", crash_after=7)
-    cache = trainer.p.components.prompts
+    cache = trainer.p.components.text_cache
     assert isinstance(cache, DiskTextCache)
     assert (cache.misses, steps) == (6, [1, 2, 3, 4, 5, 6, 7])  # six distinct captions, over two epochs and more
     (remote,) = (pvc / "claim" / "out" / "cache" / "text").iterdir()
     assert remote.name == cache.folder.name and len(list(remote.glob("*.json"))) == 1  # all six by step 3
 
     trainer, steps = _train(path, squares, pvc, tmp_path / "pod-2")  # a new pod: empty scratch
-    assert (trainer.p.components.prompts.misses, steps) == (0, [7, 8, 9])
+    assert (trainer.p.components.text_cache.misses, steps) == (0, [7, 8, 9])
     assert len(list((tmp_path / "pod-2" / "text").rglob("*.pt"))) == 6
-    entry = trainer.p.components.prompts.load(next(iter(trainer.p.components.prompts.names())))
+    entry = trainer.p.components.text_cache.load(next(iter(trainer.p.components.text_cache.names())))
     assert len(entry) == (2 if model == "tiny_sdxl" else 1)  # SDXL: both encoders' hidden states, and pooled
 
     trainer, _ = _train(path, squares, pvc, tmp_path / "pod-2", output="pvc://claim/again")  # a re-run
-    assert trainer.p.components.prompts.misses == 0
+    assert trainer.p.components.text_cache.misses == 0
 
 
 def test_nothing_is_cached_while_a_text_encoder_trains(tiny_sd: Path, squares: Path, tmp_path: Path) -> None:
     trainer, _ = _train(tiny_sd, squares, tmp_path / "pvc", tmp_path / "scratch",
                         method={"type": "lora", "lora": {"rank": 4, "alpha": 8, "trainTextEncoder": True}})
-    assert not isinstance(trainer.p.components.prompts, DiskTextCache)
-    assert trainer.p.components.prompts.rows == {}  # the in-memory cache is bypassed too
+    assert trainer.p.components.text_cache is None
     assert not (tmp_path / "scratch" / "text").exists()
     assert not (tmp_path / "pvc" / "claim" / "out" / "cache" / "text").exists()
     assert (tmp_path / "pvc" / "claim" / "out" / "cache" / "latents").is_dir()  # latents still are

@@ -16,7 +16,7 @@ from kubetune_trainer.batches import BatchStream, PrefetchedBatches, prefetched
 from kubetune_trainer.caches.entries import DiskEntries
 from kubetune_trainer.caches.latents import DiskLatentCache, NoLatentCache, cache_folder
 from kubetune_trainer.caches.mirror import CacheMirror, NoMirror, build_mirror
-from kubetune_trainer.caches.text import DiskTextCache, text_cache_folder, text_encoders_frozen
+from kubetune_trainer.caches.text import DiskTextCache, text_cache_folder
 from kubetune_trainer.checkpoint import Checkpointer
 from kubetune_trainer.config import RuntimeConfig
 from kubetune_trainer.data import Dataset, Example, load_dataset, split_dataset
@@ -24,7 +24,8 @@ from kubetune_trainer.dreambooth import PriorPreservationStream, class_examples
 from kubetune_trainer.ema import build_ema
 from kubetune_trainer.exitcodes import ConfigError
 from kubetune_trainer.methods import TrainingMethod, build_method
-from kubetune_trainer.models import Components, load_components
+from kubetune_trainer.models.family import Components
+from kubetune_trainer.models.registry import load_components
 from kubetune_trainer.objective import DiffusionObjective
 from kubetune_trainer.optim import build_lr_scheduler, build_optimizer
 from kubetune_trainer.ownership import claim_output
@@ -101,13 +102,6 @@ def _place(components: Components, accelerator: Any, precision: str) -> Any:
     return weight_dtype
 
 
-def size_multiple(components: Components) -> int:
-    """Image sides must divide by this: the VAE's downsampling times the UNet's."""
-    vae = 2 ** (len(components.vae.config.block_out_channels) - 1)
-    unet = 2 ** (len(components.unet.config.down_block_types) - 1)
-    return vae * unet
-
-
 def _validator(job: FineTuneJob, held_out: list[Example], objective: DiffusionObjective) -> Any:
     if not held_out:
         return NullValidator()
@@ -148,8 +142,7 @@ def _prepare(method: TrainingMethod, components: Components, gradient_checkpoint
 
     They run in training mode: transformers checkpoints only there, and adapter dropout applies only there.
     """
-    method.prepare(components)
-    trained = {n: m for n, m in components.modules().items() if any(p.requires_grad for p in m.parameters())}
+    trained = method.prepare(components)
     for module in trained.values():
         module.train()
         if gradient_checkpointing:
@@ -180,11 +173,11 @@ def _batches(job: FineTuneJob, dataset: Dataset, prior: list[Example], accelerat
         if spec.training.cache_latents:
             update["center_crop"] = True  # its batches join rendered pixels, which have no whole image to cache
     data_spec = spec.data.model_copy(update=update)
-    latent_crop = _vae_factor(components) if spec.training.cache_latents else 0
+    latent_crop = components.family.latent_factor(components) if spec.training.cache_latents else 0
 
     def stream(examples: Dataset, seed: int, workers: int) -> BatchStream | PrefetchedBatches:
         batches = BatchStream(examples, data_spec, spec.training.batch_size, seed, accelerator.process_index,
-                              accelerator.num_processes, size_multiple(components), latent_crop)
+                              accelerator.num_processes, components.family.size_multiple(components), latent_crop)
         return prefetched(batches, workers, spec.data.prefetch_batches)
 
     workers = spec.data.loader_workers
@@ -193,11 +186,6 @@ def _batches(job: FineTuneJob, dataset: Dataset, prior: list[Example], accelerat
     weight = spec.method.dreambooth.prior_loss_weight if spec.method.dreambooth else 1.0
     return PriorPreservationStream(stream(dataset, spec.training.seed, workers - workers // 2),
                                    stream(Dataset(prior, 0, "class"), spec.training.seed + 1, workers // 2), weight)
-
-
-def _vae_factor(components: Components) -> int:
-    """Pixels per latent cell along each side."""
-    return 2 ** (len(components.vae.config.block_out_channels) - 1)
 
 
 def _mirrored(cache: DiskEntries, job: FineTuneJob, runtime: RuntimeConfig, accelerator: Any, store: ObjectStore,
@@ -226,10 +214,10 @@ def _latent_cache(job: FineTuneJob, runtime: RuntimeConfig, components: Componen
 def _text_cache(job: FineTuneJob, runtime: RuntimeConfig, components: Components, accelerator: Any,
                 store: ObjectStore, reporter: Reporter) -> CacheMirror | NoMirror:
     """While the method leaves every text encoder frozen, caption encodings go through a scratch cache."""
-    if not text_encoders_frozen(components):
+    if not components.text_encoders_frozen():
         return NoMirror()
     cache = DiskTextCache(text_cache_folder(runtime.scratch / "text", components), accelerator.device)
-    components.prompts = cache
+    components.text_cache = cache
     return _mirrored(cache, job, runtime, accelerator, store, reporter)
 
 

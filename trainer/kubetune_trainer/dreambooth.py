@@ -16,7 +16,8 @@ from typing import Any
 from kubetune.api.spec import DreamBoothSpec, SamplingSpec
 from kubetune_trainer.batches import BatchStream
 from kubetune_trainer.data import Batch, Example
-from kubetune_trainer.models import Components, build_pipeline, generate
+from kubetune_trainer.models.family import Components
+from kubetune_trainer.models.pipelines import build_pipeline, generate
 
 GENERATION_BATCH = 4
 

@@ -14,20 +14,18 @@ from typing import Any
 
 from kubetune.api.resource import FineTuneJob
 from kubetune.api.spec import LoraSpec
-from kubetune_trainer.models import Components
+from kubetune_trainer.models.family import Components
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
-KOHYA_TE_PREFIXES = {1: ["lora_te"], 2: ["lora_te1", "lora_te2"]}
 
 
 def adapter_layers(components: Components, with_text_encoders: bool) -> dict[str, dict[str, Any]]:
-    """PEFT adapter weights per module name ("unet", "text_encoder", "text_encoder_2")."""
+    """PEFT adapter weights per module name ("unet" and the family's text encoder names)."""
     from peft.utils import get_peft_model_state_dict
 
     layers = {"unet": get_peft_model_state_dict(components.unet, save_embedding_layers=False)}
     if with_text_encoders:
-        names = ["text_encoder", "text_encoder_2"]
-        for name, encoder in zip(names, components.text_encoders, strict=False):
+        for name, encoder in components.named_text_encoders().items():
             layers[name] = get_peft_model_state_dict(encoder, save_embedding_layers=False)
     return {name: {k: v.detach().float().cpu().contiguous() for k, v in sd.items()} for name, sd in layers.items()}
 
@@ -42,30 +40,29 @@ def write_diffusers(components: Components, layers: dict[str, dict[str, Any]], s
     import diffusers
     from diffusers.utils import convert_state_dict_to_diffusers
 
-    from kubetune_trainer.methods import TEXT_ENCODER_TARGETS
-
-    pipeline_class = getattr(diffusers, components.family.pipeline_class)
+    family = components.family
+    pipeline_class = getattr(diffusers, family.pipeline_class)
     kwargs: dict[str, Any] = {
         "unet_lora_layers": convert_state_dict_to_diffusers(layers["unet"]),
         "unet_lora_adapter_metadata": _adapter_metadata(spec, list(spec.target_modules)),
     }
-    for name in ("text_encoder", "text_encoder_2"):
+    for name in family.text_encoder_names:
         if name in layers:
             kwargs[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(layers[name])
-            kwargs[f"{name}_lora_adapter_metadata"] = _adapter_metadata(spec, TEXT_ENCODER_TARGETS)
+            kwargs[f"{name}_lora_adapter_metadata"] = _adapter_metadata(spec, list(family.text_lora_targets))
     folder.mkdir(parents=True, exist_ok=True)
     pipeline_class.save_lora_weights(str(folder), weight_name=DIFFUSERS_FILE, safe_serialization=True,
                                      **kwargs)
     return folder / DIFFUSERS_FILE
 
 
-def kohya_state_dict(layers: dict[str, dict[str, Any]], alpha: float) -> dict[str, Any]:
-    """PEFT keys (`<module>.lora_A.weight`) to kohya keys (`lora_unet_<module_>.lora_down.weight`)."""
+def kohya_state_dict(layers: dict[str, dict[str, Any]], alpha: float, prefixes: dict[str, str]) -> dict[str, Any]:
+    """PEFT keys (`<module>.lora_A.weight`) to kohya keys (`<prefix>_<module_>.lora_down.weight`).
+
+    `prefixes` gives each module name's kohya prefix (`lora_unet`, the family's `kohya_text_prefixes`).
+    """
     import torch
 
-    encoders = [n for n in ("text_encoder", "text_encoder_2") if n in layers]
-    prefixes = {"unet": "lora_unet"}
-    prefixes.update(zip(encoders, KOHYA_TE_PREFIXES[2 if "text_encoder_2" in layers else 1], strict=False))
     out = {}
     for name, state in layers.items():
         for key, tensor in state.items():
@@ -97,5 +94,7 @@ def write_kohya(components: Components, layers: dict[str, dict[str, Any]], spec:
     }
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"{name}.safetensors"
-    save_file(kohya_state_dict(layers, spec.alpha), str(target), metadata=metadata)
+    family = components.family
+    prefixes = {"unet": "lora_unet", **dict(zip(family.text_encoder_names, family.kohya_text_prefixes, strict=True))}
+    save_file(kohya_state_dict(layers, spec.alpha, prefixes), str(target), metadata=metadata)
     return target

@@ -12,22 +12,23 @@ from typing import Any, Protocol
 
 from kubetune.api.resource import FineTuneJob
 from kubetune.api.spec import LoraSpec
+from kubetune_trainer import lora_files
 from kubetune_trainer.exitcodes import ConfigError
-from kubetune_trainer.models import Components, export_pipeline
-
-TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+from kubetune_trainer.models.family import Components
+from kubetune_trainer.models.pipelines import export_pipeline
 
 
 class TrainingMethod(Protocol):
-    def prepare(self, components: Components) -> list[Any]:
-        """Make the method's weights trainable; return the modules that hold them."""
+    def prepare(self, components: Components) -> dict[str, Any]:
+        """Make the method's weights trainable; return the modules that hold them, by `Components.modules` name."""
 
     def export(self, components: Components, folder: Path, job: FineTuneJob, step: int) -> dict[str, Path]:
         """Write the final files into `folder`; return {output kind: file or folder}."""
 
 
 class LoraMethod:
-    """Low-rank adapters (peft) on the UNet attention projections, optionally the text encoders."""
+    """Low-rank adapters (peft) on the UNet attention projections, optionally the text encoders
+    (on the layers their family names in `text_lora_targets`)."""
 
     def __init__(self, spec: LoraSpec) -> None:
         self.spec = spec
@@ -38,22 +39,20 @@ class LoraMethod:
         return LoraConfig(r=self.spec.rank, lora_alpha=self.spec.alpha, lora_dropout=self.spec.dropout,
                           init_lora_weights="gaussian", target_modules=targets)
 
-    def prepare(self, components: Components) -> list[Any]:
+    def prepare(self, components: Components) -> dict[str, Any]:
         components.unet.add_adapter(self._config(list(self.spec.target_modules)))
-        trained = [components.unet]
+        trained = {"unet": components.unet}
         if self.spec.train_text_encoder:
-            for encoder in components.text_encoders:
-                encoder.add_adapter(self._config(TEXT_ENCODER_TARGETS))
-                trained.append(encoder)
-        for module in trained:
+            for name, encoder in components.named_text_encoders().items():
+                encoder.add_adapter(self._config(list(components.family.text_lora_targets)))
+                trained[name] = encoder
+        for module in trained.values():
             for param in module.parameters():
                 if param.requires_grad:
                     param.data = param.data.float()
         return trained
 
     def export(self, components: Components, folder: Path, job: FineTuneJob, step: int) -> dict[str, Path]:
-        from kubetune_trainer import lora_files
-
         formats = job.spec.output.formats or ["diffusers", "kohya"]
         layers = lora_files.adapter_layers(components, self.spec.train_text_encoder)
         writers = {"diffusers": lora_files.write_diffusers, "kohya": lora_files.write_kohya}
@@ -63,10 +62,10 @@ class LoraMethod:
 class FullMethod:
     """Every UNet weight trains; the output is a complete diffusers pipeline folder."""
 
-    def prepare(self, components: Components) -> list[Any]:
+    def prepare(self, components: Components) -> dict[str, Any]:
         components.unet.requires_grad_(True)
         components.unet.float()
-        return [components.unet]
+        return {"unet": components.unet}
 
     def export(self, components: Components, folder: Path, job: FineTuneJob, step: int) -> dict[str, Path]:
         target = folder / "pipeline"

@@ -1,5 +1,9 @@
 """The denoising loss: encode images, add seeded noise, predict it, weight by min-SNR if asked.
 
+What differs between model families (latent scaling, conditioning, how latents are noised and
+what the denoiser predicts) comes from `components.family`; this module adds the latent cache,
+each image's share of the loss and the loss terms.
+
 All randomness of a step comes from the generator the trainer passes in, seeded from the
 job seed and the step number, so a resumed run draws the same noise as an uninterrupted one.
 """
@@ -11,7 +15,7 @@ from typing import Any
 from kubetune.api.spec import TrainingSpec
 from kubetune_trainer.caches.latents import DiskLatentCache, NoLatentCache
 from kubetune_trainer.data import Batch
-from kubetune_trainer.models import Components
+from kubetune_trainer.models.family import Components
 
 
 class LossTerms:
@@ -42,14 +46,15 @@ class LossTerms:
 
 
 class DiffusionObjective:
-    """Noise-prediction (epsilon or v) MSE for latent diffusion UNets."""
+    """The denoising MSE of the model family's objective (for the UNet families: epsilon or v)."""
 
     def __init__(self, components: Components, unet: Any, spec: TrainingSpec, device: Any,
                  weight_dtype: Any, latent_cache: DiskLatentCache | NoLatentCache | None = None) -> None:
         self.components, self.unet, self.spec = components, unet, spec
+        self.family = components.family
         self.latent_cache = latent_cache or NoLatentCache()
         self.device, self.weight_dtype = device, weight_dtype
-        self.scheduler = components.noise_scheduler
+        self.denoising = self.family.objective(components)
         self.terms = LossTerms()
         self.encoded_images = 0
         """Images the VAE encoder has run on (cache hits excluded)."""
@@ -57,60 +62,28 @@ class DiffusionObjective:
     def _encode(self, pixels: Any) -> Any:
         vae = self.components.vae
         self.encoded_images += int(pixels.shape[0])
-        return vae.encode(pixels.to(self.device, dtype=vae.dtype)).latent_dist.parameters
+        return self.family.encode_pixels(vae, pixels.to(self.device, dtype=vae.dtype))
 
     def latents(self, batch: Batch, generator: Any) -> Any:
         import torch
-        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
         vae = self.components.vae
         with torch.no_grad():
             moments = self.latent_cache.moments(batch, self._encode).to(self.device, dtype=vae.dtype)
-            latents = DiagonalGaussianDistribution(moments).sample(generator=generator)
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return ((latents - shift) * vae.config.scaling_factor).float()
-
-    def noise(self, latents: Any, generator: Any) -> tuple[Any, Any]:
-        import torch
-
-        noise = torch.randn(latents.shape, generator=generator).to(self.device)
-        if self.spec.noise_offset:
-            offset = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator)
-            noise = noise + self.spec.noise_offset * offset.to(self.device)
-        steps = self.scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, steps, (latents.shape[0],), generator=generator).to(self.device)
-        return noise, timesteps
+            return self.family.latents(vae, moments, generator)
 
     def loss(self, batch: Batch, generator: Any) -> Any:
         import torch
         import torch.nn.functional as F
 
         latents = self.latents(batch, generator)
-        noise, timesteps = self.noise(latents, generator)
-        noisy = self.scheduler.add_noise(latents, noise, timesteps)
-        cond = self.components.family.encode(self.components, batch.captions, batch.sizes, self.device)
-        prediction = self.unet(noisy, timesteps, cond.encoder_hidden_states,
-                               added_cond_kwargs=cond.added_cond_kwargs, return_dict=False)[0]
-        target = self._target(latents, noise, timesteps)
+        noise, timesteps = self.denoising.draw(latents, generator, self.spec.noise_offset, self.device)
+        noisy = self.denoising.noisy(latents, noise, timesteps)
+        cond = self.family.encode(self.components, batch.captions, batch.sizes, self.device)
+        prediction = self.family.predict(self.unet, noisy, timesteps, cond)
+        target = self.denoising.target(latents, noise, timesteps)
         per_image = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         shares = torch.tensor(batch.weights, dtype=per_image.dtype, device=per_image.device)
-        contributions = per_image * self._weights(timesteps) * shares
+        contributions = per_image * self.denoising.weights(timesteps, self.spec.snr_gamma) * shares
         self.terms.add(batch.terms, contributions)
         return contributions.sum()
-
-    def _target(self, latents: Any, noise: Any, timesteps: Any) -> Any:
-        if self.scheduler.config.prediction_type == "v_prediction":
-            return self.scheduler.get_velocity(latents, noise, timesteps)
-        return noise
-
-    def _weights(self, timesteps: Any) -> Any:
-        import torch
-        from diffusers.training_utils import compute_snr
-
-        if self.spec.snr_gamma is None:
-            return torch.ones_like(timesteps, dtype=torch.float32)
-        snr = compute_snr(self.scheduler, timesteps)
-        clipped = torch.clamp(snr, max=self.spec.snr_gamma)
-        if self.scheduler.config.prediction_type == "v_prediction":
-            return clipped / (snr + 1)
-        return clipped / snr

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.api.spec import SamplingSpec
-from kubetune_trainer.models import Components, build_pipeline, generate
-from kubetune_trainer.storage import ObjectStore, join_uri
+from kubetune_trainer.models.family import Components
+from kubetune_trainer.models.pipelines import build_pipeline, generate
+from kubetune_trainer.storage.interface import ObjectStore, join_uri
 
 
 class NullSampler:

@@ -2,7 +2,8 @@
 
 Both caches store what a frozen encoder made of one input (an image, a caption) under a
 32-hex-digit name, in a folder whose name is a digest of everything the encoding depends on.
-This class holds what they share: entries written whole or not at all (temporary file, then
+This class holds what they share: the one lookup (read the entries found, encode the missing
+ones together, store them), entries written whole or not at all (temporary file, then
 rename), an in-memory copy up to a byte budget so later epochs read no file, the list of
 entries this process encoded that `mirror` has not yet published, and how an entry is
 laid out in a mirror shard.
@@ -11,6 +12,7 @@ laid out in a mirror shard.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,23 @@ class DiskEntries:
         self.kept: dict[str, Any] = {}
         """Entries also held in memory (up to `keep_bytes`), so later epochs read no file."""
         self.keep_bytes, self.kept_bytes = keep_bytes, 0
+
+    def lookup(self, names: list[str], encode: Callable[[list[int]], list[Any]]) -> list[Any]:
+        """The entry of each name, in order; `encode(rows)` makes those not stored yet, in one call.
+
+        `rows` holds the first row of each missing name; `encode` returns one entry per row,
+        which is stored before it is handed out. Every other row counts as a hit.
+        """
+        missing: dict[str, int] = {}
+        for row, name in enumerate(names):
+            if name not in missing and not self.has(name):
+                missing[name] = row
+        fresh = dict(zip(missing, encode(list(missing.values())), strict=True)) if missing else {}
+        for name, value in fresh.items():
+            self.add(name, value)
+        self.misses += len(fresh)
+        self.hits += len(names) - len(fresh)
+        return [fresh[name] if name in fresh else self.load(name) for name in names]
 
     def path_of(self, name: str) -> Path:
         return self.folder / (name + ENTRY_SUFFIX)

@@ -75,23 +75,22 @@ class DiskLatentCache(DiskEntries):
     def moments(self, batch: Batch, encode: Encoder) -> Any:
         import torch
 
-        names = [self.entry_name(key) for key in batch.keys]
-        missing = [i for i, name in enumerate(names) if not self.has(name)]
-        whole = [i for i in missing if _whole(batch, i)]
-        cropped = [i for i in missing if i not in whole]
-        fresh = {}
-        if cropped:
-            encoded = encode(batch.pixels_of(cropped)).detach().cpu()  # hits are never decoded
-            fresh.update({index: encoded[row].clone() for row, index in enumerate(cropped)})
-        for index in whole:  # whole images differ in size: one at a time
-            fresh[index] = encode(render_image(batch.plan_of(index))[None]).detach().cpu()[0].clone()
-        for index in missing:
-            self.add(names[index], fresh[index])
-        self.hits += len(names) - len(missing)
-        self.misses += len(missing)
-        found = [fresh[i] if i in fresh else self.load(name) for i, name in enumerate(names)]
+        found = self.lookup([self.entry_name(key) for key in batch.keys], lambda rows: _encoded(batch, rows, encode))
         return torch.stack([_cropped(batch.plan_of(i), entry) if _whole(batch, i) else entry
                             for i, entry in enumerate(found)])
+
+
+def _encoded(batch: Batch, rows: list[int], encode: Encoder) -> list[Any]:
+    """The moments of these rows, on the CPU: crops encoded together, whole images (sizes differ) one at a time."""
+    whole = [i for i in rows if _whole(batch, i)]
+    cropped = [i for i in rows if i not in whole]
+    fresh = {}
+    if cropped:
+        encoded = encode(batch.pixels_of(cropped)).detach().cpu()  # hits are never decoded
+        fresh.update({index: encoded[row].clone() for row, index in enumerate(cropped)})
+    for index in whole:
+        fresh[index] = encode(render_image(batch.plan_of(index))[None]).detach().cpu()[0].clone()
+    return [fresh[index] for index in rows]
 
 
 def _whole(batch: Batch, row: int) -> bool:

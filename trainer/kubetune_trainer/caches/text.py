@@ -6,29 +6,22 @@ hidden state; SDXL: both encoders' penultimate hidden states, joined, and the po
 embedding) are stored as one entry per caption, named by a digest of its exact text. Entries
 live in one folder per model family, text encoders (config, dtype and weights) and tokenizers
 (files and max length) (`text_cache_folder`), so another model never reads them, and
-`caches.mirror` carries them to a new pod through `<output>/cache/text/<key>/`. The cache
-replaces `Components.prompts`, which is bypassed as soon as a text-encoder weight trains.
+`caches.mirror` carries them to a new pod through `<output>/cache/text/<key>/`. The cache is
+`Components.text_cache`, bypassed as soon as a text-encoder weight trains.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from kubetune_trainer.caches.entries import DiskEntries
-from kubetune_trainer.models import Components
+from kubetune_trainer.models.family import Components, TextEncode
 
 _LOAD_DETAILS = {"transformers_version", "torch_dtype", "dtype"}
 """Config keys that say how a model was loaded, not what it computes (its dtype is in the weights)."""
-TOKENIZER_FOLDERS = ["tokenizer", "tokenizer_2"]
-"""Where a diffusers folder keeps the tokenizer of each text encoder, in order."""
-
-
-def text_encoders_frozen(components: Components) -> bool:
-    return not any(p.requires_grad for encoder in components.text_encoders for p in encoder.parameters())
 
 
 def _update_with_module(digest: Any, module: Any) -> None:
@@ -58,7 +51,7 @@ def text_cache_folder(root: Path, components: Components) -> Path:
     base model's encodings.
     """
     digest = hashlib.sha256(components.family.name.encode())
-    pairs = zip(components.tokenizers, components.text_encoders, TOKENIZER_FOLDERS, strict=False)
+    pairs = zip(components.tokenizers, components.text_encoders, components.family.tokenizer_names, strict=False)
     for tokenizer, encoder, folder in pairs:
         _update_with_tokenizer(digest, tokenizer, Path(components.path) / folder)
         _update_with_module(digest, encoder)
@@ -68,7 +61,7 @@ def text_cache_folder(root: Path, components: Components) -> Path:
 class DiskTextCache(DiskEntries):
     """One file per distinct caption under `folder`, held on `device` once read; misses are encoded together.
 
-    `lookup` has the signature of `models.PromptCache.lookup`, so it takes that cache's place.
+    It is the components' `text_cache` (`models.family.TextCache`), used while no text-encoder weight trains.
     """
 
     kind = "text"
@@ -85,22 +78,16 @@ class DiskTextCache(DiskEntries):
     def placed(self, value: Any) -> Any:
         return tuple(part.to(self.device) for part in value) if self.device is not None else value
 
-    def lookup(self, captions: list[str], encode: Callable[[list[str]], tuple[Any, ...]]) -> tuple[Any, ...]:
+    def encodings(self, captions: list[str], encode: TextEncode) -> tuple[Any, ...]:
         """`encode(captions)` gives tensors with one row per caption; cached captions are not encoded again."""
         import torch
 
-        names = {caption: self.entry_name(caption) for caption in captions}
-        missing = [caption for caption, name in names.items() if not self.has(name)]
-        fresh: dict[str, tuple[Any, ...]] = {}
-        if missing:
-            outputs = encode(missing)
-            for row, caption in enumerate(missing):  # a clone, so an entry never holds the whole batch
-                fresh[caption] = tuple(output[row].detach().clone() for output in outputs)
-                self.add(names[caption], fresh[caption])
-        self.misses += len(missing)  # captions the text encoders ran on
-        self.hits += len(captions) - len(missing)
-        rows = [fresh[c] if c in fresh else self.load(names[c]) for c in captions]
-        return tuple(torch.stack([row[part] for row in rows]) for part in range(len(rows[0])))
+        def encoded(rows: list[int]) -> list[tuple[Any, ...]]:
+            outputs = encode([captions[row] for row in rows])  # a clone, so an entry never holds the whole batch
+            return [tuple(output[index].detach().clone() for output in outputs) for index in range(len(rows))]
+
+        found = self.lookup([self.entry_name(caption) for caption in captions], encoded)
+        return tuple(torch.stack([entry[part] for entry in found]) for part in range(len(found[0])))
 
     def shard_tensors(self, name: str) -> dict[str, Any]:
         """Part i of the entry under `<name>.<i>`."""

@@ -1,0 +1,27 @@
+"""Stable Diffusion 1.x and 2.x: one CLIP text encoder, the UNet conditioned on its last hidden state."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kubetune_trainer.models.family import Components, Conditioning
+from kubetune_trainer.models.unet_family import UNetFamily, tokenize
+
+
+class StableDiffusion(UNetFamily):
+    name = "sd"
+    pipeline_class = "StableDiffusionPipeline"
+    kohya_base = "sd_v1"
+    text_encoder_names = ("text_encoder",)
+    tokenizer_names = ("tokenizer",)
+    text_encoder_classes = ("CLIPTextModel",)
+    kohya_text_prefixes = ("lora_te",)
+    pipeline_extras = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+
+    def encode_text(self, components: Components, captions: list[str], device: Any) -> tuple[Any, ...]:
+        ids = tokenize(components.tokenizers[0], captions, device)
+        return (components.text_encoders[0](ids, return_dict=False)[0],)
+
+    def condition(self, components: Components, encoded: tuple[Any, ...], sizes: list[tuple[int, ...]],
+                  device: Any) -> Conditioning:
+        return Conditioning(encoded[0])

@@ -1,0 +1,101 @@
+"""What the UNet latent-diffusion families (SD 1.x/2.x, SDXL) share: a `UNet2DConditionModel` over an
+`AutoencoderKL`'s latents, CLIP text encoders, trained on the DDPM objective.
+
+A family of this kind subclasses `UNetFamily` and adds its names, its text encoders and how
+their outputs condition the UNet (`encode_text`, `condition`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+from kubetune_trainer.exitcodes import ConfigError
+from kubetune_trainer.models.ddpm import NoisePrediction
+from kubetune_trainer.models.family import Components, Conditioning
+
+
+def load_part(kind: Any, path: Path, subfolder: str, variant: str | None) -> Any:
+    try:
+        return kind.from_pretrained(str(path), subfolder=subfolder, variant=variant, local_files_only=True)
+    except Exception as exc:  # diffusers/transformers raise OSError, ValueError, EnvironmentError...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"cannot load {subfolder} from model folder {path}: {first}") from exc
+
+
+def tokenize(tokenizer: Any, captions: list[str], device: Any) -> Any:
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids
+    return ids.to(device)
+
+
+class UNetFamily:
+    """The parts every UNet latent-diffusion family shares; subclasses name their text encoders."""
+
+    name: ClassVar[str]
+    pipeline_class: ClassVar[str]
+    kohya_base: ClassVar[str]
+    text_encoder_names: ClassVar[tuple[str, ...]]
+    tokenizer_names: ClassVar[tuple[str, ...]]
+    kohya_text_prefixes: ClassVar[tuple[str, ...]]
+    text_lora_targets: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "out_proj")
+    """CLIP's attention projections."""
+    pipeline_extras: ClassVar[dict[str, Any]] = {}
+    text_encoder_classes: ClassVar[tuple[str, ...]]
+    """The transformers class of each text encoder, in order (their tokenizers are CLIPTokenizer)."""
+
+    def load(self, path: Path, variant: str | None) -> Components:
+        import transformers
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+        encoders = zip(self.tokenizer_names, self.text_encoder_names, self.text_encoder_classes, strict=True)
+        pairs = [(tok_dir, enc_dir, getattr(transformers, enc_cls)) for tok_dir, enc_dir, enc_cls in encoders]
+        return Components(
+            family=self,
+            path=path,
+            unet=load_part(UNet2DConditionModel, path, "unet", variant),
+            vae=load_part(AutoencoderKL, path, "vae", variant),
+            noise_scheduler=load_part(DDPMScheduler, path, "scheduler", None),
+            tokenizers=[load_part(transformers.CLIPTokenizer, path, tok_dir, None) for tok_dir, _, _ in pairs],
+            text_encoders=[load_part(enc_cls, path, enc_dir, variant) for _, enc_dir, enc_cls in pairs],
+        )
+
+    def encode_text(self, components: Components, captions: list[str], device: Any) -> tuple[Any, ...]:
+        raise NotImplementedError
+
+    def condition(self, components: Components, encoded: tuple[Any, ...], sizes: list[tuple[int, ...]],
+                  device: Any) -> Conditioning:
+        raise NotImplementedError
+
+    def encode(self, components: Components, captions: list[str], sizes: list[tuple[int, ...]],
+               device: Any) -> Conditioning:
+        encoded = components.encode_text(captions, lambda texts: self.encode_text(components, texts, device))
+        return self.condition(components, encoded, sizes, device)
+
+    def encode_pixels(self, vae: Any, pixels: Any) -> Any:
+        return vae.encode(pixels).latent_dist.parameters
+
+    def latents(self, vae: Any, moments: Any, generator: Any) -> Any:
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        latents = DiagonalGaussianDistribution(moments).sample(generator=generator)
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return ((latents - shift) * vae.config.scaling_factor).float()
+
+    def decode_latents(self, vae: Any, latents: Any) -> Any:
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift, return_dict=False)[0]
+
+    def objective(self, components: Components) -> NoisePrediction:
+        return NoisePrediction(components.noise_scheduler)
+
+    def predict(self, denoiser: Any, noisy: Any, timesteps: Any, cond: Conditioning) -> Any:
+        return denoiser(noisy, timesteps, cond.encoder_hidden_states, added_cond_kwargs=cond.added_cond_kwargs,
+                        return_dict=False)[0]
+
+    def latent_factor(self, components: Components) -> int:
+        return 2 ** (len(components.vae.config.block_out_channels) - 1)
+
+    def size_multiple(self, components: Components) -> int:
+        """The VAE's downsampling times the UNet's."""
+        return self.latent_factor(components) * 2 ** (len(components.unet.config.down_block_types) - 1)
