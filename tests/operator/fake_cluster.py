@@ -16,9 +16,10 @@ from kubetune.operator.actions import (
     ReplaceConfigMapData,
     SetJobSuspend,
 )
-from kubetune.operator.cluster import JobRef, apply_in_order
+from kubetune.operator.cluster import JobRef
 from kubetune.operator.events import Event
 from kubetune.operator.kube import ApiError
+from kubetune.operator.kube_cluster import apply_in_order
 from kubetune.operator.observed import Observed
 
 
@@ -51,8 +52,8 @@ class FakeCluster:
             secret_keys=self.secret_keys,
         )
 
-    def quiet(self, seconds: float) -> bool:
-        return True
+    def others_first(self, ref: JobRef) -> bool:
+        return False
 
     def apply_all(self, job: FineTuneJob, actions: list[Action]) -> list[str]:
         return apply_in_order(self, job, actions)

@@ -1,4 +1,4 @@
-"""How `KubeCluster` writes: a new job's children at once, events off the pass and after creates.
+"""How `KubeCluster` writes: a new job's children at once, events off the pass and after new jobs' passes.
 
 The API is the operator's own `KubeApi` seam, recorded in memory; no server is involved.
 """
@@ -13,11 +13,13 @@ from typing import Any
 from ftj_builders import make_job
 
 from kubetune.operator.actions import CreateChild, ReplaceConfigMapData
-from kubetune.operator.cluster import JobRef, KubeCluster
+from kubetune.operator.cluster import JobRef
 from kubetune.operator.events import Event
 from kubetune.operator.kube import ApiError
+from kubetune.operator.kube_cluster import EventPoster, KubeCluster
 from kubetune.operator.render import Attempt, render_configmap, render_job, render_service
 from kubetune.operator.settings import OperatorSettings
+from kubetune.operator.workqueue import WorkQueue
 
 
 class RecordingApi:
@@ -94,13 +96,20 @@ def test_a_replaced_configmap_comes_before_the_new_attempts_job() -> None:
     assert [(verb, depth) for verb, _, depth in api.calls] == [("patch", 0), ("create", 1)]
 
 
-def test_events_wait_for_creates_and_keep_their_order() -> None:
-    api = RecordingApi(delay=0.3)
-    cluster = KubeCluster(api)  # type: ignore[arg-type]
+def test_events_wait_for_new_jobs_passes_and_keep_their_order() -> None:
+    api, work = RecordingApi(delay=0.3), WorkQueue()
+    cluster = KubeCluster(api, work=work)  # type: ignore[arg-type]
     ref, now = JobRef("team-a", "corgi", "ftj-uid-1"), datetime.now(UTC)
     job = make_job().typed()
+    work.add(("team-a", "corgi"), urgent=True)
+    key = work.get(timeout=0)
+
+    def new_jobs_pass() -> None:  # as a worker runs it: the key is given back once the creates are done
+        cluster.apply_all(job, children(OperatorSettings()))
+        work.done(key)
+
     try:
-        creating = threading.Thread(target=cluster.apply_all, args=(job, children(OperatorSettings())))
+        creating = threading.Thread(target=new_jobs_pass)
         creating.start()
         time.sleep(0.05)  # the creates are in flight
         for reason in ("Created", "Pending", "Staging"):
@@ -123,19 +132,17 @@ def test_close_posts_what_is_queued() -> None:
     assert len(api.calls) == 20
 
 
-def test_quiet_waits_for_creates_in_flight_and_no_longer_than_asked() -> None:
-    api = RecordingApi(delay=0.5)
-    cluster = KubeCluster(api)  # type: ignore[arg-type]
-    try:
-        assert cluster.quiet(0.0), "nothing in flight: quiet at once"
-        creating = threading.Thread(target=cluster.apply_all, args=(make_job().typed(), children(OperatorSettings())))
-        creating.start()
-        time.sleep(0.05)
-        assert not cluster.quiet(0.1), "a create is in flight"
-        assert cluster.quiet(2.0), "the creates end well within 2 s"
-        creating.join()
-    finally:
-        cluster.close()
+def test_calm_waits_for_urgent_passes_and_no_longer_than_asked() -> None:
+    work = WorkQueue()
+    assert work.calm(0.0), "nothing urgent: calm at once"
+    work.add("new", urgent=True)
+    work.add("old")
+    assert not work.calm(0.1), "a new job waits for its children"
+    key = work.get(timeout=0)
+    assert key == "new" and not work.calm(0.1), "and now its pass runs"
+    threading.Timer(0.2, work.done, args=(key,)).start()
+    assert work.calm(2.0), "the pass ends well within 2 s"
+    assert work.calm(0.0) and len(work) == 1, "a routine key does not hold anything back"
 
 
 def test_a_poster_survives_any_error_and_posts_the_next_event() -> None:
@@ -155,11 +162,9 @@ def test_a_poster_survives_any_error_and_posts_the_next_event() -> None:
 
 
 def test_closing_posts_the_backlog_without_giving_way_to_creates() -> None:
-    from kubetune.operator.cluster import EventPoster
-
     api = RecordingApi(delay=0.0)
     waited: list[float] = []
-    poster = EventPoster(api, quiet=lambda seconds: waited.append(seconds) or time.sleep(seconds))  # type: ignore[arg-type]
+    poster = EventPoster(api, calm=lambda: waited.append(5.0) or time.sleep(5.0))  # type: ignore[arg-type]
     poster._closing.set()  # as close() does first
     body = {"reason": "Created", "kind": "Event", "metadata": {}, "involvedObject": {"name": "corgi"}}
     began = time.monotonic()

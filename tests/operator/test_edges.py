@@ -19,7 +19,7 @@ from ftj_builders import NOW, make_pod
 
 from kubetune.api.status import FineTuneJobStatus
 from kubetune.cli import build_parser
-from kubetune.operator.cluster import KubeCluster
+from kubetune.operator.kube_cluster import KubeCluster
 from kubetune.operator.leader import lease_decision, micro_time, next_lease_spec
 from kubetune.operator.liveness import PassClock, stuck_reason
 from kubetune.operator.metrics import OperatorMetrics
@@ -272,12 +272,10 @@ def test_an_ended_job_is_judged_by_pods_read_from_the_server_not_the_cache() -> 
 
 def test_a_worker_pool_stuck_in_a_pass_fails_healthz_until_the_pass_ends() -> None:
     """Real queue workers and probes; the seam faked is the project's own Cluster, whose reads hang."""
-    import kopf
     from fake_cluster import FakeCluster
     from ftj_builders import S3_KEYS, make_job
 
-    from kubetune.operator.caches import Caches
-    from kubetune.operator.resync import work
+    from kubetune.operator.passes import Controller
     from kubetune.operator.settings import OperatorSettings
 
     release = threading.Event()
@@ -287,12 +285,11 @@ def test_a_worker_pool_stuck_in_a_pass_fails_healthz_until_the_pass_ends() -> No
             release.wait(30)
             return super().observe(job)
 
-    caches, queue, passes, stop = Caches(), WorkQueue(), PassClock(), threading.Event()
-    caches["FineTuneJob"].put(make_job("corgi").obj())
-    memo = kopf.Memo(cluster=Hanging(S3_KEYS), settings=OperatorSettings(), metrics=OperatorMetrics(), locks={},
-                     caches=caches, queue=queue, passes=passes)
-    workers = [threading.Thread(target=work, args=(memo, stop), daemon=True) for _ in range(2)]
-    server = serve_probes(memo.metrics.registry, 0, lambda: True, host="127.0.0.1",
+    controller = Controller(Hanging(S3_KEYS), OperatorSettings(), OperatorMetrics())
+    queue, passes, stop = controller.queue, controller.passes, threading.Event()
+    controller.caches["FineTuneJob"].put(make_job("corgi").obj())
+    workers = [threading.Thread(target=controller.work, args=(stop,), daemon=True) for _ in range(2)]
+    server = serve_probes(controller.metrics.registry, 0, lambda: True, host="127.0.0.1",
                           stuck=lambda: stuck_reason(passes, queue, 0.3))
     healthz = f"http://127.0.0.1:{server.server_address[1]}/healthz"
     try:
@@ -304,7 +301,7 @@ def test_a_worker_pool_stuck_in_a_pass_fails_healthz_until_the_pass_ends() -> No
         assert code == 503 and "the reconcile pass of team-a/corgi has run for" in text
         release.set()
         fakegpu.wait_for(lambda: _get(healthz)[0] == 200, what="/healthz to recover")
-        assert memo.cluster.status["phase"] == "Pending", "the pass ended and wrote its status"
+        assert controller.cluster.status["phase"] == "Pending", "the pass ended and wrote its status"
     finally:
         release.set()
         stop.set()

@@ -1,44 +1,56 @@
-"""A deleted FineTuneJob leaves nothing behind in the operator: its phase series, lock and
+"""A deleted FineTuneJob leaves nothing behind in the operator: its copy, phase series, generation and
 Kopf bookkeeping go with the raw DELETED event (Kopf calls no delete handler without a finalizer)."""
 
 from __future__ import annotations
 
-import threading
+import asyncio
 
 import kopf
 import pytest
+from fake_cluster import FakeCluster
 
 from kubetune.api.status import FineTuneJobStatus
 from kubetune.operator.bookkeeping import MemoryDiffBaseStorage, MemoryProgressStorage
-from kubetune.operator.handlers import on_event
+from kubetune.operator.handlers import on_job_event
 from kubetune.operator.metrics import OperatorMetrics
+from kubetune.operator.passes import Controller
+from kubetune.operator.settings import OperatorSettings
+
+BODY = {"metadata": {"uid": "u1", "namespace": "ml", "name": "corgi", "generation": 1, "resourceVersion": "5",
+                     "annotations": {}}}
 
 
-def _memo() -> kopf.Memo:
+def _controller() -> Controller:
     metrics = OperatorMetrics()
     metrics.observe_transition("u1", "ml", FineTuneJobStatus(), FineTuneJobStatus(phase="Running"))
     progress, diffbase = MemoryProgressStorage(), MemoryDiffBaseStorage()
-    body, patch = kopf.Body({"metadata": {"uid": "u1", "annotations": {}}}), kopf.Patch()
+    body, patch = kopf.Body(BODY), kopf.Patch()
     progress.store(key="on_change", record={"retries": 1}, body=body, patch=patch)
     diffbase.store(body=body, patch=patch, essence={"spec": {"a": 1}})
-    return kopf.Memo(metrics=metrics, locks={"u1": threading.Lock()}, bookkeeping=(progress, diffbase))
+    controller = Controller(FakeCluster(), OperatorSettings(), metrics, bookkeeping=(progress, diffbase))
+    controller.caches["FineTuneJob"].put(BODY)
+    controller.generations["u1"] = 1
+    return controller
 
 
-def _running(memo: kopf.Memo) -> float | None:
-    return memo.metrics.registry.get_sample_value("kubetune_operator_jobs", {"namespace": "ml", "phase": "Running"})
+def _running(controller: Controller) -> float | None:
+    return controller.metrics.registry.get_sample_value("kubetune_operator_jobs", {"namespace": "ml",
+                                                                                   "phase": "Running"})
 
 
 @pytest.mark.parametrize("event", [None, "ADDED", "MODIFIED"])
 def test_other_events_keep_everything(event: str | None) -> None:
-    memo = _memo()
-    on_event(type=event, uid="u1", memo=memo)
-    assert "u1" in memo.locks and _running(memo) == 1
+    controller = _controller()
+    asyncio.run(on_job_event(type=event, body=kopf.Body(BODY), param=controller))
+    assert controller.generations == {"u1": 1} and _running(controller) == 1
+    assert controller.caches["FineTuneJob"].get("ml", "corgi") is not None
 
 
 def test_deleted_forgets_the_job() -> None:
-    memo = _memo()
-    on_event(type="DELETED", uid="u1", memo=memo)
-    body = kopf.Body({"metadata": {"uid": "u1", "annotations": {}}})
-    progress, diffbase = memo.bookkeeping
-    assert "u1" not in memo.locks and _running(memo) == 0
+    controller = _controller()
+    asyncio.run(on_job_event(type="DELETED", body=kopf.Body(BODY), param=controller))
+    body = kopf.Body(BODY)
+    progress, diffbase = controller.bookkeeping
+    assert controller.generations == {} and _running(controller) == 0
+    assert controller.caches["FineTuneJob"].get("ml", "corgi") is None
     assert progress.fetch(key="on_change", body=body) is None and diffbase.fetch(body=body) is None

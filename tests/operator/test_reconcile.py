@@ -5,20 +5,17 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-import kopf
 import pytest
 from fake_cluster import FakeCluster
 from ftj_builders import NOW, S3_KEYS, make_job, make_pod
 
 from kubetune.operator.actions import CreateChild, DeleteFineTuneJob, DeleteJob
-from kubetune.operator.caches import Caches, collection_path
-from kubetune.operator.handlers import run_pass
+from kubetune.operator.kube import collection_path
 from kubetune.operator.metrics import OperatorMetrics
+from kubetune.operator.passes import Controller
 from kubetune.operator.progress_reader import bounded_report
 from kubetune.operator.reconcile import reconcile, status_patch
-from kubetune.operator.resync import pass_once, queue_every_job
 from kubetune.operator.settings import OperatorSettings
-from kubetune.operator.workqueue import WorkQueue
 
 SETTINGS = OperatorSettings()
 
@@ -143,35 +140,33 @@ def test_ttl_deletes_the_finished_job_without_writing_status() -> None:
     assert outcome.actions == [DeleteFineTuneJob()] and cluster.deleted and cluster.status_writes == []
 
 
-class _Memo(kopf.Memo):
-    pass
+def _controller(cluster: FakeCluster, *names: str) -> Controller:
+    controller = Controller(cluster, SETTINGS, OperatorMetrics())
+    controller.synced.set()
+    for name in names:
+        controller.caches["FineTuneJob"].put(cluster.body(make_job(name).obj()))
+    return controller
 
 
-def test_handler_turns_api_errors_into_temporary_errors() -> None:
+def test_a_pass_turns_api_errors_into_a_retry_after_a_delay() -> None:
     cluster = FakeCluster(S3_KEYS)
     cluster.fail_observe = True
-    metrics = OperatorMetrics()
-    memo = _Memo(cluster=cluster, settings=SETTINGS, metrics=metrics, locks={})
-    with pytest.raises(kopf.TemporaryError):
-        run_pass(kopf.Body(make_job("corgi").obj()), memo, _Logger())
-    assert metrics.registry.get_sample_value("kubetune_operator_api_errors_total", {"operation": "reconcile"}) == 1
-    assert metrics.registry.get_sample_value("kubetune_operator_reconcile_duration_seconds_count") == 1
+    controller = _controller(cluster, "corgi")
+    assert controller.run_pass(("team-a", "corgi")) is False
+    metrics = controller.metrics.registry
+    assert metrics.get_sample_value("kubetune_operator_api_errors_total", {"operation": "reconcile"}) == 1
+    assert metrics.get_sample_value("kubetune_operator_reconcile_duration_seconds_count") == 1
+    assert controller.queue._later and len(controller.queue) == 0, "queued again, after the retry delay"
 
 
-def test_handler_retries_failed_actions() -> None:
+def test_a_pass_retries_failed_actions(caplog: pytest.LogCaptureFixture) -> None:
     cluster = FakeCluster(S3_KEYS)
     cluster.fail_actions = {CreateChild}
-    memo = _Memo(cluster=cluster, settings=SETTINGS, metrics=OperatorMetrics(), locks={})
-    with pytest.raises(kopf.TemporaryError, match="CreateChild"):
-        run_pass(kopf.Body(make_job("corgi").obj()), memo, _Logger())
-
-
-class _Logger:
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def info(self, message: str, *args: object) -> None:
-        self.lines.append(message % args)
+    controller = _controller(cluster, "corgi")
+    assert controller.run_pass(("team-a", "corgi")) is False
+    assert "CreateChild" in caplog.text and controller.queue._later
+    assert controller.metrics.registry.get_sample_value("kubetune_operator_api_errors_total",
+                                                        {"operation": "apply"}) == 3
 
 
 @pytest.mark.parametrize(("kind", "namespace", "path"), [
@@ -185,48 +180,40 @@ def test_caches_list_where_the_operator_watches(kind: str, namespace: str | None
     assert collection_path(kind, namespace) == path
 
 
-def _queued_memo(cluster: FakeCluster, *names: str) -> _Memo:
-    caches = Caches()
-    for name in names:
-        caches["FineTuneJob"].put(make_job(name).obj())
-    return _Memo(cluster=cluster, settings=SETTINGS, metrics=OperatorMetrics(), locks={}, caches=caches,
-                 queue=WorkQueue())
-
-
-def _drain(memo: _Memo) -> list[bool]:
+def _drain(controller: Controller) -> list[bool]:
     results = []
-    while (key := memo.queue.get(timeout=0)) is not None:
-        results.append(pass_once(key, memo))
-        memo.queue.done(key)
+    while (key := controller.queue.get(timeout=0)) is not None:
+        results.append(controller.run_pass(key))  # type: ignore[arg-type]
+        controller.queue.done(key)
     return results
 
 
 def test_resync_queues_every_cached_job_once_and_the_workers_reconcile_them() -> None:
     cluster = FakeCluster(S3_KEYS)
-    memo = _queued_memo(cluster, "a", "b")
-    assert queue_every_job(memo) == 2
-    queue_every_job(memo)  # a second round while the first is queued asks for nothing more
-    assert _drain(memo) == [True, True]
+    controller = _controller(cluster, "a", "b")
+    assert controller.resync() == 2
+    controller.resync()  # a second round while the first is queued asks for nothing more
+    assert _drain(controller) == [True, True]
     assert {name for kind, name in cluster.children if kind == "Job"} == {"a", "b"}
 
 
 def test_a_failed_queued_pass_is_retried_later_and_a_deleted_job_is_skipped() -> None:
     cluster = FakeCluster(S3_KEYS)
     cluster.fail_observe = True
-    memo = _queued_memo(cluster, "a")
-    memo.queue.add(("team-a", "a"))
-    memo.queue.add(("team-a", "gone"))
-    assert _drain(memo) == [False, True]
-    assert len(memo.queue) == 0 and memo.queue.get(timeout=0) is None  # the retry waits its delay
-    assert memo.metrics.registry.get_sample_value("kubetune_operator_api_errors_total",
-                                                  {"operation": "reconcile"}) == 1
+    controller = _controller(cluster, "a")
+    controller.queue.add(("team-a", "a"))
+    controller.queue.add(("team-a", "gone"))
+    assert _drain(controller) == [False, True]
+    assert len(controller.queue) == 0 and controller.queue.get(timeout=0) is None  # the retry waits its delay
+    assert controller.metrics.registry.get_sample_value("kubetune_operator_api_errors_total",
+                                                        {"operation": "reconcile"}) == 1
 
 
 class BusyCluster(FakeCluster):
     """Other jobs' children are being created while this pass runs."""
 
-    def quiet(self, seconds: float) -> bool:
-        return False
+    def others_first(self, ref: Any) -> bool:
+        return True
 
 
 def test_in_a_burst_the_status_of_a_job_just_created_waits_for_the_next_pass() -> None:
@@ -241,13 +228,15 @@ def test_in_a_burst_the_status_of_a_job_just_created_waits_for_the_next_pass() -
     assert [e.reason for e in run.cluster.events][:1] == ["ChildrenCreated"]
 
 
-def test_a_deferred_status_queues_the_next_pass() -> None:
-    cluster, queue = BusyCluster(S3_KEYS), WorkQueue()
-    doc = make_job("corgi").obj()
-    memo = kopf.Memo(cluster=cluster, settings=SETTINGS, metrics=OperatorMetrics(), locks={}, queue=queue)
-    run_pass(cluster.body(doc), memo, None)
-    assert queue.get(timeout=0) is None, "not at once: the operator's own cache may not hold the job yet"
-    assert queue.get(timeout=2) == ("team-a", "corgi")
+def test_a_deferred_status_is_queued_behind_the_new_jobs() -> None:
+    cluster = BusyCluster(S3_KEYS)
+    controller = _controller(cluster, "corgi")
+    controller.queue.add(("team-a", "husky"), urgent=True)  # another new job, waiting for its children
+    assert controller.run_pass(("team-a", "corgi")) is True and cluster.status_writes == []
+    assert controller.queue.get(timeout=0) == ("team-a", "husky"), "the other job's children first"
+    assert controller.queue.get(timeout=0) is None, "the status waits while new jobs' passes run"
+    controller.queue.done(("team-a", "husky"))
+    assert controller.queue.get(timeout=0) == ("team-a", "corgi"), "then a routine pass writes it"
 
 
 def test_a_pass_that_fails_unexpectedly_is_retried_and_the_worker_lives_on() -> None:
@@ -255,10 +244,6 @@ def test_a_pass_that_fails_unexpectedly_is_retried_and_the_worker_lives_on() -> 
         def observe(self, job: Any) -> Any:
             raise RuntimeError("a bug")
 
-    doc = make_job("corgi").obj()
-    cluster, queue, caches = Broken(S3_KEYS), WorkQueue(), Caches()
-    caches["FineTuneJob"].put(cluster.body(doc))
-    memo = kopf.Memo(cluster=cluster, settings=SETTINGS, metrics=OperatorMetrics(), locks={}, queue=queue,
-                     caches=caches)
-    assert pass_once(("team-a", "corgi"), memo) is False
-    assert queue._later, "the job is queued again, after the retry delay"
+    controller = _controller(Broken(S3_KEYS), "corgi")
+    assert controller.run_pass(("team-a", "corgi")) is False
+    assert controller.queue._later, "the job is queued again, after the retry delay"

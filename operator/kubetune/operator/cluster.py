@@ -1,46 +1,22 @@
-"""The operator's one seam to the cluster: read a job's children, carry out actions,
-write status, post events, and take what rank 0's `/progress` said.
+"""The operator's one seam to the cluster: what a reconcile pass needs from it.
 
-`Cluster` is the interface the reconcile pass uses; `KubeCluster` implements it on the
-API server (reading children from the informers' caches, and putting what its own writes
-return into them), and tests implement it in memory. Children are only ever recognised by
-the FineTuneJob's controller reference, so objects that merely share a name are never taken.
+`reconcile` depends on this protocol only: read a job's children, carry out actions, write
+status, post events, and take what rank 0's `/progress` said. `KubeCluster` implements it on
+the API server; tests implement it in memory.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-import contextlib
-import logging
-import queue
-import threading
-import time
-import zlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
-from kubetune.api.resource import API_VERSION, GROUP, KIND, PLURAL, VERSION, FineTuneJob
-from kubetune.operator import naming
-from kubetune.operator.actions import (
-    Action,
-    CreateChild,
-    DeleteFineTuneJob,
-    DeleteJob,
-    ReplaceConfigMapData,
-    SetJobSuspend,
-)
-from kubetune.operator.caches import Caches
+from kubetune.api.resource import FineTuneJob
+from kubetune.operator.actions import Action
 from kubetune.operator.events import Event
-from kubetune.operator.kube import ApiError, KubeApi
 from kubetune.operator.observed import Observed
 from kubetune.operator.reports import ProgressReport
-from kubetune.operator.timefmt import format_time
-
-LOG = logging.getLogger(__name__)
-EVENT_MESSAGE_LIMIT = 1024
-COMPONENT = "kubetune-operator"
 
 
 @dataclass(frozen=True)
@@ -55,10 +31,6 @@ class JobRef:
     def of(cls, body: Mapping[str, Any]) -> JobRef:
         meta = body.get("metadata") or {}
         return cls(meta.get("namespace") or "default", meta.get("name", ""), meta.get("uid", ""))
-
-
-class ChildConflict(Exception):
-    """A child's name is taken by an object another controller owns."""
 
 
 class Cluster(Protocol):
@@ -84,280 +56,6 @@ class Cluster(Protocol):
         """
         ...
 
-    def quiet(self, seconds: float) -> bool:
-        """Wait (at most `seconds`) until no child create is in flight."""
+    def others_first(self, ref: JobRef) -> bool:
+        """Whether other new jobs wait for their children: a status that can wait lets them go first."""
         ...
-
-
-def apply_in_order(cluster: Cluster, job: FineTuneJob, actions: list[Action]) -> list[str]:
-    """Each action after the one before; a failed one does not stop the rest."""
-    errors = []
-    for action in actions:
-        try:
-            cluster.apply(job, action)
-        except (ApiError, ChildConflict) as exc:  # the status is still true; retried next pass
-            errors.append(f"{type(action).__name__}: {exc}")
-    return errors
-
-
-def uid_of(job: FineTuneJob) -> str:
-    return (job.metadata.model_extra or {}).get("uid", "")
-
-
-def owned_by(obj: dict[str, Any] | None, uid: str) -> bool:
-    refs = (obj or {}).get("metadata", {}).get("ownerReferences") or []
-    return any(r.get("controller") and r.get("uid") == uid for r in refs)
-
-
-def job_ended(batch_job: dict[str, Any] | None) -> bool:
-    """The Job has its Complete or Failed condition."""
-    conditions = ((batch_job or {}).get("status") or {}).get("conditions") or []
-    return any(c.get("type") in ("Complete", "Failed") and c.get("status") == "True" for c in conditions)
-
-
-def job_key(job: FineTuneJob) -> tuple[str, str]:
-    """(namespace, name): how the work queue names a FineTuneJob."""
-    return job.metadata.namespace or "default", job.metadata.name
-
-
-class ProgressSource(Protocol):
-    """Where `KubeCluster` takes rank 0's readings from (`progress_reader.ProgressReader`)."""
-
-    def take(self, key: tuple[str, str], pod: dict[str, Any]) -> Any: ...
-
-
-class NoProgress:
-    """Reads nothing: a cluster built without a reader (tests of its other parts)."""
-
-    def take(self, key: tuple[str, str], pod: dict[str, Any]) -> Any:
-        return None
-
-
-def _collection(kind: str, namespace: str) -> str:
-    if kind == "Job":
-        return f"/apis/batch/v1/namespaces/{namespace}/jobs"
-    return f"/api/v1/namespaces/{namespace}/{kind.lower()}s"
-
-
-def _resource_path(namespace: str, name: str) -> str:
-    return f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}"
-
-
-class EventPoster:
-    """Events posted by a few threads of their own, so a pass never waits for one.
-
-    Events are the story of a job, not part of its state: at scale the four a new job gets
-    would otherwise hold its pass (and the next job's) for four round trips. They also give
-    way to child creates (`quiet`, for at most `YIELD_SECONDS`), so a burst of new jobs gets
-    its Jobs first. One job's events always go through the same thread, so they keep their
-    order; each carries the time of the pass that decided it.
-    """
-
-    YIELD_SECONDS = 5.0
-
-    def __init__(self, api: KubeApi, quiet: Callable[[float], object] = lambda seconds: None,
-                 threads: int = 4) -> None:
-        self.api = api
-        self._quiet = quiet
-        self._closing = threading.Event()
-        self._queues: list[queue.SimpleQueue[tuple[str, dict[str, Any]] | None]] = [
-            queue.SimpleQueue() for _ in range(threads)]
-        self._threads = [threading.Thread(target=self._post_forever, args=(q,), name=f"kubetune-events-{n}",
-                                          daemon=True) for n, q in enumerate(self._queues)]
-        for thread in self._threads:
-            thread.start()
-
-    def post(self, uid: str, namespace: str, body: dict[str, Any]) -> None:
-        self._queues[zlib.crc32(uid.encode()) % len(self._queues)].put((namespace, body))
-
-    def close(self, timeout: float = 10.0) -> None:
-        """Post what is queued (for at most `timeout` seconds, no longer giving way), then stop."""
-        self._closing.set()
-        for q in self._queues:
-            q.put(None)
-        deadline = time.monotonic() + timeout
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        # a thread still running has its events and then its stop marker left in its queue
-        left = sum(q.qsize() - 1 for q, t in zip(self._queues, self._threads, strict=True) if t.is_alive())
-        if left > 0:
-            LOG.warning("%d events not posted before shutting down", left)
-
-    def _post_forever(self, q: queue.SimpleQueue[tuple[str, dict[str, Any]] | None]) -> None:
-        while (item := q.get()) is not None:
-            namespace, body = item
-            if not self._closing.is_set():
-                self._quiet(self.YIELD_SECONDS)
-            try:
-                self.api.create(f"/api/v1/namespaces/{namespace}/events", body)
-            except Exception as exc:  # a poster that died would silently drop every later event
-                LOG.warning("event %s for %s/%s not posted: %s", body["reason"], namespace,
-                            body["involvedObject"]["name"], exc)
-
-
-class KubeCluster:
-    """`Cluster` on a real API server, reading children from `caches`."""
-
-    CREATE_THREADS = 16
-
-    def __init__(self, api: KubeApi, caches: Caches | None = None, progress: ProgressSource | None = None) -> None:
-        self.api = api
-        self.caches = caches or Caches()
-        self.progress = progress or NoProgress()
-        self._creating = 0
-        self._created = threading.Condition()
-        self.events = EventPoster(api, quiet=self.quiet)
-        self._creates = concurrent.futures.ThreadPoolExecutor(self.CREATE_THREADS, "kubetune-create")
-
-    def quiet(self, seconds: float) -> bool:
-        """Wait (at most `seconds`) until no child create is in flight: writes that can wait give way
-        to new jobs' children in a burst."""
-        with self._created:
-            return self._created.wait_for(lambda: self._creating == 0, seconds)
-
-    @contextlib.contextmanager
-    def _creating_children(self) -> Iterator[None]:
-        with self._created:
-            self._creating += 1
-        try:
-            yield
-        finally:
-            with self._created:
-                self._creating -= 1
-                self._created.notify_all()
-
-    def close(self) -> None:
-        self.events.close()
-        self._creates.shutdown(wait=True)
-
-    def observe(self, job: FineTuneJob) -> Observed:
-        ns, name, uid = job.metadata.namespace or "default", job.metadata.name, uid_of(job)
-
-        def mine(kind: str, child: str) -> dict[str, Any] | None:
-            obj = self.caches[kind].get(ns, child)
-            return obj if owned_by(obj, uid) else None
-
-        batch_job = mine("Job", naming.batch_job_name(name))
-        pods = self._fresh_pods(ns, name) if job_ended(batch_job) else self.caches["Pod"].labelled(ns, name)
-        return Observed(
-            job=batch_job,
-            pods=tuple(pods),
-            configmap=mine("ConfigMap", naming.configmap_name(name)),
-            service=mine("Service", naming.service_name(name)),
-            peers=tuple(p for p in self.caches["FineTuneJob"].items() if p.get("metadata", {}).get("uid") != uid),
-            # only a new attempt waits for the Secret: with a Job, the pods report on it
-            **(self._secret_check(job) if batch_job is None else {"secret_checked": False}),
-        )
-
-    def _fresh_pods(self, namespace: str, name: str) -> list[dict[str, Any]]:
-        """The pods as the API server has them now: an ended Job is judged by its pods' exit codes
-        and last words, and the pod watch may not have shown those yet when the Job's did."""
-        pods = self.api.items(_collection("Pod", namespace), f"{naming.JOB_NAME_LABEL}={name}")
-        for pod in pods:
-            pod.setdefault("kind", "Pod")
-            self.caches.put(pod)
-        return pods
-
-    def _secret_check(self, job: FineTuneJob) -> dict[str, Any]:
-        """The key names of the credentials Secret, when the operator is allowed to look."""
-        ref = job.spec.storage.secret_ref
-        if ref is None:
-            return {"secret_keys": None}
-        try:
-            secret = self.api.get_or_none(f"{_collection('Secret', job.metadata.namespace or 'default')}/{ref.name}")
-        except ApiError as exc:
-            if exc.forbidden:  # permissions.SECRET_CHECK_RULES not granted: the pods will tell
-                return {"secret_keys": None, "secret_checked": False}
-            raise
-        return {"secret_keys": None if secret is None else frozenset(secret.get("data") or {})}
-
-    def apply_all(self, job: FineTuneJob, actions: list[Action]) -> list[str]:
-        """A new job's children are created at once: the Job does not wait for the ConfigMap and
-        Service round trips (its pods wait for the ConfigMap, as a kubelet does). Anything
-        else runs in order: a restarted attempt must find the ConfigMap already replaced."""
-        if not any(isinstance(a, CreateChild) for a in actions):
-            return apply_in_order(self, job, actions)
-        with self._creating_children():
-            if not all(isinstance(a, CreateChild) for a in actions):
-                return apply_in_order(self, job, actions)
-            futures = [self._creates.submit(apply_in_order, self, job, [a]) for a in actions]
-            return [error for future in futures for error in future.result()]
-
-    def apply(self, job: FineTuneJob, action: Action) -> None:
-        ns = job.metadata.namespace or "default"
-        if isinstance(action, CreateChild):
-            self._create_or_adopt(job, action.obj)
-        elif isinstance(action, ReplaceConfigMapData):
-            path = f"{_collection('ConfigMap', ns)}/{action.name}"
-            self.caches.put(self.api.merge_patch(path, {"data": action.data}))
-        elif isinstance(action, SetJobSuspend):
-            path = f"{_collection('Job', ns)}/{action.name}"
-            self.caches.put(self.api.merge_patch(path, {"spec": {"suspend": action.suspend}}))
-        elif isinstance(action, DeleteJob):
-            options = {"propagationPolicy": "Foreground", "preconditions": {"uid": action.uid}}
-            self._delete(f"{_collection('Job', ns)}/{action.name}", options)
-        elif isinstance(action, DeleteFineTuneJob):
-            self._delete(_resource_path(ns, job.metadata.name), {"propagationPolicy": "Background"})
-
-    def _delete(self, path: str, options: dict[str, Any]) -> None:
-        try:
-            self.api.delete(path, {"apiVersion": "v1", "kind": "DeleteOptions", **options})
-        except ApiError as exc:
-            if not (exc.not_found or exc.conflict):
-                raise
-
-    def _create_or_adopt(self, job: FineTuneJob, obj: dict[str, Any]) -> None:
-        """Create a child; when its name exists without a controller, take ownership of it.
-
-        No GET first: the cache says it is missing, and AlreadyExists (a create the watch has
-        not shown yet, or someone else's object) is the rare case.
-        """
-        path = _collection(obj["kind"], obj["metadata"]["namespace"])
-        try:
-            self.caches.put(self.api.create(path, obj))
-            return
-        except ApiError as exc:
-            if not exc.conflict:
-                raise
-        existing = self.api.get(f"{path}/{obj['metadata']['name']}")
-        refs = existing.get("metadata", {}).get("ownerReferences") or []
-        if owned_by(existing, uid_of(job)):
-            self.caches.put({**existing, "kind": obj["kind"]})
-            return
-        if any(r.get("controller") for r in refs):
-            raise ChildConflict(f"{obj['kind']} {obj['metadata']['name']} is owned by another controller")
-        labels = existing.get("metadata", {}).get("labels") or {}
-        if (labels.get(naming.MANAGED_BY_LABEL), labels.get(naming.JOB_NAME_LABEL)) != (
-                naming.MANAGED_BY, job.metadata.name):
-            # only an orphaned child of this job is adopted; the admission policy refuses the rest
-            raise ChildConflict(f"{obj['kind']} {obj['metadata']['name']} exists and is not labelled as a "
-                                f"child of this FineTuneJob ({naming.MANAGED_BY_LABEL}={naming.MANAGED_BY}, "
-                                f"{naming.JOB_NAME_LABEL}={job.metadata.name}); rename or delete it")
-        adopt = {"metadata": {"ownerReferences": [*refs, naming.owner_reference(job)],
-                              "labels": obj["metadata"]["labels"]}}
-        self.caches.put(self.api.merge_patch(f"{path}/{obj['metadata']['name']}", adopt))
-
-    def write_status(self, ref: JobRef, patch: dict[str, Any]) -> None:
-        self.caches.put(self.api.merge_patch(_resource_path(ref.namespace, ref.name) + "/status", {"status": patch}))
-
-    def post_event(self, ref: JobRef, event: Event, now: datetime) -> None:
-        ns, stamp = ref.namespace, format_time(now)
-        body = {
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {"generateName": f"{ref.name}.", "namespace": ns},
-            "involvedObject": {"apiVersion": API_VERSION, "kind": KIND, "name": ref.name,
-                               "namespace": ns, "uid": ref.uid},
-            "type": event.type,
-            "reason": event.reason,
-            "message": event.message[:EVENT_MESSAGE_LIMIT],
-            "firstTimestamp": stamp,
-            "lastTimestamp": stamp,
-            "count": 1,
-            "source": {"component": COMPONENT},
-            "reportingComponent": f"{GROUP}/operator",
-        }
-        self.events.post(ref.uid, ns, body)
-
-    def take_progress(self, job: FineTuneJob, pod: dict[str, Any]) -> ProgressReport | None:
-        return self.progress.take(job_key(job), pod)

@@ -1,17 +1,16 @@
-"""Kopf wiring: every handler runs the same reconcile pass; state arrives as keyword arguments.
+"""Kopf wiring: Kopf is the one watcher, of FineTuneJobs and of their children, and every handler
+only records what it saw and asks the work queue for a pass (`passes.Controller`).
 
-Create, spec update and operator resume call `reconcile` here; a change to a child Job
-and the periodic resync queue the same pass (`resync`). API errors become
-`kopf.TemporaryError` so Kopf retries; the pass itself writes the status once and emits
-events after it. No handler needs a finalizer, so FineTuneJobs can be deleted while the
-operator is down.
+Indexing handlers put each copy Kopf lists or watches into the stores the passes read; Kopf
+runs every other handler only once each collection's first listing has gone through them, so
+the first FineTuneJob event opens the queue (`Controller.synced`) on full stores. A job new to
+the operator (created, or found at start), a changed spec and a change of its Job queue a pass.
+No handler needs a finalizer, so FineTuneJobs can be deleted while the operator is down.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-from datetime import UTC, datetime
 from typing import Any
 
 import kopf
@@ -19,75 +18,72 @@ from kubernetes import client
 
 from kubetune.api.resource import GROUP, PLURAL, VERSION
 from kubetune.operator.bookkeeping import MemoryDiffBaseStorage, MemoryProgressStorage
-from kubetune.operator.informer import newest
-from kubetune.operator.kube import ApiError
-from kubetune.operator.liveness import PassClock
-from kubetune.operator.reconcile import reconcile
+from kubetune.operator.naming import JOB_NAME_LABEL
+from kubetune.operator.passes import Controller
+from kubetune.operator.watching import Store, key_of
 
-RETRY_DELAY_SECONDS = 10.0
-DEFERRED_PASS_SECONDS = 0.5
 ANNOTATION_PREFIX = "kubetune.io"
-_UNWATCHED = PassClock()
-"""Times the passes of a memo without `passes` (tests); nothing asks it."""
+FINETUNEJOBS = (GROUP, VERSION, PLURAL)
+CHILDREN = {"Job": ("batch", "v1", "jobs"), "Pod": ("v1", "pods"), "ConfigMap": ("v1", "configmaps"),
+            "Service": ("v1", "services")}
+"""Watched by the `kubetune.io/job-name` label (on the server): other controllers' objects never arrive."""
 
 
-def run_pass(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger | Any) -> None:
-    """One reconcile pass, serialised per FineTuneJob (handlers and timer may overlap), timed from the start
-    (waiting for the lock included) for liveness."""
-    meta = body.get("metadata", {})
-    key = (meta.get("namespace", ""), meta.get("name", ""))
-    with memo.get("passes", _UNWATCHED).running(key), memo.locks.setdefault(meta.get("uid", ""), threading.Lock()), \
-            memo.metrics.reconcile_duration.time():
-        if "caches" in memo:  # the copy our last status write returned may be newer than Kopf's
-            body = newest(body, memo.caches["FineTuneJob"].get(meta.get("namespace", ""), meta.get("name", "")))
-        try:
-            outcome = reconcile(body, memo.cluster, memo.settings, memo.metrics, datetime.now(UTC))
-        except ApiError as exc:
-            memo.metrics.api_errors.labels("reconcile").inc()
-            raise kopf.TemporaryError(f"Kubernetes API error: {exc}", delay=RETRY_DELAY_SECONDS) from exc
-    if outcome.deferred and "queue" in memo:  # soon, not at once: our cache may not hold the job yet
-        memo.queue.add_after(key, DEFERRED_PASS_SECONDS)
-    if outcome.errors:
-        memo.metrics.api_errors.labels("apply").inc(len(outcome.errors))
-        raise kopf.TemporaryError("; ".join(outcome.errors), delay=RETRY_DELAY_SECONDS)
-    if outcome.events:
-        logger.info("%s: %s", outcome.status.phase, "; ".join(e.reason for e in outcome.events))
+async def cache(body: kopf.Body, param: Store, **_: Any) -> None:
+    """Keep Kopf's copy in the store the passes read (it keeps the newest of it and our own writes)."""
+    param.put(dict(body))
 
 
-def on_change(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
-    run_pass(body, memo, logger)
+async def on_job_event(type: str | None, body: kopf.Body, param: Controller, **_: Any) -> None:
+    """A FineTuneJob new to the operator or with a changed spec gets a pass; a deleted one is forgotten.
 
-
-def on_event(type: str | None, uid: str, memo: kopf.Memo, namespace: str | None = None, name: str | None = None,
-             **_: Any) -> None:
-    """A FineTuneJob is gone: its children go by owner reference; only our own bookkeeping is left
-    (and rank 0's last readings).
-
-    The raw DELETED event, not `kopf.on.delete`: without a finalizer Kopf never calls delete
-    handlers for an object that is already gone.
+    The raw event, not `kopf.on.delete`: without a finalizer Kopf never calls delete handlers
+    for an object that is already gone.
     """
-    if type != "DELETED":
-        return
-    memo.metrics.forget(uid)
-    memo.locks.pop(uid, None)
-    if "progress" in memo:
-        memo.progress.forget((namespace or "", name or ""))
-    for storage in memo.get("bookkeeping", ()):
+    controller, uid, generation = param, body.metadata.uid or "", body.metadata.get("generation")
+    if type == "DELETED":
+        forget(controller, dict(body))
+    elif controller.generations.get(uid) != generation:
+        controller.generations[uid] = generation
+        controller.synced.set()
+        controller.enqueue(key_of(body))
+
+
+async def on_child_event(type: str | None, body: kopf.Body, param: tuple[Controller, str], **_: Any) -> None:
+    """A gone child leaves its store; a changed Job asks for a pass of its FineTuneJob."""
+    controller, kind = param
+    if type == "DELETED":
+        controller.caches[kind].remove(dict(body))
+    if kind == "Job":
+        controller.enqueue((body.metadata.namespace or "", body.metadata.labels.get(JOB_NAME_LABEL, "")))
+
+
+def forget(controller: Controller, body: dict[str, Any]) -> None:
+    """A deleted FineTuneJob's children go by owner reference; only the operator's own memory of it is
+    left: its copy, its phase series, rank 0's last readings and Kopf's bookkeeping."""
+    uid = (body.get("metadata") or {}).get("uid", "")
+    controller.caches["FineTuneJob"].remove(body)
+    controller.generations.pop(uid, None)
+    controller.metrics.forget(uid)
+    if controller.progress is not None:
+        controller.progress.forget(key_of(body))
+    for storage in controller.bookkeeping:
         storage.forget(uid)
 
 
-def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+def configure(settings: kopf.OperatorSettings, param: Controller, **_: Any) -> None:
     """Kopf keeps its bookkeeping in memory (`bookkeeping`): never in the status, which belongs to
     the FineTuneJob schema, and not in annotations, which would cost two writes per new job."""
     progress, diffbase = MemoryProgressStorage(), MemoryDiffBaseStorage()
-    memo.bookkeeping = (progress, diffbase)
+    param.bookkeeping = (progress, diffbase)
     settings.persistence.progress_storage = progress
     settings.persistence.diffbase_storage = diffbase
     settings.persistence.finalizer = f"{ANNOTATION_PREFIX}/finalizer"
     settings.posting.level = logging.WARNING
     settings.posting.reporting_component = "kubetune-operator"
     settings.watching.server_timeout = 300
-    settings.execution.max_workers = memo.settings.pass_workers
+    for resource in CHILDREN.values():
+        settings.watching.label_selectors[resource] = JOB_NAME_LABEL
 
 
 def connection_info(configuration: client.Configuration) -> kopf.ConnectionInfo:
@@ -100,18 +96,18 @@ def connection_info(configuration: client.Configuration) -> kopf.ConnectionInfo:
     )
 
 
-def build_registry(configuration: client.Configuration) -> kopf.OperatorRegistry:
+def build_registry(configuration: client.Configuration, controller: Controller) -> kopf.OperatorRegistry:
     """A registry holding every handler of the operator, logged in as `configuration`."""
     registry = kopf.OperatorRegistry()
-    resource = (GROUP, VERSION, PLURAL)
 
     def login(**_: Any) -> kopf.ConnectionInfo:
         return connection_info(configuration)
 
     kopf.on.login(registry=registry)(login)
-    kopf.on.startup(registry=registry)(configure)
-    kopf.on.create(*resource, registry=registry)(on_change)
-    kopf.on.resume(*resource, registry=registry)(on_change)
-    kopf.on.update(*resource, field="spec", registry=registry)(on_change)
-    kopf.on.event(*resource, registry=registry)(on_event)
+    kopf.on.startup(param=controller, registry=registry)(configure)
+    for kind, resource in {"FineTuneJob": FINETUNEJOBS, **CHILDREN}.items():
+        kopf.index(*resource, id=f"cache-{kind}", param=controller.caches[kind], registry=registry)(cache)
+        if kind != "FineTuneJob":
+            kopf.on.event(*resource, id=f"event-{kind}", param=(controller, kind), registry=registry)(on_child_event)
+    kopf.on.event(*FINETUNEJOBS, param=controller, registry=registry)(on_job_event)
     return registry

@@ -10,11 +10,12 @@ from __future__ import annotations
 import copy
 import json
 import urllib.parse
-from collections.abc import Iterator
 from typing import Any
 
 import urllib3
 from kubernetes import client, config
+
+from kubetune.api.resource import GROUP, PLURAL, VERSION
 
 JSON = "application/json"
 MERGE_PATCH = "application/merge-patch+json"
@@ -24,9 +25,22 @@ RETRIES = urllib3.Retry(total=3, redirect=0, status=0, raise_on_status=False)
 """As the official client's pool had: a dropped idle connection is retried (a read error only for
 idempotent methods), so one blip does not cost a pass its 10 s retry delay or an event."""
 POOL_CONNECTIONS = 128
-"""Kept-alive connections: Kopf's executor (64), the queue's passes, the creates, the event
-posters and the watches at once, so a burst of passes keeps its connections (at 32 urllib3
-logged "Connection pool is full, discarding connection" and opened new TLS connections)."""
+"""Kept-alive connections: the queue's passes (64), the creates and the event posters at once, so a
+burst of passes keeps its connections (at 32 urllib3 logged "Connection pool is full, discarding
+connection" and opened new TLS connections)."""
+API_PREFIXES = {"FineTuneJob": f"/apis/{GROUP}/{VERSION}", "Job": "/apis/batch/v1",
+                "Lease": "/apis/coordination.k8s.io/v1", "Pod": "/api/v1", "ConfigMap": "/api/v1",
+                "Service": "/api/v1", "Secret": "/api/v1", "Event": "/api/v1"}
+
+
+def collection_path(kind: str, namespace: str | None) -> str:
+    """Where a kind's objects are listed and created: in one namespace, or (None) cluster-wide."""
+    prefix, plural = API_PREFIXES[kind], PLURAL if kind == "FineTuneJob" else f"{kind.lower()}s"
+    return f"{prefix}/namespaces/{namespace}/{plural}" if namespace else f"{prefix}/{plural}"
+
+
+def object_path(kind: str, namespace: str, name: str) -> str:
+    return f"{collection_path(kind, namespace)}/{name}"
 
 
 class ApiError(Exception):
@@ -34,22 +48,10 @@ class ApiError(Exception):
 
     def __init__(self, status: int, reason: str, message: str = "") -> None:
         super().__init__(f"{status} {reason}: {message}" if message else f"{status} {reason}")
-        self.status = status
-        self.reason = reason
-        self.message = message
-
-    @property
-    def not_found(self) -> bool:
-        return self.status == 404
-
-    @property
-    def forbidden(self) -> bool:
-        return self.status == 403
-
-    @property
-    def conflict(self) -> bool:
+        self.status, self.reason, self.message = status, reason, message
+        self.not_found, self.forbidden = status == 404, status == 403
+        self.conflict = status == 409
         """Already exists (on create) or stale resourceVersion (on update)."""
-        return self.status == 409
 
 
 def load_configuration(kubeconfig: str | None = None) -> client.Configuration:
@@ -90,40 +92,20 @@ class KubeApi:
                 headers[auth["key"]] = auth["value"]
         return headers
 
-    def _send(self, method: str, path: str, body: Any, query: dict[str, str] | None, content_type: str,
-              timeout: urllib3.Timeout, stream: bool = False) -> urllib3.BaseHTTPResponse:
-        url = self._configuration.host + path + (f"?{urllib.parse.urlencode(query)}" if query else "")
-        payload = None if body is None else json.dumps(body).encode()
-        try:
-            headers = self._headers(content_type if payload else None)
-            return self._pool.request(method, url, body=payload, headers=headers, timeout=timeout,
-                                      preload_content=not stream, retries=False if stream else RETRIES)
-        except urllib3.exceptions.HTTPError as exc:
-            raise ApiError(0, "Unreachable", str(exc)) from exc
-
     def request(self, method: str, path: str, body: Any = None, query: dict[str, str] | None = None,
                 content_type: str = JSON) -> Any:
         """The decoded response body; raises `ApiError` on any non-2xx status."""
-        response = self._send(method, path, body, query, content_type, urllib3.Timeout(total=self._timeout))
+        url = self._configuration.host + path + (f"?{urllib.parse.urlencode(query)}" if query else "")
+        payload = None if body is None else json.dumps(body).encode()
+        try:
+            response = self._pool.request(method, url, body=payload, headers=self._headers(
+                content_type if payload else None), timeout=urllib3.Timeout(total=self._timeout), retries=RETRIES)
+        except urllib3.exceptions.HTTPError as exc:
+            raise ApiError(0, "Unreachable", str(exc)) from exc
         data = response.data
         if response.status >= 400:
             raise _error(response.status, response.reason or "", data)
         return json.loads(data) if data else None
-
-    def watch(self, path: str, resource_version: str, label_selector: str | None = None,
-              timeout_seconds: int = 300) -> WatchStream:
-        """An open watch of a collection from `resource_version` (bookmarks included)."""
-        query = {"watch": "1", "resourceVersion": resource_version, "allowWatchBookmarks": "true",
-                 "timeoutSeconds": str(timeout_seconds)}
-        if label_selector:
-            query["labelSelector"] = label_selector
-        timeout = urllib3.Timeout(connect=self._timeout, read=timeout_seconds + self._timeout)
-        response = self._send("GET", path, None, query, JSON, timeout, stream=True)
-        if response.status >= 400:
-            data = response.read()
-            response.release_conn()
-            raise _error(response.status, response.reason or "", data)
-        return WatchStream(response)
 
     def get(self, path: str, **query: str) -> Any:
         return self.request("GET", path, query=query or None)
@@ -153,35 +135,6 @@ class KubeApi:
 
     def close(self) -> None:
         self._client.close()
-
-
-class WatchStream:
-    """The events of one watch as they arrive; `close()` ends it from another thread."""
-
-    def __init__(self, response: urllib3.BaseHTTPResponse) -> None:
-        self._response = response
-        self._closed = False
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        pending = b""
-        try:
-            for chunk in self._response.stream():
-                pending += chunk
-                *lines, pending = pending.split(b"\n")
-                yield from (json.loads(line) for line in lines if line.strip())
-        except Exception as exc:
-            if self._closed:  # whatever the torn-down socket raised: the watch just ends
-                return
-            if isinstance(exc, urllib3.exceptions.HTTPError | OSError):
-                raise ApiError(0, "Unreachable", str(exc)) from exc
-            raise
-        finally:
-            self._response.release_conn()
-
-    def close(self) -> None:
-        """Unblock the reading thread; it ends the iteration."""
-        self._closed = True
-        self._response.shutdown()
 
 
 def _error(status: int, reason: str, data: bytes | None) -> ApiError:

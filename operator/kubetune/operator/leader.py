@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from kubetune.operator.kube import ApiError, KubeApi
+from kubetune.operator.kube import ApiError, KubeApi, collection_path, object_path
 from kubetune.operator.timefmt import parse_time
 
 LOG = logging.getLogger(__name__)
@@ -63,14 +63,10 @@ class LeaderElector:
     retry_seconds: float = 2.0
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
 
-    @property
-    def _path(self) -> str:
-        return f"/apis/coordination.k8s.io/v1/namespaces/{self.namespace}/leases/{self.name}"
-
     def try_hold(self) -> bool:
         """One attempt to acquire or renew; True while this replica is the leader."""
         now = self.clock()
-        lease = self.api.get_or_none(self._path)
+        lease = self.api.get_or_none(object_path("Lease", self.namespace, self.name))
         decision = lease_decision(lease.get("spec") if lease else None, self.identity, now)
         if decision == "standby":
             return False
@@ -79,9 +75,9 @@ class LeaderElector:
             if lease is None:
                 body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
                         "metadata": {"name": self.name, "namespace": self.namespace}, "spec": spec}
-                self.api.create(self._path.rsplit("/", 1)[0], body)
+                self.api.create(collection_path("Lease", self.namespace), body)
             else:
-                self.api.replace(self._path, {**lease, "spec": spec})
+                self.api.replace(object_path("Lease", self.namespace, self.name), {**lease, "spec": spec})
         except ApiError as exc:
             if exc.conflict:
                 return False

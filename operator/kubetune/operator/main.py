@@ -1,8 +1,8 @@
-"""`kubetune operator`: start the HTTP probes, win the Lease, fill the caches, then run Kopf until stopped.
+"""`kubetune operator`: start the HTTP probes, win the Lease, then run Kopf and the passes until stopped.
 
-Beside Kopf run threads of the operator's own: the informers, the work queue's workers and
-resync loop, the event posters, the progress reader (rank 0's `/progress`, whose news queues
-a pass) and the probes, whose `/healthz` watches the passes.
+Kopf watches and queues passes (`handlers`); beside it run threads of the operator's own: the
+work queue's workers and resync loop (`passes`), the event posters, the progress reader (rank
+0's `/progress`, whose news queues a pass) and the probes, whose `/healthz` watches the passes.
 """
 
 from __future__ import annotations
@@ -18,18 +18,17 @@ from typing import Any
 import kopf
 from kubernetes import client
 
-from kubetune.operator.caches import Caches
-from kubetune.operator.cluster import KubeCluster
 from kubetune.operator.handlers import build_registry
-from kubetune.operator.informer import Informer, start_informers
 from kubetune.operator.kube import KubeApi, load_configuration
+from kubetune.operator.kube_cluster import KubeCluster
 from kubetune.operator.leader import LeaderElector
-from kubetune.operator.liveness import PassClock, stuck_reason
+from kubetune.operator.liveness import stuck_reason
 from kubetune.operator.metrics import OperatorMetrics
+from kubetune.operator.passes import Controller
 from kubetune.operator.probes import serve_probes
 from kubetune.operator.progress_reader import ProgressReader
-from kubetune.operator.resync import start_passes
 from kubetune.operator.settings import OperatorSettings
+from kubetune.operator.watching import Caches
 from kubetune.operator.workqueue import WorkQueue
 
 LOG = logging.getLogger(__name__)
@@ -64,17 +63,6 @@ def _lead(api: KubeApi, identity: str | None, lease: tuple[str, str] | None, lea
     renew = threading.Thread(target=elector.keep_renewing, args=(stop, lost), name="kubetune-lease")
     renew.daemon = True
     renew.start()
-    return True
-
-
-def _fill_caches(informers: list[Informer], stop: threading.Event) -> bool:
-    """Start the informers and wait until each has listed once (False if stopped first): a pass
-    on an empty cache would take existing children for missing ones."""
-    start_informers(informers, stop)
-    for informer in informers:
-        while not informer.synced.wait(0.5):
-            if stop.is_set():
-                return False
     return True
 
 
@@ -119,30 +107,22 @@ def run(
     stop = stop or threading.Event()
     leading, lost = threading.Event(), threading.Event()
     configuration = configuration or load_configuration(kubeconfig)
-    api = KubeApi(configuration)
-    metrics = OperatorMetrics()
-    caches, queue, passes = Caches(), WorkQueue(), PassClock()
-    server = serve_probes(metrics.registry, http_port, leading.is_set,
-                          stuck=lambda: stuck_reason(passes, queue, settings.stuck_pass_seconds))
-    informers = caches.informers(api, namespaces, queue.add)
-    reader = ProgressReader.from_settings(settings, on_news=queue.add)
-    cluster = KubeCluster(api, caches, reader)
+    api, caches, queue = KubeApi(configuration), Caches(), WorkQueue()
+    reader = ProgressReader.from_settings(settings, on_news=lambda key: controller.enqueue(key))
+    cluster = KubeCluster(api, caches, reader, queue)
+    controller = Controller(cluster, settings, OperatorMetrics(), caches, queue, progress=reader)
+    server = serve_probes(controller.metrics.registry, http_port, leading.is_set,
+                          stuck=lambda: stuck_reason(controller.passes, queue, settings.stuck_pass_seconds))
     try:
         if leader_election and not _lead(api, identity, lease, lease_seconds, stop, lost):
             return 0
-        if not _fill_caches(informers, stop):
-            return 0
         leading.set()
-        memo = kopf.Memo(api=api, cluster=cluster, settings=settings, metrics=metrics, locks={}, caches=caches,
-                         queue=queue, passes=passes, progress=reader)
-        start_passes(memo, stop)
-        asyncio.run(_operate(stop, registry=build_registry(configuration), memo=memo, standalone=True,
+        controller.start(stop)
+        asyncio.run(_operate(stop, registry=build_registry(configuration, controller), standalone=True,
                              clusterwide=not namespaces, namespaces=namespaces or (), ready_flag=ready))
     finally:
-        stop.set()  # Kopf may have stopped on a signal: the pass, watch and Lease threads stop with it
+        stop.set()  # Kopf may have stopped on a signal: the pass and Lease threads stop with it
         queue.close()
-        for informer in informers:
-            informer.stop()
         leading.clear()
         server.shutdown()
         server.server_close()

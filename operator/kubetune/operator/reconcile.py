@@ -1,7 +1,8 @@
 """One reconcile pass: validate, observe, decide, act, write status once, then emit events.
 
-Every handler (create, update, resume, the resync timer) runs this same pass, so the
-result depends only on the resource and its children, never on which event arrived.
+Every trigger (a new job, a changed spec or Job, a retry, the resync, rank 0's news) queues
+this same pass, so the result depends only on the resource and its children, never on which
+event arrived.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def reconcile(body: Mapping[str, Any], cluster: Cluster, settings: OperatorSetti
     outcome.errors = cluster.apply_all(job, outcome.actions)  # the status below is true even if some failed
     if any(isinstance(a, DeleteFineTuneJob) for a in outcome.actions) and not outcome.errors:
         return outcome
-    if any(isinstance(a, CreateChild) for a in outcome.actions) and not outcome.errors and not cluster.quiet(0):
+    if any(isinstance(a, CreateChild) for a in outcome.actions) and not outcome.errors and cluster.others_first(ref):
         outcome.deferred = True  # in a burst, other jobs' Jobs before this one's status; a queued pass writes it
         return outcome
     return _finish(ref, body, old, new, cluster, metrics, now, outcome)

@@ -36,10 +36,8 @@ class OperatorSettings:
     stuck_pass_seconds: float = 180.0
     """`/healthz` fails once a reconcile pass has run this long, or queued work has waited this long for a
     worker: the kubelet then restarts the operator. Six times the API client's 30 s request timeout."""
-    resync_workers: int = 8
-    """FineTuneJobs reconciled at once from the work queue (child events, retries, the resync)."""
     pass_workers: int = 64
-    """FineTuneJobs reconciled at once by Kopf's create, update and resume handlers."""
+    """FineTuneJobs reconciled at once: the work queue's workers, which run every pass."""
     restart_backoff_seconds: float = 10.0
     """Wait before a retried attempt: this, doubled per counted restart, capped at five minutes."""
 

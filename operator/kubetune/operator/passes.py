@@ -1,0 +1,115 @@
+"""The one door into a reconcile pass: every trigger queues a FineTuneJob's key, one pool of workers
+runs the passes.
+
+Kopf's handlers (a job new to the operator, a changed spec, a changed Job), a failed pass's
+retry, the periodic resync and rank 0's news all end in `Controller.enqueue`. The work queue
+hands a key to one worker at a time, so two passes of one job never overlap, and a pass reads
+the newest copy of the job the stores hold: what Kopf saw, or what the previous pass's status
+write returned. The resync is a loop of the operator's own rather than a Kopf timer: Kopf puts
+a finalizer on every object that has a timer, so FineTuneJobs could not be deleted while the
+operator is down.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from kubetune.operator.cluster import Cluster
+from kubetune.operator.kube import ApiError
+from kubetune.operator.liveness import PassClock
+from kubetune.operator.metrics import OperatorMetrics
+from kubetune.operator.reconcile import reconcile
+from kubetune.operator.settings import OperatorSettings
+from kubetune.operator.watching import Caches, Key, key_of
+from kubetune.operator.workqueue import WorkQueue
+
+LOG = logging.getLogger(__name__)
+RETRY_SECONDS = 10.0
+IDLE_SECONDS = 1.0
+
+
+@dataclass
+class Controller:
+    """What Kopf's handlers and the workers share: the stores, the queue and the pass's collaborators."""
+
+    cluster: Cluster
+    settings: OperatorSettings
+    metrics: OperatorMetrics
+    caches: Caches = field(default_factory=Caches)
+    queue: WorkQueue = field(default_factory=WorkQueue)
+    passes: PassClock = field(default_factory=PassClock)
+    progress: Any = None
+    """The `progress_reader.ProgressReader`, told when a job is gone (None: no reader)."""
+    bookkeeping: tuple[Any, ...] = ()
+    """Kopf's in-memory storages (`bookkeeping`), told when a job is gone."""
+    synced: threading.Event = field(default_factory=threading.Event)
+    """Set once Kopf has put its first listing of every collection into the stores; nothing is queued
+    before, as a pass on a half-filled store would take existing children for missing ones."""
+    generations: dict[str, Any] = field(default_factory=dict)
+    """The `metadata.generation` Kopf last showed of each FineTuneJob, by uid: a new one is a changed spec."""
+
+    def enqueue(self, key: Key) -> None:
+        """Ask for a pass of `key`; a job without its Job yet (children to create) is urgent."""
+        if self.synced.is_set():
+            self.queue.add(key, urgent=not self.caches["Job"].labelled(*key))
+
+    def run_pass(self, key: Key) -> bool:
+        """Reconcile one FineTuneJob (gone: nothing to do); on an error, queue it again after a delay."""
+        body = self.caches["FineTuneJob"].get(*key)
+        if body is None:
+            return True
+        with self.passes.running(key), self.metrics.reconcile_duration.time():
+            try:
+                outcome = reconcile(body, self.cluster, self.settings, self.metrics, datetime.now(UTC))
+            except ApiError as exc:
+                self.metrics.api_errors.labels("reconcile").inc()
+                return self._retry(key, f"Kubernetes API error: {exc}")
+            except Exception:  # a worker that died would leave the queue to fewer and fewer workers
+                LOG.exception("%s/%s: the pass failed", *key)
+                return self._retry(key, "the pass failed")
+        if outcome.errors:
+            self.metrics.api_errors.labels("apply").inc(len(outcome.errors))
+            return self._retry(key, "; ".join(outcome.errors))
+        if outcome.deferred:
+            self.queue.add(key)  # routine: its status after the other new jobs' children
+        if outcome.events:
+            LOG.info("%s/%s %s: %s", *key, outcome.status.phase, "; ".join(e.reason for e in outcome.events))
+        return True
+
+    def _retry(self, key: Key, why: str) -> bool:
+        LOG.warning("%s/%s: %s; retrying in %.0fs", *key, why, RETRY_SECONDS)
+        self.queue.add_after(key, RETRY_SECONDS)
+        return False
+
+    def resync(self) -> int:
+        """Queue a pass of every FineTuneJob (which also reads rank 0's `/progress` again)."""
+        bodies = self.caches["FineTuneJob"].items()
+        for body in bodies:
+            self.enqueue(key_of(body))
+        return len(bodies)
+
+    def work(self, stop: threading.Event) -> None:
+        """One worker: passes from the queue until `stop` is set."""
+        while not stop.is_set():
+            if (key := self.queue.get(timeout=IDLE_SECONDS)) is not None:
+                try:
+                    self.run_pass(key)  # type: ignore[arg-type]
+                finally:
+                    self.queue.done(key)
+
+    def start(self, stop: threading.Event) -> list[threading.Thread]:
+        """The workers and the resync loop, as daemon threads, until `stop` is set."""
+        def resync_forever() -> None:
+            while not stop.wait(self.settings.resync_seconds):
+                self.resync()
+
+        threads = [threading.Thread(target=resync_forever, name="kubetune-resync", daemon=True)]
+        threads += [threading.Thread(target=self.work, args=(stop,), name=f"kubetune-pass-{n}", daemon=True)
+                    for n in range(self.settings.pass_workers)]
+        for thread in threads:
+            thread.start()
+        return threads

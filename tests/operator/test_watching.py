@@ -1,0 +1,186 @@
+"""The operator's stores, the Kopf handlers that fill them and its work queue, without a server:
+newest copy wins, every trigger is a queued key, bursts coalesce, new jobs go first."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import kopf
+from fake_cluster import FakeCluster
+
+from kubetune.operator.handlers import CHILDREN, build_registry, cache, configure, on_child_event, on_job_event
+from kubetune.operator.metrics import OperatorMetrics
+from kubetune.operator.passes import Controller
+from kubetune.operator.settings import OperatorSettings
+from kubetune.operator.watching import Caches, Store
+from kubetune.operator.workqueue import WorkQueue
+
+
+def obj(name: str, version: int, job: str | None = None, kind: str = "Pod", ns: str = "team-a") -> dict[str, Any]:
+    labels = {"kubetune.io/job-name": job} if job else {}
+    return {"kind": kind, "metadata": {"name": name, "namespace": ns, "resourceVersion": str(version),
+                                       "labels": labels, "managedFields": [{"manager": "kubelet"}]}}
+
+
+def test_store_keeps_the_newest_copy_and_indexes_by_job_label() -> None:
+    store = Store()
+    assert store.put(obj("p", 5, job="corgi"))
+    assert not store.put(obj("p", 4, job="corgi")), "a stale watch event never replaces our own newer write"
+    assert store.get("team-a", "p")["metadata"]["resourceVersion"] == "5"
+    assert "managedFields" not in store.get("team-a", "p")["metadata"]
+    assert [o["metadata"]["name"] for o in store.labelled("team-a", "corgi")] == ["p"]
+    store.put(obj("p", 6, job="husky"))
+    assert store.labelled("team-a", "corgi") == [] and len(store.labelled("team-a", "husky")) == 1
+    store.remove(obj("p", 5))
+    assert store.get("team-a", "p") is not None, "a delete older than the copy held is ignored"
+    store.remove(obj("p", 7))
+    assert store.get("team-a", "p") is None and store.labelled("team-a", "husky") == []
+
+
+def test_an_older_copy_from_kopf_never_replaces_our_own_newer_write() -> None:
+    caches = Caches()
+    caches.put({**obj("corgi", 9, kind="FineTuneJob"), "status": {"phase": "Running"}})  # our status write
+    asyncio.run(cache(body=kopf.Body(obj("corgi", 8, kind="FineTuneJob")), param=caches["FineTuneJob"]))
+    assert caches["FineTuneJob"].get("team-a", "corgi")["status"] == {"phase": "Running"}
+    asyncio.run(cache(body=kopf.Body(obj("corgi", 10, kind="FineTuneJob")), param=caches["FineTuneJob"]))
+    assert caches["FineTuneJob"].get("team-a", "corgi")["metadata"]["resourceVersion"] == "10"
+
+
+def test_caches_remember_write_responses_by_kind() -> None:
+    caches = Caches()
+    caches.put(obj("corgi", 9, kind="Job"))
+    caches.put(None)
+    assert caches["Job"].get("team-a", "corgi") is not None and caches["Pod"].items() == []
+
+
+def _controller() -> Controller:
+    return Controller(FakeCluster(), OperatorSettings(), OperatorMetrics())
+
+
+def _job(name: str, generation: int, version: int = 1) -> kopf.Body:
+    return kopf.Body({**obj(name, version, kind="FineTuneJob"), "metadata": {
+        **obj(name, version)["metadata"], "uid": f"uid-{name}", "generation": generation}})
+
+
+def _drain(queue: WorkQueue) -> list[Any]:
+    keys = []
+    while (key := queue.get(timeout=0)) is not None:
+        keys.append(key)
+        queue.done(key)
+    return keys
+
+
+def test_nothing_is_queued_until_kopf_has_listed_every_collection() -> None:
+    controller = _controller()
+    job = obj("corgi", 3, job="corgi", kind="Job")
+    asyncio.run(on_child_event(type=None, body=kopf.Body(job), param=(controller, "Job")))
+    controller.resync()
+    assert len(controller.queue) == 0, "Kopf runs event handlers after every first listing: until then, no pass"
+    asyncio.run(on_job_event(type=None, body=_job("corgi", 1), param=controller))
+    assert controller.synced.is_set() and _drain(controller.queue) == [("team-a", "corgi")]
+    asyncio.run(on_child_event(type="MODIFIED", body=kopf.Body(job), param=(controller, "Job")))
+    assert _drain(controller.queue) == [("team-a", "corgi")], "a change of its Job asks for a pass of the job"
+
+
+def test_a_job_gets_a_pass_when_new_or_its_spec_changed_not_on_its_own_status_writes() -> None:
+    controller = _controller()
+    asyncio.run(on_job_event(type=None, body=_job("corgi", 1), param=controller))
+    assert _drain(controller.queue) == [("team-a", "corgi")]
+    asyncio.run(on_job_event(type="MODIFIED", body=_job("corgi", 1, version=2), param=controller))
+    assert len(controller.queue) == 0, "a status write (same generation) asks for nothing"
+    asyncio.run(on_job_event(type="MODIFIED", body=_job("corgi", 2, version=3), param=controller))
+    assert _drain(controller.queue) == [("team-a", "corgi")], "a spec change does"
+
+
+def test_a_job_without_its_job_is_urgent_and_one_with_it_routine() -> None:
+    controller = _controller()
+    controller.synced.set()
+    controller.caches["Job"].put(obj("husky", 1, job="husky", kind="Job"))
+    controller.enqueue(("team-a", "husky"))
+    controller.enqueue(("team-a", "corgi"))
+    assert controller.queue.get(timeout=0) == ("team-a", "corgi"), "children to create come first"
+
+
+def test_child_handlers_keep_the_newest_copy_and_drop_deleted_children() -> None:
+    controller = _controller()
+    pod = obj("corgi-0", 4, job="corgi")
+    asyncio.run(cache(body=kopf.Body(pod), param=controller.caches["Pod"]))
+    assert [p["metadata"]["name"] for p in controller.caches["Pod"].labelled("team-a", "corgi")] == ["corgi-0"]
+    asyncio.run(on_child_event(type="DELETED", body=kopf.Body(obj("corgi-0", 5, job="corgi")),
+                               param=(controller, "Pod")))
+    assert controller.caches["Pod"].labelled("team-a", "corgi") == []
+
+
+def test_kopf_watches_each_collection_once_and_the_children_by_label() -> None:
+    from kubernetes import client
+
+    registry = build_registry(client.Configuration(), _controller())
+    indexed = {handler.id for handler in registry._indexing.get_all_handlers()}
+    assert indexed == {f"cache-{kind}" for kind in ("FineTuneJob", *CHILDREN)}
+    settings = kopf.OperatorSettings()
+    configure(settings=settings, param=_controller())
+    assert {s.any_name: v for s, v in settings.watching.label_selectors.items()} == {
+        "jobs": "kubetune.io/job-name", "pods": "kubetune.io/job-name", "configmaps": "kubetune.io/job-name",
+        "services": "kubetune.io/job-name"}
+
+
+def test_queue_coalesces_a_burst_and_requeues_a_key_changed_while_its_pass_ran() -> None:
+    queue = WorkQueue()
+    for key in ("a", "b", "a", "a"):
+        queue.add(key)
+    assert len(queue) == 2
+    assert queue.get(timeout=0) == "a"
+    queue.add("a")  # changed while its pass runs: one more pass, but not alongside this one
+    assert queue.get(timeout=0) == "b"
+    assert queue.get(timeout=0) is None
+    queue.done("a")
+    assert queue.get(timeout=0) == "a"
+
+
+def test_queue_hands_out_urgent_keys_first_and_holds_routine_ones_while_urgent_work_runs() -> None:
+    now = [100.0]
+    queue = WorkQueue(clock=lambda: now[0], yield_seconds=5.0)
+    queue.add("status-a")
+    queue.add("new-b", urgent=True)
+    queue.add("status-a", urgent=True)  # already queued: it becomes urgent, once
+    assert len(queue) == 2 and queue.get(timeout=0) == "new-b"
+    assert queue.get(timeout=0) == "status-a"
+    queue.add("status-c")
+    assert queue.get(timeout=0) is None, "routine work waits while new jobs' passes run"
+    assert queue.urgent_besides("new-b") and queue.urgent_besides("status-a"), "each sees the other one's pass"
+    now[0] += 5.0
+    assert queue.get(timeout=0) == "status-c", "but no longer than the yield"
+    queue.done("new-b")
+    queue.done("status-a")
+    assert not queue.urgent_besides("x") and queue.calm(0)
+
+
+def test_queue_holds_a_retry_until_its_delay_has_passed() -> None:
+    now = [100.0]
+    queue = WorkQueue(clock=lambda: now[0])
+    queue.add_after("a", 10)
+    assert queue.get(timeout=0) is None
+    now[0] = 110.0
+    assert queue.get(timeout=0) == "a"
+    queue.close()
+    assert queue.get() is None
+
+
+def test_kopf_bookkeeping_lives_in_memory_and_writes_only_a_retry_touch() -> None:
+    from kubetune.operator.bookkeeping import TOUCH_ANNOTATION, MemoryDiffBaseStorage, MemoryProgressStorage
+
+    body = kopf.Body({"metadata": {"uid": "u1", "annotations": {}}})
+    progress, diffbase = MemoryProgressStorage(), MemoryDiffBaseStorage()
+    patch = kopf.Patch()
+    progress.store(key="on_change", record={"retries": 1}, body=body, patch=patch)
+    diffbase.store(body=body, patch=patch, essence={"spec": {"a": 1}})
+    progress.touch(body=body, patch=patch, value=None)
+    assert not patch, "storing and a plain touch write nothing to the object"
+    assert progress.fetch(key="on_change", body=body) == {"retries": 1}
+    assert diffbase.fetch(body=body) == {"spec": {"a": 1}}
+    progress.touch(body=body, patch=patch, value="2026-11-21T12:00:00")
+    assert patch["metadata"]["annotations"] == {TOUCH_ANNOTATION: "2026-11-21T12:00:00"}
+    progress.forget("u1")
+    diffbase.forget("u1")
+    assert progress.fetch(key="on_change", body=body) is None and diffbase.fetch(body=body) is None
