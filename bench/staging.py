@@ -37,7 +37,8 @@ from urllib.parse import urlsplit
 
 from kubetune.api.spec import StorageSpec
 from kubetune_demo.loopback_s3 import LoopbackS3Process
-from kubetune_trainer.staging import MARKER_DIR, stage
+from kubetune_trainer.storage.schemes import stage
+from kubetune_trainer.storage.staging import MARKER_DIR
 
 KiB, MiB = 1024, 1024 * 1024
 BUCKET = "bench"
@@ -72,8 +73,8 @@ def run_ours(endpoint: str, data: DataSet, dest: Path) -> None:
 
 def run_size_only(endpoint: str, data: DataSet, dest: Path) -> None:
     """`run_ours` with no byte checked (no HEAD either): the baseline for the checks' cost."""
-    from kubetune_trainer import s3_ranges
-    from kubetune_trainer.transfer_checks import SizeOnly
+    from kubetune_trainer.storage import s3_ranges
+    from kubetune_trainer.storage.transfer_checks import SizeOnly
 
     choose = s3_ranges._choose_check
     s3_ranges._choose_check = lambda *args, **kwargs: (SizeOnly(), "")

@@ -25,7 +25,7 @@ from kubetune_trainer.checkpoint import Checkpointer, checkpoints_to_delete
 from kubetune_trainer.config import RuntimeConfig
 from kubetune_trainer.exitcodes import EXIT_FAILED
 from kubetune_trainer.job import run_job
-from kubetune_trainer.storage import LocalStore
+from kubetune_trainer.storage.local import LocalStore
 from kubetune_trainer.validation import BestValidation, ExportLast, build_export_choice
 
 STEPS = 10

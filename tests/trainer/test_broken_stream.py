@@ -10,9 +10,9 @@ from typing import Any
 
 from urllib3.exceptions import ProtocolError
 
-from kubetune_trainer.s3_http import Answer
-from kubetune_trainer.s3_ranges import _Download
-from kubetune_trainer.transfer_checks import RangedCRC32
+from kubetune_trainer.storage.s3_http import Answer
+from kubetune_trainer.storage.s3_ranges import _Download
+from kubetune_trainer.storage.transfer_checks import RangedCRC32
 
 DATA = bytes(range(256)) * 20_000  # 5 MB: several buffer-sized blocks
 

@@ -16,7 +16,7 @@ from kubetune_trainer.checkpoint import Checkpointer
 from kubetune_trainer.config import RuntimeConfig
 from kubetune_trainer.exitcodes import EXIT_FAILED
 from kubetune_trainer.job import run_job
-from kubetune_trainer.s3 import S3Store
+from kubetune_trainer.storage.s3 import S3Store
 
 pytestmark = pytest.mark.integration
 

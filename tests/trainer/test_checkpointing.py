@@ -8,7 +8,7 @@ import pytest
 
 from kubetune.api.spec import OutputSpec
 from kubetune_trainer.checkpoint import MANIFEST, CheckpointDamaged, Checkpointer, Manifest, checkpoints_to_delete
-from kubetune_trainer.storage import LocalStore
+from kubetune_trainer.storage.local import LocalStore
 
 
 @pytest.mark.parametrize(

@@ -336,7 +336,7 @@ LONG_NAME = "a-very-long-photo-name-" + "x" * 210 + ".png"
 
 
 def test_a_long_name_finds_its_staged_file_for_s3_data(tmp_path: Path) -> None:
-    from kubetune_trainer.staging import local_relative
+    from kubetune_trainer.storage.staging import local_relative
 
     root = _imagefolder(tmp_path, [_row(f"sub/{LONG_NAME}")])
     staged = root / local_relative(f"sub/{LONG_NAME}")

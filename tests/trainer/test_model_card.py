@@ -24,7 +24,8 @@ from kubetune_trainer.model_card import (
     pick_samples,
     publish_card,
 )
-from kubetune_trainer.storage import LocalStore, ObjectInfo
+from kubetune_trainer.storage.interface import ObjectInfo
+from kubetune_trainer.storage.local import LocalStore
 
 PROMPTS = ["a red square", "a blue square"]
 DREAMBOOTH = {"type": "dreambooth-lora", "dreambooth": {"instancePrompt": "a photo of sks square",
@@ -210,8 +211,8 @@ def test_card_on_s3_names_no_storage_details(tiny_sd: Path, squares: Path, s3_se
                                              tmp_path: Path) -> None:
     """Samples reach `final/images/` through the S3 store; the card names no endpoint, bucket or Secret."""
     from kubetune.api.spec import StorageSpec
-    from kubetune_trainer.s3 import S3Store
-    from kubetune_trainer.staging import Stager
+    from kubetune_trainer.storage.s3 import S3Store
+    from kubetune_trainer.storage.staging import Stager
 
     storage = {"endpoint": s3_server.endpoint, "addressingStyle": "path", "secretRef": {"name": "card-secret"}}
     job = local_job(str(tiny_sd), str(squares), f"s3://{s3_bucket}/out/", method=DREAMBOOTH, storage=storage,

@@ -19,7 +19,7 @@ import yaml
 from hub_server import HubRepo, LoopbackHub
 from trainer_support import job_document
 
-from kubetune_trainer.staging import hub_files
+from kubetune_trainer.storage.hub import hub_files
 
 PIPELINE = [
     "model_index.json", "v1-5-pruned.ckpt", "README.md",
@@ -65,7 +65,7 @@ def _env(hub: LoopbackHub, tmp_path: Path, token: str | None) -> dict[str, str]:
 def test_staging_fetches_only_the_variant_and_sends_the_token(tmp_path: Path) -> None:
     files = {name: f"content of {name}".encode() for name in PIPELINE}
     stage = ("import sys; from pathlib import Path; from kubetune.api.spec import StorageSpec; "
-             "from kubetune_trainer.staging import stage; "
+             "from kubetune_trainer.storage.schemes import stage; "
              "print(stage('hf://org/gated', Path(sys.argv[1]), StorageSpec(), variant='fp16').path)")
     with LoopbackHub({"org/gated": HubRepo(files, token=TOKEN)}) as hub:
         done = subprocess.run([sys.executable, "-c", stage, str(tmp_path / "model")], env=_env(hub, tmp_path, TOKEN),

@@ -24,7 +24,7 @@ from kubetune_trainer.config import RuntimeConfig
 from kubetune_trainer.exitcodes import EXIT_CONFIG, EXIT_FAILED, ConfigError
 from kubetune_trainer.job import run_job
 from kubetune_trainer.ownership import OWNER_RECORD, OutputClaim, survey_output, weight_fields
-from kubetune_trainer.storage import LocalStore
+from kubetune_trainer.storage.local import LocalStore
 
 
 def _job(output: str, name: str = "test-lora", model: str = "model", data: str = "data", **spec: Any) -> Any:

@@ -22,7 +22,7 @@ from kubetune_trainer.exitcodes import EXIT_CONFIG, EXIT_FAILED
 from kubetune_trainer.job import run_job
 from kubetune_trainer.ownership import OWNER_RECORD, OutputClaim, weight_fields
 from kubetune_trainer.preflight import PROBE_PREFIX
-from kubetune_trainer.s3 import S3Store
+from kubetune_trainer.storage.s3 import S3Store
 
 pytestmark = pytest.mark.integration
 

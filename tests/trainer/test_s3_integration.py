@@ -24,9 +24,9 @@ from kubetune.cli import main
 from kubetune_trainer.config import RuntimeConfig
 from kubetune_trainer.exitcodes import EXIT_CONFIG, ConfigError, StorageUnavailable
 from kubetune_trainer.job import run_job
-from kubetune_trainer.s3 import MiB, S3Store, TransferSettings
-from kubetune_trainer.s3_ranges import RangePolicy, plan_ranges
-from kubetune_trainer.staging import Stager, local_relative
+from kubetune_trainer.storage.s3 import MiB, S3Store, TransferSettings
+from kubetune_trainer.storage.s3_ranges import RangePolicy, plan_ranges
+from kubetune_trainer.storage.staging import Stager, local_relative
 
 pytestmark = pytest.mark.integration
 

@@ -20,8 +20,8 @@ import pytest
 from s3_fault_proxy import KINDS, S3FaultProxy
 
 from kubetune.api.spec import StorageSpec
-from kubetune_trainer.s3 import MiB, S3Store
-from kubetune_trainer.staging import Stager
+from kubetune_trainer.storage.s3 import MiB, S3Store
+from kubetune_trainer.storage.staging import Stager
 
 pytestmark = pytest.mark.integration
 

@@ -11,17 +11,18 @@ import pytest
 
 from kubetune.api.spec import StorageSpec
 from kubetune_trainer.exitcodes import EXIT_CONFIG, EXIT_STORAGE_UNAVAILABLE, ConfigError, StorageUnavailable
-from kubetune_trainer.staging import (
+from kubetune_trainer.storage.interface import Fetched, ObjectInfo, ObjectReplaced
+from kubetune_trainer.storage.local import LocalStore
+from kubetune_trainer.storage.schemes import stage
+from kubetune_trainer.storage.staging import (
     MARKER_DIR,
     MAX_SEGMENT_BYTES,
     OBJECT_ATTEMPTS,
     Stager,
     local_plan,
     local_relative,
-    stage,
 )
-from kubetune_trainer.storage import Fetched, LocalStore, ObjectInfo, ObjectReplaced
-from kubetune_trainer.transfer_checks import CorruptTransfer
+from kubetune_trainer.storage.transfer_checks import CorruptTransfer
 
 
 class ListingStore(LocalStore):
@@ -274,7 +275,7 @@ def test_the_log_counts_and_names_objects_staged_without_a_digest(tmp_path: Path
     import io
 
     from kubetune_trainer.reporting import LogLines
-    from kubetune_trainer.staging import StagingReport
+    from kubetune_trainer.storage.staging import StagingReport
 
     out = io.StringIO()
     LogLines(stream=out).staged("data", StagingReport(tmp_path, files=3, downloaded=3, unverified=2,

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from kubetune_trainer.exitcodes import EXIT_STORAGE_UNAVAILABLE, TrainerError
-from kubetune_trainer.s3_http import Answer
-from kubetune_trainer.s3_ranges import MiB, RangePolicy, answer_end, plan_ranges, total_size
-from kubetune_trainer.transfer_checks import (
+from kubetune_trainer.storage.s3_http import Answer
+from kubetune_trainer.storage.s3_ranges import MiB, RangePolicy, answer_end, plan_ranges, total_size
+from kubetune_trainer.storage.transfer_checks import (
     CorruptTransfer,
     OrderedMD5,
     PartMD5s,

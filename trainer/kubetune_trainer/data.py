@@ -64,7 +64,7 @@ def local_names(uri: str) -> Callable[[str], str]:
     """How a file name in the dataset (a key relative to data.uri) becomes a path in the local folder:
     S3 data was staged under the names staging derives from the keys (over-long ones shortened), data
     used in place keeps its own."""
-    from kubetune_trainer.staging import local_relative
+    from kubetune_trainer.storage.staging import local_relative
 
     return local_relative if parse_uri(uri).scheme == "s3" else as_is
 

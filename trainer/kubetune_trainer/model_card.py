@@ -24,7 +24,7 @@ from typing import Any
 from kubetune.api.resource import FineTuneJob
 from kubetune.api.spec import LoraSpec
 from kubetune.api.uris import parse_uri
-from kubetune_trainer.storage import ObjectInfo, ObjectStore, as_prefix, join_uri
+from kubetune_trainer.storage.interface import ObjectInfo, ObjectStore, as_prefix, join_uri
 
 CARD_FILE = "README.md"
 IMAGES_FOLDER = "images"

@@ -33,7 +33,8 @@ from kubetune.api.spec import FineTuneJobSpec
 from kubetune_trainer.config import RuntimeConfig
 from kubetune_trainer.exitcodes import ConfigError
 from kubetune_trainer.preflight import PROBE_PREFIX
-from kubetune_trainer.storage import ObjectStore, as_prefix, create_text, open_store, read_text
+from kubetune_trainer.storage.interface import ObjectStore, as_prefix, create_text, read_text
+from kubetune_trainer.storage.schemes import open_store
 
 OWNER_RECORD = "kubetune-owner.json"
 _MANIFEST = "manifest.json"

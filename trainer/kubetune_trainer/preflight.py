@@ -22,7 +22,9 @@ from kubetune.api.resource import FineTuneJob
 from kubetune.api.uris import parse_uri
 from kubetune_trainer.config import RuntimeConfig
 from kubetune_trainer.exitcodes import ConfigError
-from kubetune_trainer.storage import LocalStore, ObjectStore, as_prefix, join_uri, open_store, write_text
+from kubetune_trainer.storage.interface import ObjectStore, as_prefix, join_uri, write_text
+from kubetune_trainer.storage.local import LocalStore
+from kubetune_trainer.storage.schemes import open_store
 
 PROBE_PREFIX = ".kubetune-preflight-"
 """Name of the probe object written under the output prefix, and removed at once."""

@@ -38,9 +38,9 @@ from pathlib import Path
 from typing import Any
 
 from kubetune_trainer.exitcodes import StorageUnavailable
-from kubetune_trainer.s3_http import Answer, ObjectGetter
-from kubetune_trainer.storage import Fetched, is_md5_etag, is_multipart_etag
-from kubetune_trainer.transfer_checks import (
+from kubetune_trainer.storage.interface import Fetched, is_md5_etag, is_multipart_etag
+from kubetune_trainer.storage.s3_http import Answer, ObjectGetter
+from kubetune_trainer.storage.transfer_checks import (
     BUFFER,
     OrderedMD5,
     PartMD5s,

@@ -1,4 +1,4 @@
-"""Bring a model or dataset URI onto local disk before training: `stage_prefix()` and `stage()`.
+"""Copy every object under a prefix onto local disk before training: `Stager.stage_prefix()`.
 
 S3 prefixes are listed page by page, each key mapped to a local name (`local_relative`; a
 listing whose keys collide locally is refused before anything is fetched), fetched in parallel
@@ -7,18 +7,15 @@ against the digest the object carries: its ETag, single-part or multipart, or S3
 full-object CRC32, checked by the store as the bytes land), written under a temporary name and
 renamed, and recorded by a per-file marker so that a re-run skips what is complete. A transfer
 that breaks or arrives corrupt is fetched again, within a retry budget; objects without any
-digest are counted and named in the report. Mounted and local URIs are used in place; hf://
-goes through huggingface_hub's own cache, fetching only the files `model.variant` loads
-(`hub_files`), with the token in HF_TOKEN (`model.tokenSecretRef`).
+digest are counted and named in the report. Which URIs are copied this way, used in place or
+fetched from the Hugging Face Hub is the scheme table's choice (`schemes.stage`).
 """
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
-import re
 import threading
 import time
 import uuid
@@ -27,19 +24,9 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from kubetune.api.spec import StorageSpec
-from kubetune.api.uris import parse_uri
 from kubetune_trainer.exitcodes import ConfigError, StorageUnavailable
-from kubetune_trainer.storage import (
-    Fetched,
-    LocalStore,
-    ObjectInfo,
-    ObjectReplaced,
-    ObjectStore,
-    as_prefix,
-    open_store,
-)
-from kubetune_trainer.transfer_checks import CorruptTransfer
+from kubetune_trainer.storage.interface import Fetched, ObjectInfo, ObjectReplaced, ObjectStore, as_prefix
+from kubetune_trainer.storage.transfer_checks import CorruptTransfer
 
 MARKER_DIR = ".kubetune-staged"
 MAX_SEGMENT_BYTES = 200
@@ -252,137 +239,3 @@ class Stager:
             finally:
                 tmp.unlink(missing_ok=True)
         raise AssertionError("unreachable: the last attempt returns or raises")
-
-
-def _stage_s3(uri: str, dest: Path, spec: StorageSpec, pvc_root: Path) -> StagingReport:
-    stager = Stager(open_store(uri, spec), concurrency=spec.max_concurrency)
-    return stager.stage_prefix(uri, dest)
-
-
-def _stage_in_place(uri: str, dest: Path, spec: StorageSpec, pvc_root: Path) -> StagingReport:
-    path = LocalStore(pvc_root).path_of(uri)
-    if not path.is_dir():
-        raise ConfigError(f"{uri}: folder {path} does not exist")
-    return StagingReport(path)
-
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
-OTHER_FRAMEWORKS = (".msgpack", ".onnx", ".onnx_data", ".h5", ".pb", ".tflite")
-"""Flax, ONNX and TensorFlow weights: the trainer loads PyTorch weights only."""
-_WEIGHT = re.compile(r"^[^.]+(?:\.(?P<variant>[^.]+?))?(?:-\d+-of-\d+)?(?P<suffix>\.[a-z_]+)$")
-_INDEX = re.compile(r"^[^.]+(?P<suffix>\.[a-z]+)\.index(?:\.(?P<variant>[^.]+))?\.json$")
-
-
-def _weight_kind(path: str) -> tuple[str, str | None] | None:
-    """(suffix, variant) of a weight or weight-index file, e.g. ('.safetensors', 'fp16'); None for other files."""
-    name = path.rsplit("/", 1)[-1]
-    found = _INDEX.match(name) or _WEIGHT.match(name)
-    if found is None or found["suffix"] not in WEIGHT_SUFFIXES:
-        return None
-    return found["suffix"], found["variant"]
-
-
-def hub_files(files: list[str], variant: str | None) -> list[str]:
-    """The files of a diffusers repository that loading it with `variant` reads.
-
-    Every non-weight file; per folder, the weights of `variant` (a folder without them keeps its
-    plain weights, as diffusers falls back to them), safetensors over pickles where both exist;
-    no single-file checkpoints beside model_index.json and no other frameworks' weights.
-    """
-    pipeline = "model_index.json" in files
-    chosen, weights = [], {}
-    for path in files:
-        kind = _weight_kind(path)
-        if path.endswith(OTHER_FRAMEWORKS) or (kind and pipeline and "/" not in path):
-            continue
-        if kind is None:
-            chosen.append(path)
-        else:
-            weights.setdefault(path.rpartition("/")[0], []).append((path, *kind))
-    for entries in weights.values():
-        variants = {v for _, _, v in entries}
-        wanted = variant if variant in variants else None
-        kept = [(path, suffix) for path, suffix, v in entries if v == wanted]
-        if any(suffix == ".safetensors" for _, suffix in kept):
-            kept = [(path, suffix) for path, suffix in kept if suffix == ".safetensors"]
-        chosen += [path for path, _ in kept]
-    return sorted(chosen)
-
-
-def _hub_access_error(uri: str, token: str | None) -> ConfigError:
-    if token:
-        return ConfigError(f"{uri}: the Hugging Face Hub refused the token from HF_TOKEN (model.tokenSecretRef): "
-                           "it lacks access to this repository (accept its terms on the Hub, or use another token)")
-    return ConfigError(f"{uri}: the Hugging Face Hub requires a token for this repository (gated or private): "
-                       "set model.tokenSecretRef to a Secret key holding an access token (in local mode, "
-                       "the HF_TOKEN environment variable)")
-
-
-def _stage_hf(uri: str, dest: Path, spec: StorageSpec, pvc_root: Path, variant: str | None = None) -> StagingReport:
-    from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        OfflineModeIsEnabled,
-        RepositoryNotFoundError,
-    )
-
-    started = time.monotonic()
-    repo, _, revision = uri[len("hf://"):].strip("/").partition("@")
-    token, endpoint = os.environ.get("HF_TOKEN") or None, os.environ.get("HF_ENDPOINT") or None
-    try:
-        try:
-            info = HfApi(endpoint=endpoint, token=token).model_info(repo, revision=revision or None)
-            files: list[str] | None = hub_files([sibling.rfilename for sibling in info.siblings or []], variant)
-            revision = info.sha or revision
-        except OfflineModeIsEnabled:  # HF_HUB_OFFLINE: what the cache holds
-            files = None
-        path = snapshot_download(repo_id=repo, revision=revision or None, endpoint=endpoint, token=token,
-                                 allow_patterns=None if files is None else [glob.escape(name) for name in files],
-                                 cache_dir=os.environ.get("HF_HUB_CACHE") or None)
-    except (GatedRepoError, RepositoryNotFoundError) as exc:
-        raise _hub_access_error(uri, token) from exc
-    except HfHubHTTPError as exc:
-        status = exc.response.status_code if exc.response is not None else None
-        if status in (401, 403):
-            raise _hub_access_error(uri, token) from exc
-        raise _hub_error(uri, exc, retryable=status is None or status in HUB_RETRYABLE or status >= 500) from exc
-    except LocalEntryNotFoundError as exc:  # offline, or the Hub unreachable, and not in the cache
-        raise _hub_error(uri, exc, retryable=not _hub_offline()) from exc
-    except OSError as exc:  # requests' connection errors and timeouts are OSErrors too
-        raise _hub_error(uri, exc, retryable=not isinstance(exc, (FileNotFoundError, PermissionError))) from exc
-    return StagingReport(Path(path), len(files or []), seconds=time.monotonic() - started)
-
-
-HUB_RETRYABLE = frozenset({408, 429})
-"""Hub answers that pass: request timeout and rate limit (and every 5xx)."""
-
-
-def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "on", "yes", "true")
-
-
-def _hub_error(uri: str, exc: Exception, retryable: bool) -> ConfigError | StorageUnavailable:
-    """One line for a failed Hub fetch: StorageUnavailable (75) for what a later attempt may pass
-    (rate limits, 5xx, connection errors), ConfigError (78) for the rest (a missing revision or file)."""
-    kind = StorageUnavailable if retryable else ConfigError
-    return kind(f"{uri}: cannot fetch from the Hugging Face Hub: {exc}".splitlines()[0])
-
-
-SOURCES = {"s3": _stage_s3, "hf": _stage_hf, "pvc": _stage_in_place, "file": _stage_in_place,
-           "path": _stage_in_place}
-
-
-def stage(uri: str, dest: Path, spec: StorageSpec, pvc_root: Path = Path("/mnt/pvc"),
-          variant: str | None = None) -> StagingReport:
-    """Make `uri` available as a local folder; the report's `path` is where it is.
-
-    `variant` (`model.variant`) limits an hf:// download to the weights that variant loads.
-    """
-    scheme = parse_uri(uri).scheme
-    if scheme not in SOURCES:
-        raise ConfigError(f"{uri}: scheme {scheme}:// cannot be staged")
-    if scheme == "hf":
-        return _stage_hf(uri, dest, spec, pvc_root, variant)
-    return SOURCES[scheme](uri, dest, spec, pvc_root)

@@ -22,9 +22,9 @@ from pathlib import Path
 from kubetune.api.spec import StorageSpec
 from kubetune.api.uris import parse_uri
 from kubetune_trainer.exitcodes import ConfigError, StorageUnavailable
-from kubetune_trainer.s3_http import ObjectGetter
-from kubetune_trainer.s3_ranges import RangePolicy, ranged_get
-from kubetune_trainer.storage import Fetched, ObjectInfo, ObjectReplaced
+from kubetune_trainer.storage.interface import Fetched, ObjectInfo, ObjectReplaced
+from kubetune_trainer.storage.s3_http import ObjectGetter
+from kubetune_trainer.storage.s3_ranges import RangePolicy, ranged_get
 
 MiB = 1024 * 1024
 _CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken",
