@@ -1,4 +1,4 @@
-"""How `KubeCluster` writes: a new job's children at once, events off the pass and after new jobs' passes.
+"""How `KubeCluster` writes: a new job's children at once, events in order, after new jobs' passes.
 
 The API is the operator's own `KubeApi` seam, recorded in memory; no server is involved.
 """
@@ -16,7 +16,7 @@ from kubetune.operator.actions import CreateChild, ReplaceConfigMapData
 from kubetune.operator.cluster import JobRef
 from kubetune.operator.events import Event
 from kubetune.operator.kube import ApiError
-from kubetune.operator.kube_cluster import EventPoster, KubeCluster
+from kubetune.operator.kube_cluster import KubeCluster
 from kubetune.operator.render import Attempt, render_configmap, render_job, render_service
 from kubetune.operator.settings import OperatorSettings
 from kubetune.operator.workqueue import WorkQueue
@@ -96,56 +96,42 @@ def test_a_replaced_configmap_comes_before_the_new_attempts_job() -> None:
     assert [(verb, depth) for verb, _, depth in api.calls] == [("patch", 0), ("create", 1)]
 
 
-def test_events_wait_for_new_jobs_passes_and_keep_their_order() -> None:
-    api, work = RecordingApi(delay=0.3), WorkQueue()
-    cluster = KubeCluster(api, work=work)  # type: ignore[arg-type]
-    ref, now = JobRef("team-a", "corgi", "ftj-uid-1"), datetime.now(UTC)
-    job = make_job().typed()
-    work.add(("team-a", "corgi"), urgent=True)
-    key = work.get(timeout=0)
-
-    def new_jobs_pass() -> None:  # as a worker runs it: the key is given back once the creates are done
-        cluster.apply_all(job, children(OperatorSettings()))
-        work.done(key)
-
-    try:
-        creating = threading.Thread(target=new_jobs_pass)
-        creating.start()
-        time.sleep(0.05)  # the creates are in flight
-        for reason in ("Created", "Pending", "Staging"):
-            cluster.post_event(ref, Event("Normal", reason, "m"), now)
-        creating.join()
-    finally:
-        cluster.close()
-    labels = [label for _, label, _ in api.calls]
-    assert set(labels[:3]) == {"ConfigMap", "Service", "Job"}, labels
-    assert labels[3:] == ["Event Created", "Event Pending", "Event Staging"], labels
+def test_the_pass_that_posts_events_waits_for_new_jobs_passes() -> None:
+    """Events are posted by the pass that decided them; in a burst that pass is a routine one, and the
+    queue hands it out only once the new jobs' passes (their creates) are done, or after the yield."""
+    work = WorkQueue(yield_seconds=5.0)
+    work.add("new", urgent=True)
+    work.add("status")
+    assert work.get(timeout=0) == "new"
+    threading.Timer(0.2, work.done, args=("new",)).start()
+    began = time.monotonic()
+    assert work.get(timeout=2.0) == "status"
+    assert 0.15 < time.monotonic() - began < 2.0, "given out when the new job's pass ended"
 
 
-def test_close_posts_what_is_queued() -> None:
+def test_events_are_posted_at_once_and_in_order_and_close_has_nothing_left() -> None:
     api = RecordingApi(delay=0.0)
     cluster = KubeCluster(api)  # type: ignore[arg-type]
     ref, now = JobRef("team-a", "corgi", "ftj-uid-1"), datetime.now(UTC)
     for n in range(20):
         cluster.post_event(ref, Event("Normal", f"R{n}", "m"), now)
+    assert [label for _, label, _ in api.calls] == [f"Event R{n}" for n in range(20)]
+    began = time.monotonic()
     cluster.close()
-    assert len(api.calls) == 20
+    assert time.monotonic() - began < 1.0
 
 
-def test_calm_waits_for_urgent_passes_and_no_longer_than_asked() -> None:
-    work = WorkQueue()
-    assert work.calm(0.0), "nothing urgent: calm at once"
+def test_a_routine_key_waits_for_urgent_passes_no_longer_than_the_yield() -> None:
+    work = WorkQueue(yield_seconds=0.3)
     work.add("new", urgent=True)
-    work.add("old")
-    assert not work.calm(0.1), "a new job waits for its children"
-    key = work.get(timeout=0)
-    assert key == "new" and not work.calm(0.1), "and now its pass runs"
-    threading.Timer(0.2, work.done, args=(key,)).start()
-    assert work.calm(2.0), "the pass ends well within 2 s"
-    assert work.calm(0.0) and len(work) == 1, "a routine key does not hold anything back"
+    work.add("status")
+    assert work.get(timeout=0) == "new"
+    assert work.get(timeout=0.1) is None, "a new job's pass runs: the status waits"
+    began = time.monotonic()
+    assert work.get(timeout=2.0) == "status" and time.monotonic() - began < 1.0, "but no longer than the yield"
 
 
-def test_a_poster_survives_any_error_and_posts_the_next_event() -> None:
+def test_an_event_that_cannot_be_posted_fails_nothing_and_the_next_one_is_posted() -> None:
     class Flaky(RecordingApi):
         def create(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
             if body.get("reason") == "Boom":
@@ -159,16 +145,3 @@ def test_a_poster_survives_any_error_and_posts_the_next_event() -> None:
     cluster.post_event(ref, Event("Normal", "After", "m"), now)
     cluster.close()
     assert [label for _, label, _ in api.calls] == ["Event After"]
-
-
-def test_closing_posts_the_backlog_without_giving_way_to_creates() -> None:
-    api = RecordingApi(delay=0.0)
-    waited: list[float] = []
-    poster = EventPoster(api, calm=lambda: waited.append(5.0) or time.sleep(5.0))  # type: ignore[arg-type]
-    poster._closing.set()  # as close() does first
-    body = {"reason": "Created", "kind": "Event", "metadata": {}, "involvedObject": {"name": "corgi"}}
-    began = time.monotonic()
-    for _ in range(3):
-        poster.post("ftj-uid-1", "team-a", body)
-    poster.close(timeout=2.0)
-    assert len(api.calls) == 3 and waited == [] and time.monotonic() - began < 1.0

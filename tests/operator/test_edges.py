@@ -242,9 +242,9 @@ class _PodListApi:
         self.pods = pods
         self.listed: list[str] = []
 
-    def items(self, path: str, label_selector: str) -> list[dict]:
-        self.listed.append(label_selector)
-        return self.pods
+    def get(self, path: str, labelSelector: str) -> dict:
+        self.listed.append(labelSelector)
+        return {"items": self.pods}
 
 
 def test_an_ended_job_is_judged_by_pods_read_from_the_server_not_the_cache() -> None:
@@ -288,7 +288,7 @@ def test_a_worker_pool_stuck_in_a_pass_fails_healthz_until_the_pass_ends() -> No
     controller = Controller(Hanging(S3_KEYS), OperatorSettings(), OperatorMetrics())
     queue, passes, stop = controller.queue, controller.passes, threading.Event()
     controller.caches["FineTuneJob"].put(make_job("corgi").obj())
-    workers = [threading.Thread(target=controller.work, args=(stop,), daemon=True) for _ in range(2)]
+    workers = [threading.Thread(target=controller.work, daemon=True) for _ in range(2)]
     server = serve_probes(controller.metrics.registry, 0, lambda: True, host="127.0.0.1",
                           stuck=lambda: stuck_reason(passes, queue, 0.3))
     healthz = f"http://127.0.0.1:{server.server_address[1]}/healthz"

@@ -25,9 +25,8 @@ RETRIES = urllib3.Retry(total=3, redirect=0, status=0, raise_on_status=False)
 """As the official client's pool had: a dropped idle connection is retried (a read error only for
 idempotent methods), so one blip does not cost a pass its 10 s retry delay or an event."""
 POOL_CONNECTIONS = 128
-"""Kept-alive connections: the queue's passes (64), the creates and the event posters at once, so a
-burst of passes keeps its connections (at 32 urllib3 logged "Connection pool is full, discarding
-connection" and opened new TLS connections)."""
+"""Kept-alive connections for 64 passes and their creates at once: at 32, a burst had urllib3 log
+"Connection pool is full, discarding connection" and open new TLS connections."""
 API_PREFIXES = {"FineTuneJob": f"/apis/{GROUP}/{VERSION}", "Job": "/apis/batch/v1",
                 "Lease": "/apis/coordination.k8s.io/v1", "Pod": "/api/v1", "ConfigMap": "/api/v1",
                 "Service": "/api/v1", "Secret": "/api/v1", "Event": "/api/v1"}
@@ -49,9 +48,8 @@ class ApiError(Exception):
     def __init__(self, status: int, reason: str, message: str = "") -> None:
         super().__init__(f"{status} {reason}: {message}" if message else f"{status} {reason}")
         self.status, self.reason, self.message = status, reason, message
-        self.not_found, self.forbidden = status == 404, status == 403
-        self.conflict = status == 409
-        """Already exists (on create) or stale resourceVersion (on update)."""
+        self.not_found, self.forbidden, self.conflict = status == 404, status == 403, status == 409
+        """`conflict`: already exists (on create) or a stale resourceVersion (on update)."""
 
 
 def load_configuration(kubeconfig: str | None = None) -> client.Configuration:
@@ -78,15 +76,11 @@ class KubeApi:
     def __init__(self, configuration: client.Configuration, timeout: float = DEFAULT_TIMEOUT) -> None:
         configuration = copy.deepcopy(configuration)
         configuration.connection_pool_maxsize = max(configuration.connection_pool_maxsize or 0, POOL_CONNECTIONS)
-        self._client = client.ApiClient(configuration)
-        self._configuration = configuration
+        self._client, self._configuration, self._timeout = client.ApiClient(configuration), configuration, timeout
         self._pool = self._client.rest_client.pool_manager
-        self._timeout = timeout
 
     def _headers(self, content_type: str | None) -> dict[str, str]:
-        headers = {"Accept": JSON, "User-Agent": USER_AGENT}
-        if content_type is not None:
-            headers["Content-Type"] = content_type
+        headers = {"Accept": JSON, "User-Agent": USER_AGENT, **({"Content-Type": content_type} if content_type else {})}
         for auth in self._configuration.auth_settings().values():  # a rotated token is read again
             if auth["in"] == "header" and auth["value"]:
                 headers[auth["key"]] = auth["value"]
@@ -118,9 +112,6 @@ class KubeApi:
                 return None
             raise
 
-    def items(self, path: str, label_selector: str) -> list[dict[str, Any]]:
-        return self.get(path, labelSelector=label_selector).get("items") or []
-
     def create(self, path: str, body: dict[str, Any]) -> Any:
         return self.request("POST", path, body)
 
@@ -138,7 +129,6 @@ class KubeApi:
 
 
 def _error(status: int, reason: str, data: bytes | None) -> ApiError:
-    message = ""
     try:
         message = json.loads(data or b"{}").get("message", "")
     except (ValueError, AttributeError):

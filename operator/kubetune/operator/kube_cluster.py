@@ -1,5 +1,5 @@
-"""`Cluster` on a real API server: children read from the operator's stores, writes that return
-what they wrote into them, and events posted in the background.
+"""`Cluster` on a real API server: children read from the operator's stores, and writes that put
+what they return into them.
 
 Children are only ever recognised by the FineTuneJob's controller reference, so objects that
 merely share a name are never taken.
@@ -9,11 +9,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import queue
-import threading
-import time
-import zlib
-from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -84,51 +79,6 @@ class NoProgress:
         return None
 
 
-class EventPoster:
-    """Events posted by a few threads of their own, so a pass never waits for one.
-
-    Events are the story of a job, not part of its state: at scale the four a new job gets
-    would otherwise hold its pass (and the next job's) for four round trips. Each first gives
-    way to new jobs' children (`calm`: the work queue's), and one job's events always go
-    through the same thread, so they keep their order; each carries the time of the pass
-    that decided it.
-    """
-
-    def __init__(self, api: KubeApi, calm: Callable[[], object] = lambda: None, threads: int = 4) -> None:
-        self.api, self._calm, self._closing = api, calm, threading.Event()
-        self._queues: list[queue.SimpleQueue[tuple[str, dict[str, Any]] | None]] = [
-            queue.SimpleQueue() for _ in range(threads)]
-        self._threads = [threading.Thread(target=self._post_forever, args=(q,), name=f"kubetune-events-{n}",
-                                          daemon=True) for n, q in enumerate(self._queues)]
-        for thread in self._threads:
-            thread.start()
-
-    def post(self, uid: str, namespace: str, body: dict[str, Any]) -> None:
-        self._queues[zlib.crc32(uid.encode()) % len(self._queues)].put((namespace, body))
-
-    def close(self, timeout: float = 10.0) -> None:
-        """Post what is queued (for at most `timeout` seconds, no longer giving way), then stop."""
-        self._closing.set()
-        for q in self._queues:
-            q.put(None)
-        deadline = time.monotonic() + timeout
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        # a thread still running has its events and then its stop marker left in its queue
-        if (left := sum(q.qsize() - 1 for q, t in zip(self._queues, self._threads, strict=True) if t.is_alive())) > 0:
-            LOG.warning("%d events not posted before shutting down", left)
-
-    def _post_forever(self, q: queue.SimpleQueue[tuple[str, dict[str, Any]] | None]) -> None:
-        while (item := q.get()) is not None:
-            if not self._closing.is_set():
-                self._calm()
-            try:
-                self.api.create(collection_path("Event", item[0]), item[1])
-            except Exception as exc:  # a poster that died would silently drop every later event
-                LOG.warning("event %s for %s/%s not posted: %s", item[1]["reason"], item[0],
-                            item[1]["involvedObject"]["name"], exc)
-
-
 class KubeCluster:
     """`Cluster` on a real API server, reading children from `caches`."""
 
@@ -139,16 +89,13 @@ class KubeCluster:
         self.api = api
         self.caches = caches or Caches()
         self.progress = progress or NoProgress()
-        self.work = work or WorkQueue()
-        """The passes' queue: it says when writes that can wait should let new jobs' children go first."""
-        self.events = EventPoster(api, calm=self.work.calm)
+        self.work = work or WorkQueue()  # the passes' queue: whether new jobs wait for their children
         self._creates = concurrent.futures.ThreadPoolExecutor(self.CREATE_THREADS, "kubetune-create")
 
     def others_first(self, ref: JobRef) -> bool:
         return self.work.urgent_besides((ref.namespace, ref.name))
 
     def close(self) -> None:
-        self.events.close()
         self._creates.shutdown(wait=True)
 
     def observe(self, job: FineTuneJob) -> Observed:
@@ -173,7 +120,8 @@ class KubeCluster:
     def _fresh_pods(self, namespace: str, name: str) -> list[dict[str, Any]]:
         """The pods as the API server has them now: an ended Job is judged by its pods' exit codes
         and last words, and the pod watch may not have shown those yet when the Job's did."""
-        pods = self.api.items(collection_path("Pod", namespace), f"{naming.JOB_NAME_LABEL}={name}")
+        selector = f"{naming.JOB_NAME_LABEL}={name}"
+        pods = self.api.get(collection_path("Pod", namespace), labelSelector=selector).get("items") or []
         for pod in pods:
             pod.setdefault("kind", "Pod")
             self.caches.put(pod)
@@ -259,6 +207,12 @@ class KubeCluster:
         self.caches.put(self.api.merge_patch(path, {"status": patch}))
 
     def post_event(self, ref: JobRef, event: Event, now: datetime) -> None:
+        """Posted by the pass that decided it, so one job's events keep their order and carry its time.
+
+        In a burst of new jobs that pass is a routine one, run once their children are created
+        (`WorkQueue`), so the events of a burst give way to its Jobs. An event is the story of
+        a job, not its state: one that cannot be posted is logged, and the pass goes on.
+        """
         ns, stamp = ref.namespace, format_time(now)
         body = {
             "apiVersion": "v1",
@@ -275,7 +229,10 @@ class KubeCluster:
             "source": {"component": COMPONENT},
             "reportingComponent": f"{GROUP}/operator",
         }
-        self.events.post(ref.uid, ns, body)
+        try:
+            self.api.create(collection_path("Event", ns), body)
+        except Exception as exc:
+            LOG.warning("event %s for %s/%s not posted: %s", event.reason, ns, ref.name, exc)
 
     def take_progress(self, job: FineTuneJob, pod: dict[str, Any]) -> ProgressReport | None:
         return self.progress.take((job.metadata.namespace or "default", job.metadata.name), pod)

@@ -42,8 +42,7 @@ def lease_decision(spec: Mapping[str, Any] | None, me: str, now: datetime) -> De
 
 def next_lease_spec(spec: Mapping[str, Any] | None, me: str, now: datetime, duration: int,
                     decision: Decision) -> dict[str, Any]:
-    spec = dict(spec or {})
-    stamp = micro_time(now)
+    spec, stamp = dict(spec or {}), micro_time(now)
     if decision != "renew":
         spec["acquireTime"] = stamp
         spec["leaseTransitions"] = int(spec.get("leaseTransitions") or 0) + (decision == "take-over")
@@ -65,19 +64,18 @@ class LeaderElector:
 
     def try_hold(self) -> bool:
         """One attempt to acquire or renew; True while this replica is the leader."""
-        now = self.clock()
-        lease = self.api.get_or_none(object_path("Lease", self.namespace, self.name))
-        decision = lease_decision(lease.get("spec") if lease else None, self.identity, now)
-        if decision == "standby":
+        now, path = self.clock(), object_path("Lease", self.namespace, self.name)
+        lease = self.api.get_or_none(path)
+        if (decision := lease_decision(lease and lease.get("spec"), self.identity, now)) == "standby":
             return False
-        spec = next_lease_spec(lease.get("spec") if lease else None, self.identity, now, self.duration, decision)
+        spec = next_lease_spec(lease and lease.get("spec"), self.identity, now, self.duration, decision)
         try:
             if lease is None:
-                body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-                        "metadata": {"name": self.name, "namespace": self.namespace}, "spec": spec}
-                self.api.create(collection_path("Lease", self.namespace), body)
+                self.api.create(collection_path("Lease", self.namespace), {
+                    "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                    "metadata": {"name": self.name, "namespace": self.namespace}, "spec": spec})
             else:
-                self.api.replace(object_path("Lease", self.namespace, self.name), {**lease, "spec": spec})
+                self.api.replace(path, {**lease, "spec": spec})
         except ApiError as exc:
             if exc.conflict:
                 return False
@@ -92,7 +90,7 @@ class LeaderElector:
             stop.wait(self.retry_seconds)
         return False
 
-    def keep_renewing(self, stop: threading.Event, lost: threading.Event | None = None) -> None:
+    def keep_renewing(self, stop: threading.Event, lost: threading.Event) -> None:
         """Renew until `stop`; set `lost` and `stop` when the Lease could not be kept for its duration."""
         last = self.clock()
         while not stop.wait(self.retry_seconds):
@@ -100,8 +98,7 @@ class LeaderElector:
                 last = self.clock()
             elif (self.clock() - last).total_seconds() > self.duration:
                 LOG.error("lost Lease %s/%s; stopping so that only one operator acts", self.namespace, self.name)
-                if lost is not None:
-                    lost.set()
+                lost.set()
                 stop.set()
 
     def _attempt(self) -> bool:

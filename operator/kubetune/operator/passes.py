@@ -1,13 +1,11 @@
-"""The one door into a reconcile pass: every trigger queues a FineTuneJob's key, one pool of workers
-runs the passes.
+"""The one door into a reconcile pass: every trigger queues a FineTuneJob's key; one pool of workers runs passes.
 
 Kopf's handlers (a job new to the operator, a changed spec, a changed Job), a failed pass's
-retry, the periodic resync and rank 0's news all end in `Controller.enqueue`. The work queue
-hands a key to one worker at a time, so two passes of one job never overlap, and a pass reads
-the newest copy of the job the stores hold: what Kopf saw, or what the previous pass's status
-write returned. The resync is a loop of the operator's own rather than a Kopf timer: Kopf puts
-a finalizer on every object that has a timer, so FineTuneJobs could not be deleted while the
-operator is down.
+retry, the periodic resync and rank 0's news all end in `Controller.enqueue`. The queue hands
+a key to one worker at a time, and a pass reads the newest copy of the job the stores hold:
+what Kopf saw, or what the previous pass's status write returned. The resync is a loop of the
+operator's own, not a Kopf timer: Kopf puts a finalizer on every object that has a timer, so
+FineTuneJobs could not be deleted while the operator is down.
 """
 
 from __future__ import annotations
@@ -29,7 +27,6 @@ from kubetune.operator.workqueue import WorkQueue
 
 LOG = logging.getLogger(__name__)
 RETRY_SECONDS = 10.0
-IDLE_SECONDS = 1.0
 
 
 @dataclass
@@ -42,10 +39,8 @@ class Controller:
     caches: Caches = field(default_factory=Caches)
     queue: WorkQueue = field(default_factory=WorkQueue)
     passes: PassClock = field(default_factory=PassClock)
-    progress: Any = None
-    """The `progress_reader.ProgressReader`, told when a job is gone (None: no reader)."""
-    bookkeeping: tuple[Any, ...] = ()
-    """Kopf's in-memory storages (`bookkeeping`), told when a job is gone."""
+    progress: Any = None  # the `progress_reader.ProgressReader`, told when a job is gone
+    bookkeeping: tuple[Any, ...] = ()  # Kopf's in-memory storages (`bookkeeping`), told when a job is gone
     synced: threading.Event = field(default_factory=threading.Event)
     """Set once Kopf has put its first listing of every collection into the stores; nothing is queued
     before, as a pass on a half-filled store would take existing children for missing ones."""
@@ -92,24 +87,20 @@ class Controller:
             self.enqueue(key_of(body))
         return len(bodies)
 
-    def work(self, stop: threading.Event) -> None:
-        """One worker: passes from the queue until `stop` is set."""
-        while not stop.is_set():
-            if (key := self.queue.get(timeout=IDLE_SECONDS)) is not None:
-                try:
-                    self.run_pass(key)  # type: ignore[arg-type]
-                finally:
-                    self.queue.done(key)
+    def work(self) -> None:
+        """One worker: passes from the queue until it is closed."""
+        while (key := self.queue.get()) is not None:
+            try:
+                self.run_pass(key)  # type: ignore[arg-type]
+            finally:
+                self.queue.done(key)
 
-    def start(self, stop: threading.Event) -> list[threading.Thread]:
-        """The workers and the resync loop, as daemon threads, until `stop` is set."""
+    def start(self, stop: threading.Event) -> None:
+        """The workers (until the queue is closed) and the resync loop (until `stop`), as daemon threads."""
         def resync_forever() -> None:
             while not stop.wait(self.settings.resync_seconds):
                 self.resync()
 
-        threads = [threading.Thread(target=resync_forever, name="kubetune-resync", daemon=True)]
-        threads += [threading.Thread(target=self.work, args=(stop,), name=f"kubetune-pass-{n}", daemon=True)
-                    for n in range(self.settings.pass_workers)]
-        for thread in threads:
-            thread.start()
-        return threads
+        threading.Thread(target=resync_forever, name="kubetune-resync", daemon=True).start()
+        for n in range(self.settings.pass_workers):
+            threading.Thread(target=self.work, name=f"kubetune-pass-{n}", daemon=True).start()

@@ -10,15 +10,13 @@ wrote: a create is not repeated, a status transition is not reported twice.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
 from typing import Any
 
 from kubetune.operator.naming import JOB_NAME_LABEL
 
 CHILD_KINDS = ("Job", "Pod", "ConfigMap", "Service")
 
-Key = tuple[str, str]
-"""(namespace, name)"""
+Key = tuple[str, str]  # (namespace, name)
 
 
 def key_of(obj: dict[str, Any]) -> Key:
@@ -35,8 +33,8 @@ def _version(obj: dict[str, Any] | None) -> int:
         return 0
 
 
-def _job_label(obj: dict[str, Any]) -> str | None:
-    return ((obj.get("metadata") or {}).get("labels") or {}).get(JOB_NAME_LABEL)
+def _job_label(obj: dict[str, Any] | None) -> str | None:
+    return (((obj or {}).get("metadata") or {}).get("labels") or {}).get(JOB_NAME_LABEL)
 
 
 class Store:
@@ -52,8 +50,7 @@ class Store:
             return self._objects.get((namespace, name))
 
     def labelled(self, namespace: str, job_name: str) -> list[dict[str, Any]]:
-        """Objects whose `kubetune.io/job-name` label is `job_name`."""
-        with self._lock:
+        with self._lock:  # objects whose `kubetune.io/job-name` label is `job_name`
             return [self._objects[(namespace, n)] for n in self._by_job.get((namespace, job_name), ())]
 
     def items(self) -> list[dict[str, Any]]:
@@ -79,21 +76,8 @@ class Store:
             if _version(self._objects.get(key)) <= _version(obj):
                 self._drop(key)
 
-    def replace(self, objs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-        """A fresh list: keep exactly `objs`; returns those that were gone since (now deleted)."""
-        listed = {key_of(o): o for o in objs}
-        with self._lock:
-            gone = [o for k, o in self._objects.items() if k not in listed]
-        for obj in gone:
-            self.remove(obj)
-        for obj in listed.values():
-            self.put(obj)
-        return gone
-
     def _drop(self, key: Key) -> None:
-        old = self._objects.pop(key, None)
-        job = _job_label(old) if old is not None else None
-        if job and (names := self._by_job.get((key[0], job))) is not None:
+        if (job := _job_label(self._objects.pop(key, None))) and (names := self._by_job.get((key[0], job))):
             names.discard(key[1])
             if not names:
                 del self._by_job[(key[0], job)]
