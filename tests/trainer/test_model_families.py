@@ -1,0 +1,32 @@
+"""Each entry of the family registry is complete: keyed by its pipeline class, with one name, one
+tokenizer and one kohya prefix per text encoder; and a tiny model of each family loads as that
+family, its modules named as the family says."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kubetune_trainer.models.registry import FAMILIES, detect_family, load_components
+
+
+@pytest.mark.parametrize("pipeline_class", sorted(FAMILIES))
+def test_an_entry_names_each_text_encoder_once(pipeline_class: str) -> None:
+    family = FAMILIES[pipeline_class]
+    assert family.pipeline_class == pipeline_class
+    encoders = len(family.text_encoder_names)
+    assert encoders == len(family.tokenizer_names) == len(family.kohya_text_prefixes)
+    assert family.text_lora_targets and family.kohya_base
+    assert len({f.name for f in FAMILIES.values()}) == len(FAMILIES)
+
+
+@pytest.mark.parametrize(("model", "name"), [("tiny_sd", "sd"), ("tiny_sdxl", "sdxl")])
+def test_a_model_folder_loads_as_its_family(model: str, name: str, request: pytest.FixtureRequest) -> None:
+    path: Path = request.getfixturevalue(model)
+    family = detect_family(path)
+    components = load_components(path, None)
+    assert family.name == name and components.family is family
+    assert list(components.modules()) == ["unet", "vae", *family.text_encoder_names]
+    assert not any(p.requires_grad for module in components.modules().values() for p in module.parameters())
+    assert family.size_multiple(components) % family.latent_factor(components) == 0
