@@ -29,6 +29,8 @@ from bench.gpu_models import ModelSize
 from kubetune_trainer.config import RuntimeConfig
 from kubetune_trainer.exitcodes import EXIT_CONFIG, EXIT_FAILED
 from kubetune_trainer.job import RunResult, run_job
+from kubetune_trainer.parts import StepRecord
+from tests.trainer.trainer_probe import running_trainers
 
 COMPUTE_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 STEPS = 2
@@ -38,22 +40,25 @@ FP16_STEPS = 6
 
 
 class Watch:
-    """A step hook: what the trainer's parts looked like after its first and last steps."""
+    """A step hook: what the trainer's parts looked like after its first and last steps (the running trainer
+    is the last of `built`, which `train` fills)."""
 
     def __init__(self) -> None:
+        self.built: list[Any] = []
         self.steps: list[int] = []
         self.scales: list[float] = []
         self.first: dict[str, Any] = {}
         self.last_weights: dict[str, Any] = {}
 
-    def __call__(self, trainer: Any) -> None:
+    def __call__(self, record: StepRecord) -> None:
+        trainer = self.built[-1]
         parts = trainer.p
-        self.steps.append(trainer.step)
+        self.steps.append(record.step)
         if parts.accelerator.scaler is not None:
             self.scales.append(float(parts.accelerator.scaler.get_scale()))
         if not self.first:
             self.first = self.describe(trainer)
-        if trainer.step == parts.total_steps:
+        if record.step == record.total_steps:
             unet = parts.components.unet
             self.last_weights = {"conv_in.weight": unet.conv_in.weight.detach().float().cpu()}
 
@@ -86,7 +91,10 @@ def fused_attention_only() -> Iterator[None]:
 
 
 def train(job: Any, scratch: Path, hooks: list[Any]) -> RunResult:
-    with fused_attention_only():
+    with fused_attention_only(), running_trainers() as built:
+        for hook in hooks:
+            if isinstance(hook, Watch):
+                hook.built = built
         return run_job(job, RuntimeConfig(scratch=scratch, log_every=0), hooks=hooks)
 
 
@@ -175,8 +183,8 @@ def test_resume_from_a_checkpoint_reaches_the_uninterrupted_weights(size: ModelS
     training = {"maxSteps": 4, "mixedPrecision": "bf16"}
     output = {"checkpointEvery": 2}
 
-    def crash_after_three(trainer: Any) -> None:
-        if trainer.step == 3:
+    def crash_after_three(record: StepRecord) -> None:
+        if record.step == 3:
             raise RuntimeError("killed after step 3")
 
     straight = train(local_job(models, size, tmp_path / "a", training=training, output=output),

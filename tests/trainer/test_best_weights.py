@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from trainer_probe import running_trainers
 from trainer_support import free_port, job_document, local_job
 
 from kubetune.api.spec import OutputSpec
@@ -25,6 +26,7 @@ from kubetune_trainer.checkpoint import Checkpointer, checkpoints_to_delete
 from kubetune_trainer.config import RuntimeConfig
 from kubetune_trainer.exitcodes import EXIT_FAILED
 from kubetune_trainer.job import run_job
+from kubetune_trainer.parts import StepRecord
 from kubetune_trainer.storage.local import LocalStore
 from kubetune_trainer.validation import BestValidation, ExportLast, build_export_choice
 
@@ -39,18 +41,19 @@ def _job(out: Path, tiny_sd: Path, squares: Path, export: str = "best") -> Any:
 
 
 class Watch:
-    """A step hook: the validation losses the trainer measured, and the trained weights after the last step."""
+    """A step hook: the validation losses the trainer measured, and the trained weights after the last step
+    (read from the running trainer, the last of `built`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, built: list[Any]) -> None:
+        self.built = built
         self.losses: dict[int, float] = {}
         self.last: dict[str, Any] = {}
 
-    def __call__(self, trainer: Any) -> None:
-        latest = getattr(trainer.best, "latest", None)
-        if latest is not None and latest[0] == trainer.step:
-            self.losses[trainer.step] = latest[1]
-        if trainer.step == STEPS:
-            self.last = {key: value.clone() for key, value in trainer.trainable_state().items()}  # not views
+    def __call__(self, record: StepRecord) -> None:
+        if record.validation_loss is not None:
+            self.losses[record.step] = record.validation_loss
+        if record.step == STEPS:
+            self.last = {key: value.clone() for key, value in self.built[-1].trainable_state().items()}  # not views
 
 
 def _exported(outputs: dict[str, Any]) -> dict[str, Any]:
@@ -82,10 +85,11 @@ def _steps(out: Path) -> list[int]:
 def test_the_best_validation_step_is_exported_and_its_checkpoint_kept_through_a_resume(
     tiny_sd: Path, squares: Path, tmp_path: Path, capsys: Any
 ) -> None:
-    watch = Watch()
-    straight = run_job(_job(tmp_path / "a", tiny_sd, squares),
-                       RuntimeConfig(scratch=tmp_path / "sa", log_every=0, termination_path=tmp_path / "term"),
-                       hooks=[watch])
+    with running_trainers() as built:
+        watch = Watch(built)
+        straight = run_job(_job(tmp_path / "a", tiny_sd, squares),
+                           RuntimeConfig(scratch=tmp_path / "sa", log_every=0, termination_path=tmp_path / "term"),
+                           hooks=[watch])
     log = capsys.readouterr().out
     assert straight.exit_code == 0, straight.message
     best = min(watch.losses, key=lambda step: watch.losses[step])
@@ -113,9 +117,10 @@ def test_the_best_validation_step_is_exported_and_its_checkpoint_kept_through_a_
                       hooks=[_crash_after(crash_at)])
     assert crashed.exit_code == EXIT_FAILED
     assert _steps(tmp_path / "b") == sorted({best, crash_at})
-    resumed_watch = Watch()
-    resumed = run_job(_job(tmp_path / "b", tiny_sd, squares), RuntimeConfig(scratch=tmp_path / "sb2", log_every=0),
-                      hooks=[resumed_watch])
+    with running_trainers() as built:
+        resumed_watch = Watch(built)
+        resumed = run_job(_job(tmp_path / "b", tiny_sd, squares),
+                          RuntimeConfig(scratch=tmp_path / "sb2", log_every=0), hooks=[resumed_watch])
     assert resumed.exit_code == 0, resumed.message
     assert sorted(resumed_watch.losses) == [STEPS], "the resumed run evaluated only step 10"
     assert resumed_watch.losses[STEPS] == watch.losses[STEPS], "resumed training matches the straight run"
@@ -134,9 +139,10 @@ def _crash_after(step: int) -> Any:
 
 def test_export_last_writes_the_last_steps_weights(tiny_sd: Path, squares: Path, tmp_path: Path,
                                                     capsys: Any) -> None:
-    watch = Watch()
-    result = run_job(_job(tmp_path / "out", tiny_sd, squares, export="last"),
-                     RuntimeConfig(scratch=tmp_path / "s", log_every=0), hooks=[watch])
+    with running_trainers() as built:
+        watch = Watch(built)
+        result = run_job(_job(tmp_path / "out", tiny_sd, squares, export="last"),
+                         RuntimeConfig(scratch=tmp_path / "s", log_every=0), hooks=[watch])
     assert result.exit_code == 0, result.message
     assert (result.progress["outputs"]["step"], result.progress["outputs"]["reason"]) == (STEPS, "LastStep")
     assert _equal(_exported(result.progress["outputs"]), watch.last)
@@ -154,14 +160,15 @@ def test_an_early_stopped_full_fine_tune_exports_the_ema_average_of_its_best_ste
 
     averages: dict[int, list[Any]] = {}
 
-    def keep_average(trainer: Any) -> None:
-        averages[trainer.step] = [param.detach().clone() for param in trainer.p.ema.model.shadow_params]
+    def keep_average(record: StepRecord) -> None:
+        averages[record.step] = [param.detach().clone() for param in built[-1].p.ema.model.shadow_params]
 
     job = local_job(str(tiny_sd), str(squares), str(tmp_path / "out"), method={"type": "full", "lora": None},
                     data={"validationFraction": 0.2}, validation={"every": 1},
                     training={"maxSteps": 20, "ema": {"decay": 0.5},
                               "earlyStopping": {"patience": 2, "minDelta": 10.0}})
-    result = run_job(job, RuntimeConfig(scratch=tmp_path / "s", log_every=0), hooks=[keep_average])
+    with running_trainers() as built:
+        result = run_job(job, RuntimeConfig(scratch=tmp_path / "s", log_every=0), hooks=[keep_average])
     assert (result.exit_code, result.reason, result.progress["step"]) == (0, "EarlyStopped", 3), result.message
     outputs = result.progress["outputs"]
     assert (outputs["step"], outputs["reason"]) == (1, "BestValidationLoss")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from trainer_probe import running_trainers
 from trainer_support import local_job
 
 from kubetune_trainer.config import RuntimeConfig
@@ -20,7 +21,8 @@ def test_validation_and_samples_run_in_eval_mode_with_adapter_dropout(tiny_sd: P
                                                                       tmp_path: Path) -> None:
     seen: dict[str, Any] = {}
 
-    def probe(trainer: Any) -> None:
+    def probe(record: Any) -> None:
+        trainer = built[-1]
         components, validator = trainer.p.components, trainer.p.validator
         seen["training"] = components.unet.training
         seen["losses"] = [validator.evaluate(trainer.p.unet) for _ in range(2)]
@@ -31,7 +33,8 @@ def test_validation_and_samples_run_in_eval_mode_with_adapter_dropout(tiny_sd: P
     job = local_job(str(tiny_sd), str(squares), str(tmp_path / "out"), training={"maxSteps": 1},
                     method={"type": "lora", "lora": {"rank": 4, "dropout": 0.5}},
                     data={"validationFraction": 0.25})
-    result = run_job(job, RuntimeConfig(scratch=tmp_path / "s", log_every=0), hooks=[probe])
+    with running_trainers() as built:
+        result = run_job(job, RuntimeConfig(scratch=tmp_path / "s", log_every=0), hooks=[probe])
     assert result.exit_code == 0, result.message
     assert seen["training"] is True and seen["after"] is True
     assert not any(seen["inside"])

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from trainer_probe import running_trainers
 from trainer_support import local_job
 
 from kubetune_trainer.config import RuntimeConfig
 from kubetune_trainer.job import run_job
-from kubetune_trainer.trainer import Trainer
+from kubetune_trainer.parts import StepRecord
 
 
 def test_cached_and_uncached_latents_train_the_same_adapter(tiny_sd: Path, squares: Path, tmp_path: Path) -> None:
@@ -38,15 +39,16 @@ def _run(model: Path, data: Path, out: Path, scratch: Path, stop_after: int | No
     """Train 9 steps (3 epochs of 3 batches); return the images encoded and the steps run."""
     objectives, steps = [], []
 
-    def observe(trainer: Trainer) -> None:
-        objectives.append(trainer.p.objective)
-        steps.append(trainer.step)
-        if trainer.step == stop_after:
-            raise Interrupt(f"stopped after step {trainer.step}")
+    def observe(record: StepRecord) -> None:
+        objectives.append(built[-1].p.objective)
+        steps.append(record.step)
+        if record.step == stop_after:
+            raise Interrupt(f"stopped after step {record.step}")
 
     job = local_job(str(model), str(data), str(out), data={"randomFlip": False},
                     training={"maxSteps": 9}, output={"checkpointEvery": 3, "keepCheckpoints": 5})
-    result = run_job(job, RuntimeConfig(scratch=scratch, log_every=0), hooks=[observe])
+    with running_trainers() as built:
+        result = run_job(job, RuntimeConfig(scratch=scratch, log_every=0), hooks=[observe])
     assert result.exit_code == (0 if stop_after is None else 1), result.message
     return objectives[-1].encoded_images, steps
 

@@ -12,14 +12,15 @@ import shutil
 from pathlib import Path
 
 import pytest
+from trainer_probe import running_trainers
 from trainer_support import local_job
 
 from kubetune_trainer.caches.latents import DiskLatentCache
 from kubetune_trainer.caches.mirror import SWITCH_ENV, CacheMirror, NoMirror, build_mirror
 from kubetune_trainer.config import RuntimeConfig
 from kubetune_trainer.job import run_job
+from kubetune_trainer.parts import StepRecord
 from kubetune_trainer.storage.local import LocalStore
-from kubetune_trainer.trainer import Trainer
 
 
 def _filled(folder: Path, count: int, scratch: Path | None = None) -> DiskLatentCache:
@@ -140,12 +141,13 @@ def _train(model: Path, data: Path, pvc: Path, output: str, scratch: Path) -> tu
     """Three steps of two images (one epoch, a publish per step); return images encoded and the adapter."""
     objectives = []
 
-    def observe(trainer: Trainer) -> None:
-        objectives.append(trainer.p.objective)
+    def observe(record: StepRecord) -> None:
+        objectives.append(built[-1].p.objective)
 
     job = local_job(str(model), str(data), output, data={"centerCrop": True, "randomFlip": False},
                     training={"maxSteps": 3}, output={"checkpointEvery": 1, "keepCheckpoints": 1})
-    result = run_job(job, RuntimeConfig(scratch=scratch, log_every=0, pvc_root=pvc), hooks=[observe])
+    with running_trainers() as built:
+        result = run_job(job, RuntimeConfig(scratch=scratch, log_every=0, pvc_root=pvc), hooks=[observe])
     assert result.exit_code == 0, result.message
     return objectives[-1].encoded_images, LocalStore(pvc).path_of(result.progress["outputs"]["lora"]["diffusers"])
 

@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from trainer_probe import running_trainers
 from trainer_support import local_job
 
 from kubetune_trainer.config import RuntimeConfig
 from kubetune_trainer.job import run_job
-from kubetune_trainer.trainer import Trainer
+from kubetune_trainer.parts import StepRecord
 
 pytestmark = pytest.mark.integration
 
@@ -27,17 +28,18 @@ def _run(server: Any, bucket: str, scratch: Path, crash_after: int | None = None
     """9 steps (3 epochs of 3 batches) from S3 to S3; return the images encoded and the steps run."""
     objectives, steps = [], []
 
-    def observe(trainer: Trainer) -> None:
-        objectives.append(trainer.p.objective)
-        steps.append(trainer.step)
-        if trainer.step == crash_after:
-            raise Crash(f"crashed after step {trainer.step}")
+    def observe(record: StepRecord) -> None:
+        objectives.append(built[-1].p.objective)
+        steps.append(record.step)
+        if record.step == crash_after:
+            raise Crash(f"crashed after step {record.step}")
 
     job = local_job(f"s3://{bucket}/model/", f"s3://{bucket}/data/", f"s3://{bucket}/out/",
                     storage={"endpoint": server.endpoint, "addressingStyle": "path"},
                     data={"randomFlip": False}, training={"maxSteps": 9},
                     output={"checkpointEvery": 3, "keepCheckpoints": 2})
-    result = run_job(job, RuntimeConfig(scratch=scratch, log_every=0), hooks=[observe])
+    with running_trainers() as built:
+        result = run_job(job, RuntimeConfig(scratch=scratch, log_every=0), hooks=[observe])
     assert result.exit_code == (0 if crash_after is None else 1), result.message
     return objectives[-1].encoded_images, steps
 

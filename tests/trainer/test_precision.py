@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
+from trainer_probe import running_trainers
 from trainer_support import job_document, local_job
 
 from kubetune.api.validation import validate_document
@@ -59,15 +60,16 @@ def test_frozen_modules_run_in_the_job_precision_and_trained_weights_in_float32(
     """Both in one process: a float32 job may follow a bf16 one (see conftest's accelerate reset)."""
     seen: list[dict[str, set[str]]] = []
 
-    def dtypes(trainer: Any) -> None:
-        components = trainer.p.components
+    def dtypes(record: Any) -> None:
+        components = built[-1].p.components
         seen.append({"frozen": {str(p.dtype) for p in components.text_encoders[0].parameters()},
                      "trained": {str(p.dtype) for p in components.unet.parameters() if p.requires_grad},
                      "vae": {str(p.dtype) for p in components.vae.parameters()}})
 
     job = local_job(str(tiny_sd), str(squares), str(tmp_path / "out"), training={"maxSteps": 1,
                                                                                   "mixedPrecision": precision})
-    result = run_job(job, RuntimeConfig(scratch=tmp_path / "s", log_every=0), hooks=[dtypes])
+    with running_trainers() as built:
+        result = run_job(job, RuntimeConfig(scratch=tmp_path / "s", log_every=0), hooks=[dtypes])
     assert result.exit_code == 0, result.message
     assert seen == [{"frozen": {f"torch.{frozen}"}, "trained": {"torch.float32"}, "vae": {"torch.float32"}}]
 

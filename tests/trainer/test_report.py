@@ -10,17 +10,18 @@ import json
 import time
 from html.parser import HTMLParser
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from PIL import Image
+from trainer_probe import running_trainers
 from trainer_support import local_job
 
 from kubetune.api.status import DataReport, Outputs, SampleRef, SkippedFile
 from kubetune_trainer import report_render as render
 from kubetune_trainer.config import RuntimeConfig
 from kubetune_trainer.job import run_job
+from kubetune_trainer.parts import StepRecord
 from kubetune_trainer.report import ReportWriter, resolved_spec
 from kubetune_trainer.reporting import ProgressState, Reporters
 from kubetune_trainer.storage.local import LocalStore
@@ -70,11 +71,9 @@ def history_of(folder: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (folder / "history.jsonl").read_text().splitlines()]
 
 
-def fake_trainer(step: int, lr: float) -> Any:
-    """The parts of a `Trainer` the report's step hook reads."""
-    return SimpleNamespace(step=step, early_stop_message=None, p=SimpleNamespace(
-        lr_scheduler=SimpleNamespace(get_last_lr=lambda: [lr]), total_steps=1000,
-        stop=SimpleNamespace(signal=None), data=SimpleNamespace(buckets={(64, 64): [0, 1, 2], (80, 48): [3]})))
+def step_record(step: int, lr: float) -> StepRecord:
+    """What the trainer tells step hooks after step `step` of a 1,000-step run."""
+    return StepRecord(step=step, total_steps=1000, step_loss=0.5, smoothed_loss=0.5, learning_rate=lr)
 
 
 def feed_run(writer: ReportWriter, out: Path, steps: int, validate_every: int, prompts: list[str],
@@ -88,6 +87,7 @@ def feed_run(writer: ReportWriter, out: Path, steps: int, validate_every: int, p
         SkippedFile(file="<b>x</b>.png", reason="no caption")]))
     writer.phase("Training")
     writer.started(0, steps)
+    writer.buckets({(64, 64): 3, (80, 48): 1})
     (out / "samples").mkdir(parents=True, exist_ok=True)
     for step in range(1, steps + 1):
         writer.step(step, 1.0 / step + 0.05 * (step % 3), 4, 0.25)
@@ -99,11 +99,11 @@ def feed_run(writer: ReportWriter, out: Path, steps: int, validate_every: int, p
                 path = out / "samples" / f"step-{step}-{index}-0.png"
                 Image.new("RGB", (512, 512), (step % 256, index * 40, 90)).save(path)
                 writer.sample(SampleRef(step=step, prompt=prompt, uri=str(path)))
-        hook_trainer = fake_trainer(step, 1e-4 * (1 - step / (steps + 1)))
+        record = step_record(step, 1e-4 * (1 - step / (steps + 1)))
         if step < steps:  # the last step's report is the one written at the end
-            writer.step_hook(hook_trainer)
+            writer.step_hook(record)
         else:
-            writer.trainer = hook_trainer
+            writer.record = record
             writer.steps[-1]["lr"] = 1e-4 / (steps + 1)
 
 
@@ -155,12 +155,12 @@ def test_the_report_is_written_at_each_validation_and_keeps_the_final_outputs(tm
                           LocalStore())
     reporter = Reporters([progress, writer])
     reporter.step(1, 0.5, 2, 1.0)
-    writer.step_hook(fake_trainer(1, 1e-3))
+    writer.step_hook(step_record(1, 1e-3))
     assert not (out / "report").exists(), "no report before the first validation"
     assert progress.snapshot()["outputs"] is None
     reporter.step(2, 0.4, 2, 1.0)
     reporter.validation(2, 0.45)
-    writer.step_hook(fake_trainer(2, 1e-3))
+    writer.step_hook(step_record(2, 1e-3))
     assert len([line for line in history_of(out / "report") if line["kind"] == "step"]) == 2
     uri = str(out / "report" / "index.html")
     assert progress.snapshot()["outputs"] == {"report": uri}
@@ -228,16 +228,17 @@ def test_a_run_with_validation_writes_the_report(tiny_sd: Path, squares: Path, t
     out = tmp_path / "out"
     seen: dict[int, Any] = {}
 
-    def listed_report(trainer: Any) -> None:
+    def listed_report(record: StepRecord) -> None:
         """After each step: what /progress says about the report (the previous step's, hooks run in order)."""
-        progress = next(r for r in trainer.p.reporter.reporters if isinstance(r, ProgressState))
-        seen[trainer.step] = (progress.snapshot()["outputs"] or {}).get("report")
+        progress = next(r for r in built[-1].p.reporter.reporters if isinstance(r, ProgressState))
+        seen[record.step] = (progress.snapshot()["outputs"] or {}).get("report")
 
     job = local_job(str(tiny_sd), str(squares), str(out), data={"validationFraction": 0.2},
                     training={"maxSteps": 3}, output={"checkpointEvery": 10},
                     validation={"every": 2, "prompts": ["a red square"], "inferenceSteps": 1})
-    result = run_job(job, RuntimeConfig(scratch=tmp_path / "s", log_every=0, status_file=tmp_path / "status.json"),
-                     hooks=[listed_report])
+    with running_trainers() as built:
+        result = run_job(job, RuntimeConfig(scratch=tmp_path / "s", log_every=0,
+                                            status_file=tmp_path / "status.json"), hooks=[listed_report])
     assert result.exit_code == 0, result.message
     uri = str(out / "report" / "index.html")
     assert seen == {1: None, 2: None, 3: uri}, "listed from the step after the first validation"
@@ -279,16 +280,16 @@ def test_reports_while_training_come_at_most_once_a_minute_and_the_final_one_alw
     for step in range(1, 11):  # validation.every 1, and each step takes a second
         writer.step(step, 0.5, 2, 1.0)
         writer.validation(step, 0.4)
-        writer.step_hook(fake_trainer(step, 1e-3))
+        writer.step_hook(step_record(step, 1e-3))
         clock.now += 1.0
     assert steps_on_disk(out / "report") == [1], "the first report at once, then none within the minute"
     clock.now = 60.0
     writer.step(11, 0.5, 2, 1.0)
-    writer.step_hook(fake_trainer(11, 1e-3))  # no new validation: the one of step 10 is still due
+    writer.step_hook(step_record(11, 1e-3))  # no new validation: the one of step 10 is still due
     assert steps_on_disk(out / "report") == list(range(1, 12))
     writer.step(12, 0.5, 2, 1.0)
     writer.validation(12, 0.4)
-    writer.step_hook(fake_trainer(12, 1e-3))
+    writer.step_hook(step_record(12, 1e-3))
     assert steps_on_disk(out / "report")[-1] == 11
     writer.finish()
     assert steps_on_disk(out / "report")[-1] == 12, "the final report does not wait for the minute"
@@ -303,7 +304,7 @@ def test_a_sampling_refreshes_the_report_without_a_validation_split(tmp_path: Pa
     (out / "samples").mkdir(parents=True)
     Image.new("RGB", (64, 64), "red").save(out / "samples" / "step-1-0-0.png")
     writer.sample(SampleRef(step=1, prompt="a red square", uri=str(out / "samples" / "step-1-0-0.png")))
-    writer.step_hook(fake_trainer(1, 1e-3))
+    writer.step_hook(step_record(1, 1e-3))
     assert parse_page(out / "report" / "index.html").images == 1
     assert progress.snapshot()["outputs"] == {"report": str(out / "report" / "index.html")}
 
@@ -323,7 +324,7 @@ def test_only_the_grid_cells_thumbnails_are_kept_and_each_cell_shows_one_image(t
                 Image.new("RGB", (32, 32), (step, p_index * 60, i_index * 60)).save(path)
                 writer.sample(SampleRef(step=step, prompt=prompt, uri=str(path)))
         clock.now += 2.5  # a report every 24th sampling: the grid changes between them
-        writer.step_hook(fake_trainer(step, 1e-3))
+        writer.step_hook(step_record(step, 1e-3))
         most_kept = max(most_kept, len(writer.thumbnails), len(writer.embedded))
     writer.finish()
     limit = render.MAX_GRID_STEPS * len(prompts)
@@ -362,13 +363,14 @@ def test_after_a_stop_signal_the_result_is_written_before_the_last_report(tiny_s
         page_at_result.append(page.exists())
         write_result(result, runtime)
 
-    def sigterm(trainer: Any) -> None:
-        trainer.p.stop.received = "SIGTERM"  # as the handler does; the ranks agree on it after the next step
+    def sigterm(record: StepRecord) -> None:
+        built[-1].p.stop.received = "SIGTERM"  # as the handler does; the ranks agree on it after the next step
 
     monkeypatch.setattr(job_module, "write_result", recording)
     job = local_job(str(tiny_sd), str(squares), str(out), training={"maxSteps": 5}, output={"checkpointEvery": 10})
-    result = run_job(job, RuntimeConfig(scratch=tmp_path / "s", log_every=0, status_file=tmp_path / "status.json"),
-                     hooks=[sigterm])
+    with running_trainers() as built:
+        result = run_job(job, RuntimeConfig(scratch=tmp_path / "s", log_every=0,
+                                            status_file=tmp_path / "status.json"), hooks=[sigterm])
     assert result.exit_code == EXIT_INTERRUPTED, result.message
     assert page_at_result == [False], "the result first: the grace period is for the checkpoint and the result"
     assert steps_on_disk(out / "report") == [1, 2], "the last report after it"

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from trainer_probe import running_trainers
 from trainer_support import local_job
 
 from kubetune.api.spec import LoraSpec
@@ -19,6 +20,7 @@ from kubetune_trainer.job import run_job
 from kubetune_trainer.methods import LoraMethod
 from kubetune_trainer.models.family import Components
 from kubetune_trainer.models.registry import load_components
+from kubetune_trainer.parts import StepRecord
 from kubetune_trainer.storage.local import LocalStore
 from kubetune_trainer.trainer import Trainer
 
@@ -113,16 +115,17 @@ def _train(model: Path, data: Path, pvc: Path, scratch: Path, crash_after: int |
     """9 steps (3 epochs of 3 batches of 2) to a `pvc://` output; return the trainer and the steps run."""
     trainers, steps = [], []
 
-    def observe(trainer: Trainer) -> None:
-        trainers.append(trainer)
-        steps.append(trainer.step)
-        if trainer.step == crash_after:
-            raise Crash(f"crashed after step {trainer.step}")
+    def observe(record: StepRecord) -> None:
+        trainers.append(built[-1])
+        steps.append(record.step)
+        if record.step == crash_after:
+            raise Crash(f"crashed after step {record.step}")
 
     job = local_job(str(model), str(data), output, data={"randomFlip": False},
                     training={"maxSteps": 9, **sections.pop("training", {})},
                     output={"checkpointEvery": 3, "keepCheckpoints": 2}, **sections)
-    result = run_job(job, RuntimeConfig(scratch=scratch, log_every=0, pvc_root=pvc), hooks=[observe])
+    with running_trainers() as built:
+        result = run_job(job, RuntimeConfig(scratch=scratch, log_every=0, pvc_root=pvc), hooks=[observe])
     assert result.exit_code == (0 if crash_after is None else 1), result.message
     return trainers[-1], steps
 

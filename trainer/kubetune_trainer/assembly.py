@@ -29,13 +29,14 @@ from kubetune_trainer.models.registry import load_components
 from kubetune_trainer.objective import DiffusionObjective
 from kubetune_trainer.optim import build_lr_scheduler, build_optimizer
 from kubetune_trainer.ownership import claim_output
+from kubetune_trainer.parts import StepHook
 from kubetune_trainer.preflight import preflight_inputs, preflight_output
 from kubetune_trainer.reporting import Reporter
 from kubetune_trainer.sampling import build_sampler
 from kubetune_trainer.storage.interface import ObjectStore
 from kubetune_trainer.storage.schemes import open_store, stage
 from kubetune_trainer.trace import trace_from_env
-from kubetune_trainer.trainer import StepHook, StopRequest, Trainer, TrainerParts
+from kubetune_trainer.trainer import StopRequest, Trainer, TrainerParts, trainable_state
 from kubetune_trainer.validation import EarlyStopper, LossValidator, NullValidator
 
 DTYPES = {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -265,6 +266,6 @@ def build_trainer(job: FineTuneJob, runtime: RuntimeConfig, reporter: Reporter,
                               resolution=spec.data.resolution, seed=spec.training.seed,
                               scratch=runtime.scratch / "samples"),
         output_store=store, reporter=reporter, total_steps=steps, scratch=runtime.scratch,
-        hooks=[mirror.step_hook, text_mirror.step_hook, *(hooks or []), *trace.hooks()],
+        hooks=[mirror.step_hook, text_mirror.step_hook, *(hooks or []), *trace.hooks(lambda: trainable_state(trained))],
         stop=stop or StopRequest(),
     ))

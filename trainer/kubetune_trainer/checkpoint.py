@@ -6,7 +6,8 @@ was interrupted and is ignored and cleaned. The manifest records the job that wr
 Loading checks both, so a damaged checkpoint (a listed file missing, truncated or altered, a
 manifest that is not UTF-8 JSON describing safe file names) raises `CheckpointDamaged` and the
 trainer falls back to an older one. A file whose sha256 verified is what was saved: if it then
-fails to load, that is the trainer's problem, not damage (see `Trainer.read_checkpoint`).
+fails to load, that is the trainer's problem, not damage (see `checkpoint_state`). What the files hold
+(the trained weights and the registered stateful parts) is `checkpoint_state`'s.
 
 A damaged checkpoint is never reported as complete and never counts toward `keepCheckpoints`;
 its folder is left as found (for inspection) until pruning passes it (it is older than the
@@ -21,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 import time
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -32,6 +34,8 @@ from typing import TYPE_CHECKING, Any
 from kubetune.api.identity import JobIdentity
 from kubetune.api.spec import OutputSpec
 from kubetune.api.status import CheckpointRef
+from kubetune_trainer.checkpoint_state import CheckpointDamaged, TrainingState, load_files, write_files
+from kubetune_trainer.parts import Stateful
 from kubetune_trainer.storage.interface import ObjectInfo, ObjectStore, as_prefix, join_uri, read_text, write_text
 
 if TYPE_CHECKING:
@@ -41,10 +45,6 @@ MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
 _HASH_BLOCK = 4 << 20
-
-
-class CheckpointDamaged(Exception):
-    """A checkpoint that cannot be trusted, with why in a few words: skipped, never fatal by itself."""
 
 
 @dataclass(frozen=True)
@@ -168,6 +168,37 @@ class Checkpointer:
         """Steps found damaged in this run, with why; neither complete nor counted."""
         self.pinned: frozenset[int] = frozenset()
         """Steps kept out of rotation (the best validation step's): `prune` never deletes them."""
+        self.state = TrainingState()
+        """The parts whose state every checkpoint saves beside the weights (optimizer, data position, ...)."""
+
+    def register(self, name: str, part: Stateful, required: bool = True) -> None:
+        """Save `part`'s state in every checkpoint under `name`; an optional part restores from `{}` when a
+        checkpoint predates it."""
+        self.state.register(name, part, required)
+
+    def save_training(self, step: int, weights: dict[str, Any]) -> tuple[CheckpointRef, float]:
+        """Checkpoint `step`: the trained `weights` and every registered part's state (see `save`)."""
+        folder = self.scratch / "checkpoint-out" / f"step-{step}"
+        try:
+            return self.save(step, write_files(folder, weights, self.state.state_dict(step)))
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def read_training(self, ref: CheckpointRef, shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, Any],
+                                                                                               dict[str, Any]]:
+        """A checkpoint's weights and state, verified and loaded but not yet applied: `CheckpointDamaged` if any
+        of it is unusable, so a damaged checkpoint changes nothing. Its download is removed either way
+        (everything is in memory by then), so skipped checkpoints do not fill the scratch volume."""
+        folder = self.scratch / "resume" / f"step-{ref.step}"
+        try:
+            files, verified = self.load_verified(ref, folder)
+            return load_files(ref, files, verified, shapes, self.state.required())
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def restore(self, state: dict[str, Any], only: tuple[str, ...] | None = None) -> int:
+        """Load the registered parts (or those named in `only`) from a checkpoint's state; returns its step."""
+        return self.state.load_state_dict(state, only)
 
     def pin(self, *steps: int) -> None:
         """Keep these steps' checkpoints out of rotation from the next prune on; steps pinned before are released."""
@@ -283,7 +314,7 @@ class Checkpointer:
 
     def load_verified(self, ref: CheckpointRef, dest: Path) -> tuple[dict[str, Path], frozenset[str]]:
         """`load`, plus the names whose bytes matched a sha256 in the manifest: such a file is exactly what
-        was saved, so failing to load it later is not damage (see `Trainer.read_checkpoint`)."""
+        was saved, so failing to load it later is not damage (see `checkpoint_state.load_files`)."""
         try:
             manifest = Manifest.read(self.store, ref.uri + MANIFEST, self.scratch)
         except FileNotFoundError as exc:

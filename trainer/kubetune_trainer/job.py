@@ -25,9 +25,10 @@ from kubetune.api.resource import FineTuneJob
 from kubetune_trainer.config import TERMINATION_LIMIT_BYTES, RuntimeConfig
 from kubetune_trainer.distributed import collective_failure
 from kubetune_trainer.exitcodes import EXIT_FAILED, EXIT_OK, ConfigError, Interrupted, TrainerError
+from kubetune_trainer.parts import StepHook
 from kubetune_trainer.report import ReportWriter, finish_reports, report_hooks
 from kubetune_trainer.reporting import ProgressState, Reporter, Reporters, console_reporter
-from kubetune_trainer.trainer import StepHook, StopRequest
+from kubetune_trainer.trainer import StopRequest
 
 
 @dataclass

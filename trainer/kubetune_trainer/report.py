@@ -34,6 +34,7 @@ from kubetune.api.resource import FineTuneJob
 from kubetune.api.status import DataReport, Outputs, SampleRef
 from kubetune_trainer import report_render as render
 from kubetune_trainer.config import RuntimeConfig
+from kubetune_trainer.parts import StepHook, StepRecord
 from kubetune_trainer.reporting import ProgressState, Reporter, Reporters, Smoothed
 from kubetune_trainer.storage.interface import ObjectStore, as_prefix, join_uri
 from kubetune_trainer.storage.staging import StagingReport
@@ -80,7 +81,9 @@ class ReportWriter(Reporter):
         """The exported outputs, once the export ran."""
         self.published = False
         self.due = False
-        self.trainer: Any = None
+        self.record: StepRecord | None = None
+        """The latest step's record: the run's length, and whether it is stopping and why."""
+        self.batch_buckets: list[tuple[str, int]] = []
         self.render_seconds: float | None = None
         self.smoothed = Smoothed()
         self.earlier: list[dict[str, Any]] = []
@@ -135,12 +138,15 @@ class ReportWriter(Reporter):
         if self.published:  # the export's outputs replace /progress's; the report stays listed
             self.progress.outputs(outputs.model_copy(update={"report": self.uri}))
 
-    def step_hook(self, trainer: Any) -> None:
+    def buckets(self, sizes: dict[tuple[int, int], int]) -> None:
+        self.batch_buckets = [(f"{w} x {h}", count) for (w, h), count in sorted(sizes.items())]
+
+    def step_hook(self, record: StepRecord) -> None:
         """After each step (a `StepHook`): the step's learning rate, and the report if a validation or a
         sampling asked for one and the last was written `interval` seconds ago (else it stays due)."""
-        self.trainer = trainer
-        if self.steps and self.steps[-1]["step"] == trainer.step:
-            self.steps[-1]["lr"] = float(trainer.p.lr_scheduler.get_last_lr()[0])
+        self.record = record
+        if self.steps and self.steps[-1]["step"] == record.step:
+            self.steps[-1]["lr"] = record.learning_rate
         if self.due and (self.rendered_at is None or self.clock() - self.rendered_at >= self.interval):
             self.due = False
             self.publish()
@@ -276,7 +282,7 @@ class ReportWriter(Reporter):
         spec, last = self.job.spec, steps[-1] if steps else None
         images = sum(s["images"] for s in steps)
         busy = sum(s["seconds"] for s in steps)
-        total = self.trainer.p.total_steps if self.trainer is not None else None
+        total = self.record.total_steps if self.record is not None else None
         rows = [("phase", str(self.progress.report().phase)), ("stop reason", self.stop_reason()),
                 ("base model", _masked_url(spec.model.uri)),
                 ("method", spec.method.type),
@@ -295,11 +301,11 @@ class ReportWriter(Reporter):
 
     def stop_reason(self) -> str:
         phase = self.progress.report().phase
-        trainer = self.trainer
-        if trainer is not None and trainer.early_stop_message:
-            return f"EarlyStopped: {trainer.early_stop_message}"
-        if trainer is not None and trainer.p.stop.signal:
-            return f"stopped by {trainer.p.stop.signal} after step {trainer.step} (a restart resumes)"
+        record = self.record
+        if record is not None and record.early_stop:
+            return f"EarlyStopped: {record.early_stop}"
+        if record is not None and record.stop_signal:
+            return f"stopped by {record.stop_signal} after step {record.step} (a restart resumes)"
         if phase == "Succeeded":
             return "Completed: training finished"
         if phase == "Failed":
@@ -308,7 +314,7 @@ class ReportWriter(Reporter):
 
     def data_summary(self) -> dict[str, Any] | None:
         report = self.data_report
-        buckets = _buckets(self.trainer.p.data) if self.trainer is not None else None
+        buckets = self.batch_buckets
         if report is None and not buckets:
             return None
         skipped = list(report.skipped_files) if report else []
@@ -352,19 +358,6 @@ def _duration(seconds: float) -> str:
     return f"{hours}h {minutes:02d}m {secs:02d}s" if hours else f"{minutes}m {secs:02d}s"
 
 
-def _buckets(data: Any) -> list[tuple[str, int]] | None:
-    """Aspect buckets (width x height: examples) of the batch stream, found through its wrappers."""
-    for _ in range(4):
-        buckets = getattr(data, "buckets", None)
-        if isinstance(buckets, dict):
-            return [(f"{w} x {h}", len(members)) for (w, h), members in sorted(buckets.items())]
-        data = next((getattr(data, name) for name in ("instance", "stream", "data", "inner")
-                     if hasattr(data, name)), None)
-        if data is None:
-            return None
-    return None
-
-
 def resolved_spec(job: FineTuneJob) -> str:
     """The spec as YAML, with anything that could carry a credential masked (it should hold only Secret
     names; URLs with user:password or signed query strings, and token-like fields, are masked anyway)."""
@@ -398,7 +391,7 @@ def _masked_url(text: str) -> str:
                        parts.fragment))
 
 
-def report_hooks(reporter: Reporter) -> list[Any]:
+def report_hooks(reporter: Reporter) -> list[StepHook]:
     """The step hooks of the report writers among `reporter`'s (none on ranks that write no report)."""
     members = reporter.reporters if isinstance(reporter, Reporters) else [reporter]
     return [member.step_hook for member in members if isinstance(member, ReportWriter)]

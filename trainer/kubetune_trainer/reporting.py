@@ -66,6 +66,9 @@ class Reporter:
 
     def checkpoints(self, refs: list[CheckpointRef], upload_seconds: float | None) -> None: ...
 
+    def buckets(self, sizes: dict[tuple[int, int], int]) -> None:
+        """The aspect buckets training draws batches from: (width, height) -> examples."""
+
     def sample(self, sample: SampleRef) -> None: ...
 
     def outputs(self, outputs: Outputs) -> None: ...
@@ -109,6 +112,9 @@ class Reporters(Reporter):
 
     def checkpoints(self, refs: list[CheckpointRef], upload_seconds: float | None) -> None:
         self._each("checkpoints", refs, upload_seconds)
+
+    def buckets(self, sizes: dict[tuple[int, int], int]) -> None:
+        self._each("buckets", sizes)
 
     def sample(self, sample: SampleRef) -> None:
         self._each("sample", sample)
@@ -184,6 +190,20 @@ class ProgressState(Reporter):
 def reported_data(report: DataReport, files: int = REPORTED_SKIPPED_FILES) -> DataReport:
     """The report as /progress and the result carry it: the first `files` skipped files named."""
     return report.model_copy(update={"skipped_files": report.skipped_files[:files]})
+
+
+def aspect_buckets(data: Any) -> dict[tuple[int, int], int]:
+    """The aspect buckets of a batch source, found through its wrappers (prefetching, prior preservation,
+    tracing): (width, height) -> examples; empty when it has none."""
+    for _ in range(4):
+        buckets = getattr(data, "buckets", None)
+        if isinstance(buckets, dict):
+            return {size: len(members) for size, members in buckets.items()}
+        data = next((getattr(data, name) for name in ("instance", "stream", "data", "inner")
+                     if hasattr(data, name)), None)
+        if data is None:
+            return {}
+    return {}
 
 
 def data_lines(report: DataReport) -> list[str]:

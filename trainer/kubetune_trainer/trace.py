@@ -16,8 +16,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from kubetune_trainer.parts import StepRecord
 
 TRACE_ENV = "KUBETUNE_TRAINER_TRACE"
 
@@ -83,13 +86,17 @@ class StepTrace:
     def wrap_store(self, store: Any) -> TracedStore:
         return TracedStore(store, self)
 
-    def hooks(self) -> list[Any]:
-        return [self.record_step]
+    def hooks(self, weights: Callable[[], dict[str, Any]]) -> list[Any]:
+        """A step hook that records each step with a digest of `weights()`, the trained weights then."""
+        def record_step(record: StepRecord) -> None:
+            self.record_step(record, weights())
 
-    def record_step(self, trainer: Any) -> None:
+        return [record_step]
+
+    def record_step(self, record: StepRecord, weights: dict[str, Any]) -> None:
         keys, epochs = (self.stream.keys, self.stream.epochs) if self.stream else ([], [])
-        self.write({"event": "step", "step": trainer.step, "epochs": epochs, "keys": keys,
-                    "digest": weights_digest(trainer.trainable_state())})
+        self.write({"event": "step", "step": record.step, "epochs": epochs, "keys": keys,
+                    "digest": weights_digest(weights)})
         if self.stream:
             self.stream.keys, self.stream.epochs = [], []
 
@@ -103,7 +110,7 @@ class NoTrace:
     def wrap_store(self, store: Any) -> Any:
         return store
 
-    def hooks(self) -> list[Any]:
+    def hooks(self, weights: Callable[[], dict[str, Any]]) -> list[Any]:
         return []
 
 

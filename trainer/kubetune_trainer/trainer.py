@@ -13,42 +13,33 @@ rotation, and the export loads its weights (and EMA average) back before writing
 
 from __future__ import annotations
 
-import random
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kubetune.api.resource import FineTuneJob
 from kubetune.api.status import CheckpointRef, LoraOutputs, Outputs, SampleRef
-from kubetune_trainer.batches import BatchStream
-from kubetune_trainer.checkpoint import CheckpointDamaged, Checkpointer
+from kubetune_trainer.checkpoint import Checkpointer
+from kubetune_trainer.checkpoint_state import CheckpointDamaged, RngState
 from kubetune_trainer.cpu_quota import fit_threads_to_cpu_limit
 from kubetune_trainer.distributed import agreed_signal
-from kubetune_trainer.dreambooth import PriorPreservationStream
-from kubetune_trainer.ema import Ema, NoEma
-from kubetune_trainer.exitcodes import ConfigError, Interrupted, StorageUnavailable, TrainerError
+from kubetune_trainer.exitcodes import Interrupted, StorageUnavailable
 from kubetune_trainer.methods import TrainingMethod
 from kubetune_trainer.model_card import write_model_card
 from kubetune_trainer.models.family import Components
 from kubetune_trainer.objective import DiffusionObjective
-from kubetune_trainer.reporting import Reporter
-from kubetune_trainer.sampling import NullSampler, Sampler
+from kubetune_trainer.parts import BatchSource, ImageSampler, StepHook, StepRecord, Validator, WeightAverage
+from kubetune_trainer.reporting import Reporter, Smoothed, aspect_buckets
 from kubetune_trainer.storage.interface import ObjectStore, as_prefix, join_uri
 from kubetune_trainer.validation import (
     BEST_VALIDATION_LOSS,
     LAST_STEP,
     EarlyStopper,
     LossValidator,
-    NullValidator,
     build_export_choice,
 )
-
-TRAINABLE_FILE = "trainable.safetensors"
-STATE_FILE = "training_state.pt"
-StepHook = Callable[["Trainer"], None]
 
 
 @dataclass
@@ -78,20 +69,27 @@ class TrainerParts:
     accelerator: Any
     unet: Any
     objective: DiffusionObjective
-    data: BatchStream | PriorPreservationStream
+    data: BatchSource
     optimizer: Any
     lr_scheduler: Any
     checkpointer: Checkpointer
-    sampler: Sampler | NullSampler
-    validator: LossValidator | NullValidator
+    sampler: ImageSampler
+    validator: Validator
     stopper: EarlyStopper
-    ema: Ema | NoEma
+    ema: WeightAverage
     output_store: ObjectStore
     reporter: Reporter
     total_steps: int
     scratch: Path
     stop: StopRequest = field(default_factory=lambda: StopRequest())
     hooks: list[StepHook] = field(default_factory=list)
+
+
+def trainable_state(trained: dict[str, Any]) -> dict[str, Any]:
+    """The trained parameters of `trained`'s modules by `<module>.<parameter>`, on the CPU: what a checkpoint saves."""
+    return {f"{name}.{key}": param.detach().cpu().contiguous()
+            for name, module in trained.items()
+            for key, param in module.named_parameters() if param.requires_grad}
 
 
 class Trainer:
@@ -110,6 +108,20 @@ class Trainer:
         """Why training ended before `total_steps`, for the final status; None when it did not."""
         self.best = build_export_choice(parts.job.spec, isinstance(parts.validator, LossValidator))
         """The step whose weights the export writes: the best validation step, or the last."""
+        self.smoothed = Smoothed()
+        self.register_state()
+
+    def register_state(self) -> None:
+        """The parts whose state every checkpoint saves beside the weights, under the names the checkpoint
+        format has always used; the RNG last, so that it is restored after anything that draws from it."""
+        p, register = self.p, self.p.checkpointer.register
+        register("optimizer", p.optimizer)
+        register("lr_scheduler", p.lr_scheduler)
+        register("data", p.data)
+        register("early_stopping", p.stopper, required=False)
+        register("ema", p.ema, required=False)
+        register("best_weights", self.best, required=False)
+        register("rng", RngState())
 
     @property
     def is_main(self) -> bool:
@@ -122,6 +134,7 @@ class Trainer:
         self.resume()
         self.p.reporter.phase("Training")
         self.p.reporter.started(self.step, self.p.total_steps)
+        self.p.reporter.buckets(aspect_buckets(self.p.data))
         self.p.stop.armed = True
         try:
             while self.step < self.p.total_steps and not self.stopped_early:
@@ -139,15 +152,24 @@ class Trainer:
         self.agree_on_stop()
         last = self.step == self.p.total_steps
         stopping = self.p.stop.signal is not None  # the grace period is for the checkpoint, not for samples
-        if self.p.validator.due(self.step, last) and not stopping:
-            self.validate()
+        validation = self.validate() if self.p.validator.due(self.step, last) and not stopping else None
         if self.checkpoint_due(last):
             self.save_checkpoint()
         if self.p.sampler.due(self.step, last or self.stopped_early) and not stopping:
             self.sample()
+        record = self.record(loss, validation)
         for hook in self.p.hooks:
-            hook(self)
+            hook(record)
         self.stop_if_asked()
+
+    def record(self, loss: float, validation: float | None) -> StepRecord:
+        """What step hooks learn of the step just finished."""
+        return StepRecord(step=self.step, total_steps=self.p.total_steps, step_loss=loss,
+                          smoothed_loss=self.smoothed.add(loss),
+                          learning_rate=float(self.p.lr_scheduler.get_last_lr()[0]), validation_loss=validation,
+                          checkpoint_due=self.p.checkpointer.due(self.step),
+                          checkpoint_saved=self.saved_step == self.step, stop_signal=self.p.stop.signal,
+                          early_stop=self.early_stop_message)
 
     def agree_on_stop(self) -> None:
         """A collective at the end of every step: all ranks learn whether any rank was asked to stop."""
@@ -176,7 +198,7 @@ class Trainer:
             return False
         return self.best.step == self.step or (self.p.checkpointer.due(self.step) and not self.stopped_early)
 
-    def validate(self) -> None:
+    def validate(self) -> float:
         loss = self.agreed_loss(self.p.validator.evaluate(self.p.unet))
         self.p.reporter.validation(self.step, loss)
         if self.best.update(self.step, loss):
@@ -186,6 +208,7 @@ class Trainer:
             self.early_stop_message = (f"stopped early at step {self.step} of {self.p.total_steps}: "
                                        f"{self.p.stopper.explain()}")
             self.p.reporter.notice(self.early_stop_message)
+        return loss
 
     def agreed_loss(self, loss: float) -> float:
         """Rank 0's validation loss on every rank: the ranks then take the same early-stop and best-step
@@ -251,39 +274,20 @@ class Trainer:
         return self._trainable
 
     def trainable_state(self) -> dict[str, Any]:
-        return {f"{name}.{key}": param.detach().cpu().contiguous()
-                for name, module in self.p.trained.items()
+        return trainable_state(self.p.trained)
+
+    def trained_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shapes a checkpoint's weights must have to fit this job's trained modules."""
+        return {f"{name}.{key}": tuple(param.shape) for name, module in self.p.trained.items()
                 for key, param in module.named_parameters() if param.requires_grad}
 
-    def training_state(self) -> dict[str, Any]:
-        import numpy as np
-        import torch
-
-        np_state = np.random.get_state()
-        rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
-               "numpy": (np_state[0], torch.from_numpy(np_state[1].astype("int64")), *np_state[2:])}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        return {"step": self.step, "optimizer": self.p.optimizer.state_dict(),
-                "lr_scheduler": self.p.lr_scheduler.state_dict(), "data": self.p.data.state_dict(), "rng": rng,
-                "early_stopping": self.p.stopper.state_dict(), "ema": self.p.ema.state_dict(),
-                "best_weights": self.best.state_dict()}
-
     def save_checkpoint(self) -> None:
-        import torch
-        from safetensors.torch import save_file
-
+        """Rank 0 writes the weights and the registered parts' state; every rank knows the step was saved."""
         self.p.accelerator.wait_for_everyone()
         self.saved_step = self.step
         if not self.is_main:
             return
-        folder = self.p.scratch / "checkpoint-out" / f"step-{self.step}"
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file(self.trainable_state(), str(folder / TRAINABLE_FILE))
-        torch.save(self.training_state(), folder / STATE_FILE)
-        _, seconds = self.p.checkpointer.save(self.step, {TRAINABLE_FILE: folder / TRAINABLE_FILE,
-                                                           STATE_FILE: folder / STATE_FILE})
-        shutil.rmtree(folder, ignore_errors=True)
+        _, seconds = self.p.checkpointer.save_training(self.step, self.trainable_state())
         self.checkpoints = self.p.checkpointer.complete()
         self.p.reporter.checkpoints(self.checkpoints, seconds)
 
@@ -340,81 +344,15 @@ class Trainer:
                                      "-1 is none): the output changed while they read it; a restart checks again")
 
     def read_checkpoint(self, ref: CheckpointRef) -> tuple[dict[str, Any], dict[str, Any]]:
-        """A checkpoint's weights and state, verified and loaded but not yet applied: `CheckpointDamaged` if
-        any of it is unusable, so a damaged checkpoint changes nothing. Its download is removed either way
-        (everything is in memory by then), so skipped checkpoints do not fill the scratch volume."""
-        folder = self.p.scratch / "resume" / f"step-{ref.step}"
-        try:
-            files, verified = self.p.checkpointer.load_verified(ref, folder)
-            return self._loaded(ref, files, verified)
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
-
-    def _loaded(self, ref: CheckpointRef, files: dict[str, Path],
-                verified: frozenset[str]) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Load the downloaded files. Bytes that matched their sha256 are what was saved: a loader error
-        on them (memory, scratch I/O, another torch) is a `TrainerError` (exit 1, retried) and tensors that
-        do not fit this model are a `ConfigError`, never damage that would silently resume from an older
-        step. Only files without a digest (old manifests) count as damaged when they do not load or fit."""
-        import torch
-        from safetensors.torch import load_file
-
-        loaders = {TRAINABLE_FILE: lambda path: load_file(str(path)),
-                   STATE_FILE: lambda path: torch.load(path, weights_only=True, map_location="cpu", mmap=True)}
-        loaded = {}
-        for name, loader in loaders.items():
-            if name not in files:
-                raise CheckpointDamaged(f"its manifest does not list {name}")
-            try:
-                loaded[name] = loader(files[name])
-            except Exception as exc:  # whatever the bytes make the loader raise
-                if name in verified:
-                    raise TrainerError(f"checkpoint {ref.uri}: {name} matches the sha256 it was saved with but does "
-                                       f"not load here ({type(exc).__name__}: {exc}".splitlines()[0] + "); it is kept "
-                                       "and a restart tries it again. If this persists, run the image that wrote "
-                                       "it") from exc
-                raise CheckpointDamaged(f"{name} does not load: {type(exc).__name__}: {exc}".splitlines()[0]) from exc
-        weights, state = loaded[TRAINABLE_FILE], loaded[STATE_FILE]
-        wanted = {f"{name}.{key}": tuple(param.shape) for name, module in self.p.trained.items()
-                  for key, param in module.named_parameters() if param.requires_grad}
-        if {k: tuple(v.shape) for k, v in weights.items()} != wanted:
-            self._misfit(ref, TRAINABLE_FILE, "holds other tensors than this job trains", verified)
-        missing = {"step", "optimizer", "lr_scheduler", "data", "rng"} - set(state if isinstance(state, dict) else ())
-        if missing:
-            self._misfit(ref, STATE_FILE, f"lacks {', '.join(sorted(missing))}", verified)
-        return weights, state
-
-    @staticmethod
-    def _misfit(ref: CheckpointRef, name: str, why: str, verified: frozenset[str]) -> None:
-        """A file that does not fit this model: damage if unverified; else this trainer cannot continue the run."""
-        if name not in verified:
-            raise CheckpointDamaged(f"{name} {why}")
-        raise ConfigError(f"checkpoint {ref.uri}: {name} {why}, though its bytes match the sha256 it was saved with: "
-                          "it was written by a trainer that shapes this job's weights differently. Run the image "
-                          f"that wrote it, or delete {ref.uri.rsplit('/checkpoints/', 1)[0]}/checkpoints/ to start "
-                          "this job over")
+        """A checkpoint's weights and state, verified and loaded but not applied (see `Checkpointer.read_training`)."""
+        return self.p.checkpointer.read_training(ref, self.trained_shapes())
 
     def restore(self, ref: CheckpointRef) -> None:
-        import numpy as np
-        import torch
-
         weights, state = self.read_checkpoint(ref)
         self.apply_weights(weights)
-        self.p.optimizer.load_state_dict(state["optimizer"])
-        self.p.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        self.p.data.load_state_dict(state["data"])
-        self.p.stopper.load_state_dict(state.get("early_stopping", {}))
-        self.p.ema.load_state_dict(state.get("ema", {}))
-        self.best.load_state_dict(state.get("best_weights", {}))
+        self.step = self.p.checkpointer.restore(state)
         if self.best.step is not None:
             self.p.checkpointer.pin(self.best.step)
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
-        np.random.set_state((rng["numpy"][0], rng["numpy"][1].numpy().astype("uint32"), *rng["numpy"][2:]))
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        self.step = int(state["step"])
 
     def apply_weights(self, weights: dict[str, Any]) -> None:
         """Copy a checkpoint's trained weights into the modules that train them."""
@@ -481,5 +419,5 @@ class Trainer:
                                    f"exporting the last step, {self.step}, instead")
             return False
         self.apply_weights(weights)
-        self.p.ema.load_state_dict(state.get("ema", {}))
+        self.p.checkpointer.restore(state, only=("ema",))
         return True

@@ -24,6 +24,7 @@ from typing import Any
 
 from kubetune.api.uris import parse_uri
 from kubetune_trainer.caches.entries import DiskEntries
+from kubetune_trainer.parts import StepRecord
 from kubetune_trainer.storage.interface import ObjectInfo, ObjectStore, as_prefix, join_uri, read_text, write_text
 
 SWITCH_ENV = "KUBETUNE_REMOTE_CACHE"
@@ -185,10 +186,9 @@ class CacheMirror:
             tmp.unlink(missing_ok=True)
         write_text(self.store, self.uri + stem + MANIFEST_SUFFIX, manifest.text(), self.scratch)
 
-    def step_hook(self, trainer: Any) -> None:
+    def step_hook(self, record: StepRecord) -> None:
         """Publish when a checkpoint is due, at the last step and when asked to stop, not every step."""
-        due = trainer.p.checkpointer.due(trainer.step) or trainer.step >= trainer.p.total_steps
-        if due or trainer.stopped_early or trainer.p.stop.signal is not None:
+        if record.checkpoint_due or record.last:
             self.publish()
 
 
@@ -201,7 +201,7 @@ class NoMirror:
     def publish(self) -> int:
         return 0
 
-    def step_hook(self, trainer: Any) -> None:
+    def step_hook(self, record: StepRecord) -> None:
         pass
 
 
