@@ -12,7 +12,8 @@ from kubetune.api.uris import CLUSTER_SCHEMES, LOCAL_EXTRA
 from kubetune_trainer.exitcodes import ConfigError
 from kubetune_trainer.storage.local import LocalStore
 from kubetune_trainer.storage.s3 import S3Store
-from kubetune_trainer.storage.schemes import SCHEMES, open_store, stage
+from kubetune_trainer.storage.schemes import SCHEMES, Scheme, open_store, stage
+from kubetune_trainer.storage.staging import StagingReport
 
 
 def test_every_scheme_the_api_accepts_has_an_entry() -> None:
@@ -50,3 +51,11 @@ def test_a_scheme_without_a_store_cannot_be_opened(uri: str) -> None:
 def test_an_unknown_scheme_cannot_be_staged(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"gs://bucket/key: scheme gs:// cannot be staged"):
         stage("gs://bucket/key", tmp_path, StorageSpec())
+
+
+def test_a_new_scheme_is_one_entry_that_both_doors_use(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = LocalStore(tmp_path)
+    monkeypatch.setitem(SCHEMES, "mem", Scheme(store=lambda spec, pvc_root: store,
+                                               stage=lambda uri, dest, spec, pvc_root, variant: StagingReport(dest)))
+    assert open_store("mem://bucket/key", StorageSpec()) is store
+    assert stage("mem://bucket/key", tmp_path / "dest", StorageSpec()).path == tmp_path / "dest"

@@ -14,11 +14,14 @@ from pathlib import Path
 from kubetune.api.uris import parse_uri
 from kubetune_trainer.storage.interface import Fetched, ObjectInfo, join_uri
 
+PVC_ROOT = Path("/mnt/pvc")
+"""Where the trainer's pod mounts the claims that pvc:// URIs name."""
+
 
 class LocalStore:
     """A directory tree: plain paths, file:// and mounted PVCs (`pvc://claim/path`)."""
 
-    def __init__(self, pvc_root: Path = Path("/mnt/pvc")) -> None:
+    def __init__(self, pvc_root: Path = PVC_ROOT) -> None:
         self.pvc_root = Path(pvc_root)
 
     def path_of(self, uri: str) -> Path:

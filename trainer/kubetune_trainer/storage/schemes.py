@@ -18,12 +18,9 @@ from kubetune.api.uris import parse_uri
 from kubetune_trainer.exitcodes import ConfigError
 from kubetune_trainer.storage.hub import stage_hub
 from kubetune_trainer.storage.interface import ObjectStore
-from kubetune_trainer.storage.local import LocalStore
+from kubetune_trainer.storage.local import PVC_ROOT, LocalStore
 from kubetune_trainer.storage.s3 import S3Store
 from kubetune_trainer.storage.staging import Stager, StagingReport
-
-PVC_ROOT = Path("/mnt/pvc")
-"""Where the trainer's pod mounts the claims that pvc:// URIs name."""
 
 StoreFactory = Callable[[StorageSpec, Path], ObjectStore]
 """Opens a scheme's store from `spec.storage` and the PVC mount root."""
