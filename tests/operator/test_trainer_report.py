@@ -76,6 +76,7 @@ def test_a_failed_result_is_the_error_with_its_reason() -> None:
     ({"step": 3, "checkpoints": "not a list", "data": {"images": "many"}}, {"step": 3, "checkpoints": [],
                                                                              "data": None}),
     ({"stage": "training", "outputs": {"lora": 5}}, {"phase": "training", "outputs": None}),
+    ({"total_steps": "x", "step": 2, "stage": 5}, {"step": 2, "total_steps": None, "phase": None}),  # snake_case too
 ])
 def test_a_section_that_does_not_validate_is_left_out(doc: dict[str, object], kept: dict[str, object]) -> None:
     report = validate_sections(TrainerProgress, doc)
