@@ -1,4 +1,4 @@
-"""The FineTuneJob API (kubetune.io/v1alpha1): typed spec and status, CRD, validation.
+"""The FineTuneJob API (kubetune.io/v1alpha1): typed spec and status, the trainer's report, CRD, validation.
 
 This package imports nothing else from the project, so the operator, the trainer and
 the CLI can all depend on it.
