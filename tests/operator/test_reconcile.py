@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -16,6 +18,7 @@ from kubetune.operator.passes import Controller
 from kubetune.operator.progress_reader import bounded_report
 from kubetune.operator.reconcile import reconcile, status_patch
 from kubetune.operator.settings import OperatorSettings
+from kubetune.operator.workqueue import WorkQueue
 
 SETTINGS = OperatorSettings()
 
@@ -231,12 +234,14 @@ def test_in_a_burst_the_status_of_a_job_just_created_waits_for_the_next_pass() -
 def test_a_deferred_status_is_queued_behind_the_new_jobs() -> None:
     cluster = BusyCluster(S3_KEYS)
     controller = _controller(cluster, "corgi")
+    controller.queue = WorkQueue(yield_seconds=2.0)
     controller.queue.add(("team-a", "husky"), urgent=True)  # another new job, waiting for its children
     assert controller.run_pass(("team-a", "corgi")) is True and cluster.status_writes == []
     assert controller.queue.get(timeout=0) == ("team-a", "husky"), "the other job's children first"
-    assert controller.queue.get(timeout=0) is None, "the status waits while new jobs' passes run"
-    controller.queue.done(("team-a", "husky"))
-    assert controller.queue.get(timeout=0) == ("team-a", "corgi"), "then a routine pass writes it"
+    threading.Timer(0.2, controller.queue.done, args=(("team-a", "husky"),)).start()
+    began = time.monotonic()
+    assert controller.queue.get(timeout=0) == ("team-a", "corgi"), "then a routine pass writes the status"
+    assert 0.15 < time.monotonic() - began < 1.5, "once the new job's pass has ended"
 
 
 def test_a_pass_that_fails_unexpectedly_is_retried_and_the_worker_lives_on() -> None:

@@ -4,6 +4,7 @@ newest copy wins, every trigger is a queued key, bursts coalesce, new jobs go fi
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import kopf
@@ -139,21 +140,34 @@ def test_queue_coalesces_a_burst_and_requeues_a_key_changed_while_its_pass_ran()
 
 
 def test_queue_hands_out_urgent_keys_first_and_holds_routine_ones_while_urgent_work_runs() -> None:
-    now = [100.0]
-    queue = WorkQueue(clock=lambda: now[0], yield_seconds=5.0)
+    queue = WorkQueue(yield_seconds=0.2)
     queue.add("status-a")
     queue.add("new-b", urgent=True)
     queue.add("status-a", urgent=True)  # already queued: it becomes urgent, once
     assert len(queue) == 2 and queue.get(timeout=0) == "new-b"
     assert queue.get(timeout=0) == "status-a"
-    queue.add("status-c")
-    assert queue.get(timeout=0) is None, "routine work waits while new jobs' passes run"
     assert queue.urgent_besides("new-b") and queue.urgent_besides("status-a"), "each sees the other one's pass"
-    now[0] += 5.0
-    assert queue.get(timeout=0) == "status-c", "but no longer than the yield"
+    queue.add("status-c")
+    began = time.monotonic()
+    assert queue.get(timeout=0) == "status-c" and time.monotonic() - began >= 0.15, "it waited for them"
     queue.done("new-b")
     queue.done("status-a")
     assert not queue.urgent_besides("x")
+
+
+def test_queue_hands_out_at_most_a_few_routine_keys_at_once() -> None:
+    from kubetune.operator.workqueue import ROUTINE_AT_ONCE
+
+    queue = WorkQueue()
+    for n in range(ROUTINE_AT_ONCE + 1):
+        queue.add(n)
+    taken = [queue.get(timeout=0) for _ in range(ROUTINE_AT_ONCE)]
+    assert queue.get(timeout=0) is None, "the rest waits for a routine pass to end"
+    queue.add("new", urgent=True)
+    assert queue.get(timeout=0) == "new", "new jobs always find a worker"
+    queue.done("new")
+    queue.done(taken[0])
+    assert queue.get(timeout=0) == ROUTINE_AT_ONCE
 
 
 def test_queue_holds_a_retry_until_its_delay_has_passed() -> None:

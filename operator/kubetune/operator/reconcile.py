@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from kubetune.api.resource import FineTuneJob
 from kubetune.api.status import FineTuneJobStatus
@@ -19,7 +19,6 @@ from kubetune.operator import observed as obs
 from kubetune.operator.actions import Action, CreateChild, DeleteFineTuneJob, plan_actions
 from kubetune.operator.cluster import Cluster, JobRef
 from kubetune.operator.events import Event, events_for_transition
-from kubetune.operator.metrics import OperatorMetrics
 from kubetune.operator.observed import Observed
 from kubetune.operator.reports import ProgressReport, ResultReport, parse_result
 from kubetune.operator.restart import failure_verdict
@@ -38,6 +37,13 @@ class PassOutcome:
     errors: list[str] = field(default_factory=list)
     deferred: bool = False
     """Children were created during a burst of other creates: the status waits for the next pass."""
+
+
+class TransitionMetrics(Protocol):
+    """Where a pass counts its job's phase change (`metrics.OperatorMetrics`)."""
+
+    def observe_transition(self, uid: str, namespace: str, old: FineTuneJobStatus, new: FineTuneJobStatus) -> None:
+        ...
 
 
 def previous_status(body: Mapping[str, Any]) -> FineTuneJobStatus:
@@ -73,7 +79,7 @@ def rank0_reports(job: FineTuneJob, seen: Observed, cluster: Cluster) -> tuple[P
 
 
 def _finish(ref: JobRef, body: Mapping[str, Any], old: FineTuneJobStatus, new: FineTuneJobStatus,
-            cluster: Cluster, metrics: OperatorMetrics, now: datetime, outcome: PassOutcome) -> PassOutcome:
+            cluster: Cluster, metrics: TransitionMetrics, now: datetime, outcome: PassOutcome) -> PassOutcome:
     patch = status_patch(body.get("status"), new)
     if patch is not None:
         cluster.write_status(ref, patch)
@@ -85,7 +91,7 @@ def _finish(ref: JobRef, body: Mapping[str, Any], old: FineTuneJobStatus, new: F
     return outcome
 
 
-def reconcile(body: Mapping[str, Any], cluster: Cluster, settings: OperatorSettings, metrics: OperatorMetrics,
+def reconcile(body: Mapping[str, Any], cluster: Cluster, settings: OperatorSettings, metrics: TransitionMetrics,
               now: datetime) -> PassOutcome:
     """Bring one FineTuneJob's children and status in line with its spec."""
     ref, old = JobRef.of(body), previous_status(body)
