@@ -18,8 +18,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from kubetune.operator.progress_reader import bounded_report
 from kubetune.operator.reports import parse_result
+from kubetune.operator.runtime.progress_reader import bounded_report
 from kubetune.operator.status import compute_status
 from kubetune_trainer.config import RuntimeConfig
 from kubetune_trainer.job import run_job, termination_message
@@ -77,8 +77,8 @@ def test_the_docs_tables_parse() -> None:
 OPERATOR_EXPOSITION = textwrap.dedent("""
     import socket, sys, urllib.request
     from kubetune.api.status import FineTuneJobStatus
-    from kubetune.operator.metrics import OperatorMetrics
-    from kubetune.operator.probes import serve_probes
+    from kubetune.operator.runtime.metrics import OperatorMetrics
+    from kubetune.operator.runtime.probes import serve_probes
 
     metrics = OperatorMetrics()
     metrics.observe_transition("u1", "team-a", FineTuneJobStatus(), FineTuneJobStatus(phase="Running"))

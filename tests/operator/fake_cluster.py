@@ -18,9 +18,9 @@ from kubetune.operator.actions import (
 )
 from kubetune.operator.cluster import JobRef
 from kubetune.operator.events import Event
-from kubetune.operator.kube import ApiError
-from kubetune.operator.kube_cluster import apply_in_order
 from kubetune.operator.observed import Observed
+from kubetune.operator.runtime.kube import ApiError
+from kubetune.operator.runtime.kube_cluster import apply_in_order
 
 
 class FakeCluster:

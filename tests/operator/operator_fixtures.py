@@ -20,8 +20,8 @@ from cluster_support import (
 )
 from kubernetes import client
 
-from kubetune.operator.main import run
 from kubetune.operator.permissions import SECRET_CHECK_RULES
+from kubetune.operator.runtime.main import run
 from kubetune.operator.settings import OperatorSettings
 
 

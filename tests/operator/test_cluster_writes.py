@@ -15,11 +15,11 @@ from ftj_builders import make_job
 from kubetune.operator.actions import CreateChild, ReplaceConfigMapData
 from kubetune.operator.cluster import JobRef
 from kubetune.operator.events import Event
-from kubetune.operator.kube import ApiError
-from kubetune.operator.kube_cluster import KubeCluster
 from kubetune.operator.render import Attempt, render_configmap, render_job, render_service
+from kubetune.operator.runtime.kube import ApiError
+from kubetune.operator.runtime.kube_cluster import KubeCluster
+from kubetune.operator.runtime.workqueue import WorkQueue
 from kubetune.operator.settings import OperatorSettings
-from kubetune.operator.workqueue import WorkQueue
 
 
 class RecordingApi:

@@ -19,13 +19,13 @@ from ftj_builders import NOW, make_pod
 
 from kubetune.api.status import FineTuneJobStatus
 from kubetune.cli import build_parser
-from kubetune.operator.kube_cluster import KubeCluster
-from kubetune.operator.leader import lease_decision, micro_time, next_lease_spec
-from kubetune.operator.liveness import PassClock, stuck_reason
-from kubetune.operator.metrics import OperatorMetrics
-from kubetune.operator.probes import serve_probes
-from kubetune.operator.progress_reader import ProgressReader, bounded_report, progress_url
-from kubetune.operator.workqueue import WorkQueue
+from kubetune.operator.runtime.kube_cluster import KubeCluster
+from kubetune.operator.runtime.leader import lease_decision, micro_time, next_lease_spec
+from kubetune.operator.runtime.liveness import PassClock, stuck_reason
+from kubetune.operator.runtime.metrics import OperatorMetrics
+from kubetune.operator.runtime.probes import serve_probes
+from kubetune.operator.runtime.progress_reader import ProgressReader, bounded_report, progress_url
+from kubetune.operator.runtime.workqueue import WorkQueue
 
 
 def _get(url: str) -> tuple[int, str]:
@@ -225,7 +225,7 @@ def test_operator_command_line() -> None:
 def test_kopf_logs_in_with_the_operators_own_credentials() -> None:
     from kubernetes import client
 
-    from kubetune.operator.handlers import connection_info
+    from kubetune.operator.runtime.handlers import connection_info
 
     configuration = client.Configuration()
     configuration.host = "https://127.0.0.1:6443"
@@ -275,7 +275,7 @@ def test_a_worker_pool_stuck_in_a_pass_fails_healthz_until_the_pass_ends() -> No
     from fake_cluster import FakeCluster
     from ftj_builders import S3_KEYS, make_job
 
-    from kubetune.operator.passes import Controller
+    from kubetune.operator.runtime.passes import Controller
     from kubetune.operator.settings import OperatorSettings
 
     release = threading.Event()

@@ -10,10 +10,10 @@ import pytest
 from fake_cluster import FakeCluster
 
 from kubetune.api.status import FineTuneJobStatus
-from kubetune.operator.bookkeeping import MemoryDiffBaseStorage, MemoryProgressStorage
-from kubetune.operator.handlers import on_job_event
-from kubetune.operator.metrics import OperatorMetrics
-from kubetune.operator.passes import Controller
+from kubetune.operator.runtime.bookkeeping import MemoryDiffBaseStorage, MemoryProgressStorage
+from kubetune.operator.runtime.handlers import on_job_event
+from kubetune.operator.runtime.metrics import OperatorMetrics
+from kubetune.operator.runtime.passes import Controller
 from kubetune.operator.settings import OperatorSettings
 
 BODY = {"metadata": {"uid": "u1", "namespace": "ml", "name": "corgi", "generation": 1, "resourceVersion": "5",

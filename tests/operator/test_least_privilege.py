@@ -32,9 +32,9 @@ from kubetune.api.resource import FineTuneJob
 from kubetune.api.validation import validate_document
 from kubetune.operator import naming
 from kubetune.operator.actions import CreateChild
-from kubetune.operator.kube import JSON, MERGE_PATCH, ApiError, KubeApi, collection_path
-from kubetune.operator.kube_cluster import ChildConflict, KubeCluster
 from kubetune.operator.render import render_children
+from kubetune.operator.runtime.kube import JSON, MERGE_PATCH, ApiError, KubeApi, collection_path
+from kubetune.operator.runtime.kube_cluster import ChildConflict, KubeCluster
 from kubetune.operator.settings import OperatorSettings
 from tests.unit.test_chart import CHART, helm
 

@@ -15,7 +15,7 @@ import pytest
 from ftj_builders import make_pod
 from rank0_servers import Rank0, drip, endless_body, rank0_servers, reply, silent
 
-from kubetune.operator.progress_reader import (
+from kubetune.operator.runtime.progress_reader import (
     CHECKPOINTS_KEPT,
     SAMPLES_KEPT,
     SKIPPED_FILES_KEPT,
@@ -324,7 +324,7 @@ def test_the_trainers_own_progress_is_kept_whole() -> None:
 
 
 def test_the_report_page_survives_the_bounding() -> None:
-    from kubetune.operator.progress_reader import bounded_report
+    from kubetune.operator.runtime.progress_reader import bounded_report
     doc = {"stage": "training", "step": 3, "outputs": {"report": "s3://out/job/report/index.html"}}
     report = bounded_report(doc)
     assert report is not None and report.report == "s3://out/job/report/index.html"

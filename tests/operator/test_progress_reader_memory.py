@@ -12,7 +12,7 @@ import fakegpu
 from ftj_builders import make_pod
 from rank0_servers import Rank0, rank0_servers, reply
 
-from kubetune.operator.progress_reader import ProgressReader
+from kubetune.operator.runtime.progress_reader import ProgressReader
 from kubetune.operator.settings import OperatorSettings
 
 CAP = OperatorSettings().progress_max_bytes

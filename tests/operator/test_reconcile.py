@@ -12,13 +12,13 @@ from fake_cluster import FakeCluster
 from ftj_builders import NOW, S3_KEYS, make_job, make_pod
 
 from kubetune.operator.actions import CreateChild, DeleteFineTuneJob, DeleteJob
-from kubetune.operator.kube import collection_path
-from kubetune.operator.metrics import OperatorMetrics
-from kubetune.operator.passes import Controller
-from kubetune.operator.progress_reader import bounded_report
 from kubetune.operator.reconcile import reconcile, status_patch
+from kubetune.operator.runtime.kube import collection_path
+from kubetune.operator.runtime.metrics import OperatorMetrics
+from kubetune.operator.runtime.passes import Controller
+from kubetune.operator.runtime.progress_reader import bounded_report
+from kubetune.operator.runtime.workqueue import WorkQueue
 from kubetune.operator.settings import OperatorSettings
-from kubetune.operator.workqueue import WorkQueue
 
 SETTINGS = OperatorSettings()
 

@@ -10,12 +10,12 @@ from typing import Any
 import kopf
 from fake_cluster import FakeCluster
 
-from kubetune.operator.handlers import CHILDREN, build_registry, cache, configure, on_child_event, on_job_event
-from kubetune.operator.metrics import OperatorMetrics
-from kubetune.operator.passes import Controller
+from kubetune.operator.runtime.handlers import CHILDREN, build_registry, cache, configure, on_child_event, on_job_event
+from kubetune.operator.runtime.metrics import OperatorMetrics
+from kubetune.operator.runtime.passes import Controller
+from kubetune.operator.runtime.watching import Caches, Store
+from kubetune.operator.runtime.workqueue import WorkQueue
 from kubetune.operator.settings import OperatorSettings
-from kubetune.operator.watching import Caches, Store
-from kubetune.operator.workqueue import WorkQueue
 
 
 def obj(name: str, version: int, job: str | None = None, kind: str = "Pod", ns: str = "team-a") -> dict[str, Any]:
@@ -156,7 +156,7 @@ def test_queue_hands_out_urgent_keys_first_and_holds_routine_ones_while_urgent_w
 
 
 def test_queue_hands_out_at_most_a_few_routine_keys_at_once() -> None:
-    from kubetune.operator.workqueue import ROUTINE_AT_ONCE
+    from kubetune.operator.runtime.workqueue import ROUTINE_AT_ONCE
 
     queue = WorkQueue()
     for n in range(ROUTINE_AT_ONCE + 1):
@@ -182,7 +182,7 @@ def test_queue_holds_a_retry_until_its_delay_has_passed() -> None:
 
 
 def test_kopf_bookkeeping_lives_in_memory_and_writes_only_a_retry_touch() -> None:
-    from kubetune.operator.bookkeeping import TOUCH_ANNOTATION, MemoryDiffBaseStorage, MemoryProgressStorage
+    from kubetune.operator.runtime.bookkeeping import TOUCH_ANNOTATION, MemoryDiffBaseStorage, MemoryProgressStorage
 
     body = kopf.Body({"metadata": {"uid": "u1", "annotations": {}}})
     progress, diffbase = MemoryProgressStorage(), MemoryDiffBaseStorage()

@@ -28,7 +28,7 @@ def _sample_names(registry) -> set[str]:
 
 @pytest.fixture(scope="module")
 def exported() -> set[str]:
-    from kubetune.operator.metrics import OperatorMetrics
+    from kubetune.operator.runtime.metrics import OperatorMetrics
     from kubetune_trainer.metrics import PrometheusMetrics
 
     return _sample_names(OperatorMetrics().registry) | _sample_names(PrometheusMetrics("ns", "job").registry)

@@ -48,8 +48,8 @@ def watched_namespaces(args: argparse.Namespace, own_namespace: str) -> list[str
 def run(args: argparse.Namespace) -> int:
     import kopf
 
-    from kubetune.operator.main import lease_namespace
-    from kubetune.operator.main import run as run_operator
+    from kubetune.operator.runtime.main import lease_namespace
+    from kubetune.operator.runtime.main import run as run_operator
     from kubetune.operator.settings import OperatorSettings
 
     kopf.configure(debug=args.log_level == "debug", quiet=args.log_level in ("warning", "error"))

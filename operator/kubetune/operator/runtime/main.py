@@ -1,8 +1,8 @@
 """`kubetune operator`: start the HTTP probes, win the Lease, then run Kopf and the passes until stopped.
 
 Kopf watches and queues passes (`handlers`); beside it run threads of the operator's own: the
-work queue's workers and resync loop (`passes`), the event posters, the progress reader (rank
-0's `/progress`, whose news queues a pass) and the probes, whose `/healthz` watches the passes.
+work queue's workers and resync loop (`passes`), the progress reader (rank 0's `/progress`,
+whose news queues a pass) and the probes, whose `/healthz` watches the passes.
 """
 
 from __future__ import annotations
@@ -18,18 +18,18 @@ from typing import Any
 import kopf
 from kubernetes import client
 
-from kubetune.operator.handlers import build_registry
-from kubetune.operator.kube import KubeApi, load_configuration
-from kubetune.operator.kube_cluster import KubeCluster
-from kubetune.operator.leader import LeaderElector
-from kubetune.operator.liveness import stuck_reason
-from kubetune.operator.metrics import OperatorMetrics
-from kubetune.operator.passes import Controller
-from kubetune.operator.probes import serve_probes
-from kubetune.operator.progress_reader import ProgressReader
+from kubetune.operator.runtime.handlers import build_registry
+from kubetune.operator.runtime.kube import KubeApi, load_configuration
+from kubetune.operator.runtime.kube_cluster import KubeCluster
+from kubetune.operator.runtime.leader import LeaderElector
+from kubetune.operator.runtime.liveness import stuck_reason
+from kubetune.operator.runtime.metrics import OperatorMetrics
+from kubetune.operator.runtime.passes import Controller
+from kubetune.operator.runtime.probes import serve_probes
+from kubetune.operator.runtime.progress_reader import ProgressReader
+from kubetune.operator.runtime.watching import Caches
+from kubetune.operator.runtime.workqueue import WorkQueue
 from kubetune.operator.settings import OperatorSettings
-from kubetune.operator.watching import Caches
-from kubetune.operator.workqueue import WorkQueue
 
 LOG = logging.getLogger(__name__)
 LEASE_NAME = "kubetune-operator"

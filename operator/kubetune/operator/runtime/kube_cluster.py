@@ -24,12 +24,12 @@ from kubetune.operator.actions import (
 )
 from kubetune.operator.cluster import JobRef
 from kubetune.operator.events import Event
-from kubetune.operator.kube import ApiError, KubeApi, collection_path, object_path
 from kubetune.operator.observed import Observed
 from kubetune.operator.reports import ProgressReport
+from kubetune.operator.runtime.kube import ApiError, KubeApi, collection_path, object_path
+from kubetune.operator.runtime.watching import Caches
+from kubetune.operator.runtime.workqueue import WorkQueue
 from kubetune.operator.timefmt import format_time
-from kubetune.operator.watching import Caches
-from kubetune.operator.workqueue import WorkQueue
 
 LOG = logging.getLogger(__name__)
 EVENT_MESSAGE_LIMIT = 1024

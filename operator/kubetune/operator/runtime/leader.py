@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from kubetune.operator.kube import ApiError, KubeApi, collection_path, object_path
+from kubetune.operator.runtime.kube import ApiError, KubeApi, collection_path, object_path
 from kubetune.operator.timefmt import parse_time
 
 LOG = logging.getLogger(__name__)

@@ -17,10 +17,10 @@ import kopf
 from kubernetes import client
 
 from kubetune.api.resource import GROUP, PLURAL, VERSION
-from kubetune.operator.bookkeeping import MemoryDiffBaseStorage, MemoryProgressStorage
 from kubetune.operator.naming import JOB_NAME_LABEL
-from kubetune.operator.passes import Controller
-from kubetune.operator.watching import Store, key_of
+from kubetune.operator.runtime.bookkeeping import MemoryDiffBaseStorage, MemoryProgressStorage
+from kubetune.operator.runtime.passes import Controller
+from kubetune.operator.runtime.watching import Store, key_of
 
 ANNOTATION_PREFIX = "kubetune.io"
 FINETUNEJOBS = (GROUP, VERSION, PLURAL)

@@ -17,13 +17,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from kubetune.operator.cluster import Cluster
-from kubetune.operator.kube import ApiError
-from kubetune.operator.liveness import PassClock
-from kubetune.operator.metrics import OperatorMetrics
 from kubetune.operator.reconcile import reconcile
+from kubetune.operator.runtime.kube import ApiError
+from kubetune.operator.runtime.liveness import PassClock
+from kubetune.operator.runtime.metrics import OperatorMetrics
+from kubetune.operator.runtime.watching import Caches, Key, key_of
+from kubetune.operator.runtime.workqueue import WorkQueue
 from kubetune.operator.settings import OperatorSettings
-from kubetune.operator.watching import Caches, Key, key_of
-from kubetune.operator.workqueue import WorkQueue
 
 LOG = logging.getLogger(__name__)
 RETRY_SECONDS = 10.0
