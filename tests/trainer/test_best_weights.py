@@ -2,13 +2,15 @@
 its checkpoint, which `keepCheckpoints` never prunes; `output.export: last` keeps the last step's.
 
 The runs train a tiny LoRA at a learning rate high enough that validation loss rises again before the
-end (bf16 on CPU is deterministic, so the trajectory is the same every run): validation every 2 steps,
+end (bf16 on CPU is deterministic on one machine, so the trajectory is the same every run; where the CPU has
+native bf16 the loss goes on to NaN, which is never the best): validation every 2 steps,
 cadence checkpoints every 3, keepCheckpoints 1.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -72,10 +74,16 @@ def _checkpoint(out: Path, step: int) -> dict[str, Any]:
 
 
 def _equal(got: dict[str, Any], want: dict[str, Any]) -> bool:
+    """Bit for bit, NaN equal to NaN: on a CPU with native bf16 (AVX512-BF16) this learning rate drives the
+    weights to NaN after the best step, elsewhere only to a higher loss; both runs must still agree."""
     import torch
 
     assert got.keys() == want.keys()
-    return all(torch.equal(got[key], want[key]) for key in want)
+    return all(torch.allclose(got[key], want[key], rtol=0, atol=0, equal_nan=True) for key in want)
+
+
+def _same_loss(a: float, b: float) -> bool:
+    return a == b or (math.isnan(a) and math.isnan(b))
 
 
 def _steps(out: Path) -> list[int]:
@@ -123,7 +131,7 @@ def test_the_best_validation_step_is_exported_and_its_checkpoint_kept_through_a_
                           RuntimeConfig(scratch=tmp_path / "sb2", log_every=0), hooks=[resumed_watch])
     assert resumed.exit_code == 0, resumed.message
     assert sorted(resumed_watch.losses) == [STEPS], "the resumed run evaluated only step 10"
-    assert resumed_watch.losses[STEPS] == watch.losses[STEPS], "resumed training matches the straight run"
+    assert _same_loss(resumed_watch.losses[STEPS], watch.losses[STEPS]), "resumed training matches the straight run"
     assert _equal(resumed_watch.last, watch.last)
     assert (resumed.progress["outputs"]["step"], resumed.progress["outputs"]["reason"]) == (best, "BestValidationLoss")
     assert _equal(_exported(resumed.progress["outputs"]), exported)
