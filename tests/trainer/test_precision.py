@@ -53,6 +53,22 @@ def test_generate_makes_images_from_modules_placed_at_each_precision(family: str
     assert pixels.std() > 0  # NaN latents decode to a uniform (black) image
 
 
+def test_a_diverged_unet_draws_grey_samples_instead_of_failing(tiny_sd: Path) -> None:
+    """NaN weights (a run that diverged, e.g. a learning rate far too high) decode to NaN pixels; the samples are
+    mid-grey and the cast to 8 bits raises no warning (warnings are errors here), so the run keeps its checkpoints."""
+    import numpy as np
+    import torch
+
+    components = load_components(tiny_sd, None)
+    with torch.no_grad():
+        for param in components.unet.parameters():
+            param.fill_(float("nan"))
+    images = generate(components, build_pipeline(components), "a red square", num_inference_steps=1,
+                      height=64, width=64, generator=torch.Generator().manual_seed(0))
+    pixels = np.asarray(images[0])
+    assert pixels.shape == (64, 64, 3) and set(np.unique(pixels)) <= {127, 128}, np.unique(pixels)
+
+
 
 @pytest.mark.parametrize(("precision", "frozen"), [("no", "float32"), ("bf16", "bfloat16")])
 def test_frozen_modules_run_in_the_job_precision_and_trained_weights_in_float32(

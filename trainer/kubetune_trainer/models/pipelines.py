@@ -60,7 +60,10 @@ def generate(components: Components, pipe: Any, prompt: str, **call: Any) -> lis
             latents = pipe(prompt, output_type="latent", **call).images
         with torch.autocast(vae.device.type, enabled=False):
             pixels = components.family.decode_latents(vae, latents)
-    return pipe.image_processor.postprocess(pixels.float(), output_type="pil")
+    # A diverged model (NaN weights) decodes to NaN pixels: they are drawn mid-grey instead of failing the
+    # cast to 8 bits; the losses (NaN) already say what happened, and the run goes on to its checkpoints.
+    pixels = torch.nan_to_num(pixels.float(), nan=0.0, posinf=1.0, neginf=-1.0)
+    return pipe.image_processor.postprocess(pixels, output_type="pil")
 
 
 def export_pipeline(components: Components, variant: str | None) -> Any:
