@@ -18,6 +18,7 @@ from kubetune_trainer.caches.latents import DiskLatentCache, NoLatentCache, cach
 from kubetune_trainer.caches.mirror import CacheMirror, NoMirror, build_mirror
 from kubetune_trainer.caches.text import DiskTextCache, text_cache_folder
 from kubetune_trainer.checkpoint import Checkpointer
+from kubetune_trainer.checkpoint_state import trained_weights
 from kubetune_trainer.config import RuntimeConfig
 from kubetune_trainer.data import Dataset, Example, load_dataset, split_dataset
 from kubetune_trainer.dreambooth import PriorPreservationStream, class_examples
@@ -36,7 +37,7 @@ from kubetune_trainer.sampling import build_sampler
 from kubetune_trainer.storage.interface import ObjectStore
 from kubetune_trainer.storage.schemes import open_store, stage
 from kubetune_trainer.trace import trace_from_env
-from kubetune_trainer.trainer import StopRequest, Trainer, TrainerParts, trainable_state
+from kubetune_trainer.trainer import StopRequest, Trainer, TrainerParts
 from kubetune_trainer.validation import EarlyStopper, LossValidator, NullValidator
 
 DTYPES = {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -266,6 +267,6 @@ def build_trainer(job: FineTuneJob, runtime: RuntimeConfig, reporter: Reporter,
                               resolution=spec.data.resolution, seed=spec.training.seed,
                               scratch=runtime.scratch / "samples"),
         output_store=store, reporter=reporter, total_steps=steps, scratch=runtime.scratch,
-        hooks=[mirror.step_hook, text_mirror.step_hook, *(hooks or []), *trace.hooks(lambda: trainable_state(trained))],
+        hooks=[mirror.step_hook, text_mirror.step_hook, *(hooks or []), *trace.hooks(lambda: trained_weights(trained))],
         stop=stop or StopRequest(),
     ))

@@ -80,6 +80,30 @@ class TrainingState:
         return int(state[STEP])
 
 
+def trained_weights(trained: dict[str, Any]) -> dict[str, Any]:
+    """The trained parameters of `trained`'s modules by `<module>.<parameter>`, on the CPU: what a checkpoint saves."""
+    return {f"{name}.{key}": param.detach().cpu().contiguous()
+            for name, module in trained.items()
+            for key, param in module.named_parameters() if param.requires_grad}
+
+
+def trained_shapes(trained: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The shapes a checkpoint's weights must have to fit `trained`'s modules."""
+    return {f"{name}.{key}": tuple(param.shape) for name, module in trained.items()
+            for key, param in module.named_parameters() if param.requires_grad}
+
+
+def load_trained_weights(trained: dict[str, Any], weights: dict[str, Any]) -> None:
+    """Copy a checkpoint's weights into the modules that train them."""
+    import torch
+
+    with torch.no_grad():
+        for name, module in trained.items():
+            for key, param in module.named_parameters():
+                if param.requires_grad:
+                    param.copy_(weights[f"{name}.{key}"])
+
+
 def write_files(folder: Path, weights: dict[str, Any], state: dict[str, Any]) -> dict[str, Path]:
     """The checkpoint's files in `folder`, by their names in the checkpoint."""
     import torch

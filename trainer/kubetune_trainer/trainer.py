@@ -1,8 +1,10 @@
 """The training loop: a `Trainer` whose `train()` is a short sequence of named steps.
 
 Everything it uses arrives built (see `assembly.build_trainer`): components, method,
-objective, data stream, optimizer, checkpointer, sampler, reporter. It resumes from the
-newest complete checkpoint by itself, so a restarted pod simply runs `train()` again. A stop
+objective, data stream, optimizer, checkpointer, sampler, reporter, each behind the small
+interface `parts` names. The checkpointer saves the trained weights and the state of the parts
+registered with it (`register_state`); step hooks see a `StepRecord` of each step. It resumes
+from the newest complete checkpoint by itself, so a restarted pod simply runs `train()` again. A stop
 signal to any rank stops every rank after the same step, with a checkpoint of it (see
 `distributed`).
 
@@ -22,7 +24,13 @@ from typing import Any
 from kubetune.api.resource import FineTuneJob
 from kubetune.api.status import CheckpointRef, LoraOutputs, Outputs, SampleRef
 from kubetune_trainer.checkpoint import Checkpointer
-from kubetune_trainer.checkpoint_state import CheckpointDamaged, RngState
+from kubetune_trainer.checkpoint_state import (
+    CheckpointDamaged,
+    RngState,
+    load_trained_weights,
+    trained_shapes,
+    trained_weights,
+)
 from kubetune_trainer.cpu_quota import fit_threads_to_cpu_limit
 from kubetune_trainer.distributed import agreed_signal
 from kubetune_trainer.exitcodes import Interrupted, StorageUnavailable
@@ -83,13 +91,6 @@ class TrainerParts:
     scratch: Path
     stop: StopRequest = field(default_factory=lambda: StopRequest())
     hooks: list[StepHook] = field(default_factory=list)
-
-
-def trainable_state(trained: dict[str, Any]) -> dict[str, Any]:
-    """The trained parameters of `trained`'s modules by `<module>.<parameter>`, on the CPU: what a checkpoint saves."""
-    return {f"{name}.{key}": param.detach().cpu().contiguous()
-            for name, module in trained.items()
-            for key, param in module.named_parameters() if param.requires_grad}
 
 
 class Trainer:
@@ -274,12 +275,7 @@ class Trainer:
         return self._trainable
 
     def trainable_state(self) -> dict[str, Any]:
-        return trainable_state(self.p.trained)
-
-    def trained_shapes(self) -> dict[str, tuple[int, ...]]:
-        """The shapes a checkpoint's weights must have to fit this job's trained modules."""
-        return {f"{name}.{key}": tuple(param.shape) for name, module in self.p.trained.items()
-                for key, param in module.named_parameters() if param.requires_grad}
+        return trained_weights(self.p.trained)
 
     def save_checkpoint(self) -> None:
         """Rank 0 writes the weights and the registered parts' state; every rank knows the step was saved."""
@@ -345,24 +341,14 @@ class Trainer:
 
     def read_checkpoint(self, ref: CheckpointRef) -> tuple[dict[str, Any], dict[str, Any]]:
         """A checkpoint's weights and state, verified and loaded but not applied (see `Checkpointer.read_training`)."""
-        return self.p.checkpointer.read_training(ref, self.trained_shapes())
+        return self.p.checkpointer.read_training(ref, trained_shapes(self.p.trained))
 
     def restore(self, ref: CheckpointRef) -> None:
         weights, state = self.read_checkpoint(ref)
-        self.apply_weights(weights)
+        load_trained_weights(self.p.trained, weights)
         self.step = self.p.checkpointer.restore(state)
         if self.best.step is not None:
             self.p.checkpointer.pin(self.best.step)
-
-    def apply_weights(self, weights: dict[str, Any]) -> None:
-        """Copy a checkpoint's trained weights into the modules that train them."""
-        import torch
-
-        with torch.no_grad():
-            for name, module in self.p.trained.items():
-                for key, param in module.named_parameters():
-                    if param.requires_grad:
-                        param.copy_(weights[f"{name}.{key}"])
 
     def sample(self) -> None:
         if self.is_main:
@@ -418,6 +404,6 @@ class Trainer:
             self.p.reporter.notice(f"checkpoint step-{step}, the best validation step's, cannot be exported ({exc}); "
                                    f"exporting the last step, {self.step}, instead")
             return False
-        self.apply_weights(weights)
+        load_trained_weights(self.p.trained, weights)
         self.p.checkpointer.restore(state, only=("ema",))
         return True
