@@ -109,6 +109,18 @@ def test_the_pass_that_posts_events_waits_for_new_jobs_passes() -> None:
     assert 0.15 < time.monotonic() - began < 2.0, "given out when the new job's pass ended"
 
 
+def test_a_new_jobs_status_waits_while_other_new_jobs_are_in_the_passes_queue() -> None:
+    work = WorkQueue()  # empty: a queue with nothing in it is still the one to ask
+    cluster = KubeCluster(RecordingApi(delay=0.0), work=work)  # type: ignore[arg-type]
+    ref = JobRef("team-a", "corgi", "ftj-uid-1")
+    assert not cluster.others_first(ref)
+    work.add(("team-a", "corgi"), urgent=True)
+    assert work.get(timeout=0) == ("team-a", "corgi") and not cluster.others_first(ref), "its own pass is no reason"
+    work.add(("team-a", "husky"), urgent=True)
+    assert cluster.others_first(ref)
+    cluster.close()
+
+
 def test_events_are_posted_at_once_and_in_order_and_close_has_nothing_left() -> None:
     api = RecordingApi(delay=0.0)
     cluster = KubeCluster(api)  # type: ignore[arg-type]

@@ -87,9 +87,9 @@ class KubeCluster:
     def __init__(self, api: KubeApi, caches: Caches | None = None, progress: ProgressSource | None = None,
                  work: WorkQueue | None = None) -> None:
         self.api = api
-        self.caches = caches or Caches()
-        self.progress = progress or NoProgress()
-        self.work = work or WorkQueue()  # the passes' queue: whether new jobs wait for their children
+        self.caches = caches if caches is not None else Caches()
+        self.progress = progress if progress is not None else NoProgress()
+        self.work = work if work is not None else WorkQueue()  # the passes' queue: are other new jobs waiting?
         self._creates = concurrent.futures.ThreadPoolExecutor(self.CREATE_THREADS, "kubetune-create")
 
     def others_first(self, ref: JobRef) -> bool:
