@@ -33,6 +33,14 @@ def test_every_layer_contract_is_kept() -> None:
     assert f"{len(CONTRACTS)} kept, 0 broken" in out.stdout, out.stdout
 
 
+def test_every_decision_module_is_under_the_decisions_contract() -> None:
+    """The operator's decisions are every module beside `runtime/`: a new one is held to the contract too."""
+    decisions = next(c for c in LINTER["contracts"] if c["id"] == "operator-decisions")
+    beside_runtime = {f"kubetune.operator.{path.stem}" for path in (REPO / "operator/kubetune/operator").glob("*.py")
+                      if path.stem != "__init__"}
+    assert set(decisions["source_modules"]) == beside_runtime
+
+
 def test_no_import_circle_anywhere() -> None:
     out = _probe(REPO, "circles")
     assert out.returncode == 0, f"import circles:\n{out.stdout}{out.stderr}"
@@ -60,6 +68,9 @@ BREACHES = [
     ("operator", "operator/kubetune/operator/render.py", "import torch  # noqa"),
     ("operator", "operator/kubetune/operator/status.py", "from diffusers import UNet2DConditionModel  # noqa"),
     ("demo", "demo/kubetune_demo/tiny.py", "from kubetune.operator import naming  # noqa"),
+    ("operator-decisions", "operator/kubetune/operator/status.py", "import kopf  # noqa"),
+    ("operator-decisions", "operator/kubetune/operator/render.py",
+     "def _late():\n    from kubetune.operator.runtime import kube  # noqa"),
 ]
 
 
