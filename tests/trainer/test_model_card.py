@@ -24,6 +24,7 @@ from kubetune_trainer.model_card import (
     pick_samples,
     publish_card,
 )
+from kubetune_trainer.models.registry import FAMILIES
 from kubetune_trainer.storage.interface import ObjectInfo
 from kubetune_trainer.storage.local import LocalStore
 
@@ -56,7 +57,7 @@ def test_base_model_is_the_hub_repo_id_the_folder_name_or_the_path(uri: str, rep
     ("full", "sd", {"full-fine-tune", "stable-diffusion"}, {"lora", "dreambooth"}),
 ])
 def test_tags_name_tool_method_family_and_task(method: str, family: str, wanted: set[str], absent: set[str]) -> None:
-    tags = card_tags(method, family)
+    tags = card_tags(method, next(entry for entry in FAMILIES.values() if entry.name == family))
     assert {"kubetune", "diffusers", "text-to-image"} | wanted <= set(tags)
     assert not absent & set(tags)
 

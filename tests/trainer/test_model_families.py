@@ -1,6 +1,7 @@
 """Each entry of the family registry is complete: keyed by its pipeline class, with one name, one
-tokenizer and one kohya prefix per text encoder; and a tiny model of each family loads as that
-family, its modules named as the family says."""
+tokenizer, and one kohya prefix per text encoder, and the names, Hub tags and
+conversion script its model card shows; and a tiny model of each family loads as that family, its
+modules named as the family says."""
 
 from __future__ import annotations
 
@@ -19,6 +20,18 @@ def test_an_entry_names_each_text_encoder_once(pipeline_class: str) -> None:
     assert encoders == len(family.tokenizer_names) == len(family.kohya_text_prefixes)
     assert family.text_lora_targets and family.kohya_base
     assert len({f.name for f in FAMILIES.values()}) == len(FAMILIES)
+
+
+@pytest.mark.parametrize("pipeline_class", sorted(FAMILIES))
+def test_an_entry_says_what_its_model_card_shows(pipeline_class: str) -> None:
+    family = FAMILIES[pipeline_class]
+    assert family.display_name and family.short_display_name
+    assert family.hub_tags and all(tag == tag.strip().lower() and " " not in tag for tag in family.hub_tags)
+    assert family.conversion_script.endswith(".py") and "/" not in family.conversion_script
+    others = [f for f in FAMILIES.values() if f is not family]
+    for attribute in ("display_name", "short_display_name", "conversion_script"):
+        assert all(getattr(f, attribute) != getattr(family, attribute) for f in others), attribute
+    assert all(not set(f.hub_tags) & set(family.hub_tags) for f in others)
 
 
 @pytest.mark.parametrize(("model", "name"), [("tiny_sd", "sd"), ("tiny_sdxl", "sdxl")])

@@ -24,6 +24,7 @@ from typing import Any
 from kubetune.api.resource import FineTuneJob
 from kubetune.api.spec import LoraSpec
 from kubetune.api.uris import parse_uri
+from kubetune_trainer.models.family import ModelFamily
 from kubetune_trainer.storage.interface import ObjectInfo, ObjectStore, as_prefix, join_uri
 
 CARD_FILE = "README.md"
@@ -32,8 +33,6 @@ MAX_WIDGETS = 32
 """Sample images copied beside the card: each prompt's first image comes before any prompt's second."""
 
 _SAMPLE_NAME = re.compile(r"^step-(\d+)-(\d+)-(\d+)\.png$")
-FAMILY_TAGS = {"sd": ["stable-diffusion", "stable-diffusion-diffusers"],
-               "sdxl": ["stable-diffusion-xl", "stable-diffusion-xl-diffusers"]}
 METHOD_TAGS = {"lora": ["lora"], "dreambooth-lora": ["lora", "dreambooth"],
                "full": ["full-fine-tune"], "dreambooth": ["full-fine-tune", "dreambooth"]}
 METHOD_NAMES = {"lora": "LoRA", "dreambooth-lora": "DreamBooth LoRA", "full": "full fine-tune",
@@ -62,7 +61,8 @@ class CardFacts:
     """Everything the card says about one export, gathered once when the weights are written."""
 
     job: FineTuneJob
-    family: str
+    family: ModelFamily
+    """The base model's family: its names and Hub tags are the card's."""
     files: dict[str, str]
     """Output kind ("diffusers", "kohya", "pipeline") -> its path relative to the card."""
     steps_trained: int
@@ -93,10 +93,10 @@ def base_model_revision(uri: str) -> str | None:
     return parsed.path.split("@", 1)[1].rstrip("/")
 
 
-def card_tags(method: str, family: str) -> list[str]:
+def card_tags(method: str, family: ModelFamily) -> list[str]:
     """Hub tags: who made it, the library, the method, the model family, the task."""
     return ["kubetune", "diffusers", "diffusers-training", *METHOD_TAGS.get(method, []),
-            *FAMILY_TAGS.get(family, []), "text-to-image"]
+            *family.hub_tags, "text-to-image"]
 
 
 def pick_samples(found: list[ObjectInfo], prompts: list[str], exported_step: int, last_step: int) -> list[SampleImage]:
@@ -217,7 +217,7 @@ def write_model_card(trainer: Any, folder: Path, written: dict[str, Path]) -> st
     samples = pick_samples(parts.output_store.list(samples_uri), list(job.spec.validation.prompts), exported,
                            trainer.step)
     facts = CardFacts(
-        job=job, family=parts.components.family.name,
+        job=job, family=parts.components.family,
         files={kind: path.relative_to(folder).as_posix() for kind, path in written.items()},
         steps_trained=trainer.step, exported_step=exported, export_reason=outputs.get("reason"),
         images_per_step=trainer.images_per_step(), training_images=training_images(parts.data),
@@ -251,7 +251,7 @@ trained by kubetune (FineTuneJob `{{ name }}`).
 | Method | {{ method }}{% if lora %} (rank {{ lora.rank }}, alpha {{ lora.alpha }}\
 {%- if lora.train_text_encoder %}, text encoders trained too{% endif %}){% endif %} |
 | Base model | `{{ base_uri }}`{% if variant %} (variant `{{ variant }}`){% endif %} |
-| Model family | {{ "Stable Diffusion XL" if family == "sdxl" else "Stable Diffusion 1.x/2.x" }} |
+| Model family | {{ family.display_name }} |
 | Steps trained | {{ steps_trained }} |
 | Exported step | {{ exported_step }}{% if export_why %}: {{ export_why }}{% endif %} |
 | Images per step | {{ images_per_step }} (batch size {{ training.batch_size }}, \
@@ -296,7 +296,7 @@ image = pipe({{ example_prompt }}).images[0]
 
 {% if files.kohya -%}
 The single file `{{ files.kohya }}` is a kohya-format LoRA for \
-{{ "SDXL" if family == "sdxl" else "SD 1.x/2.x" }}:
+{{ family.short_display_name }}:
 
 - AUTOMATIC1111 / Forge: put it in `stable-diffusion-webui/models/Lora/` and add `<lora:{{ name }}:1>` to the \
 prompt{% if trigger %}, together with the trigger words `{{ trigger }}`{% endif %}.
@@ -308,8 +308,7 @@ Both need the base model itself as a checkpoint there.
 This export has no kohya single file; add `kohya` to the job's `spec.output.formats` for one.
 {%- else -%}
 This folder holds a diffusers pipeline. AUTOMATIC1111 and ComfyUI load single checkpoint files: convert it with \
-diffusers' `scripts/{{ "convert_diffusers_to_original_sdxl.py" if family == "sdxl" \
-else "convert_diffusers_to_original_stable_diffusion.py" }}`\
+diffusers' `scripts/{{ family.conversion_script }}`\
 {%- if trigger %}, and write the trigger words `{{ trigger }}` in your prompts{% endif %}.
 {%- endif %}
 

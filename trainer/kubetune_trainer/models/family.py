@@ -51,7 +51,16 @@ class ModelFamily(Protocol):
     """One entry of `registry.FAMILIES`: everything the trainer does differently per family."""
 
     name: str
-    """Short name ("sd", "sdxl"): in cache keys and the model card."""
+    """Short name ("sd", "sdxl"): part of the text cache's key."""
+    display_name: str
+    """What the model card calls the family ("Stable Diffusion XL")."""
+    short_display_name: str
+    """What AUTOMATIC1111 and ComfyUI users call it ("SDXL"): the base a kohya LoRA file is for."""
+    hub_tags: tuple[str, ...]
+    """The Hugging Face Hub's tags for models of this family, in the model card's metadata."""
+    conversion_script: str
+    """The script in diffusers' `scripts/` that turns a pipeline folder of this family into one checkpoint
+    file, as the model card tells readers of a full fine-tune."""
     pipeline_class: str
     """The diffusers pipeline class, as `_class_name` in model_index.json names it."""
     kohya_base: str

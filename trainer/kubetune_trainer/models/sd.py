@@ -10,6 +10,10 @@ from kubetune_trainer.models.unet_family import UNetFamily, tokenize
 
 class StableDiffusion(UNetFamily):
     name = "sd"
+    display_name = "Stable Diffusion 1.x/2.x"
+    short_display_name = "SD 1.x/2.x"
+    hub_tags = ("stable-diffusion", "stable-diffusion-diffusers")
+    conversion_script = "convert_diffusers_to_original_stable_diffusion.py"
     pipeline_class = "StableDiffusionPipeline"
     kohya_base = "sd_v1"
     text_encoder_names = ("text_encoder",)

@@ -11,6 +11,10 @@ from kubetune_trainer.models.unet_family import UNetFamily, tokenize
 
 class StableDiffusionXL(UNetFamily):
     name = "sdxl"
+    display_name = "Stable Diffusion XL"
+    short_display_name = "SDXL"
+    hub_tags = ("stable-diffusion-xl", "stable-diffusion-xl-diffusers")
+    conversion_script = "convert_diffusers_to_original_sdxl.py"
     pipeline_class = "StableDiffusionXLPipeline"
     kohya_base = "sdxl_base_v1-0"
     text_encoder_names = ("text_encoder", "text_encoder_2")

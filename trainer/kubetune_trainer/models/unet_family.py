@@ -33,6 +33,10 @@ class UNetFamily:
     """The parts every UNet latent-diffusion family shares; subclasses name their text encoders."""
 
     name: ClassVar[str]
+    display_name: ClassVar[str]
+    short_display_name: ClassVar[str]
+    hub_tags: ClassVar[tuple[str, ...]]
+    conversion_script: ClassVar[str]
     pipeline_class: ClassVar[str]
     kohya_base: ClassVar[str]
     text_encoder_names: ClassVar[tuple[str, ...]]
