@@ -1,5 +1,5 @@
 """Each entry of the family registry is complete: keyed by its pipeline class, with one name, one
-tokenizer, and one kohya prefix per text encoder, and the names, Hub tags and
+tokenizer, one kohya prefix and one kohya root per text encoder, and the names, Hub tags and
 conversion script its model card shows; and a tiny model of each family loads as that family, its
 modules named as the family says."""
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from kubetune_trainer.lora_files import kohya_state_dict
 from kubetune_trainer.models.registry import FAMILIES, detect_family, load_components
 
 
@@ -17,7 +18,7 @@ def test_an_entry_names_each_text_encoder_once(pipeline_class: str) -> None:
     family = FAMILIES[pipeline_class]
     assert family.pipeline_class == pipeline_class
     encoders = len(family.text_encoder_names)
-    assert encoders == len(family.tokenizer_names) == len(family.kohya_text_prefixes)
+    assert encoders == len(family.tokenizer_names) == len(family.kohya_text_prefixes) == len(family.kohya_text_roots)
     assert family.text_lora_targets and family.kohya_base
     assert len({f.name for f in FAMILIES.values()}) == len(FAMILIES)
 
@@ -43,3 +44,21 @@ def test_a_model_folder_loads_as_its_family(model: str, name: str, request: pyte
     assert list(components.modules()) == ["unet", "vae", *family.text_encoder_names]
     assert not any(p.requires_grad for module in components.modules().values() for p in module.parameters())
     assert family.size_multiple(components) % family.latent_factor(components) == 0
+
+
+@pytest.mark.parametrize(("name", "key", "kohya"), [
+    ("unet", "down.to_q.lora_A.weight", "lora_unet_down_to_q.lora_down.weight"),
+    ("clip", "encoder.layers.0.q_proj.lora_B.weight",
+     "lora_te1_text_model_encoder_layers_0_q_proj.lora_up.weight"),
+    ("clip", "text_model.encoder.layers.0.q_proj.lora_A.weight",
+     "lora_te1_text_model_encoder_layers_0_q_proj.lora_down.weight"),
+    ("t5", "encoder.block.0.layer.0.SelfAttention.q.lora_A.weight",
+     "lora_te2_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight"),
+])
+def test_kohya_keys_start_at_the_encoders_root(name: str, key: str, kohya: str) -> None:
+    """A family's `kohya_text_roots` go in front of its text encoders' keys once; other modules keep theirs."""
+    import torch
+
+    prefixes = {"unet": "lora_unet", "clip": "lora_te1", "t5": "lora_te2"}
+    state = kohya_state_dict({name: {key: torch.ones(1)}}, 4.0, prefixes, {"clip": "text_model.", "t5": "encoder."})
+    assert sorted(state) == sorted([kohya, kohya.rsplit(".", 2)[0] + ".alpha"])

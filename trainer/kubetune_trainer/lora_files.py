@@ -56,19 +56,23 @@ def write_diffusers(components: Components, layers: dict[str, dict[str, Any]], s
     return folder / DIFFUSERS_FILE
 
 
-def kohya_state_dict(layers: dict[str, dict[str, Any]], alpha: float, prefixes: dict[str, str]) -> dict[str, Any]:
+def kohya_state_dict(layers: dict[str, dict[str, Any]], alpha: float, prefixes: dict[str, str],
+                     roots: dict[str, str]) -> dict[str, Any]:
     """PEFT keys (`<module>.lora_A.weight`) to kohya keys (`<prefix>_<module_>.lora_down.weight`).
 
-    `prefixes` gives each module name's kohya prefix (`lora_unet`, the family's `kohya_text_prefixes`).
+    `prefixes` gives each module name's kohya prefix (`lora_unet`, the family's `kohya_text_prefixes`);
+    `roots` the module path a module's kohya keys start with, put in front where its PEFT keys lack it
+    (the family's `kohya_text_roots`; a module not named there keeps its keys' paths).
     """
     import torch
 
     out = {}
     for name, state in layers.items():
+        root = roots.get(name, "")
         for key, tensor in state.items():
             module, _, kind = key.rpartition(".lora_")
-            if name != "unet" and not module.startswith("text_model."):
-                module = "text_model." + module  # kohya names follow CLIPTextModel's classic layout
+            if not module.startswith(root):
+                module = root + module
             stem = prefixes[name] + "_" + module.replace(".", "_")
             direction = "lora_down" if kind.startswith("A") else "lora_up"
             out[f"{stem}.{direction}.weight"] = tensor.contiguous()
@@ -96,5 +100,6 @@ def write_kohya(components: Components, layers: dict[str, dict[str, Any]], spec:
     target = folder / f"{name}.safetensors"
     family = components.family
     prefixes = {"unet": "lora_unet", **dict(zip(family.text_encoder_names, family.kohya_text_prefixes, strict=True))}
-    save_file(kohya_state_dict(layers, spec.alpha, prefixes), str(target), metadata=metadata)
+    roots = dict(zip(family.text_encoder_names, family.kohya_text_roots, strict=True))
+    save_file(kohya_state_dict(layers, spec.alpha, prefixes, roots), str(target), metadata=metadata)
     return target

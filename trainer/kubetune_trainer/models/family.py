@@ -71,6 +71,9 @@ class ModelFamily(Protocol):
     """Their tokenizers' names, in the same order."""
     kohya_text_prefixes: tuple[str, ...]
     """Kohya key prefixes of the text encoders' adapters, in the same order."""
+    kohya_text_roots: tuple[str, ...]
+    """The module path each text encoder's kohya keys start with, in the same order ("text_model." for
+    CLIP, whose classic layout kohya names follow); an adapter key without it gets it."""
     text_lora_targets: tuple[str, ...]
     """The text encoders' layers LoRA adapts when `trainTextEncoder` is set."""
     pipeline_extras: dict[str, Any]

@@ -20,6 +20,7 @@ class StableDiffusion(UNetFamily):
     tokenizer_names = ("tokenizer",)
     text_encoder_classes = ("CLIPTextModel",)
     kohya_text_prefixes = ("lora_te",)
+    kohya_text_roots = ("text_model.",)
     pipeline_extras = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 
     def encode_text(self, components: Components, captions: list[str], device: Any) -> tuple[Any, ...]:

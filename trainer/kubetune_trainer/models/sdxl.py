@@ -21,6 +21,7 @@ class StableDiffusionXL(UNetFamily):
     tokenizer_names = ("tokenizer", "tokenizer_2")
     text_encoder_classes = ("CLIPTextModel", "CLIPTextModelWithProjection")
     kohya_text_prefixes = ("lora_te1", "lora_te2")
+    kohya_text_roots = ("text_model.", "text_model.")
 
     def encode_text(self, components: Components, captions: list[str], device: Any) -> tuple[Any, ...]:
         import torch

@@ -42,6 +42,7 @@ class UNetFamily:
     text_encoder_names: ClassVar[tuple[str, ...]]
     tokenizer_names: ClassVar[tuple[str, ...]]
     kohya_text_prefixes: ClassVar[tuple[str, ...]]
+    kohya_text_roots: ClassVar[tuple[str, ...]]
     text_lora_targets: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "out_proj")
     """CLIP's attention projections."""
     pipeline_extras: ClassVar[dict[str, Any]] = {}
