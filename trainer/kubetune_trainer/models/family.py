@@ -3,8 +3,9 @@
 A family is one diffusers pipeline class (SD 1.x/2.x, SDXL). It loads its parts from a
 diffusers folder and says everything that differs between families: how captions become
 the denoiser's conditioning, how images become training latents and back, which objective
-the denoiser trains on, how pipelines and LoRA files name its parts. The trainer receives
-`Components` already built and asks its family, never which family it is.
+the denoiser trains on, how pipelines and LoRA files name its parts, what the model card
+calls it. The trainer receives `Components` already built and asks its family, never which
+family it is.
 """
 
 from __future__ import annotations
