@@ -4,10 +4,12 @@ newest copy wins, every trigger is a queued key, bursts coalesce, new jobs go fi
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from typing import Any
 
 import kopf
+import pytest
 from fake_cluster import FakeCluster
 
 from kubetune.operator.runtime.handlers import CHILDREN, build_registry, cache, configure, on_child_event, on_job_event
@@ -37,6 +39,39 @@ def test_store_keeps_the_newest_copy_and_indexes_by_job_label() -> None:
     assert store.get("team-a", "p") is not None, "a delete older than the copy held is ignored"
     store.remove(obj("p", 7))
     assert store.get("team-a", "p") is None and store.labelled("team-a", "husky") == []
+
+
+def test_store_prune_drops_what_a_new_list_no_longer_has() -> None:
+    store = Store()
+    store.put(obj("a", 1))
+    store.put(obj("b", 1))
+    store.put(obj("c", 1, ns="team-b"))
+    store.put(obj("d", 12))  # created after the list was served: kept
+    gone = store.prune("team-a", {("team-a", "b")}, 10)
+    assert [o["metadata"]["name"] for o in gone] == ["a"]
+    assert sorted(o["metadata"]["name"] for o in store.items()) == ["b", "c", "d"], "other namespaces are kept"
+    assert not store.put(obj("a", 9)), "a copy older than the list cannot bring it back"
+    assert [o["metadata"]["name"] for o in store.prune(None, set(), 20)] == ["b", "c", "d"]
+
+
+def test_a_deleted_object_leaves_a_tombstone_no_older_copy_passes() -> None:
+    store = Store()
+    store.remove(obj("corgi", 8))  # the DELETED event came before our status write's response was put
+    assert not store.put(obj("corgi", 7)) and store.get("team-a", "corgi") is None
+    assert not store.put(obj("corgi", 8))
+    assert store.put(obj("corgi", 9)), "an object created again under the name is newer than the delete"
+    store.remove(obj("corgi", 10))
+    assert not store.put(obj("corgi", 9)), "a LIST begun before the delete does not restore it"
+
+
+def test_tombstones_are_bounded() -> None:
+    from kubetune.operator.runtime import watching
+
+    store = Store()
+    for n in range(watching.TOMBSTONES + 5):
+        store.remove(obj(f"p{n}", 3))
+    assert len(store._gone) == watching.TOMBSTONES and store.put(obj("p0", 2)), "the oldest are dropped first"
+    assert not store.put(obj(f"p{watching.TOMBSTONES}", 2))
 
 
 def test_an_older_copy_from_kopf_never_replaces_our_own_newer_write() -> None:
@@ -124,6 +159,11 @@ def test_kopf_watches_each_collection_once_and_the_children_by_label() -> None:
     assert {s.any_name: v for s, v in settings.watching.label_selectors.items()} == {
         "jobs": "kubetune.io/job-name", "pods": "kubetune.io/job-name", "configmaps": "kubetune.io/job-name",
         "services": "kubetune.io/job-name"}
+    for group_version, plural in [(("batch", "v1"), "jobs"), (("", "v1"), "pods"), (("", "v1"), "configmaps"),
+                                  (("", "v1"), "services")]:  # what Kopf's LIST and WATCH of each send
+        resource = kopf.Resource(*group_version, plural)
+        assert settings.watching.label_selectors.collect(resource) == ["kubetune.io/job-name"], plural
+    assert settings.watching.label_selectors.collect(kopf.Resource("kubetune.io", "v1alpha1", "finetunejobs")) == []
 
 
 def test_queue_coalesces_a_burst_and_requeues_a_key_changed_while_its_pass_ran() -> None:
@@ -170,6 +210,30 @@ def test_queue_hands_out_at_most_a_few_routine_keys_at_once() -> None:
     assert queue.get(timeout=0) == ROUTINE_AT_ONCE
 
 
+def test_queue_keeps_a_worker_for_urgent_keys_and_refuses_fewer_than_two() -> None:
+    queue = WorkQueue(routine_at_once=2)  # three workers
+    for key in ("a", "b", "c"):
+        queue.add(key)
+    assert [queue.get(timeout=0), queue.get(timeout=0), queue.get(timeout=0)] == ["a", "b", None]
+    with pytest.raises(ValueError, match="pass_workers"):
+        WorkQueue(routine_at_once=0)
+
+
+def test_closing_the_queue_wakes_a_routine_key_waiting_for_urgent_ones_and_starts_no_pass() -> None:
+    queue = WorkQueue(yield_seconds=5.0)
+    queue.add("new", urgent=True)
+    assert queue.get(timeout=0) == "new"
+    queue.add("status")
+    taken: list[Any] = []
+    worker = threading.Thread(target=lambda: taken.append(queue.get()))
+    began = time.monotonic()
+    worker.start()
+    time.sleep(0.1)
+    queue.close()
+    worker.join(2.0)
+    assert taken == [None] and time.monotonic() - began < 1.0, "no pass starts once the queue is closed"
+
+
 def test_queue_holds_a_retry_until_its_delay_has_passed() -> None:
     now = [100.0]
     queue = WorkQueue(clock=lambda: now[0])
@@ -181,20 +245,18 @@ def test_queue_holds_a_retry_until_its_delay_has_passed() -> None:
     assert queue.get() is None
 
 
-def test_kopf_bookkeeping_lives_in_memory_and_writes_only_a_retry_touch() -> None:
-    from kubetune.operator.runtime.bookkeeping import TOUCH_ANNOTATION, MemoryDiffBaseStorage, MemoryProgressStorage
+def test_kopf_builds_its_essence_from_a_slim_body_and_stores_nothing() -> None:
+    from kubetune.operator.runtime.bookkeeping import SlimDiffBaseStorage
 
-    body = kopf.Body({"metadata": {"uid": "u1", "annotations": {}}})
-    progress, diffbase = MemoryProgressStorage(), MemoryDiffBaseStorage()
-    patch = kopf.Patch()
-    progress.store(key="on_change", record={"retries": 1}, body=body, patch=patch)
-    diffbase.store(body=body, patch=patch, essence={"spec": {"a": 1}})
-    progress.touch(body=body, patch=patch, value=None)
-    assert not patch, "storing and a plain touch write nothing to the object"
-    assert progress.fetch(key="on_change", body=body) == {"retries": 1}
-    assert diffbase.fetch(body=body) == {"spec": {"a": 1}}
-    progress.touch(body=body, patch=patch, value="2026-11-21T12:00:00")
-    assert patch["metadata"]["annotations"] == {TOUCH_ANNOTATION: "2026-11-21T12:00:00"}
-    progress.forget("u1")
-    diffbase.forget("u1")
-    assert progress.fetch(key="on_change", body=body) is None and diffbase.fetch(body=body) is None
+    body = kopf.Body({"apiVersion": "v1", "kind": "Pod", "spec": {"a": 1}, "status": {"phase": "Running"},
+                      "metadata": {"uid": "u1", "labels": {"x": "1"}, "managedFields": [{"manager": "k"}]}})
+    storage = SlimDiffBaseStorage()
+    essence = storage.build(body=body)
+    assert essence["spec"] == {"a": 1} and essence["metadata"] == {"labels": {"x": "1"}}
+    assert "status" not in essence
+    assert storage.build(body=body, extra_fields=[("status", "phase")])["status"] == {"phase": "Running"}
+    storage.store(body=body, patch=kopf.Patch(), essence=essence)
+    assert storage.fetch(body=body) is None, "no handler compares essences: nothing is kept"
+    settings = kopf.OperatorSettings()
+    configure(settings=settings)
+    assert isinstance(settings.persistence.diffbase_storage, SlimDiffBaseStorage)

@@ -18,11 +18,12 @@ from kubernetes import client
 
 from kubetune.api.resource import GROUP, PLURAL, VERSION
 from kubetune.operator.naming import JOB_NAME_LABEL
-from kubetune.operator.runtime.bookkeeping import MemoryDiffBaseStorage, MemoryProgressStorage
+from kubetune.operator.runtime.bookkeeping import SlimDiffBaseStorage
 from kubetune.operator.runtime.passes import Controller
 from kubetune.operator.runtime.watching import Store, key_of
 
-ANNOTATION_PREFIX = "kubetune.io"
+LEGACY_FINALIZER = "kubetune.io/finalizer"
+"""Set by operators that had a Kopf timer; named so that Kopf removes it (no handler here needs one)."""
 FINETUNEJOBS = (GROUP, VERSION, PLURAL)
 CHILDREN = {"Job": ("batch", "v1", "jobs"), "Pod": ("v1", "pods"), "ConfigMap": ("v1", "configmaps"),
             "Service": ("v1", "services")}
@@ -42,7 +43,7 @@ async def on_job_event(type: str | None, body: kopf.Body, param: Controller, **_
     """
     controller, uid, generation = param, body.metadata.uid or "", body.metadata.get("generation")
     if type == "DELETED":
-        forget(controller, dict(body))
+        controller.forget(dict(body))
     elif controller.generations.get(uid) != generation:
         controller.generations[uid] = generation
         controller.synced.set()
@@ -58,27 +59,11 @@ async def on_child_event(type: str | None, body: kopf.Body, param: tuple[Control
         controller.enqueue((body.metadata.namespace or "", body.metadata.labels.get(JOB_NAME_LABEL, "")))
 
 
-def forget(controller: Controller, body: dict[str, Any]) -> None:
-    """A deleted FineTuneJob's children go by owner reference; only the operator's own memory of it is
-    left: its copy, its phase series, rank 0's last readings and Kopf's bookkeeping."""
-    uid = (body.get("metadata") or {}).get("uid", "")
-    controller.caches["FineTuneJob"].remove(body)
-    controller.generations.pop(uid, None)
-    controller.metrics.forget(uid)
-    if controller.progress is not None:
-        controller.progress.forget(key_of(body))
-    for storage in controller.bookkeeping:
-        storage.forget(uid)
-
-
-def configure(settings: kopf.OperatorSettings, param: Controller, **_: Any) -> None:
-    """Kopf keeps its bookkeeping in memory (`bookkeeping`): never in the status, which belongs to
-    the FineTuneJob schema, and not in annotations, which would cost two writes per new job."""
-    progress, diffbase = MemoryProgressStorage(), MemoryDiffBaseStorage()
-    param.bookkeeping = (progress, diffbase)
-    settings.persistence.progress_storage = progress
-    settings.persistence.diffbase_storage = diffbase
-    settings.persistence.finalizer = f"{ANNOTATION_PREFIX}/finalizer"
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    """Kopf watches the children by label (on the server) and builds its per-event essence cheaply
+    (`bookkeeping`); with no change handlers it stores no progress and no diff base."""
+    settings.persistence.diffbase_storage = SlimDiffBaseStorage()
+    settings.persistence.finalizer = LEGACY_FINALIZER
     settings.posting.level = logging.WARNING
     settings.posting.reporting_component = "kubetune-operator"
     settings.watching.server_timeout = 300
@@ -104,7 +89,7 @@ def build_registry(configuration: client.Configuration, controller: Controller) 
         return connection_info(configuration)
 
     kopf.on.login(registry=registry)(login)
-    kopf.on.startup(param=controller, registry=registry)(configure)
+    kopf.on.startup(registry=registry)(configure)
     for kind, resource in {"FineTuneJob": FINETUNEJOBS, **CHILDREN}.items():
         kopf.index(*resource, id=f"cache-{kind}", param=controller.caches[kind], registry=registry)(cache)
         if kind != "FineTuneJob":

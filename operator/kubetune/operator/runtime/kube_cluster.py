@@ -27,7 +27,7 @@ from kubetune.operator.events import Event
 from kubetune.operator.observed import Observed
 from kubetune.operator.reports import ProgressReport
 from kubetune.operator.runtime.kube import ApiError, KubeApi, collection_path, object_path
-from kubetune.operator.runtime.watching import Caches
+from kubetune.operator.runtime.watching import Caches, key_of, version_of
 from kubetune.operator.runtime.workqueue import WorkQueue
 from kubetune.operator.timefmt import format_time
 
@@ -117,6 +117,19 @@ class KubeCluster:
             **(self._secret_check(job) if batch_job is None else {"secret_checked": False}),
         )
 
+    def relist(self, namespaces: tuple[str, ...] | list[str]) -> list[dict[str, Any]]:
+        """List each collection the stores hold again and drop what is gone from it: a delete Kopf
+        missed in a watch gap (after one it lists again, but reports no vanished object). Returns
+        the FineTuneJobs dropped, for the passes to forget."""
+        pruned = []
+        for kind, store in self.caches.items():
+            selector = {"labelSelector": naming.JOB_NAME_LABEL} if kind != "FineTuneJob" else {}
+            for ns in namespaces or [None]:
+                listing = self.api.get(collection_path(kind, ns), **selector)
+                listed = {key_of(o) for o in listing.get("items") or ()}
+                pruned += [o for o in store.prune(ns, listed, version_of(listing)) if kind == "FineTuneJob"]
+        return pruned
+
     def _fresh_pods(self, namespace: str, name: str) -> list[dict[str, Any]]:
         """The pods as the API server has them now: an ended Job is judged by its pods' exit codes
         and last words, and the pod watch may not have shown those yet when the Job's did."""
@@ -204,7 +217,12 @@ class KubeCluster:
 
     def write_status(self, ref: JobRef, patch: dict[str, Any]) -> None:
         path = object_path("FineTuneJob", ref.namespace, ref.name) + "/status"
-        self.caches.put(self.api.merge_patch(path, {"status": patch}))
+        try:
+            self.caches.put(self.api.merge_patch(path, {"status": patch}))
+        except ApiError as exc:  # deleted: it leaves the store, and its pass forgets it (`Controller`)
+            if exc.not_found and (held := self.caches["FineTuneJob"].get(ref.namespace, ref.name)):
+                self.caches["FineTuneJob"].remove(held)
+            raise
 
     def post_event(self, ref: JobRef, event: Event, now: datetime) -> None:
         """Posted by the pass that decided it, so one job's events keep their order and carry its time.

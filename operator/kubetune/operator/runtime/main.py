@@ -28,7 +28,7 @@ from kubetune.operator.runtime.passes import Controller
 from kubetune.operator.runtime.probes import serve_probes
 from kubetune.operator.runtime.progress_reader import ProgressReader
 from kubetune.operator.runtime.watching import Caches
-from kubetune.operator.runtime.workqueue import WorkQueue
+from kubetune.operator.runtime.workqueue import ROUTINE_AT_ONCE, WorkQueue
 from kubetune.operator.settings import OperatorSettings
 
 LOG = logging.getLogger(__name__)
@@ -66,16 +66,18 @@ def _lead(api: KubeApi, identity: str | None, lease: tuple[str, str] | None, lea
     return True
 
 
-async def _operate(stop: threading.Event, **kwargs: Any) -> None:
+async def _operate(stop: threading.Event, queue: WorkQueue, **kwargs: Any) -> None:
     """Kopf until `stop` is set (or a signal arrives), with an asyncio flag bridged from `stop`.
 
     Kopf would wait for a threading flag in one of its executor threads, and stopping on
-    SIGTERM would then hang while asyncio joins that thread.
+    SIGTERM would then hang while asyncio joins that thread. The queue closes at once: once the
+    Lease is lost, no pass may start while Kopf winds down.
     """
     loop, flag = asyncio.get_running_loop(), asyncio.Event()
 
     def relay() -> None:
         stop.wait()
+        queue.close()
         with contextlib.suppress(RuntimeError):  # the loop has already closed
             loop.call_soon_threadsafe(flag.set)
 
@@ -107,10 +109,12 @@ def run(
     stop = stop or threading.Event()
     leading, lost = threading.Event(), threading.Event()
     configuration = configuration or load_configuration(kubeconfig)
-    api, caches, queue = KubeApi(configuration), Caches(), WorkQueue()
+    api, caches = KubeApi(configuration), Caches()
+    queue = WorkQueue(routine_at_once=min(ROUTINE_AT_ONCE, settings.pass_workers - 1))  # a worker for new jobs
     reader = ProgressReader.from_settings(settings, on_news=lambda key: controller.enqueue(key))
     cluster = KubeCluster(api, caches, reader, queue)
-    controller = Controller(cluster, settings, OperatorMetrics(), caches, queue, progress=reader)
+    controller = Controller(cluster, settings, OperatorMetrics(), caches, queue, progress=reader,
+                            relist=lambda: cluster.relist(namespaces or ()))
     server = serve_probes(controller.metrics.registry, http_port, leading.is_set,
                           stuck=lambda: stuck_reason(controller.passes, queue, settings.stuck_pass_seconds))
     try:
@@ -118,7 +122,7 @@ def run(
             return 0
         leading.set()
         controller.start(stop)
-        asyncio.run(_operate(stop, registry=build_registry(configuration, controller), standalone=True,
+        asyncio.run(_operate(stop, queue, registry=build_registry(configuration, controller), standalone=True,
                              clusterwide=not namespaces, namespaces=namespaces or (), ready_flag=ready))
     finally:
         stop.set()  # Kopf may have stopped on a signal: the pass and Lease threads stop with it

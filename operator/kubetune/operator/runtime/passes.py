@@ -5,13 +5,16 @@ retry, the periodic resync and rank 0's news all end in `Controller.enqueue`. Th
 a key to one worker at a time, and a pass reads the newest copy of the job the stores hold:
 what Kopf saw, or what the previous pass's status write returned. The resync is a loop of the
 operator's own, not a Kopf timer: Kopf puts a finalizer on every object that has a timer, so
-FineTuneJobs could not be deleted while the operator is down.
+FineTuneJobs could not be deleted while the operator is down. Every `RELIST_SECONDS` it also lists
+each collection again, and forgets what Kopf missed being deleted (`Store.prune`).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -27,6 +30,7 @@ from kubetune.operator.settings import OperatorSettings
 
 LOG = logging.getLogger(__name__)
 RETRY_SECONDS = 10.0
+RELIST_SECONDS = 300.0  # as Kopf's watch requests' server timeout
 
 
 @dataclass
@@ -40,7 +44,7 @@ class Controller:
     queue: WorkQueue = field(default_factory=WorkQueue)
     passes: PassClock = field(default_factory=PassClock)
     progress: Any = None  # the `progress_reader.ProgressReader`, told when a job is gone
-    bookkeeping: tuple[Any, ...] = ()  # Kopf's in-memory storages (`bookkeeping`), told when a job is gone
+    relist: Callable[[], list[dict[str, Any]]] = list  # `KubeCluster.relist`: the FineTuneJobs it pruned
     synced: threading.Event = field(default_factory=threading.Event)
     """Set once Kopf has put its first listing of every collection into the stores; nothing is queued
     before, as a pass on a half-filled store would take existing children for missing ones."""
@@ -62,10 +66,12 @@ class Controller:
                 outcome = reconcile(body, self.cluster, self.settings, self.metrics, datetime.now(UTC))
             except ApiError as exc:
                 self.metrics.api_errors.labels("reconcile").inc()
-                return self._retry(key, f"Kubernetes API error: {exc}")
+                return self._gone(key, body) or self._retry(key, f"Kubernetes API error: {exc}")
             except Exception:  # a worker that died would leave the queue to fewer and fewer workers
                 LOG.exception("%s/%s: the pass failed", *key)
                 return self._retry(key, "the pass failed")
+        if self._gone(key, body):
+            return True
         if outcome.errors:
             self.metrics.api_errors.labels("apply").inc(len(outcome.errors))
             return self._retry(key, "; ".join(outcome.errors))
@@ -74,6 +80,25 @@ class Controller:
         if outcome.events:
             LOG.info("%s/%s %s: %s", *key, outcome.status.phase, "; ".join(e.reason for e in outcome.events))
         return True
+
+    def _gone(self, key: Key, body: dict[str, Any]) -> bool:
+        """A job deleted while its pass ran (or whose status write found it gone, `KubeCluster.write_status`)
+        is forgotten once more: the pass may have recorded its phase or rank 0's reading after the delete."""
+        held = self.caches["FineTuneJob"].get(*key)
+        if held is not None and held["metadata"].get("uid") == body["metadata"].get("uid"):
+            return False
+        self.forget(body)
+        return True
+
+    def forget(self, body: dict[str, Any]) -> None:
+        """A deleted FineTuneJob's children go by owner reference; only the operator's memory of it is left:
+        its copy, its generation, its phase series and rank 0's last readings."""
+        uid = body["metadata"].get("uid", "")
+        self.caches["FineTuneJob"].remove(body)
+        self.generations.pop(uid, None)
+        self.metrics.forget(uid)
+        if self.progress is not None:
+            self.progress.forget(key_of(body))
 
     def _retry(self, key: Key, why: str) -> bool:
         LOG.warning("%s/%s: %s; retrying in %.0fs", *key, why, RETRY_SECONDS)
@@ -87,6 +112,14 @@ class Controller:
             self.enqueue(key_of(body))
         return len(bodies)
 
+    def relist_now(self) -> None:
+        """List every collection again; forget the FineTuneJobs whose delete Kopf missed."""
+        try:
+            for body in self.relist():
+                self.forget(body)
+        except ApiError as exc:
+            LOG.warning("relisting failed: %s", exc)
+
     def work(self) -> None:
         """One worker: passes from the queue until it is closed."""
         while (key := self.queue.get()) is not None:
@@ -98,7 +131,11 @@ class Controller:
     def start(self, stop: threading.Event) -> None:
         """The workers (until the queue is closed) and the resync loop (until `stop`), as daemon threads."""
         def resync_forever() -> None:
+            relist_at = time.monotonic() + RELIST_SECONDS
             while not stop.wait(self.settings.resync_seconds):
+                if time.monotonic() >= relist_at:
+                    relist_at = time.monotonic() + RELIST_SECONDS
+                    self.relist_now()
                 self.resync()
 
         threading.Thread(target=resync_forever, name="kubetune-resync", daemon=True).start()

@@ -5,6 +5,11 @@ the `kubetune.io/job-name` label every child carries) and its handlers put every
 here (`handlers`). The operator also puts what its own writes returned, and a store keeps the
 newest copy of each object, so a pass never acts on a copy older than what the previous pass
 wrote: a create is not repeated, a status transition is not reported twice.
+
+Kopf never reports a delete it missed in a watch gap (it re-lists and yields only what is
+there), so the passes re-list every `RELIST_SECONDS` and `prune` what a list no longer has;
+and a deleted object leaves a tombstone, so that no older copy (a write's response, a LIST
+begun before the delete) brings it back.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Any
 from kubetune.operator.naming import JOB_NAME_LABEL
 
 CHILD_KINDS = ("Job", "Pod", "ConfigMap", "Service")
+TOMBSTONES = 10_000  # the newest deletes remembered per collection: enough for a relist period's worth
 
 Key = tuple[str, str]  # (namespace, name)
 
@@ -24,7 +30,7 @@ def key_of(obj: dict[str, Any]) -> Key:
     return meta.get("namespace") or "", meta.get("name") or ""
 
 
-def _version(obj: dict[str, Any] | None) -> int:
+def version_of(obj: dict[str, Any] | None) -> int:
     """resourceVersions are opaque in general; on etcd they are increasing integers, which is
     all that ordering our own write responses against watch events needs."""
     try:
@@ -44,6 +50,7 @@ class Store:
         self._lock = threading.Lock()
         self._objects: dict[Key, dict[str, Any]] = {}
         self._by_job: dict[Key, set[str]] = {}
+        self._gone: dict[Key, int] = {}  # tombstones: the resourceVersion each key was deleted at, oldest first
 
     def get(self, namespace: str, name: str) -> dict[str, Any] | None:
         with self._lock:
@@ -58,13 +65,14 @@ class Store:
             return list(self._objects.values())
 
     def put(self, obj: dict[str, Any]) -> bool:
-        """Keep `obj` unless a newer copy is already here; True when it was kept."""
+        """Keep `obj` unless a newer copy is here or it was deleted at or after it; True when kept."""
         meta = {k: v for k, v in (obj.get("metadata") or {}).items() if k != "managedFields"}  # never read
-        obj, key = {**obj, "metadata": meta}, key_of(obj)
+        obj, key, version = {**obj, "metadata": meta}, key_of(obj), version_of(obj)
         with self._lock:
-            if _version(self._objects.get(key)) > _version(obj):
+            if version_of(self._objects.get(key)) > version or self._gone.get(key, -1) >= version:
                 return False
             self._drop(key)
+            self._gone.pop(key, None)
             self._objects[key] = obj
             if job := _job_label(obj):
                 self._by_job.setdefault((key[0], job), set()).add(key[1])
@@ -73,8 +81,23 @@ class Store:
     def remove(self, obj: dict[str, Any]) -> None:
         key = key_of(obj)
         with self._lock:
-            if _version(self._objects.get(key)) <= _version(obj):
-                self._drop(key)
+            if version_of(self._objects.get(key)) <= version_of(obj):
+                self._bury(key, version_of(obj))
+
+    def prune(self, namespace: str | None, listed: set[Key], version: int) -> list[dict[str, Any]]:
+        """Drop what a LIST of `namespace` (None: all) at `version` no longer has; returns the dropped."""
+        with self._lock:
+            gone = [o for k, o in self._objects.items() if k not in listed and namespace in (None, k[0])
+                    and version_of(o) <= version]
+            for obj in gone:
+                self._bury(key_of(obj), version)
+        return gone
+
+    def _bury(self, key: Key, version: int) -> None:
+        self._drop(key)
+        self._gone[key] = max(version, self._gone.pop(key, -1))
+        while len(self._gone) > TOMBSTONES:
+            del self._gone[next(iter(self._gone))]
 
     def _drop(self, key: Key) -> None:
         if (job := _job_label(self._objects.pop(key, None))) and (names := self._by_job.get((key[0], job))):

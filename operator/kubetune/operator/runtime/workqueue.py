@@ -5,8 +5,8 @@ pass (the queued one reads the newest state); a key whose pass is running is que
 when it ends, so no change goes unseen and two passes of one job never overlap.
 
 The queue is also the burst policy. A key is urgent while its job has no Job yet (children to
-create): urgent keys go first, and at most `ROUTINE_AT_ONCE` routine keys (a status to update)
-are out at a time, each handed out once no urgent work is queued or running, or after
+create): urgent keys go first, and at most `ROUTINE_AT_ONCE` routine keys (a status to update),
+and never every worker, are out at a time, each handed out once no urgent work is queued or running, or after
 `YIELD_SECONDS`. So in a burst of new jobs their Jobs come first, and the status changes and
 events that pile up go out together; a new job's first status waits too while others are new
 (`urgent_besides`). `waiting_seconds` tells liveness how long ready work has waited for a worker.
@@ -27,8 +27,11 @@ ROUTINE_AT_ONCE = 8
 class WorkQueue:
     """Keys in arrival order, urgent ones first; `get` hands each to one worker, `done` gives it back."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic, yield_seconds: float = YIELD_SECONDS) -> None:
-        self._clock, self._yield = clock, yield_seconds
+    def __init__(self, clock: Callable[[], float] = time.monotonic, yield_seconds: float = YIELD_SECONDS,
+                 routine_at_once: int = ROUTINE_AT_ONCE) -> None:
+        if routine_at_once < 1:  # routine passes need a worker, and urgent ones another
+            raise ValueError("OperatorSettings.pass_workers must be at least 2")
+        self._clock, self._yield, self._routine_at_once = clock, yield_seconds, routine_at_once
         self._urgent: dict[Hashable, None] = {}  # queued keys, in arrival order
         self._routine: dict[Hashable, None] = {}
         self._active: dict[Hashable, bool] = {}  # each key a worker holds: whether it was urgent
@@ -65,13 +68,17 @@ class WorkQueue:
         with self._lock:
             while not self._closed:
                 self._release_due()
-                if self._urgent or (self._routine and sum(not u for u in self._active.values()) < ROUTINE_AT_ONCE):
-                    urgent = bool(self._urgent)
-                    key = next(iter(self._urgent if urgent else self._routine))
-                    del (self._urgent if urgent else self._routine)[key]
+                room = sum(not u for u in self._active.values()) < self._routine_at_once
+                if queue := self._urgent or (self._routine if room else None):
+                    key, urgent = next(iter(queue)), queue is self._urgent
+                    del queue[key]
                     self._taken_at, self._active[key] = self._clock(), urgent
                     if not urgent:  # a status waits for the new jobs' passes, at most the yield
-                        self._calm.wait_for(lambda: not self._urgent and not any(self._active.values()), self._yield)
+                        calm = lambda: self._closed or not (self._urgent or any(self._active.values()))  # noqa: E731
+                        if self._calm.wait_for(calm, self._yield) and self._closed:  # stopping: no pass starts
+                            del self._active[key]
+                            self._routine[key] = None
+                            return None
                     return key
                 due = self._later[0][0] if self._later else None
                 waits = [t - self._clock() for t in (deadline, due) if t is not None]
@@ -96,6 +103,7 @@ class WorkQueue:
         with self._lock:
             self._closed = True
             self._ready.notify_all()
+            self._calm.notify_all()
 
     def waiting_seconds(self) -> float:
         """How long ready keys have waited with no worker taking any (0 when none is ready)."""
