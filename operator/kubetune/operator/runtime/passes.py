@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -117,7 +116,7 @@ class Controller:
         try:
             for body in self.relist():
                 self.forget(body)
-        except ApiError as exc:
+        except Exception as exc:  # the next relist tries again
             LOG.warning("relisting failed: %s", exc)
 
     def work(self) -> None:
@@ -129,15 +128,13 @@ class Controller:
                 self.queue.done(key)
 
     def start(self, stop: threading.Event) -> None:
-        """The workers (until the queue is closed) and the resync loop (until `stop`), as daemon threads."""
-        def resync_forever() -> None:
-            relist_at = time.monotonic() + RELIST_SECONDS
-            while not stop.wait(self.settings.resync_seconds):
-                if time.monotonic() >= relist_at:
-                    relist_at = time.monotonic() + RELIST_SECONDS
-                    self.relist_now()
-                self.resync()
+        """The workers (until the queue is closed), the resync and relist loops (until `stop`): daemon threads."""
+        def every(seconds: float, action: Callable[[], Any]) -> None:
+            while not stop.wait(seconds):
+                action()
 
-        threading.Thread(target=resync_forever, name="kubetune-resync", daemon=True).start()
+        for name, seconds, action in (("resync", self.settings.resync_seconds, self.resync),
+                                      ("relist", RELIST_SECONDS, self.relist_now)):
+            threading.Thread(target=every, args=(seconds, action), name=f"kubetune-{name}", daemon=True).start()
         for n in range(self.settings.pass_workers):
             threading.Thread(target=self.work, name=f"kubetune-pass-{n}", daemon=True).start()
