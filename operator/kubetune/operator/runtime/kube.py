@@ -98,7 +98,11 @@ class KubeApi:
             raise ApiError(0, "Unreachable", str(exc)) from exc
         data = response.data
         if response.status >= 400:
-            raise _error(response.status, response.reason or "", data)
+            try:
+                message = json.loads(data or b"{}").get("message", "")
+            except (ValueError, AttributeError):
+                message = (data or b"")[:200].decode("utf-8", "replace")
+            raise ApiError(response.status, response.reason or "", message)
         return json.loads(data) if data else None
 
     def get(self, path: str, **query: str) -> Any:
@@ -127,10 +131,3 @@ class KubeApi:
     def close(self) -> None:
         self._client.close()
 
-
-def _error(status: int, reason: str, data: bytes | None) -> ApiError:
-    try:
-        message = json.loads(data or b"{}").get("message", "")
-    except (ValueError, AttributeError):
-        message = (data or b"")[:200].decode("utf-8", "replace")
-    return ApiError(status, reason or "", message)

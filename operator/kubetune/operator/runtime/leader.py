@@ -63,13 +63,13 @@ class LeaderElector:
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
 
     def try_hold(self) -> bool:
-        """One attempt to acquire or renew; True while this replica is the leader."""
+        """One attempt to acquire or renew; True while this replica is the leader (an API error: not now)."""
         now, path = self.clock(), object_path("Lease", self.namespace, self.name)
-        lease = self.api.get_or_none(path)
-        if (decision := lease_decision(lease and lease.get("spec"), self.identity, now)) == "standby":
-            return False
-        spec = next_lease_spec(lease and lease.get("spec"), self.identity, now, self.duration, decision)
         try:
+            lease = self.api.get_or_none(path)
+            if (decision := lease_decision(lease and lease.get("spec"), self.identity, now)) == "standby":
+                return False
+            spec = next_lease_spec(lease and lease.get("spec"), self.identity, now, self.duration, decision)
             if lease is None:
                 self.api.create(collection_path("Lease", self.namespace), {
                     "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
@@ -77,14 +77,14 @@ class LeaderElector:
             else:
                 self.api.replace(path, {**lease, "spec": spec})
         except ApiError as exc:
-            if exc.conflict:
-                return False
-            raise
+            if not exc.conflict:  # a conflict: another replica wrote it first
+                LOG.warning("Lease %s/%s: %s", self.namespace, self.name, exc)
+            return False
         return True
 
     def wait_until_leader(self, stop: threading.Event) -> bool:
         while not stop.is_set():
-            if self._attempt():
+            if self.try_hold():
                 LOG.info("acquired Lease %s/%s as %s", self.namespace, self.name, self.identity)
                 return True
             stop.wait(self.retry_seconds)
@@ -94,16 +94,9 @@ class LeaderElector:
         """Renew until `stop`; set `lost` and `stop` when the Lease could not be kept for its duration."""
         last = self.clock()
         while not stop.wait(self.retry_seconds):
-            if self._attempt():
+            if self.try_hold():
                 last = self.clock()
             elif (self.clock() - last).total_seconds() > self.duration:
                 LOG.error("lost Lease %s/%s; stopping so that only one operator acts", self.namespace, self.name)
                 lost.set()
                 stop.set()
-
-    def _attempt(self) -> bool:
-        try:
-            return self.try_hold()
-        except ApiError as exc:
-            LOG.warning("Lease %s/%s: %s", self.namespace, self.name, exc)
-            return False

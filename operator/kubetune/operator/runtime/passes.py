@@ -3,10 +3,9 @@
 Kopf's handlers (a job new to the operator, a changed spec, a changed Job), a failed pass's
 retry, the periodic resync and rank 0's news all end in `Controller.enqueue`. The queue hands
 a key to one worker at a time, and a pass reads the newest copy of the job the stores hold:
-what Kopf saw, or what the previous pass's status write returned. The resync is a loop of the
-operator's own, not a Kopf timer: Kopf puts a finalizer on every object that has a timer, so
-FineTuneJobs could not be deleted while the operator is down. Every `RELIST_SECONDS` it also lists
-each collection again, and forgets what Kopf missed being deleted (`Store.prune`).
+what Kopf saw, or what the previous pass's status write returned. The resync and the relist
+(which forgets what Kopf missed being deleted) are loops of the operator's own, not Kopf timers:
+Kopf puts a finalizer on every object with a timer, so none could be deleted while it is down.
 """
 
 from __future__ import annotations
@@ -84,14 +83,12 @@ class Controller:
         """A job deleted while its pass ran (or whose status write found it gone, `KubeCluster.write_status`)
         is forgotten once more: the pass may have recorded its phase or rank 0's reading after the delete."""
         held = self.caches["FineTuneJob"].get(*key)
-        if held is not None and held["metadata"].get("uid") == body["metadata"].get("uid"):
-            return False
-        self.forget(body)
-        return True
+        if gone := held is None or held["metadata"].get("uid") != body["metadata"].get("uid"):
+            self.forget(body)
+        return gone
 
     def forget(self, body: dict[str, Any]) -> None:
-        """A deleted FineTuneJob's children go by owner reference; only the operator's memory of it is left:
-        its copy, its generation, its phase series and rank 0's last readings."""
+        """Drop the operator's memory of a deleted job (its children go by owner reference)."""
         uid = body["metadata"].get("uid", "")
         self.caches["FineTuneJob"].remove(body)
         self.generations.pop(uid, None)

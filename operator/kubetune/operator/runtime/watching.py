@@ -4,12 +4,9 @@ Kopf watches each collection once (FineTuneJobs, and Jobs, Pods, ConfigMaps and 
 the `kubetune.io/job-name` label every child carries) and its handlers put every copy it sees
 here (`handlers`). The operator also puts what its own writes returned, and a store keeps the
 newest copy of each object, so a pass never acts on a copy older than what the previous pass
-wrote: a create is not repeated, a status transition is not reported twice.
-
-Kopf never reports a delete it missed in a watch gap (it re-lists and yields only what is
-there), so the passes re-list every `RELIST_SECONDS` and `prune` what a list no longer has;
-and a deleted object leaves a tombstone, so that no older copy (a write's response, a LIST
-begun before the delete) brings it back.
+wrote: a create is not repeated, a status transition is not reported twice. A deleted object
+leaves a tombstone, so no older copy (a write's response, a LIST begun before) brings it back;
+and as Kopf never reports a delete its watch missed, a periodic relist `prune`s what is gone.
 """
 
 from __future__ import annotations

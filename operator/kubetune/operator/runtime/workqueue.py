@@ -6,9 +6,9 @@ when it ends, so no change goes unseen and two passes of one job never overlap.
 
 The queue is also the burst policy. A key is urgent while its job has no Job yet (children to
 create): urgent keys go first, and at most `ROUTINE_AT_ONCE` routine keys (a status to update),
-and never every worker, are out at a time, each handed out once no urgent work is queued or running, or after
-`YIELD_SECONDS`. So in a burst of new jobs their Jobs come first, and the status changes and
-events that pile up go out together; a new job's first status waits too while others are new
+never every worker, are out at a time, each handed out once no urgent work is queued or running,
+or after `YIELD_SECONDS`. So in a burst of new jobs their Jobs come first, and the status changes
+and events that pile up go out together; a new job's first status waits too while others are new
 (`urgent_besides`). `waiting_seconds` tells liveness how long ready work has waited for a worker.
 """
 
