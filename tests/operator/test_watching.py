@@ -260,3 +260,36 @@ def test_kopf_builds_its_essence_from_a_slim_body_and_stores_nothing() -> None:
     settings = kopf.OperatorSettings()
     configure(settings=settings)
     assert isinstance(settings.persistence.diffbase_storage, SlimDiffBaseStorage)
+
+
+class ListingApi:
+    """An API server that lists only `kept` (at resourceVersion 10), recording what was asked."""
+
+    def __init__(self, kept: list[dict[str, Any]]) -> None:
+        self.kept, self.asked = kept, list[tuple[str, str | None]]()
+
+    def get(self, path: str, **query: str) -> dict[str, Any]:
+        self.asked.append((path, query.get("labelSelector")))
+        plural = path.rsplit("/", 1)[-1]
+        items = [o for o in self.kept if f"{o['kind'].lower()}s" == plural]
+        return {"metadata": {"resourceVersion": "10"}, "items": items}
+
+
+def test_a_relist_drops_what_kopf_missed_being_deleted_and_returns_the_jobs() -> None:
+    from kubetune.operator.runtime.kube_cluster import KubeCluster
+
+    husky = obj("husky", 5, kind="FineTuneJob")
+    api = ListingApi([husky])
+    cluster = KubeCluster(api)  # type: ignore[arg-type]
+    try:
+        for body in (obj("corgi", 5, kind="FineTuneJob"), husky, obj("corgi", 6, job="corgi", kind="Job"),
+                     obj("late", 11, job="late", kind="Job")):
+            cluster.caches.put(body)
+        gone = cluster.relist(["team-a"])
+    finally:
+        cluster.close()
+    assert [o["metadata"]["name"] for o in gone] == ["corgi"], "the FineTuneJobs dropped, for the passes to forget"
+    assert [o["metadata"]["name"] for o in cluster.caches["FineTuneJob"].items()] == ["husky"]
+    assert [o["metadata"]["name"] for o in cluster.caches["Job"].items()] == ["late"], "created after the list"
+    assert ("/api/v1/namespaces/team-a/pods", "kubetune.io/job-name") in api.asked
+    assert len(api.asked) == 5 and all(selector for path, selector in api.asked if "finetunejobs" not in path)
