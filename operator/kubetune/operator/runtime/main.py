@@ -1,7 +1,7 @@
 """`kubetune operator`: start the HTTP probes, win the Lease, then run Kopf and the passes until stopped.
 
 Kopf watches and queues passes (`handlers`); beside it run threads of the operator's own: the
-work queue's workers and resync loop (`passes`), the progress reader (rank 0's `/progress`,
+work queue's workers, the resync and relist loops (`passes`), the progress reader (rank 0's `/progress`,
 whose news queues a pass) and the probes, whose `/healthz` watches the passes.
 """
 
