@@ -1,12 +1,12 @@
 """A thin JSON client for the Kubernetes API, on top of the official client's connection setup.
 
-The operator reads and writes plain API-server JSON (the same camelCase dicts the pure
-functions are tested with) instead of generated model classes, so nothing is renamed or
-dropped between what `render_*` builds and what the API server receives.
+It reads and writes plain API-server JSON (the camelCase dicts the pure functions are tested with), not generated
+model classes, so nothing is renamed or dropped between what `render_*` builds and what the API server receives.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import urllib.parse
@@ -19,17 +19,15 @@ from kubetune.api.resource import GROUP, PLURAL, VERSION
 
 JSON = "application/json"
 MERGE_PATCH = "application/merge-patch+json"
-DEFAULT_TIMEOUT = 30.0
-USER_AGENT = "kubetune-operator"
+TIMEOUT = urllib3.Timeout(total=30.0)  # a whole request
 RETRIES = urllib3.Retry(total=3, redirect=0, status=0, raise_on_status=False)
 """As the official client's pool had: a dropped idle connection is retried (a read error only for
 idempotent methods), so one blip does not cost a pass its 10 s retry delay or an event."""
 POOL_CONNECTIONS = 128
 """Kept-alive connections for 64 passes and their creates at once: at 32, a burst had urllib3 log
 "Connection pool is full, discarding connection" and open new TLS connections."""
-API_PREFIXES = {"FineTuneJob": f"/apis/{GROUP}/{VERSION}", "Job": "/apis/batch/v1",
-                "Lease": "/apis/coordination.k8s.io/v1", "Pod": "/api/v1", "ConfigMap": "/api/v1",
-                "Service": "/api/v1", "Secret": "/api/v1", "Event": "/api/v1"}
+API_PREFIXES = dict.fromkeys(("Pod", "ConfigMap", "Service", "Secret", "Event"), "/api/v1") | {
+    "FineTuneJob": f"/apis/{GROUP}/{VERSION}", "Job": "/apis/batch/v1", "Lease": "/apis/coordination.k8s.io/v1"}
 
 
 def collection_path(kind: str, namespace: str | None) -> str:
@@ -56,44 +54,36 @@ def load_configuration(kubeconfig: str | None = None) -> client.Configuration:
     """In-cluster credentials when running in a pod, else the kubeconfig (or `kubeconfig`)."""
     configuration = client.Configuration()
     if kubeconfig is None:
-        try:
+        with contextlib.suppress(config.ConfigException):  # not in a pod
             config.load_incluster_config(client_configuration=configuration)
             return configuration
-        except config.ConfigException:
-            pass
     config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
     return configuration
 
 
 class KubeApi:
-    """GET/POST/PATCH/PUT/DELETE on API paths, with JSON in and out.
+    """GET/POST/PATCH/PUT/DELETE on API paths, with JSON in and out. The official client sets up the connection
+    (TLS, client certificates, proxies, token refresh); requests go straight to its urllib3 pool, skipping the generated
+    layer's per-request walk of the body, which at scale cost more CPU than the HTTP itself."""
 
-    The official client sets up the connection (TLS, client certificates, proxies, token
-    refresh); requests go straight to its urllib3 pool, skipping the generated layer's
-    per-request walk of the body, which at scale cost more CPU than the HTTP itself.
-    """
-
-    def __init__(self, configuration: client.Configuration, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(self, configuration: client.Configuration) -> None:
         configuration = copy.deepcopy(configuration)
         configuration.connection_pool_maxsize = max(configuration.connection_pool_maxsize or 0, POOL_CONNECTIONS)
-        self._client, self._configuration, self._timeout = client.ApiClient(configuration), configuration, timeout
+        self._client, self._configuration = client.ApiClient(configuration), configuration
         self._pool = self._client.rest_client.pool_manager
-
-    def _headers(self, content_type: str | None) -> dict[str, str]:
-        headers = {"Accept": JSON, "User-Agent": USER_AGENT, **({"Content-Type": content_type} if content_type else {})}
-        for auth in self._configuration.auth_settings().values():  # a rotated token is read again
-            if auth["in"] == "header" and auth["value"]:
-                headers[auth["key"]] = auth["value"]
-        return headers
 
     def request(self, method: str, path: str, body: Any = None, query: dict[str, str] | None = None,
                 content_type: str = JSON) -> Any:
         """The decoded response body; raises `ApiError` on any non-2xx status."""
         url = self._configuration.host + path + (f"?{urllib.parse.urlencode(query)}" if query else "")
         payload = None if body is None else json.dumps(body).encode()
+        headers = {"Accept": JSON, "User-Agent": "kubetune-operator",
+                   **({"Content-Type": content_type} if payload else {})}
+        for auth in self._configuration.auth_settings().values():  # a rotated token is read again
+            if auth["in"] == "header" and auth["value"]:
+                headers[auth["key"]] = auth["value"]
         try:
-            response = self._pool.request(method, url, body=payload, headers=self._headers(
-                content_type if payload else None), timeout=urllib3.Timeout(total=self._timeout), retries=RETRIES)
+            response = self._pool.request(method, url, body=payload, headers=headers, timeout=TIMEOUT, retries=RETRIES)
         except urllib3.exceptions.HTTPError as exc:
             raise ApiError(0, "Unreachable", str(exc)) from exc
         data = response.data

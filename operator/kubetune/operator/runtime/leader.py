@@ -1,8 +1,7 @@
 """Leader election on a coordination.k8s.io Lease, so that of two replicas only one acts.
 
-The standby replica waits; the leader renews the Lease and, should it fail to renew for
-a whole lease duration, stops itself (and is restarted as a standby) rather than risk two
-operators writing the same status. The decision is a pure function of the Lease.
+The standby replica waits; the leader renews the Lease and, should it fail to renew for a whole lease duration,
+stops itself (to be restarted as a standby) rather than risk two operators writing one status. `lease_decision` is pure.
 """
 
 from __future__ import annotations
@@ -30,14 +29,11 @@ def lease_decision(spec: Mapping[str, Any] | None, me: str, now: datetime) -> De
     """What `me` may do with the Lease as it stands."""
     if spec is None:
         return "create"
-    holder = spec.get("holderIdentity")
-    if holder == me:
+    if (holder := spec.get("holderIdentity")) == me:
         return "renew"
     renewed = parse_time(spec.get("renewTime"))
     duration = timedelta(seconds=int(spec.get("leaseDurationSeconds") or 0))
-    if not holder or renewed is None or now > renewed + duration:
-        return "take-over"
-    return "standby"
+    return "take-over" if not holder or renewed is None or now > renewed + duration else "standby"
 
 
 def next_lease_spec(spec: Mapping[str, Any] | None, me: str, now: datetime, duration: int,
@@ -66,10 +62,10 @@ class LeaderElector:
         """One attempt to acquire or renew; True while this replica is the leader (an API error: not now)."""
         now, path = self.clock(), object_path("Lease", self.namespace, self.name)
         try:
-            lease = self.api.get_or_none(path)
-            if (decision := lease_decision(lease and lease.get("spec"), self.identity, now)) == "standby":
+            current = (lease := self.api.get_or_none(path)) and lease.get("spec")
+            if (decision := lease_decision(current, self.identity, now)) == "standby":
                 return False
-            spec = next_lease_spec(lease and lease.get("spec"), self.identity, now, self.duration, decision)
+            spec = next_lease_spec(current, self.identity, now, self.duration, decision)
             if lease is None:
                 self.api.create(collection_path("Lease", self.namespace), {
                     "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",

@@ -1,11 +1,9 @@
 """The one door into a reconcile pass: every trigger queues a FineTuneJob's key; one pool of workers runs passes.
 
-Kopf's handlers (a job new to the operator, a changed spec, a changed Job), a failed pass's
-retry, the periodic resync and rank 0's news all end in `Controller.enqueue`. The queue hands
-a key to one worker at a time, and a pass reads the newest copy of the job the stores hold:
-what Kopf saw, or what the previous pass's status write returned. The resync and the relist
-(which forgets what Kopf missed being deleted) are loops of the operator's own, not Kopf timers:
-Kopf puts a finalizer on every object with a timer, so none could be deleted while it is down.
+Kopf's handlers (a job new to the operator, a changed spec, a changed Job), a failed pass's retry, the periodic resync
+and rank 0's news all end in `Controller.enqueue`. The resync and the relist (which forgets what Kopf missed being
+deleted) are loops of the operator's own, not Kopf timers: Kopf puts a finalizer on every object with a timer, so none
+could be deleted while it is down.
 """
 
 from __future__ import annotations
@@ -56,8 +54,7 @@ class Controller:
 
     def run_pass(self, key: Key) -> bool:
         """Reconcile one FineTuneJob (gone: nothing to do); on an error, queue it again after a delay."""
-        body = self.caches["FineTuneJob"].get(*key)
-        if body is None:
+        if (body := self.caches["FineTuneJob"].get(*key)) is None:
             return True
         with self.passes.running(key), self.metrics.reconcile_duration.time():
             try:

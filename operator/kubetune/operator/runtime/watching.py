@@ -1,12 +1,10 @@
 """Memory a reconcile pass reads instead of the API server: FineTuneJobs and their children.
 
-Kopf watches each collection once (FineTuneJobs, and Jobs, Pods, ConfigMaps and Services by
-the `kubetune.io/job-name` label every child carries) and its handlers put every copy it sees
-here (`handlers`). The operator also puts what its own writes returned, and a store keeps the
-newest copy of each object, so a pass never acts on a copy older than what the previous pass
-wrote: a create is not repeated, a status transition is not reported twice. A deleted object
-leaves a tombstone, so no older copy (a write's response, a LIST begun before) brings it back;
-and as Kopf never reports a delete its watch missed, a periodic relist `prune`s what is gone.
+Kopf watches each collection once (FineTuneJobs, and their children by the `kubetune.io/job-name` label) and its
+handlers put every copy it sees here, the operator what its own writes returned. A store keeps the newest copy of each
+object, so a pass never acts on a copy older than the previous pass's writes: a create is not repeated, a status
+transition not reported twice. A delete leaves a tombstone, so no older copy (a write's response, a LIST begun before)
+brings the object back; as Kopf never reports a delete its watch missed, a periodic relist `prune`s what is gone.
 """
 
 from __future__ import annotations
@@ -16,7 +14,6 @@ from typing import Any
 
 from kubetune.operator.naming import JOB_NAME_LABEL
 
-CHILD_KINDS = ("Job", "Pod", "ConfigMap", "Service")
 TOMBSTONES = 10_000  # the newest deletes remembered per collection: enough for a relist period's worth
 
 Key = tuple[str, str]  # (namespace, name)
@@ -107,7 +104,7 @@ class Caches(dict[str, Store]):
     """One store per kind a pass reads."""
 
     def __init__(self) -> None:
-        super().__init__({kind: Store() for kind in ("FineTuneJob", *CHILD_KINDS)})
+        super().__init__({kind: Store() for kind in ("FineTuneJob", "Job", "Pod", "ConfigMap", "Service")})
 
     def put(self, obj: dict[str, Any] | None) -> None:
         """Remember what one of the operator's own writes returned."""

@@ -1,15 +1,12 @@
 """FineTuneJobs waiting for a reconcile pass: each waits at most once, new jobs first.
 
-Every trigger ends here as a key. A burst of events while a pass is queued asks for no extra
-pass (the queued one reads the newest state); a key whose pass is running is queued once more
-when it ends, so no change goes unseen and two passes of one job never overlap.
+A burst of events while a key is queued asks for no extra pass (the queued one reads the newest state); a key whose pass
+is running is queued once more when it ends, so no change goes unseen and two passes of one job never overlap.
 
-The queue is also the burst policy. A key is urgent while its job has no Job yet (children to
-create): urgent keys go first, and at most `ROUTINE_AT_ONCE` routine keys (a status to update),
-never every worker, are out at a time, each handed out once no urgent work is queued or running,
-or after `YIELD_SECONDS`. So in a burst of new jobs their Jobs come first, and the status changes
-and events that pile up go out together; a new job's first status waits too while others are new
-(`urgent_besides`). `waiting_seconds` tells liveness how long ready work has waited for a worker.
+It is also the burst policy. A key is urgent while its job has no Job yet (children to create), and goes first; at most
+`ROUTINE_AT_ONCE` routine keys (a status to update), never every worker, are out at a time, each handed out once no
+urgent work is queued or running, or after `YIELD_SECONDS`. So in a burst of new jobs their Jobs come first, and the
+status changes and events that pile up (a new job's first one too, `urgent_besides`) go out together.
 """
 
 from __future__ import annotations
@@ -106,7 +103,7 @@ class WorkQueue:
             self._calm.notify_all()
 
     def waiting_seconds(self) -> float:
-        """How long ready keys have waited with no worker taking any (0 when none is ready)."""
+        """How long ready keys have waited with no worker taking any (0 when none is ready), for liveness."""
         with self._lock:
             self._release_due()
             return self._clock() - self._taken_at if self._urgent or self._routine else 0.0
