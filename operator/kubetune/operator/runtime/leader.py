@@ -67,9 +67,8 @@ class LeaderElector:
                 return False
             spec = next_lease_spec(current, self.identity, now, self.duration, decision)
             if lease is None:
-                self.api.create(collection_path("Lease", self.namespace), {
-                    "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-                    "metadata": {"name": self.name, "namespace": self.namespace}, "spec": spec})
+                self.api.create(collection_path("Lease", self.namespace), {"apiVersion": "coordination.k8s.io/v1",
+                    "kind": "Lease", "metadata": {"name": self.name, "namespace": self.namespace}, "spec": spec})
             else:
                 self.api.replace(path, {**lease, "spec": spec})
         except ApiError as exc:

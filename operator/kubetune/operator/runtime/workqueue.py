@@ -36,22 +36,19 @@ class WorkQueue:
         self._later: list[tuple[float, int, Hashable]] = []
         self._count, self._closed = itertools.count(), False
         self._taken_at = clock()  # when a worker last took a key, or ready keys last went from none to some
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # `add` is called with it held, from `done` and `_release_due`
         self._ready, self._calm = threading.Condition(self._lock), threading.Condition(self._lock)
 
     def add(self, key: Hashable, urgent: bool = False) -> None:
         with self._lock:
-            self._add(key, urgent)
-
-    def _add(self, key: Hashable, urgent: bool) -> None:
-        if key in self._active:
-            self._again[key] = self._again.get(key, False) or urgent
-        elif key not in self._urgent and (urgent or key not in self._routine):
-            if not self._urgent and not self._routine:
-                self._taken_at = self._clock()
-            self._routine.pop(key, None)
-            (self._urgent if urgent else self._routine)[key] = None
-            self._ready.notify()
+            if key in self._active:
+                self._again[key] = self._again.get(key, False) or urgent
+            elif key not in self._urgent and (urgent or key not in self._routine):
+                if not self._urgent and not self._routine:
+                    self._taken_at = self._clock()
+                self._routine.pop(key, None)
+                (self._urgent if urgent else self._routine)[key] = None
+                self._ready.notify()
 
     def add_after(self, key: Hashable, seconds: float) -> None:
         """Queue `key` (routine) once `seconds` have passed: a retry after an error."""
@@ -88,7 +85,7 @@ class WorkQueue:
         with self._lock:
             urgent = self._active.pop(key, False)
             if key in self._again:
-                self._add(key, self._again.pop(key))
+                self.add(key, self._again.pop(key))
             (self._calm.notify_all if urgent else self._ready.notify)()
 
     def urgent_besides(self, key: Hashable) -> bool:
@@ -114,4 +111,4 @@ class WorkQueue:
 
     def _release_due(self) -> None:
         while self._later and self._later[0][0] <= self._clock():
-            self._add(heapq.heappop(self._later)[2], False)
+            self.add(heapq.heappop(self._later)[2])
