@@ -12,7 +12,7 @@ import pytest
 from kubetune.api.spec import StorageSpec
 from kubetune_trainer.exitcodes import EXIT_CONFIG, EXIT_STORAGE_UNAVAILABLE, ConfigError, StorageUnavailable
 from kubetune_trainer.storage.interface import Fetched, ObjectInfo, ObjectReplaced
-from kubetune_trainer.storage.local import LocalStore
+from kubetune_trainer.storage.local import LocalStore, write_in_folder
 from kubetune_trainer.storage.schemes import stage
 from kubetune_trainer.storage.staging import (
     MARKER_DIR,
@@ -285,3 +285,26 @@ def test_the_log_counts_and_names_objects_staged_without_a_digest(tmp_path: Path
     out = io.StringIO()
     LogLines(stream=out).staged("data", StagingReport(tmp_path, files=3, downloaded=3))
     assert "digest" not in out.getvalue()
+
+
+def test_a_write_whose_folder_another_rank_pruned_is_tried_again(tmp_path: Path) -> None:
+    """One rank's probe delete prunes the output root while it is still empty; another rank, between its
+    mkdir and its first write there, writes again into a new folder instead of failing the run."""
+    target = tmp_path / "out" / ".kubetune-preflight-x"
+    tries: list[int] = []
+
+    def write() -> None:
+        tries.append(1)
+        if len(tries) == 1:
+            target.parent.rmdir()  # the other rank's prune, between our mkdir and our write
+        target.write_text("probe")
+
+    write_in_folder(target, write)
+    assert target.read_text() == "probe" and len(tries) == 2
+
+
+def test_a_missing_source_is_not_taken_for_a_pruned_folder(tmp_path: Path) -> None:
+    store = LocalStore()
+    with pytest.raises(FileNotFoundError):
+        store.upload(tmp_path / "absent", str(tmp_path / "out" / "file"))
+    assert not list((tmp_path / "out").iterdir()), "no partial file left behind"

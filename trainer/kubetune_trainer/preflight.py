@@ -23,7 +23,7 @@ from kubetune.api.uris import parse_uri
 from kubetune_trainer.config import RuntimeConfig
 from kubetune_trainer.exitcodes import ConfigError
 from kubetune_trainer.storage.interface import ObjectStore, as_prefix, join_uri, write_text
-from kubetune_trainer.storage.local import LocalStore
+from kubetune_trainer.storage.local import LocalStore, write_in_folder
 from kubetune_trainer.storage.schemes import open_store
 
 PROBE_PREFIX = ".kubetune-preflight-"
@@ -57,10 +57,9 @@ def _writable(store: ObjectStore, uri: str, scratch: Path) -> None:
     """A probe object can be written under the prefix and removed again."""
     name = f"{PROBE_PREFIX}{uuid.uuid4().hex}"
     if isinstance(store, LocalStore):  # its delete prunes empty folders upwards, a mount point's parent too
-        folder = store.path_of(uri)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / name).write_text("kubetune preflight\n", encoding="utf-8")
-        (folder / name).unlink()
+        local = store.path_of(uri) / name
+        write_in_folder(local, lambda: local.write_text("kubetune preflight\n", encoding="utf-8"))
+        local.unlink()
         return
     probe = join_uri(uri, name)
     try:

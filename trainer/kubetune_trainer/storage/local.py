@@ -9,10 +9,14 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from kubetune.api.uris import parse_uri
 from kubetune_trainer.storage.interface import Fetched, ObjectInfo, join_uri
+
+T = TypeVar("T")
 
 PVC_ROOT = Path("/mnt/pvc")
 """Where the trainer's pod mounts the claims that pvc:// URIs name."""
@@ -52,17 +56,19 @@ class LocalStore:
 
     def upload(self, path: Path, uri: str) -> None:
         target = self.path_of(uri)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.partial")
-        shutil.copyfile(path, tmp)
-        os.replace(tmp, target)
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.partial")  # two writers never share one
+
+        def replace() -> None:
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, target)
+
+        write_in_folder(target, replace)
 
     def create(self, path: Path, uri: str) -> bool:
         """Copy a local file to `uri` only if nothing is there (a hard link never replaces): whether it did."""
         target = self.path_of(uri)
-        target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.partial")
-        shutil.copyfile(path, tmp)
+        write_in_folder(target, lambda: shutil.copyfile(path, tmp))
         try:
             os.link(tmp, target)
         except FileExistsError:
@@ -80,6 +86,20 @@ class LocalStore:
         """The highest folder a delete may leave empty but never removes: a pvc:// claim's mount point."""
         parsed = parse_uri(uri)
         return self.pvc_root / parsed.location if parsed.scheme == "pvc" else Path("/")
+
+
+def write_in_folder(target: Path, write: Callable[[], T]) -> T:
+    """`write()` once `target`'s folder exists, again (three tries in all) if the folder vanished meanwhile:
+    another process's delete prunes the folders it leaves empty, the output root too while it holds nothing
+    (one rank's probe beside another rank's first write)."""
+    for attempt in range(3):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            return write()
+        except FileNotFoundError:
+            if attempt == 2 or target.parent.is_dir():
+                raise
+    raise AssertionError("unreachable: the third try returns or raises")
 
 
 def _prune_empty_parents(folder: Path, floor: Path) -> None:
