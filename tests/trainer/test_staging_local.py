@@ -308,3 +308,22 @@ def test_a_missing_source_is_not_taken_for_a_pruned_folder(tmp_path: Path) -> No
     with pytest.raises(FileNotFoundError):
         store.upload(tmp_path / "absent", str(tmp_path / "out" / "file"))
     assert not list((tmp_path / "out").iterdir()), "no partial file left behind"
+
+
+def test_a_file_deleted_between_the_walk_and_its_size_is_not_listed(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank 1 surveys the output while rank 0's preflight probe comes and goes: a file the walk saw but that is
+    gone when its size is read is simply not there (CI once failed the survey with FileNotFoundError)."""
+    (tmp_path / "kept").write_text("k")
+    probe = tmp_path / ".kubetune-preflight-x"
+    probe.write_text("p")
+    real_is_file = Path.is_file
+
+    def is_file_then_gone(path: Path) -> bool:
+        answer = real_is_file(path)
+        if path == probe and answer:
+            path.unlink()  # the other rank's unlink, right after our walk saw the file
+        return answer
+
+    monkeypatch.setattr(Path, "is_file", is_file_then_gone)
+    assert [obj.relative for obj in LocalStore().list(str(tmp_path))] == ["kept"]

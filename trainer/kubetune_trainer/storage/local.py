@@ -41,8 +41,12 @@ class LocalStore:
         found = []
         files = (p for p in root.rglob("*") if p.is_file())
         for path in files if limit is not None else sorted(files):  # a few need no sorted walk of the tree
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:  # deleted since the walk saw it (another rank's probe): not there
+                continue
             rel = path.relative_to(root).as_posix()
-            found.append(ObjectInfo(join_uri(prefix_uri, rel), rel, path.stat().st_size))
+            found.append(ObjectInfo(join_uri(prefix_uri, rel), rel, size))
             if limit is not None and len(found) >= limit:
                 break
         return found
