@@ -13,6 +13,8 @@ import signal
 import subprocess
 import sys
 import threading
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import fakegpu
 import pytest
@@ -35,6 +37,9 @@ from cluster_support import (
     wait_phase,
 )
 from kubernetes import client
+
+from kubetune.operator.runtime.kube import KubeApi, collection_path, object_path
+from kubetune.operator.runtime.leader import LeaderElector
 
 pytestmark = pytest.mark.integration
 
@@ -200,6 +205,26 @@ def test_two_replicas_only_one_acts(kube_admin, namespace, start_operator) -> No
     client.CustomObjectsApi(kube_admin).patch_namespaced_custom_object(
         GROUP, VERSION, namespace, PLURAL, "corgi", {"spec": {"runPolicy": {"suspend": True}}})
     wait_phase(kube_admin, namespace, "Suspended")
+
+
+def test_of_two_replicas_taking_over_one_stale_lease_only_one_wins(kube_admin, namespace) -> None:
+    """Both read the Lease before either writes: the second write's resourceVersion is stale, so it conflicts."""
+    admin = KubeApi(kube_admin.configuration)
+    stale = (datetime.now(UTC) - timedelta(minutes=5)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    admin.create(collection_path("Lease", namespace), {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                 "metadata": {"name": LEASE}, "spec": {"holderIdentity": "gone", "renewTime": stale,
+                                                       "leaseDurationSeconds": 15}})
+    seen = admin.get(object_path("Lease", namespace, LEASE))
+
+    class ReadBeforeEitherWrote(KubeApi):
+        def get_or_none(self, path: str) -> Any:
+            return seen
+
+    api = ReadBeforeEitherWrote(kube_admin.configuration)
+    first, second = (LeaderElector(api, namespace, LEASE, name) for name in ("op-a", "op-b"))
+    assert first.try_hold() and not second.try_hold()
+    spec = admin.get(object_path("Lease", namespace, LEASE))["spec"]
+    assert (spec["holderIdentity"], spec["leaseTransitions"]) == ("op-a", 1)
 
 
 def test_pods_that_fit_no_node_are_reported(kube_admin, namespace, start_operator) -> None:
