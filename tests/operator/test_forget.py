@@ -5,6 +5,8 @@ finds it gone (a delete Kopf missed), and after a pass that ran while it was del
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from typing import Any
 
 import kopf
@@ -117,3 +119,32 @@ def test_a_job_a_relist_no_longer_finds_is_forgotten() -> None:
     controller.synced.set()
     controller.relist_now()
     assert _forgotten(controller)
+
+
+def test_a_relist_that_fails_is_tried_again_and_the_loop_lives_on(monkeypatch: pytest.MonkeyPatch,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr("kubetune.operator.runtime.passes.RELIST_SECONDS", 0.01)
+    controller, calls = _controller(), []
+
+    def relist() -> list[dict[str, Any]]:
+        calls.append(1)
+        if len(calls) == 1:
+            raise ApiError(0, "Unreachable", "connection refused")
+        return controller.caches["FineTuneJob"].prune(None, set(), 10)
+
+    controller.relist, stop = relist, threading.Event()
+    controller.start(stop)
+    try:
+        assert _wait_for(lambda: len(calls) >= 2), "a second relist after the first one failed"
+    finally:
+        stop.set()
+        controller.queue.close()
+    assert "relist_now failed: 0 Unreachable: connection refused" in caplog.text
+    assert _wait_for(lambda: _forgotten(controller))
+
+
+def _wait_for(condition: Any, seconds: float = 5.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not (ok := condition()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return bool(ok)

@@ -53,7 +53,10 @@ class Controller:
             self.queue.add(key, urgent=not self.caches["Job"].labelled(*key))
 
     def run_pass(self, key: Key) -> bool:
-        """Reconcile one FineTuneJob (gone: nothing to do); on an error, queue it again after a delay."""
+        """Reconcile one FineTuneJob (gone: nothing to do); on an error, queue it again after a delay.
+
+        A job deleted while its pass ran (or whose status write found it gone, `KubeCluster.write_status`) is
+        forgotten once more: the pass may have recorded its phase or rank 0's reading after the delete."""
         if (body := self.caches["FineTuneJob"].get(*key)) is None:
             return True
         with self.passes.running(key), self.metrics.reconcile_duration.time():
@@ -61,12 +64,16 @@ class Controller:
                 outcome = reconcile(body, self.cluster, self.settings, self.metrics, datetime.now(UTC))
             except ApiError as exc:
                 self.metrics.api_errors.labels("reconcile").inc()
-                return self._gone(key, body) or self._retry(key, f"Kubernetes API error: {exc}")
+                outcome, why = None, f"Kubernetes API error: {exc}"
             except Exception:  # a worker that died would leave the queue to fewer and fewer workers
                 LOG.exception("%s/%s: the pass failed", *key)
                 return self._retry(key, "the pass failed")
-        if self._gone(key, body):
+        held = self.caches["FineTuneJob"].get(*key)
+        if held is None or held["metadata"].get("uid") != body["metadata"].get("uid"):
+            self.forget(body)
             return True
+        if outcome is None:
+            return self._retry(key, why)
         if outcome.errors:
             self.metrics.api_errors.labels("apply").inc(len(outcome.errors))
             return self._retry(key, "; ".join(outcome.errors))
@@ -75,14 +82,6 @@ class Controller:
         if outcome.events:
             LOG.info("%s/%s %s: %s", *key, outcome.status.phase, "; ".join(e.reason for e in outcome.events))
         return True
-
-    def _gone(self, key: Key, body: dict[str, Any]) -> bool:
-        """A job deleted while its pass ran (or whose status write found it gone, `KubeCluster.write_status`)
-        is forgotten once more: the pass may have recorded its phase or rank 0's reading after the delete."""
-        held = self.caches["FineTuneJob"].get(*key)
-        if gone := held is None or held["metadata"].get("uid") != body["metadata"].get("uid"):
-            self.forget(body)
-        return gone
 
     def forget(self, body: dict[str, Any]) -> None:
         """Drop the operator's memory of a deleted job (its children go by owner reference)."""
@@ -98,20 +97,15 @@ class Controller:
         self.queue.add_after(key, RETRY_SECONDS)
         return False
 
-    def resync(self) -> int:
+    def resync(self) -> None:
         """Queue a pass of every FineTuneJob (which also reads rank 0's `/progress` again)."""
-        bodies = self.caches["FineTuneJob"].items()
-        for body in bodies:
+        for body in self.caches["FineTuneJob"].items():
             self.enqueue(key_of(body))
-        return len(bodies)
 
     def relist_now(self) -> None:
         """List every collection again; forget the FineTuneJobs whose delete Kopf missed."""
-        try:
-            for body in self.relist():
-                self.forget(body)
-        except Exception as exc:  # the next relist tries again
-            LOG.warning("relisting failed: %s", exc)
+        for body in self.relist():
+            self.forget(body)
 
     def work(self) -> None:
         """One worker: passes from the queue until it is closed."""
@@ -125,7 +119,10 @@ class Controller:
         """The workers (until the queue is closed), the resync and relist loops (until `stop`): daemon threads."""
         def every(seconds: float, action: Callable[[], Any]) -> None:
             while not stop.wait(seconds):
-                action()
+                try:
+                    action()
+                except Exception as exc:  # a dead loop would resync or relist no more: the next round tries again
+                    LOG.warning("%s failed: %s", action.__name__, exc)
 
         for name, seconds, action in (("resync", self.settings.resync_seconds, self.resync),
                                       ("relist", RELIST_SECONDS, self.relist_now)):

@@ -12,7 +12,6 @@ status changes and events that pile up (a new job's first one too, `urgent_besid
 from __future__ import annotations
 
 import heapq
-import itertools
 import threading
 import time
 from collections.abc import Callable, Hashable
@@ -33,8 +32,8 @@ class WorkQueue:
         self._routine: dict[Hashable, None] = {}
         self._active: dict[Hashable, bool] = {}  # each key a worker holds: whether it was urgent
         self._again: dict[Hashable, bool] = {}
-        self._later: list[tuple[float, int, Hashable]] = []
-        self._count, self._closed = itertools.count(), False
+        self._later: list[tuple[float, Hashable]] = []  # (when, key); keys, (namespace, name), break ties
+        self._closed = False
         self._taken_at = clock()  # when a worker last took a key, or ready keys last went from none to some
         self._lock = threading.RLock()  # `add` is called with it held, from `done` and `_release_due`
         self._ready, self._calm = threading.Condition(self._lock), threading.Condition(self._lock)
@@ -53,7 +52,7 @@ class WorkQueue:
     def add_after(self, key: Hashable, seconds: float) -> None:
         """Queue `key` (routine) once `seconds` have passed: a retry after an error."""
         with self._lock:
-            heapq.heappush(self._later, (self._clock() + seconds, next(self._count), key))
+            heapq.heappush(self._later, (self._clock() + seconds, key))
             self._ready.notify()
 
     def get(self, timeout: float | None = None) -> Hashable | None:
@@ -71,7 +70,6 @@ class WorkQueue:
                         calm = lambda: self._closed or not (self._urgent or any(self._active.values()))  # noqa: E731
                         if self._calm.wait_for(calm, self._yield) and self._closed:  # stopping: no pass starts
                             del self._active[key]
-                            self._routine[key] = None
                             return None
                     return key
                 due = self._later[0][0] if self._later else None
@@ -111,4 +109,4 @@ class WorkQueue:
 
     def _release_due(self) -> None:
         while self._later and self._later[0][0] <= self._clock():
-            self.add(heapq.heappop(self._later)[2])
+            self.add(heapq.heappop(self._later)[1])
