@@ -32,6 +32,9 @@ class RecordingApi:
         self.in_flight = 0
         self.calls: list[tuple[str, str, int]] = []
 
+    def request(self, method: str, path: str, body: Any = None, query: Any = None) -> dict[str, Any]:
+        return self.create(path, body) if method == "POST" else self.merge_patch(path, body)
+
     def create(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         with self.lock:
             self.in_flight += 1

@@ -97,7 +97,7 @@ def test_a_pass_that_ran_while_its_job_was_deleted_forgets_what_it_recorded() ->
 class GoneApi:
     """The API server of a FineTuneJob deleted while the watch was away: its status write finds nothing."""
 
-    def merge_patch(self, path: str, body: dict[str, Any]) -> Any:
+    def request(self, method: str, path: str, body: Any = None, query: Any = None) -> Any:
         raise ApiError(404, "Not Found", f"{path} not found")
 
 

@@ -33,7 +33,7 @@ from kubetune.api.validation import validate_document
 from kubetune.operator import naming
 from kubetune.operator.actions import CreateChild
 from kubetune.operator.render import render_children
-from kubetune.operator.runtime.kube import JSON, MERGE_PATCH, ApiError, KubeApi, collection_path
+from kubetune.operator.runtime.kube import ApiError, KubeApi, collection_path
 from kubetune.operator.runtime.kube_cluster import ChildConflict, KubeCluster
 from kubetune.operator.settings import OperatorSettings
 from tests.unit.test_chart import CHART, helm
@@ -66,8 +66,7 @@ class Install:
 
     def refusal(self, method: str, path: str, body: dict[str, Any], dry_run: bool = False) -> ApiError | None:
         try:
-            self.operator.request(method, path, body, query={"dryRun": "All"} if dry_run else None,
-                                  content_type=MERGE_PATCH if method == "PATCH" else JSON)
+            self.operator.request(method, path, body, query={"dryRun": "All"} if dry_run else None)
         except ApiError as exc:
             return exc
         return None
@@ -149,7 +148,7 @@ def test_outside_the_watched_namespaces_the_operator_may_not_write(install: Inst
         review = {"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
                   "spec": {"resourceAttributes": {"verb": verb, "group": group, "resource": resource,
                                                   "namespace": namespace}}}
-        answer = install.operator.create("/apis/authorization.k8s.io/v1/selfsubjectaccessreviews", review)
+        answer = install.operator.request("POST", "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews", review)
         return answer["status"]["allowed"]
 
     for namespace in ("kube-system", "default"):
@@ -345,7 +344,7 @@ def test_the_policy_refuses_what_the_operator_never_writes_on_update(
 def _admin_create(kube_admin: client.ApiClient, obj: dict[str, Any]) -> dict[str, Any]:
     admin = KubeApi(kube_admin.configuration)
     try:
-        return admin.create(collection_path(obj["kind"], obj["metadata"]["namespace"]), obj)
+        return admin.request("POST", collection_path(obj["kind"], obj["metadata"]["namespace"]), obj)
     finally:
         admin.close()
 
@@ -465,15 +464,15 @@ def test_the_children_the_operator_renders_are_admitted(
     full.pop("status", None)
     every_field = _stored_children(kube_admin, full)
     for child in [*corgi, *every_field]:
-        install.operator.create(collection_path(child["kind"], install.watched), child)
+        install.operator.request("POST", collection_path(child["kind"], install.watched), child)
     # The updates a pass sends: a rewritten ConfigMap, a suspended and resumed Job.
     configmap, _, job = corgi
-    install.operator.merge_patch(_path(configmap), {"data": {naming.CONFIG_KEY: "rewritten"}})
-    install.operator.merge_patch(_path(job), {"spec": {"suspend": True}})
-    install.operator.merge_patch(_path(job), {"spec": {"suspend": False}})
+    install.operator.request("PATCH", _path(configmap), {"data": {naming.CONFIG_KEY: "rewritten"}})
+    install.operator.request("PATCH", _path(job), {"spec": {"suspend": True}})
+    install.operator.request("PATCH", _path(job), {"spec": {"suspend": False}})
     # A failed attempt's Job, as `KubeCluster.apply(DeleteJob)` deletes it.
     uid = install.operator.get(_path(job))["metadata"]["uid"]
-    install.operator.delete(_path(job), {"apiVersion": "v1", "kind": "DeleteOptions",
+    install.operator.request("DELETE", _path(job), {"apiVersion": "v1", "kind": "DeleteOptions",
                                          "propagationPolicy": "Foreground", "preconditions": {"uid": uid}})
 
 

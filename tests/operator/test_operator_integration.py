@@ -211,7 +211,7 @@ def test_of_two_replicas_taking_over_one_stale_lease_only_one_wins(kube_admin, n
     """Both read the Lease before either writes: the second write's resourceVersion is stale, so it conflicts."""
     admin = KubeApi(kube_admin.configuration)
     stale = (datetime.now(UTC) - timedelta(minutes=5)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    admin.create(collection_path("Lease", namespace), {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+    admin.request("POST", collection_path("Lease", namespace), {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
                  "metadata": {"name": LEASE}, "spec": {"holderIdentity": "gone", "renewTime": stale,
                                                        "leaseDurationSeconds": 15}})
     seen = admin.get(object_path("Lease", namespace, LEASE))

@@ -72,13 +72,12 @@ class KubeApi:
         self._client, self._configuration = client.ApiClient(configuration), configuration
         self._pool = self._client.rest_client.pool_manager
 
-    def request(self, method: str, path: str, body: Any = None, query: dict[str, str] | None = None,
-                content_type: str = JSON) -> Any:
-        """The decoded response body; raises `ApiError` on any non-2xx status."""
+    def request(self, method: str, path: str, body: Any = None, query: dict[str, str] | None = None) -> Any:
+        """The decoded response body; raises `ApiError` on any non-2xx status. A PATCH is a JSON merge patch."""
         url = self._configuration.host + path + (f"?{urllib.parse.urlencode(query)}" if query else "")
         payload = None if body is None else json.dumps(body).encode()
         headers = {"Accept": JSON, "User-Agent": "kubetune-operator",
-                   **({"Content-Type": content_type} if payload else {})}
+                   **({"Content-Type": MERGE_PATCH if method == "PATCH" else JSON} if payload else {})}
         for auth in self._configuration.auth_settings().values():  # a rotated token is read again
             if auth["in"] == "header" and auth["value"]:
                 headers[auth["key"]] = auth["value"]
@@ -86,14 +85,13 @@ class KubeApi:
             response = self._pool.request(method, url, body=payload, headers=headers, timeout=TIMEOUT, retries=RETRIES)
         except urllib3.exceptions.HTTPError as exc:
             raise ApiError(0, "Unreachable", str(exc)) from exc
-        data = response.data
         if response.status >= 400:
             try:
-                message = json.loads(data or b"{}").get("message", "")
+                message = json.loads(response.data or b"{}").get("message", "")
             except (ValueError, AttributeError):
-                message = (data or b"")[:200].decode("utf-8", "replace")
+                message = (response.data or b"")[:200].decode("utf-8", "replace")
             raise ApiError(response.status, response.reason or "", message)
-        return json.loads(data) if data else None
+        return json.loads(response.data) if response.data else None
 
     def get(self, path: str, **query: str) -> Any:
         return self.request("GET", path, query=query or None)
@@ -105,18 +103,6 @@ class KubeApi:
             if exc.not_found:
                 return None
             raise
-
-    def create(self, path: str, body: dict[str, Any]) -> Any:
-        return self.request("POST", path, body)
-
-    def merge_patch(self, path: str, body: dict[str, Any]) -> Any:
-        return self.request("PATCH", path, body, content_type=MERGE_PATCH)
-
-    def replace(self, path: str, body: dict[str, Any]) -> Any:
-        return self.request("PUT", path, body)
-
-    def delete(self, path: str, body: dict[str, Any] | None = None) -> Any:
-        return self.request("DELETE", path, body)
 
     def close(self) -> None:
         self._client.close()

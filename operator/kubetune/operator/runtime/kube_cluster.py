@@ -167,9 +167,9 @@ class KubeCluster:
         if isinstance(action, CreateChild):
             self._create_or_adopt(job, action.obj)
         elif isinstance(action, ReplaceConfigMapData):
-            self.caches.put(self.api.merge_patch(object_path("ConfigMap", ns, action.name), {"data": action.data}))
+            self.caches.put(self.api.request("PATCH", object_path("ConfigMap", ns, action.name), {"data": action.data}))
         elif isinstance(action, SetJobSuspend):
-            self.caches.put(self.api.merge_patch(object_path("Job", ns, action.name),
+            self.caches.put(self.api.request("PATCH", object_path("Job", ns, action.name),
                                                  {"spec": {"suspend": action.suspend}}))
         elif isinstance(action, DeleteJob):
             options = {"propagationPolicy": "Foreground", "preconditions": {"uid": action.uid}}
@@ -179,7 +179,7 @@ class KubeCluster:
 
     def _delete(self, path: str, options: dict[str, Any]) -> None:
         try:
-            self.api.delete(path, {"apiVersion": "v1", "kind": "DeleteOptions", **options})
+            self.api.request("DELETE", path, {"apiVersion": "v1", "kind": "DeleteOptions", **options})
         except ApiError as exc:
             if not (exc.not_found or exc.conflict):
                 raise
@@ -192,7 +192,7 @@ class KubeCluster:
         """
         path = collection_path(obj["kind"], obj["metadata"]["namespace"])
         try:
-            self.caches.put(self.api.create(path, obj))
+            self.caches.put(self.api.request("POST", path, obj))
             return
         except ApiError as exc:
             if not exc.conflict:
@@ -213,12 +213,12 @@ class KubeCluster:
                                 f"{naming.JOB_NAME_LABEL}={job.metadata.name}); rename or delete it")
         adopt = {"metadata": {"ownerReferences": [*refs, naming.owner_reference(job)],
                               "labels": obj["metadata"]["labels"]}}
-        self.caches.put(self.api.merge_patch(f"{path}/{obj['metadata']['name']}", adopt))
+        self.caches.put(self.api.request("PATCH", f"{path}/{obj['metadata']['name']}", adopt))
 
     def write_status(self, ref: JobRef, patch: dict[str, Any]) -> None:
         path = object_path("FineTuneJob", ref.namespace, ref.name) + "/status"
         try:
-            self.caches.put(self.api.merge_patch(path, {"status": patch}))
+            self.caches.put(self.api.request("PATCH", path, {"status": patch}))
         except ApiError as exc:  # deleted: it leaves the store, and its pass forgets it (`Controller`)
             if exc.not_found and (held := self.caches["FineTuneJob"].get(ref.namespace, ref.name)):
                 self.caches["FineTuneJob"].remove(held)
@@ -248,7 +248,7 @@ class KubeCluster:
             "reportingComponent": f"{GROUP}/operator",
         }
         try:
-            self.api.create(collection_path("Event", ns), body)
+            self.api.request("POST", collection_path("Event", ns), body)
         except Exception as exc:
             LOG.warning("event %s for %s/%s not posted: %s", event.reason, ns, ref.name, exc)
 

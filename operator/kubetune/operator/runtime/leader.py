@@ -66,11 +66,9 @@ class LeaderElector:
             if (decision := lease_decision(current, self.identity, now)) == "standby":
                 return False
             spec = next_lease_spec(current, self.identity, now, self.duration, decision)
-            if lease is None:
-                self.api.create(collection_path("Lease", self.namespace), {"apiVersion": "coordination.k8s.io/v1",
-                    "kind": "Lease", "metadata": {"name": self.name, "namespace": self.namespace}, "spec": spec})
-            else:
-                self.api.replace(path, {**lease, "spec": spec})
+            new = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {"name": self.name}}
+            method, where = ("PUT", path) if lease else ("POST", collection_path("Lease", self.namespace))
+            self.api.request(method, where, {**(lease or new), "spec": spec})  # a stale resourceVersion: a conflict
         except ApiError as exc:
             if not exc.conflict:  # a conflict: another replica wrote it first
                 LOG.warning("Lease %s/%s: %s", self.namespace, self.name, exc)

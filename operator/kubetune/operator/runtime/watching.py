@@ -76,7 +76,7 @@ class Store:
         key = key_of(obj)
         with self._lock:
             if version_of(self._objects.get(key)) <= version_of(obj):
-                self._bury(key, version_of(obj))
+                self._drop(key, version_of(obj))
 
     def prune(self, namespace: str | None, listed: set[Key], version: int) -> list[dict[str, Any]]:
         """Drop what a LIST of `namespace` (None: all) at `version` no longer has; returns the dropped."""
@@ -84,20 +84,19 @@ class Store:
             gone = [o for k, o in self._objects.items() if k not in listed and namespace in (None, k[0])
                     and version_of(o) <= version]
             for obj in gone:
-                self._bury(key_of(obj), version)
+                self._drop(key_of(obj), version)
         return gone
 
-    def _bury(self, key: Key, version: int) -> None:
-        self._drop(key)
-        self._gone[key] = max(version, self._gone.pop(key, -1))
-        while len(self._gone) > TOMBSTONES:
-            del self._gone[next(iter(self._gone))]
-
-    def _drop(self, key: Key) -> None:
+    def _drop(self, key: Key, deleted_at: int | None = None) -> None:
+        """Forget `key`'s object; with `deleted_at`, as deleted at that version (its tombstone goes last)."""
         if (job := _job_label(self._objects.pop(key, None))) and (names := self._by_job.get((key[0], job))):
             names.discard(key[1])
             if not names:
                 del self._by_job[(key[0], job)]
+        if deleted_at is not None:
+            self._gone[key] = max(deleted_at, self._gone.pop(key, -1))
+            while len(self._gone) > TOMBSTONES:
+                del self._gone[next(iter(self._gone))]
 
 
 class Caches(dict[str, Store]):
