@@ -1,7 +1,9 @@
 """Staging benchmark: kubetune's S3 staging against s5cmd and a sequential boto3 loop.
 
-All tools download the same objects from one moto server on 127.0.0.1 (run in its own
-process, so no Python client shares the server's interpreter lock) into fresh local folders.
+All tools download the same objects from one S3 server on 127.0.0.1 into fresh local folders:
+`--server moto` (moto's, run in its own process, so no Python client shares the server's
+interpreter lock) or `--server seaweedfs` (SeaweedFS's S3 gateway, a production server, built
+from `tests/cluster/seaweedfs/go.mod` by `make cluster-build`). Run it once per server.
 Two data sets: many small objects (files/s) and a few large ones (MiB/s). Each tool runs
 `--repeats` times, in a rotating order, after one untimed warm-up pass; the median counts.
 Every run is checked for the full count and byte total before its time is kept.
@@ -14,7 +16,8 @@ A third set, the large objects uploaded in 8 MiB parts as boto3 and the AWS CLI 
 measures what checking every byte costs: ours against ours with the checks off (size only,
 which is what multipart objects got before their ETag was checked), same run, ratio.
 
-    .venv/bin/python bench/staging.py [--small-count 1000] [--large-mib 256] [--repeats 3] [--json]
+    .venv/bin/python bench/staging.py [--server moto|seaweedfs] [--small-count 1000] [--large-mib 256]
+                                      [--repeats 3] [--json]
 """
 
 from __future__ import annotations
@@ -244,8 +247,19 @@ def print_table(data: DataSet, result: dict) -> None:
           f"{best['x_sequential']:.2f}x the sequential loop")
 
 
+def s3_server(kind: str) -> LoopbackS3Process:
+    """moto's server in a child process, or SeaweedFS's `weed mini` (built when missing)."""
+    if kind == "moto":
+        return LoopbackS3Process()
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "cluster"))
+    from s3_servers import SeaweedS3
+
+    return SeaweedS3({k: CREDENTIALS[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--server", choices=("moto", "seaweedfs"), default="moto", help="the S3 server on loopback")
     parser.add_argument("--small-count", type=int, default=1000, help="objects in the small set")
     parser.add_argument("--small-kib", type=int, default=64, help="size of each small object")
     parser.add_argument("--large-count", type=int, default=2, help="objects in the large set")
@@ -265,9 +279,9 @@ def main(argv: list[str] | None = None) -> int:
                               f"s5cmd --numworkers {args.s5cmd_workers}": s5cmd_tool("--numworkers",
                                                                                      str(args.s5cmd_workers)),
                               SEQUENTIAL: run_sequential}
-    results = {}
+    results: dict = {"server": args.server}
     multipart = DataSet("large-multipart", "multipart", args.large_count, args.large_mib * MiB)
-    with LoopbackS3Process() as server, tempfile.TemporaryDirectory(prefix="kubetune-bench-") as scratch:
+    with s3_server(args.server) as server, tempfile.TemporaryDirectory(prefix="kubetune-bench-") as scratch:
         server.create_bucket(BUCKET)
         for data in sets:
             seed(server.endpoint, data, Path(scratch))
@@ -296,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(results, indent=2))
     else:
+        print(f"server: {args.server}")
         for data in sets:
             print_table(data, results[data.name])
         print_check_cost(multipart, results["check cost"])

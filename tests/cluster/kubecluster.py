@@ -351,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "build":
         print(clusterbuild.ensure_binaries())
         print(clusterbuild.kubectl_path())
+        for server in clusterbuild.SERVERS:  # the servers the integration tests run beside it, built before pytest
+            print(clusterbuild.ensure_server(server))
     elif args.command == "up":
         command_up(plane)
     elif args.command == "down":

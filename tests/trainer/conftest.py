@@ -91,16 +91,46 @@ def runtime(tmp_path: Path) -> Any:
     return RuntimeConfig(scratch=tmp_path / "scratch", status_file=tmp_path / "status.json", log_every=0)
 
 
+S3_SERVERS = ("moto", "seaweedfs")
+"""The S3 suite runs against both: moto's server (a mock, in this interpreter) and SeaweedFS's S3 gateway
+(a production server, built from its Go module; `s3_servers`)."""
+FULL_FAULT_SERVERS = tuple(os.environ.get("KUBETUNE_FULL_FAULT_SERVERS", "seaweedfs").split(","))
+"""The servers the whole fault suite runs against (a thousand objects, a training run); the others get its
+smoke subset. `KUBETUNE_FULL_FAULT_SERVERS=moto,seaweedfs` runs it against both."""
+
+
 @pytest.fixture(scope="session")
-def s3_server() -> Iterator[Any]:
-    """A real S3-compatible HTTP server on loopback for the whole session."""
+def s3_servers() -> Iterator[Callable[[str], Any]]:
+    """Each kind of S3 server on loopback, started on first use and kept for the whole session."""
+    import contextlib
     import logging
+
+    from s3_servers import SeaweedS3
 
     from kubetune_demo.loopback_s3 import LoopbackS3
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    with LoopbackS3() as server:
+    started: dict[str, Any] = {}
+    with contextlib.ExitStack() as running:
+        def server(kind: str) -> Any:
+            if kind not in started:
+                started[kind] = running.enter_context(LoopbackS3() if kind == "moto" else SeaweedS3(TEST_CREDENTIALS))
+                started[kind].kind = kind
+            return started[kind]
+
         yield server
+
+
+@pytest.fixture(scope="session", params=S3_SERVERS)
+def s3_server(request: pytest.FixtureRequest, s3_servers: Callable[[str], Any]) -> Any:
+    """A real S3-compatible HTTP server on loopback, once per kind of server."""
+    return s3_servers(request.param)
+
+
+@pytest.fixture(scope="session", params=FULL_FAULT_SERVERS)
+def full_fault_server(request: pytest.FixtureRequest, s3_servers: Callable[[str], Any]) -> Any:
+    """A server the whole fault suite runs against (`FULL_FAULT_SERVERS`)."""
+    return s3_servers(request.param)
 
 
 @pytest.fixture
@@ -108,6 +138,14 @@ def s3_bucket(s3_server: Any) -> str:
     """A fresh, empty bucket on the loopback server."""
     name = f"t-{uuid.uuid4().hex[:12]}"
     s3_server.create_bucket(name)
+    return name
+
+
+@pytest.fixture
+def full_fault_bucket(full_fault_server: Any) -> str:
+    """A fresh, empty bucket on a server the whole fault suite runs against."""
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    full_fault_server.create_bucket(name)
     return name
 
 

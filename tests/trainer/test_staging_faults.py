@@ -1,9 +1,10 @@
 """Staging through a faulty network: every staged object is checked end to end, multipart ones
 included, and a transfer that breaks or arrives corrupt is fetched again, never staged as good.
 
-The S3 server is moto's on loopback; between it and the stager sits `S3FaultProxy`, which
-answers 500 and 503 SlowDown, resets or truncates bodies, delays first bytes and flips bits,
-each at a seeded rate. Nothing is patched.
+The S3 servers are moto's and SeaweedFS's on loopback; between each and the stager sits `S3FaultProxy`,
+which answers 500 and 503 SlowDown, resets or truncates bodies, delays first bytes and flips bits, each at a
+seeded rate. Nothing is patched. The smoke subset runs against both servers; the thousand objects (and the training
+run of `test_training_faults`) against the servers of `FULL_FAULT_SERVERS`, SeaweedFS by default.
 """
 
 from __future__ import annotations
@@ -77,9 +78,10 @@ def test_objects_without_a_digest_are_counted_and_named(s3_server: Any, s3_bucke
 
     bare = boto3.client("s3", endpoint_url=s3_server.endpoint, region_name="us-east-1",
                         config=Config(request_checksum_calculation="when_required"))
-    bare.put_object(Bucket=s3_bucket, Key="kms/bare.bin", Body=b"a" * 1000, ServerSideEncryption="aws:kms")
+    kms = {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": "kubetune-test"}  # SeaweedFS wants a key named
+    bare.put_object(Bucket=s3_bucket, Key="kms/bare.bin", Body=b"a" * 1000, **kms)
     s3_server.client().put_object(Bucket=s3_bucket, Key="kms/crc.bin", Body=b"b" * 1000,
-                                  ServerSideEncryption="aws:kms")  # boto3 sends (and S3 keeps) a CRC32
+                                  **kms)  # boto3 sends (and S3 keeps) a CRC32
     s3_server.client().put_object(Bucket=s3_bucket, Key="kms/plain.bin", Body=b"c" * 1000)
     report = Stager(_store(s3_server.endpoint)).stage_prefix(f"s3://{s3_bucket}/kms/", tmp_path / "dest")
     assert (report.downloaded, report.unverified) == (3, 1)
@@ -100,12 +102,13 @@ def test_each_fault_kind_is_survived(s3_server: Any, s3_bucket: str, tmp_path: P
 
 @pytest.mark.slow
 def test_a_thousand_objects_stage_byte_identical_at_five_percent_of_every_fault(
-        s3_server: Any, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        full_fault_server: Any, full_fault_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "5")
-    sources = _seed(s3_server, s3_bucket, "many", count=996, multipart=4, folder=tmp_path / "src")
-    with S3FaultProxy(s3_server.endpoint, rates=dict.fromkeys(KINDS, 0.05), seed=2026, delay_s=0.2) as faulty:
+    server, bucket = full_fault_server, full_fault_bucket
+    sources = _seed(server, bucket, "many", count=996, multipart=4, folder=tmp_path / "src")
+    with S3FaultProxy(server.endpoint, rates=dict.fromkeys(KINDS, 0.05), seed=2026, delay_s=0.2) as faulty:
         started = time.monotonic()
-        report = Stager(_store(faulty.endpoint)).stage_prefix(f"s3://{s3_bucket}/many/", tmp_path / "dest")
+        report = Stager(_store(faulty.endpoint)).stage_prefix(f"s3://{bucket}/many/", tmp_path / "dest")
         seconds = time.monotonic() - started
         injected = faulty.faults()
     print(f"\n1,000 objects through 5% of each fault: {seconds:.1f}s, {report.retried} transfers fetched again, "

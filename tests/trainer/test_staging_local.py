@@ -327,3 +327,31 @@ def test_a_file_deleted_between_the_walk_and_its_size_is_not_listed(tmp_path: Pa
 
     monkeypatch.setattr(Path, "is_file", is_file_then_gone)
     assert [obj.relative for obj in LocalStore().list(str(tmp_path))] == ["kept"]
+
+
+class _CorruptFirst:
+    """A store whose first `bad` transfers of any object arrive corrupt."""
+
+    def __init__(self, bad: int) -> None:
+        self.bad, self.calls = bad, 0
+
+    def download(self, uri: str, path: Path) -> object:
+        from kubetune_trainer.storage.interface import Fetched
+
+        self.calls += 1
+        if self.calls <= self.bad:
+            raise CorruptTransfer(f"{uri}: MD5 does not match the ETag; the download is corrupt")
+        path.write_bytes(b"ok")
+        return Fetched(digest="md5")
+
+
+def test_a_single_object_that_arrives_corrupt_is_fetched_again_a_few_times_then_fails(tmp_path: Path) -> None:
+    from kubetune_trainer.storage.interface import CORRUPT_ATTEMPTS, download_whole
+
+    healed = _CorruptFirst(bad=CORRUPT_ATTEMPTS - 1)
+    assert download_whole(healed, "s3://b/owner.json", tmp_path / "a").digest == "md5"  # type: ignore[arg-type]
+    assert healed.calls == CORRUPT_ATTEMPTS and (tmp_path / "a").read_bytes() == b"ok"
+    broken = _CorruptFirst(bad=CORRUPT_ATTEMPTS)
+    with pytest.raises(CorruptTransfer, match=r"owner\.json: MD5"):
+        download_whole(broken, "s3://b/owner.json", tmp_path / "b")  # type: ignore[arg-type]
+    assert broken.calls == CORRUPT_ATTEMPTS and not (tmp_path / "b").exists()

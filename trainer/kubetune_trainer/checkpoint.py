@@ -36,7 +36,15 @@ from kubetune.api.spec import OutputSpec
 from kubetune.api.status import CheckpointRef
 from kubetune_trainer.checkpoint_state import CheckpointDamaged, TrainingState, load_files, write_files
 from kubetune_trainer.parts import Stateful
-from kubetune_trainer.storage.interface import ObjectInfo, ObjectStore, as_prefix, join_uri, read_text, write_text
+from kubetune_trainer.storage.interface import (
+    ObjectInfo,
+    ObjectStore,
+    as_prefix,
+    download_whole,
+    join_uri,
+    read_text,
+    write_text,
+)
 
 if TYPE_CHECKING:
     from kubetune_trainer.ownership import OutputClaim
@@ -333,7 +341,7 @@ class Checkpointer:
             digests: dict[str, Future[str]] = {}
             for name, path in paths.items():
                 try:
-                    self.store.download(ref.uri + name, path)
+                    download_whole(self.store, ref.uri + name, path)
                 except FileNotFoundError as exc:
                     raise CheckpointDamaged(f"{name} is listed in its {MANIFEST} but missing") from exc
                 if path.stat().st_size != manifest.files[name].size:

@@ -25,7 +25,7 @@ from kubetune.api.resource import FineTuneJob
 from kubetune.api.spec import LoraSpec
 from kubetune.api.uris import parse_uri
 from kubetune_trainer.models.family import ModelFamily
-from kubetune_trainer.storage.interface import ObjectInfo, ObjectStore, as_prefix, join_uri
+from kubetune_trainer.storage.interface import ObjectInfo, ObjectStore, as_prefix, download_whole, join_uri
 
 CARD_FILE = "README.md"
 IMAGES_FOLDER = "images"
@@ -194,7 +194,7 @@ def publish_card(card: Any, samples: list[SampleImage], store: ObjectStore, fina
     (work / IMAGES_FOLDER).mkdir(parents=True)
     for sample in samples:
         local = work / IMAGES_FOLDER / sample.name
-        store.download(sample.uri, local)
+        download_whole(store, sample.uri, local)
         store.upload(local, join_uri(final_uri, sample.url))
     card.save(work / CARD_FILE)
     uri = join_uri(final_uri, CARD_FILE)

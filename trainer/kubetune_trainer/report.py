@@ -36,7 +36,7 @@ from kubetune_trainer import report_render as render
 from kubetune_trainer.config import RuntimeConfig
 from kubetune_trainer.parts import StepHook, StepRecord
 from kubetune_trainer.reporting import ProgressState, Reporter, Reporters, Smoothed
-from kubetune_trainer.storage.interface import ObjectStore, as_prefix, join_uri
+from kubetune_trainer.storage.interface import ObjectStore, as_prefix, download_whole, join_uri
 from kubetune_trainer.storage.staging import StagingReport
 
 REPORT_FILES = ("history.jsonl", "loss.png", "samples.png", "index.html")
@@ -244,7 +244,7 @@ class ReportWriter(Reporter):
             if uri not in self.thumbnails:
                 local = self.runtime.scratch / "report-samples" / uri.rsplit("/", 1)[-1]
                 local.parent.mkdir(parents=True, exist_ok=True)
-                self.store().download(uri, local)
+                download_whole(self.store(), uri, local)
                 with Image.open(local) as image:
                     thumb = image.convert("RGB")
                 thumb.thumbnail((render.THUMBNAIL, render.THUMBNAIL))
@@ -341,7 +341,7 @@ def read_history(store: ObjectStore, folder_uri: str, local: Path, before: int) 
         if not any(info.relative == "history.jsonl" for info in store.list(as_prefix(folder_uri))):
             return []
         local.parent.mkdir(parents=True, exist_ok=True)
-        store.download(uri, local)
+        download_whole(store, uri, local)
         lines = [json.loads(line) for line in local.read_text(encoding="utf-8").splitlines() if line.strip()]
         local.unlink(missing_ok=True)
     except Exception as exc:  # damaged or unreachable: say so and go on

@@ -25,7 +25,15 @@ from typing import Any
 from kubetune.api.uris import parse_uri
 from kubetune_trainer.caches.entries import DiskEntries
 from kubetune_trainer.parts import StepRecord
-from kubetune_trainer.storage.interface import ObjectInfo, ObjectStore, as_prefix, join_uri, read_text, write_text
+from kubetune_trainer.storage.interface import (
+    ObjectInfo,
+    ObjectStore,
+    as_prefix,
+    download_whole,
+    join_uri,
+    read_text,
+    write_text,
+)
 
 SWITCH_ENV = "KUBETUNE_REMOTE_CACHE"
 """`0` keeps the latent and text caches on the scratch volume only."""
@@ -138,7 +146,7 @@ class CacheMirror:
         self.scratch.mkdir(parents=True, exist_ok=True)
         tmp = self.scratch / f".shard-{uuid.uuid4().hex}"
         try:
-            self.store.download(uri, tmp)
+            download_whole(self.store, uri, tmp)
             if _sha256(tmp) != sha256:
                 return None
             return load_file(str(tmp))

@@ -9,6 +9,7 @@ so every backend can import it.
 
 from __future__ import annotations
 
+import logging
 import re
 import uuid
 from dataclasses import dataclass
@@ -17,7 +18,14 @@ from typing import Protocol
 
 from kubetune_trainer.exitcodes import StorageUnavailable
 
+LOG = logging.getLogger(__name__)
+CORRUPT_ATTEMPTS = 3
+"""How many times `download_whole` fetches an object whose bytes keep arriving corrupt."""
 _MD5_ETAG_LENGTH = 32
+
+
+class CorruptTransfer(StorageUnavailable):
+    """The bytes fetched do not match the object's stored digest; a new transfer may succeed."""
 _MULTIPART_ETAG = re.compile(r"^[0-9a-f]{32}-[1-9][0-9]*$")
 
 
@@ -112,12 +120,26 @@ def create_text(store: ObjectStore, uri: str, text: str, scratch: Path) -> bool 
         tmp.unlink(missing_ok=True)
 
 
+def download_whole(store: ObjectStore, uri: str, path: Path) -> Fetched:
+    """`store.download`, fetched again when the bytes arrive corrupt (a bit flipped or a body cut short on the
+    way), up to CORRUPT_ATTEMPTS transfers: for the single objects read outside staging (an owner record, a
+    checkpoint's files, a mirrored shard), which has a retry budget of its own. Then `CorruptTransfer` (75)."""
+    for attempt in range(1, CORRUPT_ATTEMPTS + 1):
+        try:
+            return store.download(uri, path)
+        except CorruptTransfer as exc:
+            if attempt == CORRUPT_ATTEMPTS:
+                raise
+            LOG.warning("%s; fetching it again (%d of %d)", exc, attempt + 1, CORRUPT_ATTEMPTS)
+    raise AssertionError("unreachable")
+
+
 def read_text(store: ObjectStore, uri: str, scratch: Path) -> str:
     """Download a small text object through a temporary local file; `UnicodeDecodeError` if not UTF-8."""
     scratch.mkdir(parents=True, exist_ok=True)
     tmp = scratch / f".download-{uuid.uuid4().hex}"
     try:
-        store.download(uri, tmp)
+        download_whole(store, uri, tmp)
         return tmp.read_text(encoding="utf-8")
     finally:
         tmp.unlink(missing_ok=True)

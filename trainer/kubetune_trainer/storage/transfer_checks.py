@@ -25,15 +25,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import accumulate
 from typing import Protocol
 
-from kubetune_trainer.exitcodes import StorageUnavailable
+from kubetune_trainer.storage.interface import CorruptTransfer
 
 BUFFER = 1 << 20
 HASHERS = max(1, min(4, (os.cpu_count() or 1) - 1))  # threads hashing one multipart object's parts
 _REFLECTED_CRC32 = 0xEDB88320
-
-
-class CorruptTransfer(StorageUnavailable):
-    """The bytes fetched do not match the object's stored digest; a new transfer may succeed."""
 
 
 def uniform_parts(total: int, first: int, count: int) -> list[int] | None:
