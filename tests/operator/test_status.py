@@ -272,3 +272,22 @@ def test_a_termination_message_nested_past_the_parser_is_plain_text() -> None:
     nested = "[" * 100_000
     result = parse_result(nested)
     assert result is not None and result.error == nested
+
+
+def test_a_queued_job_that_kueue_admits_says_admitted_and_keeps_saying_it() -> None:
+    job = make_job().queue("gpus").typed()
+    queued = compute_status(job, observed(make_batch_job().suspended()), NOW, None)
+    assert _types(queued)["Suspended"] == ("True", "Queued") and "LocalQueue gpus" in queued.message
+    admitted = compute_status(job, observed(RUNNING, (make_pod().running(),)), NOW + timedelta(minutes=1), queued)
+    suspended = cond_of(admitted, "Suspended")
+    assert (suspended.status, suspended.reason, suspended.message) == ("False", "Admitted",
+                                                                      "admitted by Kueue LocalQueue gpus")
+    assert suspended.last_transition_time != cond_of(queued, "Suspended").last_transition_time
+    done = compute_status(job, observed(make_batch_job().complete()), NOW + timedelta(minutes=9), admitted)
+    assert done.phase == "Succeeded" and _types(done)["Suspended"] == ("False", "Admitted")
+    unqueued = compute_status(make_job().typed(), observed(RUNNING, (make_pod().running(),)), NOW, None)
+    assert _types(unqueued)["Suspended"] == ("False", "NotStarted"), "no queue, no word of Kueue"
+
+
+def cond_of(status: FineTuneJobStatus, type_: str) -> Any:
+    return next(c for c in status.conditions if c.type == type_)

@@ -44,6 +44,7 @@ STAGING = Reason("Staging", "pods are running; staging the model and data")
 TRAINING = Reason("Training", "training on {nodes} pod(s)")
 SUSPENDED = Reason("Suspended", "suspended by spec.runPolicy.suspend; set it to false to resume")
 QUEUED = Reason("Queued", "waiting for admission by Kueue LocalQueue {queue}")
+ADMITTED = Reason("Admitted", "admitted by Kueue LocalQueue {queue}")
 RESTARTING = Reason(
     "Restarting",
     "attempt failed ({cause}); restarting from the newest checkpoint (restart {restarts} of {limit})",

@@ -237,9 +237,9 @@ def compute_status(
         phase=view.phase,
         message=view.message,
         observed_generation=generation,
-        conditions=cond.phase_conditions(previous.conditions, view.phase, view.reason, view.message,
-                                         created, stamp, generation) + _data_condition(previous, data, stamp,
-                                                                                       generation),
+        conditions=_admitted(cond.phase_conditions(previous.conditions, view.phase, view.reason, view.message,
+                                                   created, stamp, generation), job, observed)
+        + _data_condition(previous, data, stamp, generation),
         start_time=start,
         completion_time=end,
         restarts=_restarts(observed, previous, verdict),
@@ -251,6 +251,16 @@ def compute_status(
         samples=list(report.samples) if report and report.samples else previous.samples,
         data=data,
     )
+
+
+def _admitted(conditions: list[Condition], job: FineTuneJob, observed: Observed) -> list[Condition]:
+    """A queued job's Job that Kueue has let run: its Suspended condition says Admitted (it keeps its time)."""
+    queue = job.spec.scheduling.queue_name
+    if queue is None or observed.job is None or observed.job_suspended or job.spec.run_policy.suspend:
+        return conditions
+    reason, message = cond.ADMITTED.say(queue=queue)
+    return [c.model_copy(update={"reason": reason, "message": message}) if c.type == "Suspended" and c.status == "False"
+            else c for c in conditions]
 
 
 def with_report(outputs: Outputs | None, report: ProgressReport | None, previous: Outputs | None,
