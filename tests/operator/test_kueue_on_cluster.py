@@ -1,19 +1,27 @@
 """FineTuneJobs on a real Kueue: its manager (built from its Go module) admits, holds and orders the operator's
 Jobs on the local control plane; pods run on the fake GPU nodes and are ended the way a trainer ends them.
 
-The queue has the GPUs of one node (8); each job asks for all of them, so one runs while the other is held.
+The queue has the GPUs of one node (8); each job asks for all of them, so one runs while the other is held. In the
+end-to-end test the queue has one GPU and a higher-priority job preempts a lower one that this host trains
+(`LocalPodRunner`): the low job checkpoints on its way out, waits in the queue, and resumes from that checkpoint.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import fakegpu
 import pytest
-from cluster_support import TIMEOUT, condition, create, ftj, read, running_pods, wait_phase
+from cluster_support import TIMEOUT, condition, create, free_port, ftj, read, running_pods, wait_phase
+from e2e_support import DATA_URI, MODEL_URI, SECRET_NAME, complete_checkpoints, create_credentials
 from kubernetes import client
 from kueue_runner import GpuQueue, Kueue
+from podrunner import LocalPodRunner
+
+from kubetune_trainer.trace import TRACE_ENV
 
 pytestmark = pytest.mark.integration
 
@@ -75,3 +83,83 @@ def test_two_jobs_that_each_need_the_whole_queue_run_one_after_the_other(
                        message='{"phase": "Succeeded", "outputs": {"uri": "s3://outputs/second/final/"}}')
     done = wait_phase(kube_admin, namespace, "Succeeded", name="second")
     assert done["status"]["restarts"] == 0 and condition(done, "Suspended")["reason"] == "Admitted"
+
+
+MAX_STEPS = 40
+
+
+def _trained(namespace: str, name: str, endpoint: str, priority: str) -> dict[str, Any]:
+    """A tiny LoRA job the host trains; its only checkpoint is the one it writes when it is stopped."""
+    return {
+        "apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "model": {"uri": MODEL_URI}, "method": {"type": "lora", "lora": {"rank": 4, "alpha": 8}},
+            "data": {"uri": DATA_URI, "resolution": 64},
+            "output": {"uri": f"s3://outputs/{namespace}-{name}/", "checkpointEvery": 1000, "keepCheckpoints": 2},
+            "training": {"maxSteps": MAX_STEPS, "batchSize": 2, "learningRate": 1.0e-3, "seed": 7},
+            "storage": {"endpoint": endpoint, "secretRef": {"name": SECRET_NAME}},
+            "resources": {"nodes": 1, "gpusPerNode": 1, "cpu": "2", "memory": "4Gi"},
+            "scheduling": {"queueName": "gpus", "priorityClassName": priority},
+            "runPolicy": {"backoffLimit": 0, "terminationGracePeriodSeconds": 60},
+        },
+    }
+
+
+def _steps(trace: Path) -> list[int]:
+    path = trace / "rank-0.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [r["step"] for r in map(json.loads, lines) if r["event"] == "step"]
+
+
+def _priority_class(api: client.ApiClient, name: str, value: int) -> str:
+    client.SchedulingV1Api(api).create_priority_class({"metadata": {"name": name}, "value": value})
+    return name
+
+
+@pytest.mark.e2e
+def test_a_higher_priority_job_preempts_a_running_one_which_checkpoints_resumes_and_finishes(
+        kueue: Kueue, kube_admin: client.ApiClient, namespace: str, start_operator: Any, s3: Any,
+        tmp_path: Path) -> None:
+    GpuQueue.create(kube_admin, namespace, gpus=1)
+    low = _priority_class(kube_admin, f"low-{namespace}", 100)
+    high = _priority_class(kube_admin, f"high-{namespace}", 1000)
+    create_credentials(kube_admin, namespace)
+    start_operator(metrics_port=free_port(), master_port=free_port(), progress_timeout_seconds=1.0)
+    output = f"s3://outputs/{namespace}-corgi/"
+    create(kube_admin, _trained(namespace, "corgi", s3.endpoint, low))
+    [pod] = running_pods(kube_admin, namespace, 1, name="corgi")
+    runners = [LocalPodRunner(kube_admin, tmp_path / "first", extra_env={TRACE_ENV: str(tmp_path / "trace-1")})]
+    try:
+        first = runners[0].start(namespace, pod.metadata.name)
+        fakegpu.wait_for(lambda: len(_steps(tmp_path / "trace-1")) >= 3 or first.done.is_set(), timeout=300,
+                         interval=0.05, what="three steps of the low-priority job")
+        assert not first.done.is_set(), first.output()[-3000:]
+
+        create(kube_admin, ftj(namespace, "urgent", scheduling={"queueName": "gpus", "priorityClassName": high},
+                               resources={"nodes": 1, "gpusPerNode": 1, "cpu": "2", "memory": "4Gi"}))
+        stopped = first.wait(timeout=180)  # Kueue suspends its Job; the Job controller deletes the pod: SIGTERM
+        assert stopped.exit_code == 143, stopped.output[-3000:]
+        [checkpoint] = complete_checkpoints(s3, output)
+        assert checkpoint == _steps(tmp_path / "trace-1")[-1] < MAX_STEPS, "checkpointed at the step it stopped"
+        held = wait_phase(kube_admin, namespace, "Suspended", name="corgi")
+        assert condition(held, "Suspended")["reason"] == "Queued"
+
+        [urgent] = running_pods(kube_admin, namespace, 1, name="urgent")
+        fakegpu.finish_pod(kube_admin, namespace, urgent.metadata.name, 0,
+                           message='{"phase": "Succeeded", "outputs": {"uri": "s3://outputs/urgent/final/"}}')
+        wait_phase(kube_admin, namespace, "Succeeded", name="urgent")
+
+        [again] = running_pods(kube_admin, namespace, 1, name="corgi", exclude=pod.metadata.name)
+        trace = {TRACE_ENV: str(tmp_path / "trace-2")}
+        runners.append(LocalPodRunner(kube_admin, tmp_path / "second", extra_env=trace))
+        second = runners[1].run(namespace, again.metadata.name)
+        assert second.exit_code == 0, second.output[-3000:]
+    finally:
+        for runner in runners:
+            runner.close()
+    done = wait_phase(kube_admin, namespace, "Succeeded", name="corgi", timeout=120)
+    assert _steps(tmp_path / "trace-2") == list(range(checkpoint + 1, MAX_STEPS + 1)), "resumed from its checkpoint"
+    assert done["status"]["progress"]["step"] == MAX_STEPS and done["status"]["restarts"] == 0
+    assert condition(done, "Suspended")["reason"] == "Admitted"
+    print(f"\n[e2e] preempted after step {checkpoint}, resumed, {MAX_STEPS} steps in all")
