@@ -85,6 +85,34 @@ def test_two_jobs_that_each_need_the_whole_queue_run_one_after_the_other(
     assert done["status"]["restarts"] == 0 and condition(done, "Suspended")["reason"] == "Admitted"
 
 
+
+def test_a_restarted_attempt_waits_behind_the_jobs_queued_before_it(
+        kueue: Kueue, kube_admin: client.ApiClient, namespace: str, start_operator: Any) -> None:
+    """The operator restarts a failed attempt with a new Job, so Kueue sees a new Workload, ordered by its creation
+    behind every job of its priority already waiting: a failed attempt gives its quota back, as a finished one does
+    (docs/operator.md, Kueue)."""
+    queue = GpuQueue.create(kube_admin, namespace, gpus=8)
+    start_operator()
+    create(kube_admin, _queued(namespace, "first"))
+    first_pod = _pod_of(kube_admin, namespace, "first")
+    wait_phase(kube_admin, namespace, "Staging", name="first")
+    create(kube_admin, _queued(namespace, "second"))
+    wait_phase(kube_admin, namespace, "Suspended", name="second")
+
+    fakegpu.finish_pod(kube_admin, namespace, first_pod.metadata.name, 1, message="NCCL error: unhandled system error")
+    second_pod = _pod_of(kube_admin, namespace, "second")  # admitted: the failed attempt's quota went to it
+    requeued = fakegpu.wait_for(lambda: (o := read(kube_admin, namespace, "first"))["status"].get("phase")
+                                == "Suspended" and o, timeout=TIMEOUT, what="the restart to wait in the queue")
+    assert requeued["status"]["restarts"] == 1 and condition(requeued, "Suspended")["reason"] == "Queued"
+    fakegpu.wait_for(lambda: len(queue.workloads(kube_admin)) == 2, timeout=TIMEOUT,
+                     what="the first attempt's Workload to go with its Job")
+
+    fakegpu.finish_pod(kube_admin, namespace, second_pod.metadata.name, 0, message='{"phase": "Succeeded"}')
+    wait_phase(kube_admin, namespace, "Succeeded", name="second")
+    again = _pod_of(kube_admin, namespace, "first")
+    fakegpu.finish_pod(kube_admin, namespace, again.metadata.name, 0, message='{"phase": "Succeeded"}')
+    done = wait_phase(kube_admin, namespace, "Succeeded", name="first")
+    assert done["status"]["restarts"] == 1
 MAX_STEPS = 40
 
 
