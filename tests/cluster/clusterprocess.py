@@ -161,6 +161,25 @@ class ProcessSet:
             child.wait(timeout=STOP_GRACE_SECONDS)
 
 
+def start_server(argv: list[str], log: Path, env: dict[str, str] | None = None,
+                 cwd: Path | None = None) -> subprocess.Popen[bytes]:
+    """A server beside the control plane, in its own process group, output to `log`, SIGTERMed if this
+    thread's process dies (`stop_server` ends it)."""
+    with log.open("wb") as out:
+        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                                start_new_session=True, preexec_fn=_die_with_parent)
+
+
+def stop_server(process: subprocess.Popen[bytes], grace_seconds: float = STOP_GRACE_SECONDS) -> None:
+    """SIGTERM a `start_server` process group, then SIGKILL it after the grace period."""
+    _signal_group(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=grace_seconds)
+    except subprocess.TimeoutExpired:
+        _signal_group(process.pid, signal.SIGKILL)
+        process.wait()
+
+
 def _signal_group(pid: int, sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, sig)

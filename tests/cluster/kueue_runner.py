@@ -24,7 +24,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -35,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import clusterbuild
-from clusterprocess import _die_with_parent, free_port
+from clusterprocess import free_port, start_server, stop_server
 from kubernetes import client
 
 MANAGED_LABEL = "kueue.x-k8s.io/managed"
@@ -111,12 +110,9 @@ class Kueue:
                   f" && mkdir -p {metrics_certs} && cp {certs}/tls.crt {certs}/tls.key {metrics_certs}/"
                   f" && exec {binary} --config={self.home / 'config.yaml'}"
                   " --feature-gates=VisibilityOnDemand=false --zap-log-level=info")
-        log = open(self.home / "kueue.log", "wb")  # noqa: SIM115 - the child writes it until `stop`
-        self.process = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
-                                        env={**os.environ, "KUBECONFIG": str(self.plane.kubeconfig)},
-                                        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                        preexec_fn=_die_with_parent)
-        log.close()
+        env = {**os.environ, "KUBECONFIG": str(self.plane.kubeconfig)}
+        self.process = start_server(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+                                    self.home / "kueue.log", env=env)
         try:
             self._wait_ready()
             self._register_webhooks()
@@ -190,14 +186,7 @@ class Kueue:
                 with contextlib.suppress(client.ApiException):
                     delete(f"kubetune-test-kueue-{kind}")
         if self.process is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+            stop_server(self.process)
             self.process = None
         if self.home is not None:
             shutil.rmtree(self.home, ignore_errors=True)

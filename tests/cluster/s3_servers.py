@@ -13,11 +13,8 @@ as on S3, a write to a missing bucket fails instead of creating it. The binary i
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -26,7 +23,7 @@ import urllib.request
 from pathlib import Path
 
 import clusterbuild
-from clusterprocess import _die_with_parent, free_port
+from clusterprocess import free_port, start_server, stop_server
 
 from kubetune_demo.loopback_s3 import LoopbackS3
 
@@ -71,10 +68,7 @@ class SeaweedS3(LoopbackS3):
         kms = {"default_provider": "local", "providers": {"local": {"type": "local", "enableOnDemandCreate": True}}}
         (self.home / "s3.json").write_text(json.dumps({"identities": [identity], "kms": kms}))  # kms: for SSE-KMS
         self.ports = {flag: free_port() for flag in PORT_FLAGS}
-        log = open(self.home / "weed.log", "wb")  # noqa: SIM115 - the child writes it until `stop`
-        self.process = subprocess.Popen(self.command(binary, self.home), stdout=log, stderr=subprocess.STDOUT,
-                                        cwd=self.home, start_new_session=True, preexec_fn=_die_with_parent)
-        log.close()
+        self.process = start_server(self.command(binary, self.home), self.home / "weed.log", cwd=self.home)
         self.endpoint = f"http://127.0.0.1:{self.ports['s3.port']}"
         try:
             self._wait_ready()
@@ -108,14 +102,7 @@ class SeaweedS3(LoopbackS3):
 
     def stop(self) -> None:
         if self.process is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=STOP_SECONDS)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+            stop_server(self.process, STOP_SECONDS)
             self.process = None
         for port in self.ports.values():  # its parts' gRPC sockets are fixed paths under /tmp, named by port
             for socket_file in Path("/tmp").glob(f"seaweedfs-*-grpc-{port}.sock"):
