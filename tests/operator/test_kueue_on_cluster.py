@@ -26,8 +26,10 @@ from kubetune_trainer.trace import TRACE_ENV
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def kueue(kube_cluster: Any) -> Iterator[Kueue]:
+    """Kueue for this module only: a running Kueue suspends again any Job with a queue label that it has not
+    admitted, so the other tests, which play the queue by hand, run without it."""
     with Kueue(kube_cluster) as running:
         yield running
 
