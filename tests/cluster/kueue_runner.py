@@ -212,7 +212,9 @@ class GpuQueue:
     gpus: int
 
     @classmethod
-    def create(cls, api: client.ApiClient, namespace: str, gpus: int = 8) -> GpuQueue:
+    def create(cls, api: client.ApiClient, namespace: str, gpus: int = 8,
+               strategy: str = "BestEffortFIFO") -> GpuQueue:
+        """`strategy`: the ClusterQueue's queueingStrategy (Kueue's default, or StrictFIFO)."""
         objects = client.CustomObjectsApi(api)
         group, version = API
         flavor, cluster_queue = f"gpu-{namespace}", f"cq-{namespace}"
@@ -223,6 +225,7 @@ class GpuQueue:
         objects.create_cluster_custom_object(group, version, "clusterqueues", {
             "apiVersion": f"{group}/{version}", "kind": "ClusterQueue", "metadata": {"name": cluster_queue},
             "spec": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
+                     "queueingStrategy": strategy,
                      "preemption": {"withinClusterQueue": "LowerPriority"},
                      "resourceGroups": [{"coveredResources": ["cpu", "memory", "nvidia.com/gpu"], "flavors": [
                          {"name": flavor, "resources": [{"name": "cpu", "nominalQuota": "256"},

@@ -92,8 +92,9 @@ def test_a_restarted_attempt_waits_behind_the_jobs_queued_before_it(
         kueue: Kueue, kube_admin: client.ApiClient, namespace: str, start_operator: Any) -> None:
     """The operator restarts a failed attempt with a new Job, so Kueue sees a new Workload, ordered by its creation
     behind every job of its priority already waiting: a failed attempt gives its quota back, as a finished one does
-    (docs/operator.md, Kueue)."""
-    queue = GpuQueue.create(kube_admin, namespace, gpus=8)
+    (docs/operator.md, Kueue). StrictFIFO makes that order certain; under BestEffortFIFO a new Workload may also be
+    admitted before an older one Kueue has set aside as inadmissible (seen once in CI)."""
+    queue = GpuQueue.create(kube_admin, namespace, gpus=8, strategy="StrictFIFO")
     start_operator()
     create(kube_admin, _queued(namespace, "first"))
     first_pod = _pod_of(kube_admin, namespace, "first")
