@@ -59,13 +59,13 @@ class Watch:
         if not self.first:
             self.first = self.describe(trainer)
         if record.step == record.total_steps:
-            unet = parts.components.unet
+            unet = parts.components.denoiser
             self.last_weights = {"conv_in.weight": unet.conv_in.weight.detach().float().cpu()}
 
     @staticmethod
     def describe(trainer: Any) -> dict[str, Any]:
         parts = trainer.p
-        unet = parts.components.unet
+        unet = parts.components.denoiser
         trained = trainer.trainable_parameters()
         largest = max(trained, key=lambda p: p.numel())
         optimizer = getattr(parts.optimizer, "optimizer", parts.optimizer)  # accelerate's wrapper

@@ -24,9 +24,9 @@ def test_validation_and_samples_run_in_eval_mode_with_adapter_dropout(tiny_sd: P
     def probe(record: Any) -> None:
         trainer = built[-1]
         components, validator = trainer.p.components, trainer.p.validator
-        seen["training"] = components.unet.training
-        seen["losses"] = [validator.evaluate(trainer.p.unet) for _ in range(2)]
-        seen["after"] = components.unet.training
+        seen["training"] = components.denoiser.training
+        seen["losses"] = [validator.evaluate(trainer.p.denoiser) for _ in range(2)]
+        seen["after"] = components.denoiser.training
         with components.evaluating():
             seen["inside"] = [m.training for m in components.modules().values()]
 

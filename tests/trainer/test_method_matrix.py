@@ -53,12 +53,13 @@ def _trained_weights_changed(method: str, outputs: dict[str, Any], base: Path) -
     if "lora" in outputs:
         adapter = load_file(outputs["lora"]["diffusers"])
         return any(torch.count_nonzero(t) > 0 for key, t in adapter.items() if "lora_B" in key or "lora.up" in key)
-    name = "unet/diffusion_pytorch_model.safetensors"
+    part = "unet" if (base / "unet").is_dir() else "transformer"
+    name = f"{part}/diffusion_pytorch_model.safetensors"
     tuned, original = load_file(Path(outputs["pipeline"]) / name), load_file(base / name)
     return any(not torch.equal(tuned[key], original[key]) for key in original)
 
 
-@pytest.mark.parametrize("family", ["sd", "sdxl"])
+@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3", "flux"])
 @pytest.mark.parametrize("method", list(METHODS))
 def test_method_trains_family_end_to_end(method: str, family: str, squares: Path, tmp_path: Path,
                                          request: pytest.FixtureRequest) -> None:

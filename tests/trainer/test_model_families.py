@@ -1,6 +1,7 @@
-"""Each entry of the family registry is complete: keyed by its pipeline class, with one name, one
-tokenizer, one kohya prefix and one kohya root per text encoder, and the names, Hub tags and
-conversion script its model card shows; and a tiny model of each family loads as that family, its
+"""Each entry of the family registry is complete: keyed by its pipeline class, with one name and one
+tokenizer per text encoder (and, for a kohya single file, one kohya prefix and root), and the names, Hub
+tags and conversion script (where diffusers has one) its model card shows; and a tiny model of each family
+loads as that family, its
 modules named as the family says."""
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ def test_an_entry_names_each_text_encoder_once(pipeline_class: str) -> None:
     family = FAMILIES[pipeline_class]
     assert family.pipeline_class == pipeline_class
     encoders = len(family.text_encoder_names)
-    assert encoders == len(family.tokenizer_names) == len(family.kohya_text_prefixes) == len(family.kohya_text_roots)
+    assert encoders == len(family.tokenizer_names)
+    kohya = encoders if family.single_file_layout == "kohya" else 0
+    assert kohya == len(family.kohya_text_prefixes) == len(family.kohya_text_roots)
+    assert set(family.lora_text_encoder_names) <= set(family.text_encoder_names)
     assert family.text_lora_targets and family.kohya_base
     assert len({f.name for f in FAMILIES.values()}) == len(FAMILIES)
 
@@ -28,20 +32,23 @@ def test_an_entry_says_what_its_model_card_shows(pipeline_class: str) -> None:
     family = FAMILIES[pipeline_class]
     assert family.display_name and family.short_display_name
     assert family.hub_tags and all(tag == tag.strip().lower() and " " not in tag for tag in family.hub_tags)
-    assert family.conversion_script.endswith(".py") and "/" not in family.conversion_script
+    script = family.conversion_script  # "" where diffusers has no converter to one checkpoint file
+    assert script == "" or (script.endswith(".py") and "/" not in script)
     others = [f for f in FAMILIES.values() if f is not family]
     for attribute in ("display_name", "short_display_name", "conversion_script"):
-        assert all(getattr(f, attribute) != getattr(family, attribute) for f in others), attribute
+        value = getattr(family, attribute)
+        assert value == "" or all(getattr(f, attribute) != value for f in others), attribute
     assert all(not set(f.hub_tags) & set(family.hub_tags) for f in others)
 
 
-@pytest.mark.parametrize(("model", "name"), [("tiny_sd", "sd"), ("tiny_sdxl", "sdxl")])
+@pytest.mark.parametrize(("model", "name"), [("tiny_sd", "sd"), ("tiny_sdxl", "sdxl"), ("tiny_sd3", "sd3"),
+                                             ("tiny_flux", "flux")])
 def test_a_model_folder_loads_as_its_family(model: str, name: str, request: pytest.FixtureRequest) -> None:
     path: Path = request.getfixturevalue(model)
     family = detect_family(path)
     components = load_components(path, None)
     assert family.name == name and components.family is family
-    assert list(components.modules()) == ["unet", "vae", *family.text_encoder_names]
+    assert list(components.modules()) == [family.denoiser_name, "vae", *family.text_encoder_names]
     assert not any(p.requires_grad for module in components.modules().values() for p in module.parameters())
     assert family.size_multiple(components) % family.latent_factor(components) == 0
 

@@ -40,10 +40,10 @@ def test_generate_makes_images_from_modules_placed_at_each_precision(family: str
 
     components = load_components(request.getfixturevalue(f"tiny_{family}"), None)
     if unet == "trained":  # a full fine-tune: the UNet trains in float32 among frozen bf16/fp16 modules
-        components.unet.requires_grad_(True)
+        components.denoiser.requires_grad_(True)
     dtype = _place(components, SimpleNamespace(device=torch.device("cpu")), precision)
     assert components.text_encoders[0].dtype == dtype and components.vae.dtype == torch.float32
-    assert components.unet.dtype == (torch.float32 if unet == "trained" else dtype)
+    assert components.denoiser.dtype == (torch.float32 if unet == "trained" else dtype)
 
     images = generate(components, build_pipeline(components), "a red square", num_inference_steps=2,
                       height=64, width=64, num_images_per_prompt=2, generator=torch.Generator().manual_seed(0))
@@ -61,7 +61,7 @@ def test_a_diverged_unet_draws_grey_samples_instead_of_failing(tiny_sd: Path) ->
 
     components = load_components(tiny_sd, None)
     with torch.no_grad():
-        for param in components.unet.parameters():
+        for param in components.denoiser.parameters():
             param.fill_(float("nan"))
     images = generate(components, build_pipeline(components), "a red square", num_inference_steps=1,
                       height=64, width=64, generator=torch.Generator().manual_seed(0))
@@ -79,7 +79,7 @@ def test_frozen_modules_run_in_the_job_precision_and_trained_weights_in_float32(
     def dtypes(record: Any) -> None:
         components = built[-1].p.components
         seen.append({"frozen": {str(p.dtype) for p in components.text_encoders[0].parameters()},
-                     "trained": {str(p.dtype) for p in components.unet.parameters() if p.requires_grad},
+                     "trained": {str(p.dtype) for p in components.denoiser.parameters() if p.requires_grad},
                      "vae": {str(p.dtype) for p in components.vae.parameters()}})
 
     job = local_job(str(tiny_sd), str(squares), str(tmp_path / "out"), training={"maxSteps": 1,

@@ -96,10 +96,12 @@ def _place(components: Components, accelerator: Any, precision: str) -> Any:
     weight_dtype = getattr(torch, DTYPES[precision])
     for module in components.modules().values():
         module.to(accelerator.device)
+        if module is components.vae:  # float32 as loaded: a trip through bf16 would round its weights
+            module.to(dtype=torch.float32)
+            continue
         for param in module.parameters():
             if not param.requires_grad:
                 param.data = param.data.to(weight_dtype)
-    components.vae.to(dtype=torch.float32)
     components.compute_dtype = weight_dtype  # `models.generate` runs pipelines under autocast in it
     return weight_dtype
 
@@ -242,7 +244,7 @@ def build_trainer(job: FineTuneJob, runtime: RuntimeConfig, reporter: Reporter,
     instance_prompt = spec.method.dreambooth.instance_prompt if spec.method.dreambooth else None
     dataset, held_out = split_dataset(load_dataset(data_dir, spec.data, instance_prompt, reporter.data),
                                       spec.data.validation_fraction, spec.training.seed)
-    components = load_components(model_dir, spec.model.variant)
+    components = load_components(model_dir, spec.model.variant, spec.model)
     weight_dtype = _place(components, accelerator, spec.training.mixed_precision)
     with accelerator.local_main_process_first():
         prior = _prior_examples(job, class_dir, components, runtime)
@@ -252,13 +254,13 @@ def build_trainer(job: FineTuneJob, runtime: RuntimeConfig, reporter: Reporter,
     params = [p for m in trained.values() for p in m.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, spec.training)
     lr_scheduler = build_lr_scheduler(optimizer, spec.training, steps)
-    unet, optimizer = accelerator.prepare(components.unet, optimizer)
+    denoiser, optimizer = accelerator.prepare(components.denoiser, optimizer)
     store = trace.wrap_store(open_store(spec.output.uri, spec.storage, runtime.pvc_root))
     cache, mirror = _latent_cache(job, runtime, components, accelerator, store, reporter)
     text_mirror = _text_cache(job, runtime, components, accelerator, store, reporter)
-    objective = DiffusionObjective(components, unet, spec.training, accelerator.device, weight_dtype, cache)
+    objective = DiffusionObjective(components, denoiser, spec.training, accelerator.device, weight_dtype, cache)
     return Trainer(TrainerParts(
-        job=job, components=components, method=method, trained=trained, accelerator=accelerator, unet=unet,
+        job=job, components=components, method=method, trained=trained, accelerator=accelerator, denoiser=denoiser,
         objective=objective, validator=_validator(job, held_out, objective),
         stopper=EarlyStopper(spec.training.early_stopping), ema=build_ema(spec.training.ema, params),
         data=data, optimizer=optimizer, lr_scheduler=lr_scheduler,

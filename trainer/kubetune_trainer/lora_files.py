@@ -1,9 +1,11 @@
-"""LoRA output files: diffusers' `pytorch_lora_weights.safetensors` and a kohya single file.
+"""LoRA output files: diffusers' `pytorch_lora_weights.safetensors` and a single file (format "kohya").
 
-The diffusers file loads with `pipe.load_lora_weights(folder)`. The kohya file
-(`lora_unet_*`/`lora_te*_*` keys with `lora_down`/`lora_up`/`alpha`, `ss_*` metadata) is
-what AUTOMATIC1111 and ComfyUI load; its alpha is the job's alpha, so both files scale
-the adapters the same way.
+The diffusers file loads with `pipe.load_lora_weights(folder)`. The single file is what
+AUTOMATIC1111 and ComfyUI load. For the UNet families it is kohya's layout (`lora_unet_*`/
+`lora_te*_*` keys with `lora_down`/`lora_up`/`alpha`, `ss_*` metadata) with the job's alpha. For
+SD3 and Flux, whose diffusers keys ComfyUI reads directly but whose alpha (kept in the diffusers
+file's metadata) it would not, it is the diffusers keys with alpha/rank baked into the up weights.
+Either way both files scale the adapters the same.
 """
 
 from __future__ import annotations
@@ -19,13 +21,20 @@ from kubetune_trainer.models.family import Components
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 
 
+def lora_text_encoders(components: Components) -> dict[str, Any]:
+    """The loaded text encoders whose adapters the family's LoRA file carries (CLIP's, never T5's)."""
+    named = components.named_text_encoders()
+    return {name: named[name] for name in components.family.lora_text_encoder_names if name in named}
+
+
 def adapter_layers(components: Components, with_text_encoders: bool) -> dict[str, dict[str, Any]]:
-    """PEFT adapter weights per module name ("unet" and the family's text encoder names)."""
+    """PEFT adapter weights per module name (the family's `denoiser_name` and text encoder names)."""
     from peft.utils import get_peft_model_state_dict
 
-    layers = {"unet": get_peft_model_state_dict(components.unet, save_embedding_layers=False)}
+    denoiser = components.family.denoiser_name
+    layers = {denoiser: get_peft_model_state_dict(components.denoiser, save_embedding_layers=False)}
     if with_text_encoders:
-        for name, encoder in components.named_text_encoders().items():
+        for name, encoder in lora_text_encoders(components).items():
             layers[name] = get_peft_model_state_dict(encoder, save_embedding_layers=False)
     return {name: {k: v.detach().float().cpu().contiguous() for k, v in sd.items()} for name, sd in layers.items()}
 
@@ -35,20 +44,29 @@ def _adapter_metadata(spec: LoraSpec, targets: list[str]) -> dict[str, Any]:
             "lora_dropout": spec.dropout, "init_lora_weights": "gaussian"}
 
 
+def file_keys(family: Any) -> Any:
+    """How the family's diffusers LoRA file names adapter weights: the UNet families' diffusers names
+    (`lora_linear_layer.down`), or PEFT's (`lora_A`), which the transformer families' loaders read."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    return convert_state_dict_to_diffusers if family.lora_key_format == "diffusers" else dict
+
+
 def write_diffusers(components: Components, layers: dict[str, dict[str, Any]], spec: LoraSpec,
                     folder: Path, job: FineTuneJob, step: int) -> Path:
     import diffusers
-    from diffusers.utils import convert_state_dict_to_diffusers
 
     family = components.family
     pipeline_class = getattr(diffusers, family.pipeline_class)
+    denoiser = family.denoiser_name
+    named = file_keys(family)
     kwargs: dict[str, Any] = {
-        "unet_lora_layers": convert_state_dict_to_diffusers(layers["unet"]),
-        "unet_lora_adapter_metadata": _adapter_metadata(spec, list(spec.target_modules)),
+        f"{denoiser}_lora_layers": named(layers[denoiser]),
+        f"{denoiser}_lora_adapter_metadata": _adapter_metadata(spec, list(spec.target_modules)),
     }
     for name in family.text_encoder_names:
         if name in layers:
-            kwargs[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(layers[name])
+            kwargs[f"{name}_lora_layers"] = named(layers[name])
             kwargs[f"{name}_lora_adapter_metadata"] = _adapter_metadata(spec, list(family.text_lora_targets))
     folder.mkdir(parents=True, exist_ok=True)
     pipeline_class.save_lora_weights(str(folder), weight_name=DIFFUSERS_FILE, safe_serialization=True,
@@ -99,7 +117,22 @@ def write_kohya(components: Components, layers: dict[str, dict[str, Any]], spec:
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"{name}.safetensors"
     family = components.family
-    prefixes = {"unet": "lora_unet", **dict(zip(family.text_encoder_names, family.kohya_text_prefixes, strict=True))}
+    if family.single_file_layout == "diffusers":
+        save_file(baked_state_dict(layers, spec.alpha / spec.rank), str(target), metadata=metadata)
+        return target
+    prefixes = {family.denoiser_name: "lora_unet",
+                **dict(zip(family.text_encoder_names, family.kohya_text_prefixes, strict=True))}
     roots = dict(zip(family.text_encoder_names, family.kohya_text_roots, strict=True))
     save_file(kohya_state_dict(layers, spec.alpha, prefixes, roots), str(target), metadata=metadata)
     return target
+
+
+def baked_state_dict(layers: dict[str, dict[str, Any]], scale: float) -> dict[str, Any]:
+    """The transformer families' diffusers keys (`<module name>.<path>.lora_A/B.weight`) with `scale`
+    (alpha/rank) multiplied into each up matrix: a reader that knows no alpha (ComfyUI, diffusers without
+    metadata) applies the same update as the diffusers file does with its alpha."""
+    out = {}
+    for name, state in layers.items():
+        for key, tensor in state.items():
+            out[f"{name}.{key}"] = (tensor * scale if ".lora_B." in key else tensor).contiguous()
+    return out

@@ -40,10 +40,10 @@ class LoraMethod:
                           init_lora_weights="gaussian", target_modules=targets)
 
     def prepare(self, components: Components) -> dict[str, Any]:
-        components.unet.add_adapter(self._config(list(self.spec.target_modules)))
-        trained = {"unet": components.unet}
+        components.denoiser.add_adapter(self._config(list(self.spec.target_modules)))
+        trained = {components.family.denoiser_name: components.denoiser}
         if self.spec.train_text_encoder:
-            for name, encoder in components.named_text_encoders().items():
+            for name, encoder in lora_files.lora_text_encoders(components).items():
                 encoder.add_adapter(self._config(list(components.family.text_lora_targets)))
                 trained[name] = encoder
         for module in trained.values():
@@ -63,9 +63,9 @@ class FullMethod:
     """Every UNet weight trains; the output is a complete diffusers pipeline folder."""
 
     def prepare(self, components: Components) -> dict[str, Any]:
-        components.unet.requires_grad_(True)
-        components.unet.float()
-        return {"unet": components.unet}
+        components.denoiser.requires_grad_(True)
+        components.denoiser.float()
+        return {components.family.denoiser_name: components.denoiser}
 
     def export(self, components: Components, folder: Path, job: FineTuneJob, step: int) -> dict[str, Path]:
         target = folder / "pipeline"

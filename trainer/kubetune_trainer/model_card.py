@@ -295,8 +295,10 @@ image = pipe({{ example_prompt }}).images[0]
 ## Use with AUTOMATIC1111 or ComfyUI
 
 {% if files.kohya -%}
-The single file `{{ files.kohya }}` is a kohya-format LoRA for \
-{{ family.short_display_name }}:
+The single file `{{ files.kohya }}` is a \
+{% if family.single_file_layout == "kohya" %}kohya-format\
+{% else %}ComfyUI-ready (diffusers keys, alpha baked in){% endif %} \
+LoRA for {{ family.short_display_name }}:
 
 - AUTOMATIC1111 / Forge: put it in `stable-diffusion-webui/models/Lora/` and add `<lora:{{ name }}:1>` to the \
 prompt{% if trigger %}, together with the trigger words `{{ trigger }}`{% endif %}.
@@ -307,8 +309,13 @@ Both need the base model itself as a checkpoint there.
 {%- elif is_lora -%}
 This export has no kohya single file; add `kohya` to the job's `spec.output.formats` for one.
 {%- else -%}
+{% if family.conversion_script -%}
 This folder holds a diffusers pipeline. AUTOMATIC1111 and ComfyUI load single checkpoint files: convert it with \
 diffusers' `scripts/{{ family.conversion_script }}`\
+{%- else -%}
+This folder holds a diffusers pipeline; diffusers ships no script that turns a {{ family.short_display_name }} \
+pipeline into one checkpoint file, so load it with diffusers as above\
+{%- endif -%}
 {%- if trigger %}, and write the trigger words `{{ trigger }}` in your prompts{% endif %}.
 {%- endif %}
 

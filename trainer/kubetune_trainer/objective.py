@@ -48,13 +48,13 @@ class LossTerms:
 class DiffusionObjective:
     """The denoising MSE of the model family's objective (for the UNet families: epsilon or v)."""
 
-    def __init__(self, components: Components, unet: Any, spec: TrainingSpec, device: Any,
+    def __init__(self, components: Components, denoiser: Any, spec: TrainingSpec, device: Any,
                  weight_dtype: Any, latent_cache: DiskLatentCache | NoLatentCache | None = None) -> None:
-        self.components, self.unet, self.spec = components, unet, spec
+        self.components, self.denoiser, self.spec = components, denoiser, spec
         self.family = components.family
         self.latent_cache = latent_cache or NoLatentCache()
         self.device, self.weight_dtype = device, weight_dtype
-        self.denoising = self.family.objective(components)
+        self.denoising = self.family.objective(components, spec)
         self.terms = LossTerms()
         self.encoded_images = 0
         """Images the VAE encoder has run on (cache hits excluded)."""
@@ -80,7 +80,7 @@ class DiffusionObjective:
         noise, timesteps = self.denoising.draw(latents, generator, self.spec.noise_offset, self.device)
         noisy = self.denoising.noisy(latents, noise, timesteps)
         cond = self.family.encode(self.components, batch.captions, batch.sizes, self.device)
-        prediction = self.family.predict(self.unet, noisy, timesteps, cond)
+        prediction = self.family.predict(self.denoiser, noisy, timesteps, cond)
         target = self.denoising.target(latents, noise, timesteps)
         per_image = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         shares = torch.tensor(batch.weights, dtype=per_image.dtype, device=per_image.device)

@@ -19,7 +19,7 @@ class NullSampler:
     def due(self, step: int, last: bool) -> bool:
         return False
 
-    def sample(self, step: int, unet: Any) -> list[dict[str, Any]]:
+    def sample(self, step: int, denoiser: Any) -> list[dict[str, Any]]:
         return []
 
 
@@ -34,11 +34,11 @@ class Sampler:
     def due(self, step: int, last: bool) -> bool:
         return last or step % self.spec.every == 0
 
-    def sample(self, step: int, unet: Any) -> list[dict[str, Any]]:
+    def sample(self, step: int, denoiser: Any) -> list[dict[str, Any]]:
         import torch
 
         pipe = build_pipeline(self.components)
-        pipe.unet = unet
+        setattr(pipe, self.components.family.denoiser_name, denoiser)
         refs = []
         self.scratch.mkdir(parents=True, exist_ok=True)
         with torch.random.fork_rng(devices=[]), torch.no_grad():

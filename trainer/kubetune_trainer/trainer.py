@@ -75,7 +75,7 @@ class TrainerParts:
     method: TrainingMethod
     trained: dict[str, Any]
     accelerator: Any
-    unet: Any
+    denoiser: Any
     objective: DiffusionObjective
     data: BatchSource
     optimizer: Any
@@ -200,7 +200,7 @@ class Trainer:
         return self.best.step == self.step or (self.p.checkpointer.due(self.step) and not self.stopped_early)
 
     def validate(self) -> float:
-        loss = self.agreed_loss(self.p.validator.evaluate(self.p.unet))
+        loss = self.agreed_loss(self.p.validator.evaluate(self.p.denoiser))
         self.p.reporter.validation(self.step, loss)
         if self.best.update(self.step, loss):
             self.p.checkpointer.pin(self.step)  # the previous best goes back into rotation
@@ -243,7 +243,7 @@ class Trainer:
         accelerator, training = self.p.accelerator, self.p.job.spec.training
         for micro in range(training.gradient_accumulation_steps):
             batch = self.p.data.next_batch()
-            with accelerator.accumulate(self.p.unet):
+            with accelerator.accumulate(self.p.denoiser):
                 loss = self.p.objective.loss(batch, self.generator(micro))
                 accelerator.backward(loss)
                 losses.append(loss.detach())
@@ -257,11 +257,11 @@ class Trainer:
         return float(torch.stack(losses).mean()), time.perf_counter() - started
 
     def average_unwrapped_gradients(self) -> None:
-        """Trained modules other than the (DDP-wrapped) UNet, e.g. text-encoder adapters, average by hand."""
+        """Trained modules other than the (DDP-wrapped) denoiser, e.g. text-encoder adapters, average by hand."""
         if self.p.accelerator.num_processes == 1:
             return
         for name, module in self.p.trained.items():
-            if name == "unet":
+            if name == self.p.components.family.denoiser_name:
                 continue
             for param in module.parameters():
                 if param.requires_grad and param.grad is not None:
@@ -352,8 +352,8 @@ class Trainer:
 
     def sample(self) -> None:
         if self.is_main:
-            unet = self.p.accelerator.unwrap_model(self.p.unet)
-            for ref in self.p.sampler.sample(self.step, unet):
+            denoiser = self.p.accelerator.unwrap_model(self.p.denoiser)
+            for ref in self.p.sampler.sample(self.step, denoiser):
                 self.p.reporter.sample(SampleRef.model_validate(ref))
 
     def export(self) -> dict[str, Any]:

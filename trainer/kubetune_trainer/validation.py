@@ -21,7 +21,7 @@ class NullValidator:
     def due(self, step: int, last: bool) -> bool:
         return False
 
-    def evaluate(self, unet: Any) -> float:
+    def evaluate(self, denoiser: Any) -> float:
         raise NotImplementedError
 
 
@@ -36,7 +36,7 @@ class LossValidator:
     def due(self, step: int, last: bool) -> bool:
         return last or step % self.every == 0
 
-    def evaluate(self, unet: Any) -> float:
+    def evaluate(self, denoiser: Any) -> float:
         import torch
 
         losses = []

@@ -33,7 +33,7 @@ class ModelSpec(ApiModel):
         description=(
             "Diffusers model folder containing model_index.json. Schemes: s3://bucket/prefix/, "
             "hf://org/name[@revision], pvc://claim/path; in local mode also file:// or a plain "
-            "path. The family (SD 1.x/2.x, SDXL) is detected from model_index.json."
+            "path. The family (SD 1.x/2.x, SDXL, SD3/SD3.5, Flux.1) is detected from model_index.json."
         ),
     )
     variant: str | None = Field(
@@ -51,6 +51,23 @@ class ModelSpec(ApiModel):
             "(passed to the trainer as HF_TOKEN); in local mode the HF_TOKEN environment variable is used."
         ),
     )
+    max_sequence_length: int | None = Field(
+        default=None,
+        ge=1,
+        le=512,
+        description=(
+            "SD3 and Flux: caption tokens the T5 text encoder reads (longer captions are cut); omitted = the "
+            "family's default (SD3 256, Flux.1 512). T5's cost grows with it. Other families reject it."
+        ),
+    )
+    without_t5: bool = Field(
+        default=False,
+        description=(
+            "SD3/SD3.5: leave the T5 text encoder out (it is not loaded; the transformer gets zeros in its "
+            "place, as diffusers' pipeline does without it), saving its memory and encoding time. "
+            "Other families reject it."
+        ),
+    )
 
 
 class LoraSpec(ApiModel):
@@ -65,7 +82,7 @@ class LoraSpec(ApiModel):
         default=["to_q", "to_k", "to_v", "to_out.0"],
         min_length=1,
         max_length=64,
-        description="UNet module names (suffixes) that receive adapters.",
+        description="Denoiser (UNet or transformer) module names (suffixes) that receive adapters.",
     )
     train_text_encoder: bool = Field(
         default=False, description="Also train adapters on the text encoder(s) (q/k/v/out projections)."
@@ -257,6 +274,37 @@ class EarlyStoppingSpec(ApiModel):
     min_delta: float = Field(default=0.0, ge=0.0, description="Smallest decrease that counts as improvement.")
 
 
+class FlowMatchingSpec(ApiModel):
+    """The flow-matching objective of SD3 and Flux: which noise levels training draws and how it weights them."""
+
+    timestep_sampling: Literal["logit_normal", "mode", "uniform"] = Field(
+        default="logit_normal",
+        description="Density of the noise level sigma: logit-normal (SD3's paper), mode (with modeScale), uniform.",
+    )
+    logit_mean: float = Field(default=0.0, ge=-10.0, le=10.0, description="Mean of the logit-normal density.")
+    logit_std: float = Field(default=1.0, gt=0.0, le=10.0, description="Standard deviation of the logit-normal.")
+    mode_scale: float = Field(default=1.29, ge=-10.0, le=10.0, description="Scale of the mode density.")
+    shift: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=100.0,
+        description=(
+            "Shift of the drawn sigmas towards noise, sigma' = s*sigma/(1+(s-1)*sigma); omitted = the base "
+            "model's scheduler: its fixed shift (SD3: 3.0), or with dynamic shifting (Flux.1-dev) the "
+            "resolution-dependent shift its pipeline samples with."
+        ),
+    )
+    loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = Field(
+        default="none", description="Weight of each image's loss by its sigma: none, sigma_sqrt or cosmap."
+    )
+    guidance: float = Field(
+        default=3.5,
+        ge=0.0,
+        le=100.0,
+        description="Flux.1-dev (guidance-distilled): the guidance value its transformer reads in training.",
+    )
+
+
 class TrainingSpec(ApiModel):
     """Optimisation settings. Set exactly one of maxSteps and epochs."""
 
@@ -278,9 +326,18 @@ class TrainingSpec(ApiModel):
     )
     gradient_checkpointing: bool = Field(default=False, description="Trade compute for activation memory.")
     snr_gamma: float | None = Field(
-        default=None, gt=0.0, le=100.0, description="Min-SNR loss weighting gamma (5.0 is typical); omitted = off."
+        default=None,
+        gt=0.0,
+        le=100.0,
+        description="Min-SNR loss weighting gamma (5.0 is typical; UNet families only); omitted = off.",
     )
     noise_offset: float = Field(default=0.0, ge=0.0, le=1.0, description="Noise offset for darker/brighter images.")
+    flow_matching: FlowMatchingSpec | None = Field(
+        default=None,
+        description=(
+            "SD3 and Flux: noise-level sampling and loss weighting; omitted = the defaults. Other families reject it."
+        ),
+    )
     ema: EmaSpec | None = Field(default=None, description="EMA of weights (full methods); omitted = off.")
     seed: int = Field(default=42, ge=0, le=2**32 - 1, description="Seed for weights init, noise and data order.")
     cache_latents: bool = Field(default=True, description="Encode images with the VAE once and reuse the latents.")

@@ -44,13 +44,17 @@ def _update_with_tokenizer(digest: Any, tokenizer: Any, folder: Path) -> None:
 
 
 def text_cache_folder(root: Path, components: Components) -> Path:
-    """`root/<key>`, the key a digest of the family, each text encoder and each tokenizer.
+    """`root/<key>`, the key a digest of the family, its text settings, each text encoder and each tokenizer.
 
     Hashing the encoders' weights reads them once (SDXL's two: about 1.6 GB in bf16, 1.6 s at
     1 GB/s); it is what keeps a fine-tuned text encoder with the same config from reusing the
     base model's encodings.
     """
     digest = hashlib.sha256(components.family.name.encode())
+    absent = sorted(components.extra.get("absent", ()))
+    settings = {**components.family.sampling_arguments(components), "absent": absent}
+    if any(settings.values()):  # T5's sequence length, an encoder left out
+        digest.update(json.dumps(settings, sort_keys=True).encode())
     pairs = zip(components.tokenizers, components.text_encoders, components.family.tokenizer_names, strict=False)
     for tokenizer, encoder, folder in pairs:
         _update_with_tokenizer(digest, tokenizer, Path(components.path) / folder)

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from kubetune.api.spec import ModelSpec, TrainingSpec
+
 TextEncode = Callable[[list[str]], tuple[Any, ...]]
 """Captions to tensors with one row per caption (what a text cache stores per caption)."""
 
@@ -61,9 +63,11 @@ class ModelFamily(Protocol):
     """The Hugging Face Hub's tags for models of this family, in the model card's metadata."""
     conversion_script: str
     """The script in diffusers' `scripts/` that turns a pipeline folder of this family into one checkpoint
-    file, as the model card tells readers of a full fine-tune."""
+    file, as the model card tells readers of a full fine-tune; "" where diffusers has none (SD3, Flux)."""
     pipeline_class: str
     """The diffusers pipeline class, as `_class_name` in model_index.json names it."""
+    denoiser_name: str
+    """The denoiser's module name ("unet", "transformer"): its subfolder, pipeline argument and LoRA key prefix."""
     kohya_base: str
     """`ss_base_model_version` of a kohya LoRA file."""
     text_encoder_names: tuple[str, ...]
@@ -75,12 +79,21 @@ class ModelFamily(Protocol):
     kohya_text_roots: tuple[str, ...]
     """The module path each text encoder's kohya keys start with, in the same order ("text_model." for
     CLIP, whose classic layout kohya names follow); an adapter key without it gets it."""
+    lora_text_encoder_names: tuple[str, ...]
+    """The text encoders LoRA adapts when `trainTextEncoder` is set (those the family's LoRA file carries)."""
+    lora_key_format: str
+    """How the diffusers LoRA file names adapter weights: "diffusers" (`lora_linear_layer.down/up`, what the
+    UNet families' loaders expect) or "peft" (`lora_A/lora_B`, the transformer families')."""
+    single_file_layout: str
+    """The layout of the single LoRA file ComfyUI and AUTOMATIC1111 load: "kohya" (`lora_unet_*` keys, alpha
+    tensors) or "diffusers" (ComfyUI reads the diffusers keys; alpha/rank is baked into the up weights)."""
     text_lora_targets: tuple[str, ...]
     """The text encoders' layers LoRA adapts when `trainTextEncoder` is set."""
     pipeline_extras: dict[str, Any]
     """Arguments besides modules, tokenizers and scheduler that build a pipeline of this family."""
 
-    def load(self, path: Path, variant: str | None) -> Components: ...
+    def load(self, path: Path, variant: str | None, model: ModelSpec | None = None) -> Components:
+        """Every component from a diffusers folder, as `model`'s family settings ask (text encoders, lengths)."""
 
     def encode_text(self, components: Components, captions: list[str], device: Any) -> tuple[Any, ...]:
         """The text encoders' outputs, one row per caption; cached per caption while they are frozen."""
@@ -99,10 +112,14 @@ class ModelFamily(Protocol):
     def latents(self, vae: Any, moments: Any, generator: Any) -> Any:
         """Training latents drawn from `encode_pixels`' output."""
 
-    def decode_latents(self, vae: Any, latents: Any) -> Any:
-        """Pixels from latents a pipeline made (undoing what `latents` applies)."""
+    def decode_latents(self, vae: Any, latents: Any, size: tuple[int, int]) -> Any:
+        """Pixels (`size` = height, width) from latents a pipeline made (undoing what `latents` applies)."""
 
-    def objective(self, components: Components) -> Denoising: ...
+    def objective(self, components: Components, training: TrainingSpec) -> Denoising:
+        """The family's objective, configured by `training` (a ConfigError for a setting it cannot honour)."""
+
+    def sampling_arguments(self, components: Components) -> dict[str, Any]:
+        """Pipeline call arguments that make samples condition as training does."""
 
     def predict(self, denoiser: Any, noisy: Any, timesteps: Any, cond: Conditioning) -> Any:
         """The denoiser's prediction for `noisy` at `timesteps`."""
@@ -120,7 +137,8 @@ class Components:
 
     family: ModelFamily
     path: Path
-    unet: Any
+    denoiser: Any
+    """The network that denoises latents (a UNet or a transformer); the pipeline calls it `family.denoiser_name`."""
     vae: Any
     noise_scheduler: Any
     tokenizers: list[Any]
@@ -150,10 +168,12 @@ class Components:
 
     def modules(self) -> dict[str, Any]:
         """Named modules, the names used for trainable-state keys and LoRA file prefixes."""
-        return {"unet": self.unet, "vae": self.vae, **self.named_text_encoders()}
+        return {self.family.denoiser_name: self.denoiser, "vae": self.vae, **self.named_text_encoders()}
 
     def named_text_encoders(self) -> dict[str, Any]:
-        return dict(zip(self.family.text_encoder_names, self.text_encoders, strict=False))
+        """The loaded text encoders by name (a family may leave one out, as SD3 without T5)."""
+        names = [name for name in self.family.text_encoder_names if name not in self.extra.get("absent", ())]
+        return dict(zip(names, self.text_encoders, strict=True))
 
     def text_encoders_frozen(self) -> bool:
         return not any(p.requires_grad for encoder in self.text_encoders for p in encoder.parameters())

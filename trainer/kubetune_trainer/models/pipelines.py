@@ -35,14 +35,18 @@ def build_pipeline(components: Components) -> Any:
 
     family = components.family
     pipeline_class = getattr(diffusers, family.pipeline_class)
+    absent = set(components.extra.get("absent", ()))  # an encoder the job leaves out (SD3 without T5)
+    pairs = list(zip(family.tokenizer_names, family.text_encoder_names, strict=True))
+    loaded = [tokenizer for tokenizer, encoder in pairs if encoder not in absent]
+    missing = {name: None for tokenizer, encoder in pairs if encoder in absent for name in (tokenizer, encoder)}
     pipe = pipeline_class(**components.modules(), scheduler=base_scheduler(components),
-                          **dict(zip(family.tokenizer_names, components.tokenizers, strict=False)),
+                          **dict(zip(loaded, components.tokenizers, strict=True)), **missing,
                           **family.pipeline_extras)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def generate(components: Components, pipe: Any, prompt: str, **call: Any) -> list[Any]:
+def generate(components: Components, pipe: Any, prompt: str, *, height: int, width: int, **call: Any) -> list[Any]:
     """PIL images of `prompt` from a `build_pipeline` pipeline, at any training precision.
 
     A diffusers pipeline hands each module's output to the next without casting, but the trainer
@@ -57,9 +61,10 @@ def generate(components: Components, pipe: Any, prompt: str, **call: Any) -> lis
     vae = components.vae
     with torch.no_grad(), components.evaluating():
         with torch.autocast(vae.device.type, dtype=dtype, enabled=dtype != torch.float32):
-            latents = pipe(prompt, output_type="latent", **call).images
+            latents = pipe(prompt, output_type="latent", height=height, width=width,
+                           **components.family.sampling_arguments(components), **call).images
         with torch.autocast(vae.device.type, enabled=False):
-            pixels = components.family.decode_latents(vae, latents)
+            pixels = components.family.decode_latents(vae, latents, (height, width))
     # A diverged model (NaN weights) decodes to NaN pixels: they are drawn mid-grey instead of failing the
     # cast to 8 bits; the losses (NaN) already say what happened, and the run goes on to its checkpoints.
     pixels = torch.nan_to_num(pixels.float(), nan=0.0, posinf=1.0, neginf=-1.0)
@@ -77,7 +82,8 @@ def export_pipeline(components: Components, variant: str | None) -> Any:
 
     family = components.family
     pipeline_class = getattr(diffusers, family.pipeline_class)
-    pipe = pipeline_class.from_pretrained(str(components.path), unet=components.unet, variant=variant,
-                                          dtype=torch.float32, local_files_only=True, **family.pipeline_extras)
+    pipe = pipeline_class.from_pretrained(str(components.path), variant=variant,
+                                          dtype=torch.float32, local_files_only=True, **family.pipeline_extras,
+                                          **{family.denoiser_name: components.denoiser})
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -8,13 +8,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from kubetune.api.spec import ModelSpec
 from kubetune_trainer.exitcodes import ConfigError
 from kubetune_trainer.models.family import Components, ModelFamily
+from kubetune_trainer.models.flux import Flux
 from kubetune_trainer.models.sd import StableDiffusion
+from kubetune_trainer.models.sd3 import StableDiffusion3
 from kubetune_trainer.models.sdxl import StableDiffusionXL
 
 FAMILIES: dict[str, ModelFamily] = {
-    family.pipeline_class: family for family in (StableDiffusion(), StableDiffusionXL())
+    family.pipeline_class: family for family in (StableDiffusion(), StableDiffusionXL(), StableDiffusion3(), Flux())
 }
 
 
@@ -32,9 +35,9 @@ def detect_family(path: Path) -> ModelFamily:
     return family
 
 
-def load_components(path: Path, variant: str | None) -> Components:
+def load_components(path: Path, variant: str | None, model: ModelSpec | None = None) -> Components:
     """Detect the family and load every component, frozen; the method decides what trains."""
-    components = detect_family(path).load(Path(path), variant)
+    components = detect_family(path).load(Path(path), variant, model)
     for module in components.modules().values():
         module.requires_grad_(False)
     return components

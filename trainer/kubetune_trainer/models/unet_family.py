@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar
 
+from kubetune.api.spec import ModelSpec, TrainingSpec
 from kubetune_trainer.exitcodes import ConfigError
 from kubetune_trainer.models.ddpm import NoisePrediction
 from kubetune_trainer.models.family import Components, Conditioning
@@ -38,6 +39,7 @@ class UNetFamily:
     hub_tags: ClassVar[tuple[str, ...]]
     conversion_script: ClassVar[str]
     pipeline_class: ClassVar[str]
+    denoiser_name: ClassVar[str] = "unet"
     kohya_base: ClassVar[str]
     text_encoder_names: ClassVar[tuple[str, ...]]
     tokenizer_names: ClassVar[tuple[str, ...]]
@@ -48,9 +50,21 @@ class UNetFamily:
     pipeline_extras: ClassVar[dict[str, Any]] = {}
     text_encoder_classes: ClassVar[tuple[str, ...]]
     """The transformers class of each text encoder, in order (their tokenizers are CLIPTokenizer)."""
+    single_file_layout: ClassVar[str] = "kohya"
+    lora_key_format: ClassVar[str] = "diffusers"
 
-    def load(self, path: Path, variant: str | None) -> Components:
+    @property
+    def lora_text_encoder_names(self) -> tuple[str, ...]:
+        return self.text_encoder_names
+
+    def load(self, path: Path, variant: str | None, model: ModelSpec | None = None) -> Components:
         import transformers
+
+        if model is not None:
+            for field, value in (("maxSequenceLength", model.max_sequence_length), ("withoutT5", model.without_t5)):
+                if value:
+                    raise ConfigError(f"model.{field}: {self.display_name} has no T5 text encoder; "
+                                      "the field is for SD3 and Flux: remove it")
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
         encoders = zip(self.tokenizer_names, self.text_encoder_names, self.text_encoder_classes, strict=True)
@@ -58,7 +72,7 @@ class UNetFamily:
         return Components(
             family=self,
             path=path,
-            unet=load_part(UNet2DConditionModel, path, "unet", variant),
+            denoiser=load_part(UNet2DConditionModel, path, "unet", variant),
             vae=load_part(AutoencoderKL, path, "vae", variant),
             noise_scheduler=load_part(DDPMScheduler, path, "scheduler", None),
             tokenizers=[load_part(transformers.CLIPTokenizer, path, tok_dir, None) for tok_dir, _, _ in pairs],
@@ -87,12 +101,18 @@ class UNetFamily:
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return ((latents - shift) * vae.config.scaling_factor).float()
 
-    def decode_latents(self, vae: Any, latents: Any) -> Any:
+    def decode_latents(self, vae: Any, latents: Any, size: tuple[int, int]) -> Any:
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift, return_dict=False)[0]
 
-    def objective(self, components: Components) -> NoisePrediction:
+    def objective(self, components: Components, training: TrainingSpec) -> NoisePrediction:
+        if training.flow_matching is not None:
+            raise ConfigError(f"training.flowMatching: {self.display_name} trains on the DDPM objective; the "
+                              "section is for the flow-matching families (SD3, Flux): remove it")
         return NoisePrediction(components.noise_scheduler)
+
+    def sampling_arguments(self, components: Components) -> dict[str, Any]:
+        return {}
 
     def predict(self, denoiser: Any, noisy: Any, timesteps: Any, cond: Conditioning) -> Any:
         return denoiser(noisy, timesteps, cond.encoder_hidden_states, added_cond_kwargs=cond.added_cond_kwargs,
@@ -103,4 +123,4 @@ class UNetFamily:
 
     def size_multiple(self, components: Components) -> int:
         """The VAE's downsampling times the UNet's."""
-        return self.latent_factor(components) * 2 ** (len(components.unet.config.down_block_types) - 1)
+        return self.latent_factor(components) * 2 ** (len(components.denoiser.config.down_block_types) - 1)
