@@ -28,10 +28,12 @@ DEFAULT_OUT = Path("kubetune-demo")
 loads it, where a reboot does not clear it (a temp dir may be). Ignored by git."""
 MARKER = ".kubetune-demo"
 """Written into the folder; only a folder holding it is replaced by the next demo."""
-PIPELINES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
-FAMILIES = {"sd": "SD 1.x", "sdxl": "SDXL"}
+PIPELINES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
+             "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
+FAMILIES = {"sd": "SD 1.x", "sdxl": "SDXL", "sd3": "SD3.5", "flux": "Flux.1"}
 PROMPT = "a red square"
 INFERENCE_STEPS = 2
+RESOLUTION = 64
 
 
 def demo_document(endpoint: str, steps: int, family: str) -> dict[str, Any]:
@@ -43,7 +45,7 @@ def demo_document(endpoint: str, steps: int, family: str) -> dict[str, Any]:
         "spec": {
             "model": {"uri": f"s3://models/tiny-{family}/"},
             "method": {"type": "lora", "lora": {"rank": 4, "alpha": 4}},
-            "data": {"uri": "s3://datasets/squares/", "resolution": 64},
+            "data": {"uri": "s3://datasets/squares/", "resolution": RESOLUTION},
             "storage": {"endpoint": endpoint, "region": "us-east-1", "addressingStyle": "path",
                         "maxConcurrency": 8},
             "output": {"uri": output_uri(family), "checkpointEvery": max(1, steps // 4), "keepCheckpoints": 2},
@@ -168,14 +170,15 @@ def snippet(out: Path, family: str) -> list[str]:
     cls = PIPELINES[family]
     base, final, image = (json.dumps(str(out / name)) for name in ("base", "final", "lora-sample.png"))
     return [f"from diffusers import {cls}; pipe = {cls}.from_pretrained({base}); pipe.load_lora_weights({final})",
-            f"pipe({json.dumps(PROMPT)}, num_inference_steps={INFERENCE_STEPS}).images[0].save({image})"]
+            f"pipe({json.dumps(PROMPT)}, num_inference_steps={INFERENCE_STEPS}, height={RESOLUTION}, "
+            f"width={RESOLUTION}).images[0].save({image})"]
 
 
 def summary_lines(result: RunResult, out: Path, family: str) -> list[str]:
     """The last lines of the demo: the outcome, each local path that exists, and the snippet."""
     outputs = result.progress.get("outputs") or {}
     exported = f"exported: step {outputs['step']}, {outputs['reason']}" if outputs.get("step") else ""
-    notes = {"diffusers": exported, "kohya": "for A1111 and ComfyUI"}
+    notes = {"diffusers": exported, "kohya": "one file for ComfyUI (and A1111)"}
     rows = [(f"LoRA ({kind})", local_path(uri, family, out), notes.get(kind, ""))
             for kind, uri in (outputs.get("lora") or {}).items()]
     rows += [("base pipeline", out / "base", f"the tiny random-weight {FAMILIES[family]} pipeline it trained"),

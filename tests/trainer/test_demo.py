@@ -34,12 +34,13 @@ def _snippet(stdout: str) -> list[str]:
 
 
 @pytest.mark.integration
-def test_demo_output_names_local_paths_and_a_snippet_that_loads_the_lora(tmp_path: Path) -> None:
+@pytest.mark.parametrize("family", ["sd", "sd3", "flux"])
+def test_demo_output_names_local_paths_and_a_snippet_that_loads_the_lora(family: str, tmp_path: Path) -> None:
     kubetune = Path(sys.executable).parent / "kubetune"
     home = tmp_path / "user"
     home.mkdir()
-    demo = subprocess.run([str(kubetune), "demo", "--steps", "4"], cwd=home, capture_output=True, text=True,
-                          timeout=600)
+    demo = subprocess.run([str(kubetune), "demo", "--steps", "4", "--family", family], cwd=home,
+                          capture_output=True, text=True, timeout=600)
     assert demo.returncode == 0, demo.stdout[-2000:] + demo.stderr[-4000:]
     out = home / "kubetune-demo"
     rows = _rows(demo.stdout)

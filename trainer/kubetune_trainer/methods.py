@@ -40,6 +40,9 @@ class LoraMethod:
                           init_lora_weights="gaussian", target_modules=targets)
 
     def prepare(self, components: Components) -> dict[str, Any]:
+        if self.spec.train_text_encoder and not components.family.lora_text_encoder_names:
+            raise ConfigError(f"method.lora.trainTextEncoder: {components.family.display_name}'s LoRA file carries "
+                              "no text-encoder adapters; remove the field")
         components.denoiser.add_adapter(self._config(list(self.spec.target_modules)))
         trained = {components.family.denoiser_name: components.denoiser}
         if self.spec.train_text_encoder:

@@ -56,8 +56,9 @@ class ModelSpec(ApiModel):
         ge=1,
         le=512,
         description=(
-            "SD3 and Flux: caption tokens the T5 text encoder reads (longer captions are cut); omitted = the "
-            "family's default (SD3 256, Flux.1 512). T5's cost grows with it. Other families reject it."
+            "Transformer families: caption tokens their long text encoder (T5; Z-Image's Qwen3) reads, longer "
+            "captions cut; omitted = the family's default (SD3 256, Flux.1 512). Its cost grows with it. "
+            "The UNet families reject it."
         ),
     )
     without_t5: bool = Field(
@@ -275,7 +276,7 @@ class EarlyStoppingSpec(ApiModel):
 
 
 class FlowMatchingSpec(ApiModel):
-    """The flow-matching objective of SD3 and Flux: which noise levels training draws and how it weights them."""
+    """The flow-matching objective (SD3, Flux, ...): which noise levels training draws and how it weights them."""
 
     timestep_sampling: Literal["logit_normal", "mode", "uniform"] = Field(
         default="logit_normal",
@@ -335,7 +336,8 @@ class TrainingSpec(ApiModel):
     flow_matching: FlowMatchingSpec | None = Field(
         default=None,
         description=(
-            "SD3 and Flux: noise-level sampling and loss weighting; omitted = the defaults. Other families reject it."
+            "Flow-matching families (SD3, Flux, ...): noise-level sampling and loss weighting; omitted = the defaults. "
+            "The UNet families reject it."
         ),
     )
     ema: EmaSpec | None = Field(default=None, description="EMA of weights (full methods); omitted = off.")

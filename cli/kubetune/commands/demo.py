@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "demo",
         help="run a tiny LoRA fine-tune end to end on this machine (no GPU, cluster or network)",
         description=(
-            "Build a tiny random-weight Stable Diffusion pipeline and a synthetic captioned image set, "
+            "Build a tiny random-weight pipeline of the chosen family and a synthetic captioned image set, "
             "serve them from an embedded in-memory S3-compatible server on 127.0.0.1 and run a short LoRA job "
             "through the same code as `kubetune run`. The outputs (LoRA weights, checkpoints, samples, report), "
             "the base pipeline it trained (base/) and the final status are copied to --out; the last lines "
@@ -36,7 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--workdir", type=Path,
                         help="folder for inputs and staging, kept afterwards (default: a temp dir, removed)")
     parser.add_argument("--steps", type=int, default=12, help="training steps (default: 12)")
-    parser.add_argument("--family", choices=("sd", "sdxl"), default="sd", help="tiny model family")
+    parser.add_argument("--family", choices=("sd", "sdxl", "sd3", "flux"), default="sd",
+                        help="tiny model family: SD 1.x, SDXL, SD3.5 or Flux.1 (default: sd)")
     parser.set_defaults(handler=run)
 
 

@@ -92,3 +92,6 @@ class Flux(TransformerFamily):
 
     def unpacked(self, latents: Any, size: tuple[int, int], vae_factor: int) -> Any:
         return unpack(latents, size[0] // vae_factor, size[1] // vae_factor)
+
+
+FAMILY = Flux()

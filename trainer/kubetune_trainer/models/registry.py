@@ -1,24 +1,33 @@
 """The model families this trainer supports, by diffusers pipeline class, and loading a model folder.
 
-A new family is one more entry in `FAMILIES`: an object that provides `family.ModelFamily`.
+A new family is one new module in `kubetune_trainer.models` that defines `FAMILY`, an object that provides
+`family.ModelFamily`; `FAMILIES` finds it there.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
+import pkgutil
 from pathlib import Path
 
 from kubetune.api.spec import ModelSpec
+from kubetune_trainer import models
 from kubetune_trainer.exitcodes import ConfigError
 from kubetune_trainer.models.family import Components, ModelFamily
-from kubetune_trainer.models.flux import Flux
-from kubetune_trainer.models.sd import StableDiffusion
-from kubetune_trainer.models.sd3 import StableDiffusion3
-from kubetune_trainer.models.sdxl import StableDiffusionXL
 
-FAMILIES: dict[str, ModelFamily] = {
-    family.pipeline_class: family for family in (StableDiffusion(), StableDiffusionXL(), StableDiffusion3(), Flux())
-}
+
+def _discover() -> dict[str, ModelFamily]:
+    """Every `FAMILY` a module of `kubetune_trainer.models` defines, by pipeline class (in module-name order)."""
+    found: dict[str, ModelFamily] = {}
+    for module in sorted(info.name for info in pkgutil.iter_modules(models.__path__)):
+        family = getattr(importlib.import_module(f"{models.__name__}.{module}"), "FAMILY", None)
+        if family is not None:
+            found[family.pipeline_class] = family
+    return found
+
+
+FAMILIES: dict[str, ModelFamily] = _discover()
 
 
 def detect_family(path: Path) -> ModelFamily:

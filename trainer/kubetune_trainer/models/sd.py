@@ -30,3 +30,6 @@ class StableDiffusion(UNetFamily):
     def condition(self, components: Components, encoded: tuple[Any, ...], sizes: list[tuple[int, ...]],
                   device: Any) -> Conditioning:
         return Conditioning(encoded[0])
+
+
+FAMILY = StableDiffusion()

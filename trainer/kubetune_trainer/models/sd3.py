@@ -62,3 +62,6 @@ class StableDiffusion3(TransformerFamily):
         return denoiser(hidden_states=noisy, timestep=timesteps * 1000,
                         encoder_hidden_states=cond.encoder_hidden_states, return_dict=False,
                         **(cond.added_cond_kwargs or {}))[0]
+
+
+FAMILY = StableDiffusion3()

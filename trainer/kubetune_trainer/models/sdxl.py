@@ -40,3 +40,6 @@ class StableDiffusionXL(UNetFamily):
         hidden, pooled = encoded
         time_ids = torch.tensor([list(s) for s in sizes], dtype=hidden.dtype, device=device)
         return Conditioning(hidden, {"text_embeds": pooled, "time_ids": time_ids})
+
+
+FAMILY = StableDiffusionXL()

@@ -82,8 +82,8 @@ class TransformerFamily:
     def encoders_to_load(self, model: ModelSpec) -> tuple[str, ...]:
         """The text encoders this job uses (all of the family's unless `model.withoutT5` drops one)."""
         if model.without_t5:
-            raise ConfigError(f"model.withoutT5: {self.display_name} needs its T5 text encoder; only SD3 runs "
-                              "without it; remove the field")
+            raise ConfigError(f"model.withoutT5: only SD3 can leave its T5 text encoder out; {self.display_name} "
+                              "cannot: remove the field")
         return self.text_encoder_names
 
     def sequence_length(self, components: Components) -> int:
