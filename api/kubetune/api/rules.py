@@ -116,6 +116,37 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         FineTuneJobSpec,
+        f"!has(self.training.parallelism) || self.training.parallelism != 'fsdp' || "
+        f"self.method.type in {_cel_list(FULL_METHODS)}",
+        "training.parallelism fsdp shards a full fine-tune (method.type full or dreambooth); a LoRA's few weights "
+        "train with ddp: remove it",
+        ".training.parallelism",
+        lambda s: s.training.parallelism != "fsdp" or s.method.type in FULL_METHODS,
+    ),
+    Rule(
+        TrainingSpec,
+        "!has(self.fsdp) || self.parallelism == 'fsdp'",
+        "training.fsdp configures parallelism fsdp: set training.parallelism to fsdp or remove it",
+        ".fsdp",
+        lambda t: t.fsdp is None or t.parallelism == "fsdp",
+    ),
+    Rule(
+        TrainingSpec,
+        "!has(self.ema) || !has(self.parallelism) || self.parallelism != 'fsdp'",
+        "training.ema is not available with parallelism fsdp yet (the average would need sharding too): "
+        "remove one of them",
+        ".ema",
+        lambda t: t.ema is None or t.parallelism != "fsdp",
+    ),
+    Rule(
+        FineTuneJobSpec,
+        "self.resources.gpusPerNode > 0 || !has(self.training.fsdp) || !self.training.fsdp.cpuOffload",
+        "training.fsdp.cpuOffload needs GPUs: remove it when resources.gpusPerNode is 0",
+        ".training.fsdp.cpuOffload",
+        lambda s: s.resources.gpus_per_node > 0 or s.training.fsdp is None or not s.training.fsdp.cpu_offload,
+    ),
+    Rule(
+        FineTuneJobSpec,
         f"!has(self.output.formats) || !('kohya' in self.output.formats) || "
         f"self.method.type in {_cel_list(LORA_METHODS)}",
         "output.formats kohya is a LoRA format: use it with method.type lora or dreambooth-lora",

@@ -306,6 +306,22 @@ class FlowMatchingSpec(ApiModel):
     )
 
 
+class FsdpSpec(ApiModel):
+    """Fully sharded data parallel (PyTorch FSDP2) settings, for `training.parallelism: fsdp`."""
+
+    reshard_after_forward: bool = Field(
+        default=True,
+        description=(
+            "Free each block's gathered weights after its forward pass and gather them again for the backward "
+            "(FULL_SHARD); false keeps them until the backward (SHARD_GRAD_OP: more memory, less communication)."
+        ),
+    )
+    cpu_offload: bool = Field(
+        default=False,
+        description="Keep the sharded weights, gradients and optimizer state in host memory (needs GPUs).",
+    )
+
+
 class TrainingSpec(ApiModel):
     """Optimisation settings. Set exactly one of maxSteps and epochs."""
 
@@ -333,6 +349,15 @@ class TrainingSpec(ApiModel):
         description="Min-SNR loss weighting gamma (5.0 is typical; UNet families only); omitted = off.",
     )
     noise_offset: float = Field(default=0.0, ge=0.0, le=1.0, description="Noise offset for darker/brighter images.")
+    parallelism: Literal["ddp", "fsdp"] = Field(
+        default="ddp",
+        description=(
+            "ddp: every rank holds the whole model and optimizer state; fsdp: a full fine-tune's weights, "
+            "gradients and optimizer state are sharded across the ranks (FSDP2), and each rank writes its own "
+            "checkpoint shards."
+        ),
+    )
+    fsdp: FsdpSpec | None = Field(default=None, description="FSDP settings (parallelism fsdp); omitted = defaults.")
     flow_matching: FlowMatchingSpec | None = Field(
         default=None,
         description=(
