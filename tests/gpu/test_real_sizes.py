@@ -27,7 +27,7 @@ def test_a_real_size_conditions_its_unet_through_the_trainers_family(name: str, 
     family = FAMILIES[type(pipe).__name__]
     assert family.name == size.family
     encoders = [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
-    components = Components(family=family, path=tmp_path, unet=pipe.unet, vae=pipe.vae,
+    components = Components(family=family, path=tmp_path, denoiser=pipe.unet, vae=pipe.vae,
                             noise_scheduler=pipe.scheduler, tokenizers=[pipe.tokenizer] * len(encoders),
                             text_encoders=encoders)
     side, batch = size.resolution, size.batch_size

@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.api.resource import FineTuneJob
+from kubetune.api.spec import TrainingSpec
 from kubetune_trainer.batches import BatchStream, PrefetchedBatches, prefetched
 from kubetune_trainer.caches.entries import DiskEntries
 from kubetune_trainer.caches.latents import DiskLatentCache, NoLatentCache, cache_folder
 from kubetune_trainer.caches.mirror import CacheMirror, NoMirror, build_mirror
 from kubetune_trainer.caches.text import DiskTextCache, text_cache_folder
 from kubetune_trainer.checkpoint import Checkpointer
-from kubetune_trainer.checkpoint_state import trained_weights
 from kubetune_trainer.config import RuntimeConfig
 from kubetune_trainer.data import Dataset, Example, load_dataset, split_dataset
 from kubetune_trainer.dreambooth import PriorPreservationStream, class_examples
@@ -34,6 +34,7 @@ from kubetune_trainer.parts import StepHook
 from kubetune_trainer.preflight import preflight_inputs, preflight_output
 from kubetune_trainer.reporting import Reporter
 from kubetune_trainer.sampling import build_sampler
+from kubetune_trainer.sharding import ShardedWeights, WholeWeights, held_bytes, shard, single_process_group
 from kubetune_trainer.storage.interface import ObjectStore
 from kubetune_trainer.storage.schemes import open_store, stage
 from kubetune_trainer.trace import trace_from_env
@@ -225,6 +226,21 @@ def _text_cache(job: FineTuneJob, runtime: RuntimeConfig, components: Components
     return _mirrored(cache, job, runtime, accelerator, store, reporter)
 
 
+def _parallel(training: TrainingSpec, components: Components, trained: dict[str, Any], accelerator: Any,
+              weight_dtype: Any) -> tuple[Any, Any, WholeWeights | ShardedWeights]:
+    """The denoiser as the ranks train it and its optimizer (made after sharding, over the shards): replicated
+    and wrapped by accelerate (ddp), or sharded with FSDP2 (fsdp)."""
+    if training.parallelism == "fsdp":
+        single_process_group(accelerator.device)
+        model_class = shard(components.denoiser, training.fsdp, weight_dtype, accelerator.device)
+        params = [p for m in trained.values() for p in m.parameters() if p.requires_grad]
+        optimizer = accelerator.prepare_optimizer(build_optimizer(params, training))
+        return components.denoiser, optimizer, ShardedWeights(components.denoiser, optimizer, model_class)
+    params = [p for m in trained.values() for p in m.parameters() if p.requires_grad]
+    denoiser, optimizer = accelerator.prepare(components.denoiser, build_optimizer(params, training))
+    return denoiser, optimizer, WholeWeights(trained)
+
+
 def build_trainer(job: FineTuneJob, runtime: RuntimeConfig, reporter: Reporter,
                   hooks: list[StepHook] | None = None, stop: StopRequest | None = None) -> Trainer:
     from accelerate.utils import set_seed
@@ -251,10 +267,9 @@ def build_trainer(job: FineTuneJob, runtime: RuntimeConfig, reporter: Reporter,
     trained = _prepare(method, components, spec.training.gradient_checkpointing)
     data = trace.wrap_data(_batches(job, dataset, prior, accelerator, components))
     steps = total_steps(job, data.per_epoch())
+    denoiser, optimizer, weights = _parallel(spec.training, components, trained, accelerator, weight_dtype)
     params = [p for m in trained.values() for p in m.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, spec.training)
     lr_scheduler = build_lr_scheduler(optimizer, spec.training, steps)
-    denoiser, optimizer = accelerator.prepare(components.denoiser, optimizer)
     store = trace.wrap_store(open_store(spec.output.uri, spec.storage, runtime.pvc_root))
     cache, mirror = _latent_cache(job, runtime, components, accelerator, store, reporter)
     text_mirror = _text_cache(job, runtime, components, accelerator, store, reporter)
@@ -264,11 +279,14 @@ def build_trainer(job: FineTuneJob, runtime: RuntimeConfig, reporter: Reporter,
         objective=objective, validator=_validator(job, held_out, objective),
         stopper=EarlyStopper(spec.training.early_stopping), ema=build_ema(spec.training.ema, params),
         data=data, optimizer=optimizer, lr_scheduler=lr_scheduler,
-        checkpointer=Checkpointer(store, spec.output, runtime.scratch / "tmp", claim),
+        # per rank: ranks of one pod share its scratch volume, and each downloads a checkpoint it resumes from
+        checkpointer=Checkpointer(store, spec.output, runtime.scratch / "tmp" / f"rank-{accelerator.process_index}",
+                                  claim),
         sampler=build_sampler(spec.validation, components=components, store=store, output_uri=spec.output.uri,
                               resolution=spec.data.resolution, seed=spec.training.seed,
                               scratch=runtime.scratch / "samples"),
-        output_store=store, reporter=reporter, total_steps=steps, scratch=runtime.scratch,
-        hooks=[mirror.step_hook, text_mirror.step_hook, *(hooks or []), *trace.hooks(lambda: trained_weights(trained))],
+        output_store=store, reporter=reporter, total_steps=steps, scratch=runtime.scratch, weights=weights,
+        hooks=[mirror.step_hook, text_mirror.step_hook, *(hooks or []),
+               *trace.hooks(weights.local_state, lambda: held_bytes(params, optimizer))],
         stop=stop or StopRequest(),
     ))

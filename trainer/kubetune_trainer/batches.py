@@ -6,7 +6,9 @@ Without it there is one square bucket. The order of batches depends only on the 
 epoch and the position, so a resumed run sees exactly the batches it would have seen.
 Ranks take turns through one shuffled epoch (disjoint shards); the last few batches of an
 epoch that do not divide among the ranks wait for a later epoch, so every rank runs the
-same number of batches per epoch.
+same number of batches per epoch. A batch's augmentation depends on its place in the epoch,
+not on which rank renders it, so a run resumed on another number of ranks sees the same batches
+(when the epoch's batches divide among both counts).
 
 `PrefetchedBatches` hands the decoding, resizing, cropping and flipping to loader worker
 processes (`data.loaderWorkers`), which render batches ahead (`data.prefetchBatches` each)
@@ -25,6 +27,7 @@ from typing import Any
 
 from kubetune.api.spec import DataSpec
 from kubetune_trainer.data import Batch, Dataset, make_batch, rendered
+from kubetune_trainer.exitcodes import ConfigError
 
 MAX_ASPECT = 4.0
 
@@ -95,8 +98,8 @@ class BatchStream:
             self.epoch, self.position = self.epoch + 1, 0
             self._batches = self._epoch_batches()
         bucket, indices = self._batches[self.position]
-        items = [(self.dataset.examples[index],
-                  random.Random(f"augment-{self.seed}-{self.epoch}-{self.position}-{slot}-{self.rank}"))
+        shared = self.position * self.world_size + self.rank  # the batch's place in the epoch, on any rank count
+        items = [(self.dataset.examples[index], random.Random(f"augment-{self.seed}-{self.epoch}-{shared}-{slot}"))
                  for slot, index in enumerate(indices)]
         self.position += 1
         return make_batch(items, self.spec, bucket, self.latent_crop)
@@ -105,10 +108,17 @@ class BatchStream:
         """Nothing to stop: this stream renders in the training process."""
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
+        return {"epoch": self.epoch, "position": self.position, "worldSize": self.world_size}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        """Continue where the run that saved `state` was, also on another number of ranks: the epoch's batches
+        it consumed (its position times its rank count) are consumed here too, when they divide."""
+        consumed = int(state["position"]) * int(state.get("worldSize", self.world_size))
+        if consumed % self.world_size:
+            raise ConfigError(f"the checkpoint was saved by {state.get('worldSize')} ranks after {consumed} batches "
+                              f"of its epoch, which {self.world_size} ranks cannot share evenly; resume on a rank "
+                              "count that divides it, or on the original one")
+        self.epoch, self.position = int(state["epoch"]), consumed // self.world_size
         self._batches = self._epoch_batches()
 
 

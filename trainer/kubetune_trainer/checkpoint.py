@@ -24,7 +24,7 @@ import json
 import re
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -36,6 +36,7 @@ from kubetune.api.spec import OutputSpec
 from kubetune.api.status import CheckpointRef
 from kubetune_trainer.checkpoint_state import CheckpointDamaged, TrainingState, load_files, write_files
 from kubetune_trainer.parts import Stateful
+from kubetune_trainer.sharding import is_shard_file
 from kubetune_trainer.storage.interface import (
     ObjectInfo,
     ObjectStore,
@@ -184,23 +185,31 @@ class Checkpointer:
         checkpoint predates it."""
         self.state.register(name, part, required)
 
-    def save_training(self, step: int, weights: dict[str, Any]) -> tuple[CheckpointRef, float]:
-        """Checkpoint `step`: the trained `weights` and every registered part's state (see `save`)."""
+    def save_training(self, step: int, weights: dict[str, Any],
+                      shards: dict[str, FileEntry] | None = None) -> tuple[CheckpointRef, float]:
+        """Checkpoint `step`: the trained `weights` and every registered part's state (see `save`), with the
+        `shards` other ranks uploaded already (after `begin`) listed in the same manifest."""
         folder = self.scratch / "checkpoint-out" / f"step-{step}"
         try:
-            return self.save(step, write_files(folder, weights, self.state.state_dict(step)))
+            return self.save(step, write_files(folder, weights, self.state.state_dict(step)), shards,
+                             begun=shards is not None)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
-    def read_training(self, ref: CheckpointRef, shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, Any],
-                                                                                               dict[str, Any]]:
+    def read_training(self, ref: CheckpointRef, shapes: dict[str, tuple[int, ...]],
+                      read_shards: Callable[[dict[str, Path]], dict[str, Any]] | None = None
+                      ) -> tuple[dict[str, Any], dict[str, Any]]:
         """A checkpoint's weights and state, verified and loaded but not yet applied: `CheckpointDamaged` if any
-        of it is unusable, so a damaged checkpoint changes nothing. Its download is removed either way
-        (everything is in memory by then), so skipped checkpoints do not fill the scratch volume."""
+        of it is unusable, so a damaged checkpoint changes nothing. With `read_shards`, the weights are what it
+        reads from the checkpoint's shard files instead. Its download is removed either way (everything is in
+        memory by then), so skipped checkpoints do not fill the scratch volume."""
         folder = self.scratch / "resume" / f"step-{ref.step}"
         try:
             files, verified = self.load_verified(ref, folder)
-            return load_files(ref, files, verified, shapes, self.state.required())
+            weights, state = load_files(ref, files, verified, shapes, self.state.required())
+            if read_shards is not None:
+                weights = read_shards({name: path for name, path in files.items() if is_shard_file(name)})
+            return weights, state
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -269,16 +278,28 @@ class Checkpointer:
             self._delete(scan.objects[step])
         return broken
 
-    def save(self, step: int, files: dict[str, Path]) -> tuple[CheckpointRef, float]:
-        """Upload `files` (hashed as they upload) then the manifest; prune old ones. Returns the ref and seconds."""
-        started = time.monotonic()
+    def begin(self, step: int) -> None:
+        """Make way for checkpoint `step` (rank 0, before any rank uploads to it): this job still owns the
+        prefix, and a damaged or stale folder of this step is deleted, to be replaced."""
         self.confirm_owner()
         scan = self._scan()
         self._refuse_foreign(scan)
-        self._delete(scan.objects.get(step, []))  # a damaged or stale folder of this step is replaced
+        self._delete(scan.objects.get(step, []))
         self.damaged.pop(step, None)
+
+    def upload_files(self, step: int, files: dict[str, Path]) -> dict[str, FileEntry]:
+        """Upload `files` into checkpoint `step` (any rank, after `begin`); their manifest entries."""
+        return self._upload(self.uri_of(step), files)
+
+    def save(self, step: int, files: dict[str, Path], shards: dict[str, FileEntry] | None = None,
+             begun: bool = False) -> tuple[CheckpointRef, float]:
+        """Upload `files` (hashed as they upload) then the manifest, which also lists the `shards` other ranks
+        uploaded; prune old ones. Returns the ref and seconds."""
+        started = time.monotonic()
+        if not begun:
+            self.begin(step)
         prefix = self.uri_of(step)
-        entries = self._upload(prefix, files)
+        entries = {**(shards or {}), **self._upload(prefix, files)}
         created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         write_text(self.store, prefix + MANIFEST, Manifest(step, created, entries, self.owner).text(), self.scratch)
         seconds = time.monotonic() - started

@@ -58,7 +58,9 @@ class ImageSampler(Protocol):
 
     def due(self, step: int, last: bool) -> bool: ...
 
-    def sample(self, step: int, denoiser: Any) -> list[dict[str, Any]]: ...
+    def sample(self, step: int, denoiser: Any, publish: bool = True) -> list[dict[str, Any]]:
+        """Images of the prompts; with `publish` False they are made (every rank runs a sharded denoiser) but
+        not kept."""
 
 
 class WeightAverage(Stateful, Protocol):

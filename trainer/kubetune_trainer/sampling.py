@@ -19,7 +19,7 @@ class NullSampler:
     def due(self, step: int, last: bool) -> bool:
         return False
 
-    def sample(self, step: int, denoiser: Any) -> list[dict[str, Any]]:
+    def sample(self, step: int, denoiser: Any, publish: bool = True) -> list[dict[str, Any]]:
         return []
 
 
@@ -34,7 +34,7 @@ class Sampler:
     def due(self, step: int, last: bool) -> bool:
         return last or step % self.spec.every == 0
 
-    def sample(self, step: int, denoiser: Any) -> list[dict[str, Any]]:
+    def sample(self, step: int, denoiser: Any, publish: bool = True) -> list[dict[str, Any]]:
         import torch
 
         pipe = build_pipeline(self.components)
@@ -48,6 +48,8 @@ class Sampler:
                                   guidance_scale=self.spec.guidance_scale, height=self.resolution,
                                   width=self.resolution, num_images_per_prompt=self.spec.images_per_prompt,
                                   generator=generator)
+                if not publish:  # another rank's copy of the images rank 0 keeps (a sharded denoiser's)
+                    continue
                 for i_index, image in enumerate(images):
                     name = f"step-{step}-{p_index}-{i_index}.png"
                     image.save(self.scratch / name)

@@ -86,17 +86,18 @@ class StepTrace:
     def wrap_store(self, store: Any) -> TracedStore:
         return TracedStore(store, self)
 
-    def hooks(self, weights: Callable[[], dict[str, Any]]) -> list[Any]:
-        """A step hook that records each step with a digest of `weights()`, the trained weights then."""
+    def hooks(self, weights: Callable[[], dict[str, Any]], held: Callable[[], int] | None = None) -> list[Any]:
+        """A step hook that records each step with a digest of `weights()`, the trained weights this rank holds
+        then, and `held()`, the bytes of training state it holds."""
         def record_step(record: StepRecord) -> None:
-            self.record_step(record, weights())
+            self.record_step(record, weights(), held() if held else None)
 
         return [record_step]
 
-    def record_step(self, record: StepRecord, weights: dict[str, Any]) -> None:
+    def record_step(self, record: StepRecord, weights: dict[str, Any], held: int | None = None) -> None:
         keys, epochs = (self.stream.keys, self.stream.epochs) if self.stream else ([], [])
         self.write({"event": "step", "step": record.step, "epochs": epochs, "keys": keys,
-                    "digest": weights_digest(weights)})
+                    "digest": weights_digest(weights), "heldBytes": held})
         if self.stream:
             self.stream.keys, self.stream.epochs = [], []
 
@@ -110,7 +111,7 @@ class NoTrace:
     def wrap_store(self, store: Any) -> Any:
         return store
 
-    def hooks(self, weights: Callable[[], dict[str, Any]]) -> list[Any]:
+    def hooks(self, weights: Callable[[], dict[str, Any]], held: Callable[[], int] | None = None) -> list[Any]:
         return []
 
 

@@ -24,22 +24,17 @@ from typing import Any
 from kubetune.api.resource import FineTuneJob
 from kubetune.api.status import CheckpointRef, LoraOutputs, Outputs, SampleRef
 from kubetune_trainer.checkpoint import Checkpointer
-from kubetune_trainer.checkpoint_state import (
-    CheckpointDamaged,
-    RngState,
-    load_trained_weights,
-    trained_shapes,
-    trained_weights,
-)
+from kubetune_trainer.checkpoint_state import CheckpointDamaged, RngState
 from kubetune_trainer.cpu_quota import fit_threads_to_cpu_limit
 from kubetune_trainer.distributed import agreed_signal
-from kubetune_trainer.exitcodes import Interrupted, StorageUnavailable
+from kubetune_trainer.exitcodes import ConfigError, Interrupted, StorageUnavailable
 from kubetune_trainer.methods import TrainingMethod
 from kubetune_trainer.model_card import write_model_card
 from kubetune_trainer.models.family import Components
 from kubetune_trainer.objective import DiffusionObjective
 from kubetune_trainer.parts import BatchSource, ImageSampler, StepHook, StepRecord, Validator, WeightAverage
 from kubetune_trainer.reporting import Reporter, Smoothed, aspect_buckets
+from kubetune_trainer.sharding import ShardedWeights, WholeWeights
 from kubetune_trainer.storage.interface import ObjectStore, as_prefix, join_uri
 from kubetune_trainer.validation import (
     BEST_VALIDATION_LOSS,
@@ -89,6 +84,8 @@ class TrainerParts:
     reporter: Reporter
     total_steps: int
     scratch: Path
+    weights: WholeWeights | ShardedWeights
+    """Where the trained weights live across ranks (`training.parallelism`) and how checkpoints hold them."""
     stop: StopRequest = field(default_factory=lambda: StopRequest())
     hooks: list[StepHook] = field(default_factory=list)
 
@@ -110,13 +107,16 @@ class Trainer:
         self.best = build_export_choice(parts.job.spec, isinstance(parts.validator, LossValidator))
         """The step whose weights the export writes: the best validation step, or the last."""
         self.smoothed = Smoothed()
+        self.batch = GlobalBatch(parts)
         self.register_state()
 
     def register_state(self) -> None:
         """The parts whose state every checkpoint saves beside the weights, under the names the checkpoint
         format has always used; the RNG last, so that it is restored after anything that draws from it."""
         p, register = self.p, self.p.checkpointer.register
-        register("optimizer", p.optimizer)
+        if isinstance(p.weights, WholeWeights):  # a sharded optimizer is saved in the shard files
+            register("optimizer", p.optimizer)
+        register("batch", self.batch, required=False)
         register("lr_scheduler", p.lr_scheduler)
         register("data", p.data)
         register("early_stopping", p.stopper, required=False)
@@ -225,15 +225,16 @@ class Trainer:
         return float(value.item())
 
     def images_per_step(self) -> int:
-        training = self.p.job.spec.training
-        return training.batch_size * training.gradient_accumulation_steps * self.p.accelerator.num_processes
+        return self.p.job.spec.training.batch_size * self.batch.accumulation * self.p.accelerator.num_processes
 
     def generator(self, micro: int) -> Any:
+        """The noise of micro-batch `micro` of this step on this rank, seeded by the micro-batch's place in the
+        step's global batch, so a run resumed on another number of ranks draws the same noise per image."""
         import torch
 
-        accumulation = self.p.job.spec.training.gradient_accumulation_steps
-        offset = (self.step * accumulation + micro) * 1009 + self.p.accelerator.process_index
-        return torch.Generator().manual_seed(self.p.job.spec.training.seed * 1_000_003 + offset)
+        accelerator = self.p.accelerator
+        shared = (self.step * self.batch.accumulation + micro) * accelerator.num_processes + accelerator.process_index
+        return torch.Generator().manual_seed(self.p.job.spec.training.seed * 1_000_003 + shared * 1009)
 
     def train_step(self) -> tuple[float, float]:
         """One optimizer step; the loss is read back once, after the whole step is queued on the device."""
@@ -241,7 +242,7 @@ class Trainer:
 
         started, losses = time.perf_counter(), []
         accelerator, training = self.p.accelerator, self.p.job.spec.training
-        for micro in range(training.gradient_accumulation_steps):
+        for micro in range(self.batch.accumulation):
             batch = self.p.data.next_batch()
             with accelerator.accumulate(self.p.denoiser):
                 loss = self.p.objective.loss(batch, self.generator(micro))
@@ -275,17 +276,36 @@ class Trainer:
         return self._trainable
 
     def trainable_state(self) -> dict[str, Any]:
-        return trained_weights(self.p.trained)
+        return self.p.weights.state()
 
     def save_checkpoint(self) -> None:
-        """Rank 0 writes the weights and the registered parts' state; every rank knows the step was saved."""
+        """Rank 0 writes the weights and the registered parts' state (with fsdp, each rank writes its shards
+        first); every rank knows the step was saved."""
         self.p.accelerator.wait_for_everyone()
         self.saved_step = self.step
+        shards = self.upload_shards()
         if not self.is_main:
             return
-        _, seconds = self.p.checkpointer.save_training(self.step, self.trainable_state())
+        _, seconds = self.p.checkpointer.save_training(self.step, self.trainable_state(), shards)
         self.checkpoints = self.p.checkpointer.complete()
         self.p.reporter.checkpoints(self.checkpoints, seconds)
+
+    def upload_shards(self) -> dict[str, Any] | None:
+        """With sharded weights (a collective): rank 0 makes way for the checkpoint, then every rank writes and
+        uploads its own shard files; rank 0 learns every rank's manifest entries. None with whole weights."""
+        if not self.p.weights.collective_forward:
+            return None
+        import torch.distributed as dist
+
+        checkpointer, accelerator = self.p.checkpointer, self.p.accelerator
+        if self.is_main:
+            checkpointer.begin(self.step)
+        files = self.p.weights.write_shards(self.p.checkpointer.scratch / "shards-out")  # this rank's folder
+        accelerator.wait_for_everyone()
+        entries = checkpointer.upload_files(self.step, files)
+        everyone: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, entries)
+        return {name: entry for rank_entries in everyone for name, entry in rank_entries.items()}
 
     def resume(self) -> None:
         """Continue from the newest checkpoint that verifies and loads; each newer one is skipped with why.
@@ -341,28 +361,32 @@ class Trainer:
 
     def read_checkpoint(self, ref: CheckpointRef) -> tuple[dict[str, Any], dict[str, Any]]:
         """A checkpoint's weights and state, verified and loaded but not applied (see `Checkpointer.read_training`)."""
-        return self.p.checkpointer.read_training(ref, trained_shapes(self.p.trained))
+        return self.p.checkpointer.read_training(ref, self.p.weights.shapes(), self.p.weights.read_shards)
 
     def restore(self, ref: CheckpointRef) -> None:
         weights, state = self.read_checkpoint(ref)
-        load_trained_weights(self.p.trained, weights)
+        self.p.weights.load(weights)
         self.step = self.p.checkpointer.restore(state)
         if self.best.step is not None:
             self.p.checkpointer.pin(self.best.step)
 
     def sample(self) -> None:
-        if self.is_main:
+        """Rank 0 samples; with sharded weights every rank runs the denoiser with it, and rank 0 keeps the images."""
+        if self.is_main or self.p.weights.collective_forward:
             denoiser = self.p.accelerator.unwrap_model(self.p.denoiser)
-            for ref in self.p.sampler.sample(self.step, denoiser):
+            for ref in self.p.sampler.sample(self.step, denoiser, publish=self.is_main):
                 self.p.reporter.sample(SampleRef.model_validate(ref))
 
     def export(self) -> dict[str, Any]:
         self.p.accelerator.wait_for_everyone()
+        if not (self.is_main or self.p.weights.collective_forward):
+            return {}
+        step, reason = self.exported_step()  # with sharded weights every rank loads its slices of the best step
+        self.p.weights.gather_for_export(self.p.components)
         if not self.is_main:
             return {}
         self.p.reporter.phase("Exporting")
         self.p.checkpointer.confirm_owner()  # final outputs are overwritten only on the owner's prefix
-        step, reason = self.exported_step()
         folder = self.p.scratch / "final"
         shutil.rmtree(folder, ignore_errors=True)
         with self.p.ema.applied(self.trainable_parameters()):
@@ -404,6 +428,30 @@ class Trainer:
             self.p.reporter.notice(f"checkpoint step-{step}, the best validation step's, cannot be exported ({exc}); "
                                    f"exporting the last step, {self.step}, instead")
             return False
-        load_trained_weights(self.p.trained, weights)
+        self.p.weights.load(weights)
         self.p.checkpointer.restore(state, only=("ema",))
         return True
+
+
+class GlobalBatch:
+    """The images one optimizer step trains on, kept when a run resumes on another number of ranks: its
+    gradient accumulation becomes the saved run's times the ratio of rank counts (a checkpoint part)."""
+
+    def __init__(self, parts: TrainerParts) -> None:
+        self.world = int(parts.accelerator.num_processes)
+        self.accumulation = parts.job.spec.training.gradient_accumulation_steps
+        self.accelerator = parts.accelerator
+
+    def state_dict(self) -> dict[str, int]:
+        return {"worldSize": self.world, "accumulation": self.accumulation}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if not state:
+            return  # a checkpoint from before this part: same ranks, same accumulation
+        micro_batches = int(state["worldSize"]) * int(state["accumulation"])
+        if micro_batches % self.world:
+            raise ConfigError(f"the checkpoint's global batch is {micro_batches} micro-batches (from "
+                              f"{state['worldSize']} ranks), which {self.world} ranks cannot share evenly; resume on "
+                              "a rank count that divides it")
+        self.accumulation = micro_batches // self.world
+        self.accelerator.gradient_accumulation_steps = self.accumulation

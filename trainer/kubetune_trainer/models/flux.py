@@ -90,6 +90,10 @@ class Flux(TransformerFamily):
     def patch_size(self, components: Components) -> int:
         return 2  # the pipeline's 2x2 packing; the transformer's own patch is 1
 
+    def tokens_of(self, latents: Any) -> int:
+        """The packed sequence length of one latent image (what the dynamic shift reads)."""
+        return (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
+
     def unpacked(self, latents: Any, size: tuple[int, int], vae_factor: int) -> Any:
         return unpack(latents, size[0] // vae_factor, size[1] // vae_factor)
 
