@@ -11,12 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from trainer_probe import running_trainers
 from trainer_support import local_job
 
 from kubetune.api.spec import FlowMatchingSpec, ModelSpec
 from kubetune_trainer.config import RuntimeConfig
 from kubetune_trainer.exitcodes import EXIT_CONFIG, EXIT_FAILED
 from kubetune_trainer.job import run_job
+from kubetune_trainer.reporting import aspect_buckets
 
 FAMILIES = ["sd3", "flux"]
 DREAMBOOTH = {"instancePrompt": "a photo of sks square", "classPrompt": "a photo of a square",
@@ -260,3 +262,33 @@ def test_a_setting_the_family_cannot_honour_is_a_configuration_error(
     result = run_job(job, RuntimeConfig(scratch=tmp_path / "s", log_every=0))
     assert result.exit_code == EXIT_CONFIG
     assert says in result.message
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_buckets_validation_ema_and_the_best_step_export_work_as_for_the_unet_families(
+        family: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    data = tmp_path / "data"
+    data.mkdir()
+    sizes = [(96, 64), (64, 96), (64, 64), (96, 64), (64, 96), (64, 64), (80, 64), (64, 80)]
+    for i, (width, height) in enumerate(sizes):
+        pixels = np.random.default_rng(i).integers(0, 255, (height, width, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(data / f"{i}.png")
+    (data / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{i}.png", "text": f"a thing {i}"}) + "\n"
+                                                 for i in range(len(sizes))))
+    model: Path = request.getfixturevalue(f"tiny_{family}")
+    job = local_job(str(model), str(data), str(tmp_path / "out"), method={"type": "full", "lora": None},
+                    data={"aspectBuckets": True, "validationFraction": 0.25},
+                    training={"maxSteps": 4, "ema": {"decay": 0.9}},
+                    validation={"prompts": ["a thing"], "every": 2, "inferenceSteps": 1})
+    with running_trainers() as built:
+        result = run_job(job, RuntimeConfig(scratch=tmp_path / "s", log_every=0))
+    assert result.exit_code == 0, result.message
+    outputs = result.progress["outputs"]
+    assert outputs["reason"] == "BestValidationLoss" and Path(outputs["pipeline"], "transformer").is_dir()
+    assert [s["step"] for s in result.progress["samples"]] == [2, 4]
+    assert len(aspect_buckets(built[-1].p.data)) > 1  # wide, tall and square images keep their shapes
