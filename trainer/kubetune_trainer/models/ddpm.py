@@ -9,6 +9,18 @@ from __future__ import annotations
 from typing import Any
 
 
+def offset_noise(latents: Any, generator: Any, noise_offset: float, device: Any) -> Any:
+    """Gaussian noise shaped like `latents`, plus `training.noiseOffset` times a per-channel constant
+    (what lets a model learn much darker or brighter images), all drawn from `generator`."""
+    import torch
+
+    noise = torch.randn(latents.shape, generator=generator).to(device)
+    if noise_offset:
+        offset = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator)
+        noise = noise + noise_offset * offset.to(device)
+    return noise
+
+
 class NoisePrediction:
     """Noise-prediction (epsilon or v) over `scheduler`'s betas."""
 
@@ -18,10 +30,7 @@ class NoisePrediction:
     def draw(self, latents: Any, generator: Any, noise_offset: float, device: Any) -> tuple[Any, Any]:
         import torch
 
-        noise = torch.randn(latents.shape, generator=generator).to(device)
-        if noise_offset:
-            offset = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator)
-            noise = noise + noise_offset * offset.to(device)
+        noise = offset_noise(latents, generator, noise_offset, device)
         steps = self.scheduler.config.num_train_timesteps
         timesteps = torch.randint(0, steps, (latents.shape[0],), generator=generator).to(device)
         return noise, timesteps

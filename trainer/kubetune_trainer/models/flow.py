@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from kubetune.api.spec import FlowMatchingSpec
+from kubetune_trainer.models.ddpm import offset_noise
 
 
 class FlowMatching:
@@ -26,13 +27,9 @@ class FlowMatching:
         """The transformer's image sequence length for a latent batch, which a dynamic shift depends on."""
 
     def draw(self, latents: Any, generator: Any, noise_offset: float, device: Any) -> tuple[Any, Any]:
-        import torch
         from diffusers.training_utils import compute_density_for_timestep_sampling
 
-        noise = torch.randn(latents.shape, generator=generator).to(device)
-        if noise_offset:
-            offset = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator)
-            noise = noise + noise_offset * offset.to(device)
+        noise = offset_noise(latents, generator, noise_offset, device)
         s = self.settings
         u = compute_density_for_timestep_sampling(s.timestep_sampling, latents.shape[0], logit_mean=s.logit_mean,
                                                   logit_std=s.logit_std, mode_scale=s.mode_scale,

@@ -15,6 +15,7 @@ from kubetune.api.spec import FlowMatchingSpec, ModelSpec, TrainingSpec
 from kubetune_trainer.exitcodes import ConfigError
 from kubetune_trainer.models.family import Components, Conditioning
 from kubetune_trainer.models.flow import FlowMatching
+from kubetune_trainer.models.latent_space import VaeLatents
 from kubetune_trainer.models.unet_family import load_part
 
 T5_TOKENS = "max_sequence_length"
@@ -28,21 +29,12 @@ def t5_encode(tokenizer: Any, encoder: Any, captions: list[str], length: int, de
     return encoder(ids.to(device), output_hidden_states=False)[0]
 
 
-class TransformerFamily:
+class TransformerFamily(VaeLatents):
     """The parts every flow-matching transformer family shares; subclasses add their text encoders."""
 
-    name: ClassVar[str]
-    display_name: ClassVar[str]
-    short_display_name: ClassVar[str]
-    hub_tags: ClassVar[tuple[str, ...]]
-    conversion_script: ClassVar[str]
-    pipeline_class: ClassVar[str]
     denoiser_name: ClassVar[str] = "transformer"
     transformer_class: ClassVar[str]
     """The diffusers class of the transformer."""
-    kohya_base: ClassVar[str]
-    text_encoder_names: ClassVar[tuple[str, ...]]
-    tokenizer_names: ClassVar[tuple[str, ...]]
     text_encoder_classes: ClassVar[tuple[str, ...]]
     tokenizer_classes: ClassVar[tuple[str, ...]]
     lora_text_encoder_names: ClassVar[tuple[str, ...]]
@@ -89,38 +81,8 @@ class TransformerFamily:
     def sequence_length(self, components: Components) -> int:
         return int(components.extra.get(T5_TOKENS, self.default_sequence_length))
 
-    def encode_text(self, components: Components, captions: list[str], device: Any) -> tuple[Any, ...]:
-        raise NotImplementedError
-
-    def condition(self, components: Components, encoded: tuple[Any, ...], sizes: list[tuple[int, ...]],
-                  device: Any) -> Conditioning:
-        raise NotImplementedError
-
     def predict(self, denoiser: Any, noisy: Any, timesteps: Any, cond: Conditioning) -> Any:
         raise NotImplementedError
-
-    def encode(self, components: Components, captions: list[str], sizes: list[tuple[int, ...]],
-               device: Any) -> Conditioning:
-        encoded = components.encode_text(captions, lambda texts: self.encode_text(components, texts, device))
-        return self.condition(components, encoded, sizes, device)
-
-    def encode_pixels(self, vae: Any, pixels: Any) -> Any:
-        return vae.encode(pixels).latent_dist.parameters
-
-    def latents(self, vae: Any, moments: Any, generator: Any) -> Any:
-        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-
-        latents = DiagonalGaussianDistribution(moments).sample(generator=generator)
-        return ((latents - vae.config.shift_factor) * vae.config.scaling_factor).float()
-
-    def decode_latents(self, vae: Any, latents: Any, size: tuple[int, int]) -> Any:
-        latents = self.unpacked(latents, size, 2 ** (len(vae.config.block_out_channels) - 1))
-        return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor,
-                          return_dict=False)[0]
-
-    def unpacked(self, latents: Any, size: tuple[int, int], vae_factor: int) -> Any:
-        """The (N, C, h, w) latents from what the family's pipeline returns for `output_type="latent"`."""
-        return latents
 
     def objective(self, components: Components, training: TrainingSpec) -> FlowMatching:
         if training.snr_gamma is not None:
@@ -137,9 +99,6 @@ class TransformerFamily:
 
     def patch_size(self, components: Components) -> int:
         return int(components.denoiser.config.patch_size)
-
-    def latent_factor(self, components: Components) -> int:
-        return 2 ** (len(components.vae.config.block_out_channels) - 1)
 
     def size_multiple(self, components: Components) -> int:
         """The VAE's downsampling times the transformer's patch."""

@@ -14,6 +14,7 @@ from kubetune.api.spec import ModelSpec, TrainingSpec
 from kubetune_trainer.exitcodes import ConfigError
 from kubetune_trainer.models.ddpm import NoisePrediction
 from kubetune_trainer.models.family import Components, Conditioning
+from kubetune_trainer.models.latent_space import VaeLatents
 
 
 def load_part(kind: Any, path: Path, subfolder: str, variant: str | None) -> Any:
@@ -30,19 +31,10 @@ def tokenize(tokenizer: Any, captions: list[str], device: Any) -> Any:
     return ids.to(device)
 
 
-class UNetFamily:
+class UNetFamily(VaeLatents):
     """The parts every UNet latent-diffusion family shares; subclasses name their text encoders."""
 
-    name: ClassVar[str]
-    display_name: ClassVar[str]
-    short_display_name: ClassVar[str]
-    hub_tags: ClassVar[tuple[str, ...]]
-    conversion_script: ClassVar[str]
-    pipeline_class: ClassVar[str]
     denoiser_name: ClassVar[str] = "unet"
-    kohya_base: ClassVar[str]
-    text_encoder_names: ClassVar[tuple[str, ...]]
-    tokenizer_names: ClassVar[tuple[str, ...]]
     kohya_text_prefixes: ClassVar[tuple[str, ...]]
     kohya_text_roots: ClassVar[tuple[str, ...]]
     text_lora_targets: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -79,32 +71,6 @@ class UNetFamily:
             text_encoders=[load_part(enc_cls, path, enc_dir, variant) for _, enc_dir, enc_cls in pairs],
         )
 
-    def encode_text(self, components: Components, captions: list[str], device: Any) -> tuple[Any, ...]:
-        raise NotImplementedError
-
-    def condition(self, components: Components, encoded: tuple[Any, ...], sizes: list[tuple[int, ...]],
-                  device: Any) -> Conditioning:
-        raise NotImplementedError
-
-    def encode(self, components: Components, captions: list[str], sizes: list[tuple[int, ...]],
-               device: Any) -> Conditioning:
-        encoded = components.encode_text(captions, lambda texts: self.encode_text(components, texts, device))
-        return self.condition(components, encoded, sizes, device)
-
-    def encode_pixels(self, vae: Any, pixels: Any) -> Any:
-        return vae.encode(pixels).latent_dist.parameters
-
-    def latents(self, vae: Any, moments: Any, generator: Any) -> Any:
-        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-
-        latents = DiagonalGaussianDistribution(moments).sample(generator=generator)
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return ((latents - shift) * vae.config.scaling_factor).float()
-
-    def decode_latents(self, vae: Any, latents: Any, size: tuple[int, int]) -> Any:
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift, return_dict=False)[0]
-
     def objective(self, components: Components, training: TrainingSpec) -> NoisePrediction:
         if training.flow_matching is not None:
             raise ConfigError(f"training.flowMatching: {self.display_name} trains on the DDPM objective; the "
@@ -117,9 +83,6 @@ class UNetFamily:
     def predict(self, denoiser: Any, noisy: Any, timesteps: Any, cond: Conditioning) -> Any:
         return denoiser(noisy, timesteps, cond.encoder_hidden_states, added_cond_kwargs=cond.added_cond_kwargs,
                         return_dict=False)[0]
-
-    def latent_factor(self, components: Components) -> int:
-        return 2 ** (len(components.vae.config.block_out_channels) - 1)
 
     def size_multiple(self, components: Components) -> int:
         """The VAE's downsampling times the UNet's."""
