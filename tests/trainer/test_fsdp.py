@@ -46,7 +46,8 @@ def _train(model: Path, data: Path, root: Path, out: Path, ranks: int, steps: in
     doc = job_document(str(model), str(data), str(out), method={"type": "full", "lora": None},
                        training={"maxSteps": steps, "batchSize": BATCH, "learningRate": 1.0e-3,
                                  "mixedPrecision": precision, "parallelism": parallelism},
-                       output={"checkpointEvery": 2, "keepCheckpoints": 3})
+                       output={"checkpointEvery": 2, "keepCheckpoints": 3},
+                       validation={"prompts": ["a red square"], "every": 2, "inferenceSteps": 1})
     root.mkdir(parents=True, exist_ok=True)
     (root / "job.yaml").write_text(yaml.safe_dump(doc))
     env = {**os.environ, TRACE_ENV: str(root / "trace")}
@@ -86,6 +87,14 @@ def runs(request: pytest.FixtureRequest, tiny_sd3: Path, images: Path,
         shutil.rmtree(out / "final")
         resumed[ranks] = (_train(tiny_sd3, images, root / f"c{ranks}", out, ranks, 4, precision), out)
     return {"precision": precision, "root": root, "straight": straight, "killed": killed, "resumed": resumed}
+
+
+def test_samples_are_made_with_every_rank_and_kept_once(runs: dict[str, Any]) -> None:
+    """A sharded denoiser's forward gathers its weights from every rank, so every rank samples; rank 0 keeps."""
+    uploads = {rank: [r["uri"] for r in _records(runs["straight"], rank, "upload") if "/samples/" in r["uri"]]
+               for rank in (0, 1)}
+    assert uploads[1] == [] and sorted(uri.rsplit("/", 1)[1] for uri in uploads[0]) == ["step-2-0-0.png",
+                                                                                           "step-4-0-0.png"]
 
 
 def test_each_rank_writes_its_own_shards_under_one_manifest(runs: dict[str, Any]) -> None:
