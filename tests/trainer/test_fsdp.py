@@ -111,6 +111,16 @@ def test_each_rank_writes_its_own_shards_under_one_manifest(runs: dict[str, Any]
     assert min(shards) > 0.3 * sum(shards)  # each holds about half, not a copy of everything
 
 
+def test_the_ranks_of_a_pod_share_one_download_of_the_checkpoint_they_resume_from(runs: dict[str, Any]) -> None:
+    trace, _ = runs["resumed"][2]
+    fetched = {rank: Counter(r["uri"].split("/checkpoints/step-2/")[1] for r in _records(trace, rank, "download")
+                             if "/checkpoints/step-2/" in r["uri"] and not r["uri"].endswith("manifest.json"))
+               for rank in (0, 1)}
+    assert fetched[1] == {}
+    assert fetched[0] == {name: 1 for name in ("shard-0-0.distcp", "shard-1-0.distcp", "shards.metadata",
+                                               "trainable.safetensors", "training_state.pt")}
+
+
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_a_run_resumed_on_one_or_two_ranks_ends_with_the_uninterrupted_runs_weights(runs: dict[str, Any],
                                                                                    ranks: int) -> None:

@@ -206,12 +206,20 @@ class Checkpointer:
         folder = self.scratch / "resume" / f"step-{ref.step}"
         try:
             files, verified = self.load_verified(ref, folder)
-            weights, state = load_files(ref, files, verified, shapes, self.state.required())
-            if read_shards is not None:
-                weights = read_shards({name: path for name, path in files.items() if is_shard_file(name)})
-            return weights, state
+            return self.open_training(ref, files, verified, shapes, read_shards)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+
+    def open_training(self, ref: CheckpointRef, files: dict[str, Path], verified: frozenset[str],
+                      shapes: dict[str, tuple[int, ...]],
+                      read_shards: Callable[[dict[str, Path]], dict[str, Any]] | None = None
+                      ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """`read_training` on files already downloaded and verified (`load_verified`), e.g. by another rank of
+        this pod; with `read_shards` a collective (every rank reads its slices from the shard files)."""
+        weights, state = load_files(ref, files, verified, shapes, self.state.required())
+        if read_shards is not None:
+            weights = read_shards({name: path for name, path in files.items() if is_shard_file(name)})
+        return weights, state
 
     def restore(self, state: dict[str, Any], only: tuple[str, ...] | None = None) -> int:
         """Load the registered parts (or those named in `only`) from a checkpoint's state; returns its step."""
@@ -341,9 +349,13 @@ class Checkpointer:
         """
         return self.load_verified(ref, dest)[0]
 
-    def load_verified(self, ref: CheckpointRef, dest: Path) -> tuple[dict[str, Path], frozenset[str]]:
+    def load_verified(self, ref: CheckpointRef, dest: Path,
+                      verified_here: bool = False) -> tuple[dict[str, Path], frozenset[str]]:
         """`load`, plus the names whose bytes matched a sha256 in the manifest: such a file is exactly what
-        was saved, so failing to load it later is not damage (see `checkpoint_state.load_files`)."""
+        was saved, so failing to load it later is not damage (see `checkpoint_state.load_files`).
+
+        With `verified_here`, `dest` holds what another rank of this pod downloaded and verified just now: a
+        file there of the manifest's size is taken as verified, not fetched or hashed again."""
         try:
             manifest = Manifest.read(self.store, ref.uri + MANIFEST, self.scratch)
         except FileNotFoundError as exc:
@@ -358,6 +370,8 @@ class Checkpointer:
                 raise CheckpointDamaged(f"{name} is {stored[name].size} bytes, its {MANIFEST} says {entry.size}")
         dest.mkdir(parents=True, exist_ok=True)
         paths = {name: dest / name for name in manifest.files}
+        if verified_here and all(p.is_file() and p.stat().st_size == manifest.files[n].size for n, p in paths.items()):
+            return paths, frozenset(name for name, entry in manifest.files.items() if entry.sha256)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-sha256") as hasher:
             digests: dict[str, Future[str]] = {}
             for name, path in paths.items():

@@ -44,7 +44,7 @@ class TracedStream:
 
 
 class TracedStore:
-    """An object store that records every upload, then does it."""
+    """An object store that records every upload and download, then does it."""
 
     def __init__(self, inner: Any, trace: StepTrace) -> None:
         self.inner, self.trace = inner, trace
@@ -53,7 +53,11 @@ class TracedStore:
         self.trace.write({"event": "upload", "uri": uri})
         self.inner.upload(path, uri)
 
-    def __getattr__(self, name: str) -> Any:  # list, download, delete
+    def download(self, uri: str, path: Path) -> Any:
+        self.trace.write({"event": "download", "uri": uri})
+        return self.inner.download(uri, path)
+
+    def __getattr__(self, name: str) -> Any:  # list, delete, create
         return getattr(self.inner, name)
 
 

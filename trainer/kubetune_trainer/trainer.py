@@ -359,9 +359,33 @@ class Trainer:
             raise StorageUnavailable(f"the ranks found different checkpoints usable (steps {lowest} to {highest}; "
                                      "-1 is none): the output changed while they read it; a restart checks again")
 
-    def read_checkpoint(self, ref: CheckpointRef) -> tuple[dict[str, Any], dict[str, Any]]:
-        """A checkpoint's weights and state, verified and loaded but not applied (see `Checkpointer.read_training`)."""
-        return self.p.checkpointer.read_training(ref, self.p.weights.shapes(), self.p.weights.read_shards)
+    def read_checkpoint(self, ref: CheckpointRef, every_rank: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+        """A checkpoint's weights and state, verified and loaded but not applied (see `Checkpointer.read_training`).
+
+        When `every_rank` reads it (a collective), the ranks of a pod share one download in the pod's scratch:
+        its first rank fetches and verifies it, the others then read the same files, and it is removed once all
+        have read it. A pod of 8 ranks resuming a sharded 12B fine-tune holds one copy, not 8.
+        """
+        checkpointer, weights = self.p.checkpointer, self.p.weights
+        if not every_rank:
+            return checkpointer.read_training(ref, weights.shapes(), weights.read_shards)
+        accelerator = self.p.accelerator
+        folder = self.p.scratch / "tmp" / "resume" / f"step-{ref.step}"
+        fetched: Any = None
+        with accelerator.local_main_process_first():
+            try:
+                fetched = checkpointer.load_verified(ref, folder, verified_here=not accelerator.is_local_main_process)
+            except Exception as exc:  # raised after the pod's other ranks have passed the barrier too
+                fetched = exc
+        try:
+            if isinstance(fetched, Exception):
+                raise fetched
+            files, verified = fetched
+            return checkpointer.open_training(ref, files, verified, weights.shapes(), weights.read_shards)
+        finally:
+            accelerator.wait_for_everyone()
+            if accelerator.is_local_main_process:
+                shutil.rmtree(folder, ignore_errors=True)
 
     def restore(self, ref: CheckpointRef) -> None:
         weights, state = self.read_checkpoint(ref)
@@ -423,7 +447,7 @@ class Trainer:
         try:
             if ref is None:
                 raise CheckpointDamaged("it is no longer among the complete checkpoints")
-            weights, state = self.read_checkpoint(ref)
+            weights, state = self.read_checkpoint(ref, every_rank=self.p.weights.collective_forward)
         except CheckpointDamaged as exc:
             self.p.reporter.notice(f"checkpoint step-{step}, the best validation step's, cannot be exported ({exc}); "
                                    f"exporting the last step, {self.step}, instead")
