@@ -154,3 +154,30 @@ def test_a_sharded_rank_holds_at_most_six_tenths_of_a_ddp_ranks_training_state(
     for rank in (0, 1):
         sharded = _records(runs["straight"], rank, "step")[-1]["heldBytes"]
         assert sharded <= 0.6 * whole, (rank, sharded, whole)
+
+
+def test_a_damaged_shard_is_skipped_by_every_rank_alike(runs: dict[str, Any], tiny_sd3: Path, images: Path) -> None:
+    """One flipped byte in a shard (its size unchanged): the pod's first rank finds the sha256 wrong, and every
+    rank skips that checkpoint with it (none loads it while another starts over), fetched once per pod."""
+    if runs["precision"] != "no":
+        pytest.skip("once, at float32")
+    root = runs["root"]
+    out = root / "damaged-out"
+    shutil.copytree(root / "b-out", out)
+    shutil.rmtree(out / "final")
+    shard = out / "checkpoints" / "step-2" / "shard-1-0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    trace = _train(tiny_sd3, images, root / "damaged", out, 2, 4, "no")
+    for rank in (0, 1):
+        assert [r["step"] for r in _records(trace, rank, "step")] == [1, 2, 3, 4]
+    assert not [r for r in _records(trace, 1, "download") if "/checkpoints/" in r["uri"]
+                and not r["uri"].endswith("manifest.json")]
+
+
+def test_a_unet_family_shards_too(tiny_sd: Path, images: Path, tmp_path: Path) -> None:
+    """SD's UNet lists blocks inside listed blocks (up-blocks hold resnets): they are sharded innermost first."""
+    trace = _train(tiny_sd, images, tmp_path / "sd", tmp_path / "sd-out", 2, 2, "bf16")
+    assert [r["step"] for r in _records(trace, 1, "step")] == [1, 2]
+    assert (tmp_path / "sd-out" / "final" / "pipeline" / "unet").is_dir()

@@ -58,6 +58,7 @@ INVALID = [
     ("fsdp-settings-without-fsdp", job().set("spec.method.type", "full").set("spec.training.fsdp", {}).obj(), "spec.training.fsdp", "parallelism"),
     ("ema-with-fsdp", job().set("spec.method.type", "full").set("spec.training.parallelism", "fsdp").set("spec.training.ema", {}).obj(), "spec.training.ema", "fsdp"),
     ("fsdp-offload-on-cpu", job().set("spec.method.type", "full").set("spec.resources.gpusPerNode", 0).set("spec.training.parallelism", "fsdp").set("spec.training.fsdp", {"cpuOffload": True}).obj(), "spec.training.fsdp.cpuOffload", "GPUs"),
+    ("fsdp-with-prodigy", job().set("spec.method.type", "full").set("spec.training.parallelism", "fsdp").set("spec.training.optimizer", "prodigy").obj(), "spec.training.optimizer", "adamw"),
     ("bad-parallelism", job().set("spec.training.parallelism", "zero3").obj(), "spec.training.parallelism", "fsdp"),
     ("bad-timestep-sampling", job().set("spec.training.flowMatching", {"timestepSampling": "beta"}).obj(), "spec.training.flowMatching.timestepSampling", "logit_normal"),
     ("long-t5-sequence", job().set("spec.model.maxSequenceLength", 1024).obj(), "spec.model.maxSequenceLength", "less than"),

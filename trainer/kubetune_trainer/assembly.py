@@ -8,11 +8,13 @@ and sampler, each from its own section of the spec.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from kubetune.api.resource import FineTuneJob
-from kubetune.api.spec import TrainingSpec
+from kubetune.api.spec import FULL_METHODS, TrainingSpec
 from kubetune_trainer.batches import BatchStream, PrefetchedBatches, prefetched
 from kubetune_trainer.caches.entries import DiskEntries
 from kubetune_trainer.caches.latents import DiskLatentCache, NoLatentCache, cache_folder
@@ -34,7 +36,15 @@ from kubetune_trainer.parts import StepHook
 from kubetune_trainer.preflight import preflight_inputs, preflight_output
 from kubetune_trainer.reporting import Reporter
 from kubetune_trainer.sampling import build_sampler
-from kubetune_trainer.sharding import ShardedWeights, WholeWeights, held_bytes, shard, single_process_group
+from kubetune_trainer.sharding import (
+    OFFLOAD_BACKEND,
+    ShardedWeights,
+    WholeWeights,
+    held_bytes,
+    offloaded,
+    shard,
+    single_process_group,
+)
 from kubetune_trainer.storage.interface import ObjectStore
 from kubetune_trainer.storage.schemes import open_store, stage
 from kubetune_trainer.trace import trace_from_env
@@ -63,9 +73,12 @@ def build_accelerator(job: FineTuneJob) -> Any:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     timeout = timedelta(seconds=job.spec.run_policy.process_group_timeout_seconds)
+    group = InitProcessGroupKwargs(timeout=timeout)
+    if offloaded(job.spec.training) and torch.cuda.is_available():  # shards (and their grad norms) on the CPU
+        group = InitProcessGroupKwargs(timeout=timeout, backend=OFFLOAD_BACKEND)
     return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(),
                        gradient_accumulation_steps=job.spec.training.gradient_accumulation_steps,
-                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)])
+                       kwargs_handlers=[group])
 
 
 def total_steps(job: FineTuneJob, per_epoch: int) -> int:
@@ -90,14 +103,19 @@ def setting_notices(job: FineTuneJob) -> list[str]:
     return [text for section, name, active, text in asked if active and name in section.model_fields_set]
 
 
-def _place(components: Components, accelerator: Any, precision: str) -> Any:
-    """Frozen modules go to the device in the compute dtype; trained weights stay float32."""
+def _place(components: Components, accelerator: Any, precision: str, keep_denoiser: bool = False,
+           trains_denoiser: bool = False) -> Any:
+    """Frozen weights go to the device in the compute dtype; the VAE, and a denoiser the method will train whole
+    (`trains_denoiser`), stay float32 exactly as loaded (a trip through bf16 would round their weights). With
+    `keep_denoiser` the denoiser stays in host memory: FSDP moves each block to the device as it shards it, so
+    no rank ever holds the whole model on its GPU."""
     import torch
 
     weight_dtype = getattr(torch, DTYPES[precision])
     for module in components.modules().values():
-        module.to(accelerator.device)
-        if module is components.vae:  # float32 as loaded: a trip through bf16 would round its weights
+        if not (keep_denoiser and module is components.denoiser):
+            module.to(accelerator.device)
+        if module is components.vae or (trains_denoiser and module is components.denoiser):
             module.to(dtype=torch.float32)
             continue
         for param in module.parameters():
@@ -153,6 +171,20 @@ def _prepare(method: TrainingMethod, components: Components, gradient_checkpoint
         if gradient_checkpointing:
             _checkpoint_activations(module)
     return trained
+
+
+@contextmanager
+def _denoiser_on(components: Components, device: Any, when: bool) -> Iterator[None]:
+    """The denoiser on `device` for a while (`when` it is kept in host memory for sharding): DreamBooth's class
+    images are generated with the whole base model."""
+    if not when:
+        yield
+        return
+    components.denoiser.to(device)
+    try:
+        yield
+    finally:
+        components.denoiser.to("cpu")
 
 
 def _prior_examples(job: FineTuneJob, class_dir: Path | None, components: Components,
@@ -231,8 +263,8 @@ def _parallel(training: TrainingSpec, components: Components, trained: dict[str,
     """The denoiser as the ranks train it and its optimizer (made after sharding, over the shards): replicated
     and wrapped by accelerate (ddp), or sharded with FSDP2 (fsdp)."""
     if training.parallelism == "fsdp":
-        single_process_group(accelerator.device)
-        model_class = shard(components.denoiser, training.fsdp, weight_dtype, accelerator.device)
+        single_process_group(accelerator.device, offloaded(training))
+        model_class = shard(components.denoiser, training.fsdp, weight_dtype)
         params = [p for m in trained.values() for p in m.parameters() if p.requires_grad]
         optimizer = accelerator.prepare_optimizer(build_optimizer(params, training))
         return components.denoiser, optimizer, ShardedWeights(components.denoiser, optimizer, model_class)
@@ -261,8 +293,11 @@ def build_trainer(job: FineTuneJob, runtime: RuntimeConfig, reporter: Reporter,
     dataset, held_out = split_dataset(load_dataset(data_dir, spec.data, instance_prompt, reporter.data),
                                       spec.data.validation_fraction, spec.training.seed)
     components = load_components(model_dir, spec.model.variant, spec.model)
-    weight_dtype = _place(components, accelerator, spec.training.mixed_precision)
-    with accelerator.local_main_process_first():
+    sharded = spec.training.parallelism == "fsdp"
+    weight_dtype = _place(components, accelerator, spec.training.mixed_precision, keep_denoiser=sharded,
+                          trains_denoiser=spec.method.type in FULL_METHODS)
+    generates = sharded and spec.method.dreambooth is not None and spec.method.dreambooth.prior_preservation
+    with accelerator.local_main_process_first(), _denoiser_on(components, accelerator.device, generates):
         prior = _prior_examples(job, class_dir, components, runtime)
     trained = _prepare(method, components, spec.training.gradient_checkpointing)
     data = trace.wrap_data(_batches(job, dataset, prior, accelerator, components))

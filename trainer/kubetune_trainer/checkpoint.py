@@ -35,8 +35,9 @@ from kubetune.api.identity import JobIdentity
 from kubetune.api.spec import OutputSpec
 from kubetune.api.status import CheckpointRef
 from kubetune_trainer.checkpoint_state import CheckpointDamaged, TrainingState, load_files, write_files
+from kubetune_trainer.exitcodes import ConfigError, TrainerError
 from kubetune_trainer.parts import Stateful
-from kubetune_trainer.sharding import is_shard_file
+from kubetune_trainer.sharding import SHARD_INDEX, is_shard_file
 from kubetune_trainer.storage.interface import (
     ObjectInfo,
     ObjectStore,
@@ -51,6 +52,8 @@ if TYPE_CHECKING:
     from kubetune_trainer.ownership import OutputClaim
 
 MANIFEST = "manifest.json"
+FETCH_OUTCOME = ".fetched.json"
+"""In a download shared by a pod's ranks: what its first rank found (see `Checkpointer.fetch_shared`)."""
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
 _HASH_BLOCK = 4 << 20
@@ -210,12 +213,44 @@ class Checkpointer:
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
+    def fetch_shared(self, ref: CheckpointRef, dest: Path, first: bool) -> tuple[dict[str, Path], frozenset[str]]:
+        """A download the ranks of one pod share in `dest`. The `first` rank fetches and verifies it and records
+        the outcome there (`FETCH_OUTCOME`), written only once every file verified or the fetch failed; the
+        others, called after it, read that record and never download: they get the same files, or raise what
+        it raised (`CheckpointDamaged` with its reason, any other failure as a `TrainerError`)."""
+        record = dest / FETCH_OUTCOME
+        if first:
+            record.unlink(missing_ok=True)
+            try:
+                files, verified = self.load_verified(ref, dest)
+            except CheckpointDamaged as exc:
+                record.write_text(json.dumps({"damaged": str(exc)}))
+                raise
+            except Exception as exc:
+                record.write_text(json.dumps({"failed": f"{type(exc).__name__}: {exc}"}))
+                raise
+            record.write_text(json.dumps({"files": sorted(files), "verified": sorted(verified)}))
+            return files, verified
+        try:
+            outcome = json.loads(record.read_text())
+        except (OSError, ValueError) as exc:
+            raise TrainerError(f"checkpoint {ref.uri}: this pod's first rank left no record of its download "
+                               f"({type(exc).__name__})") from exc
+        if "damaged" in outcome:
+            raise CheckpointDamaged(outcome["damaged"])
+        if "failed" in outcome:
+            raise TrainerError(f"checkpoint {ref.uri}: this pod's first rank could not fetch it: {outcome['failed']}")
+        return {name: dest / name for name in outcome["files"]}, frozenset(outcome["verified"])
+
     def open_training(self, ref: CheckpointRef, files: dict[str, Path], verified: frozenset[str],
                       shapes: dict[str, tuple[int, ...]],
                       read_shards: Callable[[dict[str, Path]], dict[str, Any]] | None = None
                       ) -> tuple[dict[str, Any], dict[str, Any]]:
         """`read_training` on files already downloaded and verified (`load_verified`), e.g. by another rank of
         this pod; with `read_shards` a collective (every rank reads its slices from the shard files)."""
+        if read_shards is not None and SHARD_INDEX not in files:
+            raise ConfigError(f"checkpoint {ref.uri} was written with training.parallelism ddp and this job runs "
+                              "fsdp: resume with the parallelism that wrote it")
         weights, state = load_files(ref, files, verified, shapes, self.state.required())
         if read_shards is not None:
             weights = read_shards({name: path for name, path in files.items() if is_shard_file(name)})
@@ -349,13 +384,9 @@ class Checkpointer:
         """
         return self.load_verified(ref, dest)[0]
 
-    def load_verified(self, ref: CheckpointRef, dest: Path,
-                      verified_here: bool = False) -> tuple[dict[str, Path], frozenset[str]]:
+    def load_verified(self, ref: CheckpointRef, dest: Path) -> tuple[dict[str, Path], frozenset[str]]:
         """`load`, plus the names whose bytes matched a sha256 in the manifest: such a file is exactly what
-        was saved, so failing to load it later is not damage (see `checkpoint_state.load_files`).
-
-        With `verified_here`, `dest` holds what another rank of this pod downloaded and verified just now: a
-        file there of the manifest's size is taken as verified, not fetched or hashed again."""
+        was saved, so failing to load it later is not damage (see `checkpoint_state.load_files`)."""
         try:
             manifest = Manifest.read(self.store, ref.uri + MANIFEST, self.scratch)
         except FileNotFoundError as exc:
@@ -370,8 +401,6 @@ class Checkpointer:
                 raise CheckpointDamaged(f"{name} is {stored[name].size} bytes, its {MANIFEST} says {entry.size}")
         dest.mkdir(parents=True, exist_ok=True)
         paths = {name: dest / name for name in manifest.files}
-        if verified_here and all(p.is_file() and p.stat().st_size == manifest.files[n].size for n, p in paths.items()):
-            return paths, frozenset(name for name, entry in manifest.files.items() if entry.sha256)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-sha256") as hasher:
             digests: dict[str, Future[str]] = {}
             for name, path in paths.items():

@@ -117,7 +117,8 @@ def write_kohya(components: Components, layers: dict[str, dict[str, Any]], spec:
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"{name}.safetensors"
     family = components.family
-    if family.single_file_layout == "diffusers":
+    if family.single_file_layout == "diffusers":  # alpha baked in: the file's own scale is 1 (alpha = rank)
+        metadata["ss_network_alpha"] = str(spec.rank)
         save_file(baked_state_dict(layers, spec.alpha / spec.rank), str(target), metadata=metadata)
         return target
     prefixes = {family.denoiser_name: "lora_unet",

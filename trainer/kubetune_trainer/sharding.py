@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from kubetune.api.spec import FsdpSpec
+from kubetune.api.spec import FsdpSpec, TrainingSpec
 from kubetune_trainer.checkpoint_state import load_trained_weights, trained_shapes, trained_weights
 from kubetune_trainer.exitcodes import ConfigError, TrainerError
 
@@ -111,7 +111,10 @@ class ShardedWeights:
         if SHARD_INDEX not in files:
             raise ConfigError(f"this checkpoint has no {SHARD_INDEX}: it was written with training.parallelism "
                               "ddp, and this job runs fsdp; resume with the parallelism that wrote it")
-        folder = next(iter(files.values())).parent / "dcp"
+        import torch.distributed as dist
+
+        # this rank's view of the pod's shared download, under the names DCP reads
+        folder = next(iter(files.values())).parent / f"dcp-rank-{dist.get_rank()}"
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir()
         for name, path in files.items():
@@ -137,12 +140,14 @@ class ShardedWeights:
     def gather_for_export(self, components: Any) -> None:
         """A collective: rank 0 gets an unsharded copy of the trained denoiser as `components.denoiser`."""
         import torch
+        from accelerate import init_empty_weights
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if full:  # rank 0
-            whole = self.model_class.from_config(self.model.config).to(torch.float32)
-            whole.load_state_dict(full)
+        if full:  # rank 0: the gathered tensors become the copy's weights, with no random init in between
+            with init_empty_weights(include_buffers=False):
+                whole = self.model_class.from_config(self.model.config)
+            whole.load_state_dict({key: value.to(torch.float32) for key, value in full.items()}, assign=True)
             components.denoiser = whole
 
 
@@ -161,22 +166,31 @@ def held_bytes(params: list[Any], optimizer: Any) -> int:
     return 2 * weights + state
 
 
-def single_process_group(device: Any) -> None:
+OFFLOAD_BACKEND = "cuda:nccl,cpu:gloo"
+"""With CPU offload, shards and their gradients live on the CPU, whose collectives (the gradient norm's) NCCL
+cannot run: the process group has a gloo side for them, as accelerate gives its own FSDP offload."""
+
+
+def offloaded(training: TrainingSpec) -> bool:
+    return training.parallelism == "fsdp" and training.fsdp is not None and training.fsdp.cpu_offload
+
+
+def single_process_group(device: Any, offload: bool) -> None:
     """FSDP shards over a process group: a run of one process (resumed on fewer ranks, or local) gets its own."""
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
-                                world_size=1)
+        backend = "gloo" if device.type != "cuda" else OFFLOAD_BACKEND if offload else "nccl"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
-def shard(model: Any, settings: FsdpSpec | None, compute_dtype: Any, device: Any) -> type:
+def shard(model: Any, settings: FsdpSpec | None, compute_dtype: Any) -> type:
     """Apply FSDP2 to `model` in place: each repeated block (the class names diffusers lists in
     `_no_split_modules`) is one unit, the rest the root's; returns the model's class before sharding.
-    Its forward then runs under autocast in `compute_dtype`, as a DDP model's does."""
+    Its forward runs in `compute_dtype` (FSDP's mixed precision) and its gradients reduce in float32."""
     import torch
     import torch.distributed as dist
-    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     settings = settings or FsdpSpec()
     model_class = type(model)
@@ -186,12 +200,15 @@ def shard(model: Any, settings: FsdpSpec | None, compute_dtype: Any, device: Any
         raise ConfigError(f"training.parallelism fsdp: {model_class.__name__} names no repeated blocks to shard "
                           "(_no_split_modules); train it with ddp")
     offload = CPUOffloadPolicy() if settings.cpu_offload else OffloadPolicy()
-    for module in [*blocks, model]:
-        fully_shard(module, reshard_after_forward=settings.reshard_after_forward, offload_policy=offload)
+    # weights gathered in the compute dtype, gradients reduced in float32 into float32 shards (as torchtitan):
+    # autocast over the whole model would gather float32 and keep a cast copy of each block until the backward
+    precision = MixedPrecisionPolicy() if compute_dtype == torch.float32 else MixedPrecisionPolicy(
+        param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    for module in [*reversed(blocks), model]:  # innermost first: a UNet's up-blocks hold listed blocks too
+        fully_shard(module, reshard_after_forward=settings.reshard_after_forward, offload_policy=offload,
+                    mp_policy=precision)
     if dist.get_backend() == "gloo":  # gloo's AVG reduce-scatter sums (pytorch#162338): sum, then FSDP divides
         for module in model.modules():
             if isinstance(module, FSDPModule):
                 module.set_force_sum_reduction_for_comms(True)
-    if compute_dtype != torch.float32:
-        model.forward = torch.autocast(device.type, dtype=compute_dtype)(model.forward)
     return model_class

@@ -300,9 +300,13 @@ class Trainer:
         checkpointer, accelerator = self.p.checkpointer, self.p.accelerator
         if self.is_main:
             checkpointer.begin(self.step)
-        files = self.p.weights.write_shards(self.p.checkpointer.scratch / "shards-out")  # this rank's folder
-        accelerator.wait_for_everyone()
-        entries = checkpointer.upload_files(self.step, files)
+        folder = self.p.checkpointer.scratch / "shards-out"  # this rank's own
+        try:
+            files = self.p.weights.write_shards(folder)
+            accelerator.wait_for_everyone()
+            entries = checkpointer.upload_files(self.step, files)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
         everyone: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, entries)
         return {name: entry for rank_entries in everyone for name, entry in rank_entries.items()}
@@ -374,18 +378,32 @@ class Trainer:
         fetched: Any = None
         with accelerator.local_main_process_first():
             try:
-                fetched = checkpointer.load_verified(ref, folder, verified_here=not accelerator.is_local_main_process)
+                fetched = checkpointer.fetch_shared(ref, folder, first=accelerator.is_local_main_process)
             except Exception as exc:  # raised after the pod's other ranks have passed the barrier too
                 fetched = exc
         try:
-            if isinstance(fetched, Exception):
-                raise fetched
+            self.agree_on_fetch(ref, fetched)
             files, verified = fetched
             return checkpointer.open_training(ref, files, verified, weights.shapes(), weights.read_shards)
         finally:
             accelerator.wait_for_everyone()
             if accelerator.is_local_main_process:
                 shutil.rmtree(folder, ignore_errors=True)
+
+    def agree_on_fetch(self, ref: CheckpointRef, fetched: Any) -> None:
+        """A collective: unless every pod fetched `ref` whole, no rank loads it (the loads that follow are
+        collectives too). Raises this rank's own failure, or `CheckpointDamaged` when only another pod failed."""
+        ok = not isinstance(fetched, Exception)
+        if self.p.accelerator.num_processes > 1:
+            import torch
+            import torch.distributed as dist
+
+            flag = torch.tensor([1 if ok else 0], dtype=torch.int64, device=self.p.accelerator.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            if ok and not int(flag.item()):
+                raise CheckpointDamaged("another pod could not fetch or verify it")
+        if not ok:
+            raise fetched
 
     def restore(self, ref: CheckpointRef) -> None:
         weights, state = self.read_checkpoint(ref)
@@ -465,6 +483,7 @@ class GlobalBatch:
         self.world = int(parts.accelerator.num_processes)
         self.accumulation = parts.job.spec.training.gradient_accumulation_steps
         self.accelerator = parts.accelerator
+        self.by_epochs = parts.job.spec.training.epochs is not None
 
     def state_dict(self) -> dict[str, int]:
         return {"worldSize": self.world, "accumulation": self.accumulation}
@@ -473,6 +492,10 @@ class GlobalBatch:
         if not state:
             return  # a checkpoint from before this part: same ranks, same accumulation
         micro_batches = int(state["worldSize"]) * int(state["accumulation"])
+        if self.by_epochs and int(state["worldSize"]) != self.world:
+            raise ConfigError(f"training.epochs: this run was saved on {state['worldSize']} ranks and resumes on "
+                              f"{self.world}, where its total of steps was counted for another rank count; resume "
+                              "on the original rank count, or train by training.maxSteps")
         if micro_batches % self.world:
             raise ConfigError(f"the checkpoint's global batch is {micro_batches} micro-batches (from "
                               f"{state['worldSize']} ranks), which {self.world} ranks cannot share evenly; resume on "

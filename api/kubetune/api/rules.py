@@ -125,6 +125,14 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         TrainingSpec,
+        "!has(self.parallelism) || self.parallelism != 'fsdp' || !has(self.optimizer) || self.optimizer == 'adamw'",
+        "training.parallelism fsdp needs optimizer adamw: adamw8bit cannot update sharded weights and prodigy would "
+        "estimate its step size from each rank's shard alone",
+        ".optimizer",
+        lambda t: t.parallelism != "fsdp" or t.optimizer == "adamw",
+    ),
+    Rule(
+        TrainingSpec,
         "!has(self.fsdp) || self.parallelism == 'fsdp'",
         "training.fsdp configures parallelism fsdp: set training.parallelism to fsdp or remove it",
         ".fsdp",
