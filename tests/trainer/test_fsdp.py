@@ -144,10 +144,9 @@ def _weights_of_base(runs: dict[str, Any]) -> dict[str, Any]:
     return load_file(Path(job["spec"]["model"]["uri"]) / "transformer" / "diffusion_pytorch_model.safetensors")
 
 
+@pytest.mark.parametrize("runs", ["no"], indirect=True)  # measured once, on the float32 runs
 def test_a_sharded_rank_holds_at_most_six_tenths_of_a_ddp_ranks_training_state(
         runs: dict[str, Any], tiny_sd3: Path, images: Path) -> None:
-    if runs["precision"] != "no":
-        pytest.skip("measured once, at float32")
     root = runs["root"]
     ddp = _train(tiny_sd3, images, root / "ddp", root / "ddp-out", 2, 2, "no", parallelism="ddp")
     whole = _records(ddp, 0, "step")[-1]["heldBytes"]
@@ -156,11 +155,10 @@ def test_a_sharded_rank_holds_at_most_six_tenths_of_a_ddp_ranks_training_state(
         assert sharded <= 0.6 * whole, (rank, sharded, whole)
 
 
+@pytest.mark.parametrize("runs", ["no"], indirect=True)  # once, from the float32 run's checkpoint
 def test_a_damaged_shard_is_skipped_by_every_rank_alike(runs: dict[str, Any], tiny_sd3: Path, images: Path) -> None:
     """One flipped byte in a shard (its size unchanged): the pod's first rank finds the sha256 wrong, and every
     rank skips that checkpoint with it (none loads it while another starts over), fetched once per pod."""
-    if runs["precision"] != "no":
-        pytest.skip("once, at float32")
     root = runs["root"]
     out = root / "damaged-out"
     shutil.copytree(root / "b-out", out)

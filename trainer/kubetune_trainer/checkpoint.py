@@ -220,6 +220,7 @@ class Checkpointer:
         it raised (`CheckpointDamaged` with its reason, any other failure as a `TrainerError`)."""
         record = dest / FETCH_OUTCOME
         if first:
+            dest.mkdir(parents=True, exist_ok=True)  # the record is written even when the manifest fails early
             record.unlink(missing_ok=True)
             try:
                 files, verified = self.load_verified(ref, dest)
